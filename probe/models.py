@@ -1,0 +1,228 @@
+"""Load a pipeline by name, local folder or hub id; describe its attention layers.
+
+``load("shapes")`` is the built-in model, ``load("tiny")`` / ``load("tiny-xl")`` build small
+random Stable Diffusion / SDXL pipelines offline and deterministically (for tests and
+benchmarks), anything else goes to ``DiffusionPipeline.from_pretrained``. Every public function
+of the library takes either a model name or a pipeline the user already holds.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.models.attention_processor import Attention
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from probe._assets import tokenizer_files
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+BUILTIN = {"shapes": DATA / "models" / "shapes"}
+TINY_SEED = 0
+
+
+def load(name_or_path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+    """A diffusers pipeline from a name (``shapes``, ``tiny``, ``tiny-xl``), a folder or a hub id.
+
+    A pipeline object passes through (moved to ``device``/``dtype`` when given).
+    """
+    if isinstance(name_or_path, DiffusionPipeline):
+        pipe = name_or_path
+    elif name_or_path in ("tiny", "tiny-xl"):
+        pipe = tiny_pipeline(xl=name_or_path == "tiny-xl")
+    else:
+        pipe = _from_pretrained(BUILTIN.get(name_or_path, name_or_path))
+    if device is not None or dtype is not None:
+        pipe = pipe.to(device=device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _from_pretrained(name_or_path) -> DiffusionPipeline:
+    path = Path(name_or_path)
+    looks_local = path.is_absolute() or str(name_or_path).startswith((".", "~")) or path.exists()
+    if looks_local or str(name_or_path).count("/") != 1:
+        if not path.expanduser().is_dir():
+            known = ", ".join(["tiny", "tiny-xl", *BUILTIN])
+            raise FileNotFoundError(
+                f"model folder {str(name_or_path)!r} does not exist. Give a built-in name ({known}), "
+                "a local diffusers folder (works offline) or a hub id such as 'org/model'."
+            )
+        return DiffusionPipeline.from_pretrained(path.expanduser(), safety_checker=None)
+    try:
+        return DiffusionPipeline.from_pretrained(str(name_or_path), safety_checker=None)
+    except OSError as err:
+        raise OSError(
+            f"could not load {name_or_path!r} from the hub ({err}). Without a network connection, "
+            "download the model elsewhere and pass its local folder: a local folder works offline."
+        ) from err
+
+
+# -- tiny random pipelines ------------------------------------------------------------------------
+
+
+def project_tokenizer(max_length: int = 77) -> CLIPTokenizer:
+    """The project's CLIP BPE: every word of the bundled prompt lists is one token."""
+    vocab, merges = tokenizer_files()
+    return CLIPTokenizer(vocab=str(vocab), merges=str(merges), model_max_length=max_length)
+
+
+def _tiny_text(vocab: int, width: int, projection: bool = False):
+    cfg = CLIPTextConfig(
+        vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=width,
+        bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1,
+    )
+    return CLIPTextModelWithProjection(cfg) if projection else CLIPTextModel(cfg)
+
+
+def _tiny_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        block_out_channels=(16, 32), in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4, norm_num_groups=8, sample_size=32,
+    )
+
+
+def _tiny_scheduler() -> DDIMScheduler:
+    return DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    )
+
+
+def tiny_pipeline(xl: bool = False) -> DiffusionPipeline:
+    """A small random SD (or SDXL) pipeline, the same weights on every call and machine."""
+    tok = project_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        if not xl:
+            unet = UNet2DConditionModel(
+                sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D",) * 2,
+                up_block_types=("CrossAttnUpBlock2D",) * 2, cross_attention_dim=32,
+                attention_head_dim=4, norm_num_groups=16,
+            )
+            return StableDiffusionPipeline(
+                vae=_tiny_vae(), text_encoder=_tiny_text(len(tok), 32), tokenizer=tok, unet=unet,
+                scheduler=_tiny_scheduler(), safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False,
+            )
+        unet = UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+            layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+            cross_attention_dim=64, norm_num_groups=16,
+        )
+        return StableDiffusionXLPipeline(
+            vae=_tiny_vae(), text_encoder=_tiny_text(len(tok), 32), tokenizer=tok,
+            text_encoder_2=_tiny_text(len(tok), 32, projection=True), tokenizer_2=project_tokenizer(),
+            unet=unet, scheduler=_tiny_scheduler(),
+        )
+
+
+# -- attention layers of a denoiser -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One attention module of the denoiser, as the tap sees it."""
+
+    name: str  # module name in the denoiser, e.g. up_blocks.1.attentions.0.transformer_blocks.0.attn2
+    kind: str  # "self" or "cross"
+    grid: tuple[int, int]  # query grid (h, w) for the latent size it was described for
+    heads: int
+
+    @property
+    def block(self) -> str:
+        return self.name.split(".")[0].removesuffix("_blocks").removesuffix("_block")
+
+    @property
+    def group(self) -> str:
+        """The recording group: ``cross/res16`` (``res16x24`` for non-square grids)."""
+        h, w = self.grid
+        return f"{self.kind}/res{h}" if h == w else f"{self.kind}/res{h}x{w}"
+
+
+def denoiser(pipe):
+    """The pipeline's denoising network (UNet, or transformer where the pipeline has one)."""
+    net = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if net is None:
+        raise TypeError(f"{type(pipe).__name__} has neither a unet nor a transformer to tap")
+    return net
+
+
+def latent_size(pipe, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+    """Latent (h, w) for a pixel size (defaults: the pipeline's own)."""
+    scale = getattr(pipe, "vae_scale_factor", 8)
+    default = denoiser(pipe).config.sample_size * scale
+    return (height or default) // scale, (width or default) // scale
+
+
+def attention_layers(pipe, height: int | None = None, width: int | None = None) -> list[Layer]:
+    """Every attention module of a UNet denoiser, with its kind and query grid at this size."""
+    net = denoiser(pipe)
+    if not isinstance(net, UNet2DConditionModel):
+        raise TypeError(f"the tap understands UNet2DConditionModel denoisers, not {type(net).__name__}")
+    lh, lw = latent_size(pipe, height, width)
+    n_blocks = len(net.config.block_out_channels)
+    layers = []
+    for name, module in net.named_modules():
+        if not isinstance(module, Attention):
+            continue
+        top, *rest = name.split(".")
+        depth = (
+            int(rest[0]) if top == "down_blocks" else n_blocks - 1 if top == "mid_block" else n_blocks - 1 - int(rest[0])
+        )
+        grid = (-(-lh // 2**depth), -(-lw // 2**depth))  # ceil, as strided convolutions do
+        kind = "cross" if module.is_cross_attention else "self"
+        layers.append(Layer(name, kind, grid, module.heads))
+    if not layers:
+        raise TypeError(f"{type(net).__name__} has no attention modules for the tap to use")
+    return layers
+
+
+def select_layers(layers: list[Layer], patterns=None, kinds=("cross", "self")) -> list[Layer]:
+    """Layers of the given kinds matching any pattern: a full module name, a glob (``up_blocks.*``),
+    a regular expression (``re:...``) or a resolution (``16`` = every 16×16 layer)."""
+    bad = set(kinds) - {"cross", "self"}
+    if bad:
+        raise ValueError(f"unknown attention kinds {sorted(bad)}; expected 'cross' and/or 'self'")
+    chosen = [layer for layer in layers if layer.kind in kinds]
+    if patterns is None:
+        return chosen
+    if isinstance(patterns, (str, int)):
+        patterns = [patterns]
+    keep: set[str] = set()
+    for pattern in patterns:
+        hits = {layer.name for layer in chosen if _matches(layer, pattern)}
+        if not hits:
+            grids = sorted({layer.grid[0] for layer in layers})
+            names = sorted({layer.name for layer in layers if layer.kind in kinds})
+            raise ValueError(
+                f"layer pattern {pattern!r} matches no {'/'.join(kinds)} attention layer. "
+                f"Resolutions: {grids}; names like {names[0]!r} … {names[-1]!r} ({len(names)} in all)."
+            )
+        keep |= hits
+    return [layer for layer in chosen if layer.name in keep]
+
+
+def _matches(layer: Layer, pattern) -> bool:
+    if isinstance(pattern, int) or (isinstance(pattern, str) and pattern.isdigit()):
+        return layer.grid[0] == int(pattern) or layer.grid[1] == int(pattern)
+    if pattern.startswith("re:"):
+        return re.search(pattern[3:], layer.name) is not None
+    return fnmatch.fnmatchcase(layer.name, pattern)

@@ -1,0 +1,353 @@
+"""Record attention maps of a generation into an ``xarray.DataTree``.
+
+Schema (see the README): ``/cross/res{N}`` holds ``attn(sample, step, layer, [head], y, x, token)``
+and ``/self/res{N}`` holds ``attn(sample, step, layer, [head], y, x, ky, kx)``, float16, only the
+conditional half of classifier-free guidance; ``/images`` holds ``image(sample, iy, ix, channel)``.
+Reductions (head mean, CFG half, padding tokens) happen on the device; each batch is copied to
+the host once, and with ``out=`` written to zarr batch by batch, so memory does not grow with
+the number of samples.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+from tqdm.auto import tqdm
+
+from probe.models import Layer, attention_layers, latent_size, load, select_layers
+from probe.tap import Call, Consumer, Tap
+
+BYTES_PER_VALUE = 2  # float16 storage
+PIXEL_BYTES = 1
+
+
+@dataclass
+class Plan:
+    """What a recording will hold, known before anything is generated."""
+
+    samples: list[tuple[str, int]]  # (prompt, seed)
+    tokens: list[list[str]]  # per sample, padding dropped unless kept
+    n_tokens: int
+    groups: dict[str, list[Layer]]
+    steps: list[int]  # kept step indices
+    heads: str | list[int]
+    image_hw: tuple[int, int]
+
+    def head_count(self, layer: Layer) -> int | None:
+        if self.heads == "mean":
+            return None
+        return layer.heads if self.heads == "all" else len(self.heads)
+
+    def group_shape(self, group: str) -> tuple[int, ...]:
+        """Per-sample shape of a group's ``attn``: (step, layer, [head], y, x, token | ky, kx)."""
+        layers = self.groups[group]
+        h, w = layers[0].grid
+        heads = self.head_count(layers[0])
+        keys = (self.n_tokens,) if layers[0].kind == "cross" else (h, w)
+        return (len(self.steps), len(layers), *((heads,) if heads else ()), h, w, *keys)
+
+    def group_bytes(self) -> dict[str, int]:
+        per = {g: int(np.prod(self.group_shape(g))) * BYTES_PER_VALUE * len(self.samples) for g in self.groups}
+        per["images"] = self.image_hw[0] * self.image_hw[1] * 3 * PIXEL_BYTES * len(self.samples)
+        return per
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.group_bytes().values())
+
+
+def _as_list(x) -> list:
+    return list(x) if isinstance(x, (list, tuple, range, np.ndarray)) else [x]
+
+
+def _tokens(pipe, prompt: str, keep_padding: bool) -> list[str]:
+    tok = pipe.tokenizer
+    ids = tok(prompt, truncation=False).input_ids
+    if len(ids) > tok.model_max_length:
+        raise ValueError(
+            f"prompt {prompt!r} has {len(ids)} tokens; the text encoder takes at most {tok.model_max_length} "
+            "(start and end tokens included). Shorten the prompt."
+        )
+    if keep_padding:
+        ids = tok(prompt, padding="max_length", max_length=tok.model_max_length).input_ids
+    return [t.removesuffix("</w>") for t in tok.convert_ids_to_tokens(ids)]
+
+
+def plan(
+    pipe,
+    prompts,
+    *,
+    seeds,
+    steps: int = 50,
+    kinds=("cross", "self"),
+    layers=None,
+    heads="mean",
+    keep_steps=None,
+    keep_padding: bool = False,
+    height: int | None = None,
+    width: int | None = None,
+) -> Plan:
+    """Validate a recording's request and describe it (no generation)."""
+    pipe = load(pipe)
+    prompts, seeds = _as_list(prompts), [int(s) for s in _as_list(seeds)]
+    if not prompts or not seeds:
+        raise ValueError("give at least one prompt and one seed")
+    samples = [(p, s) for p in prompts for s in seeds]
+    tokens = [_tokens(pipe, p, keep_padding) for p, _ in samples]
+    chosen = select_layers(attention_layers(pipe, height, width), layers, tuple(kinds))
+    if not chosen:
+        raise ValueError(f"no attention layers of kinds {tuple(kinds)} in this model")
+    groups: dict[str, list[Layer]] = {}
+    for layer in chosen:
+        groups.setdefault(layer.group, []).append(layer)
+    kept = list(range(steps)) if keep_steps is None else sorted({int(s) for s in _as_list(keep_steps)})
+    if not kept or kept[0] < 0 or kept[-1] >= steps:
+        raise ValueError(f"keep_steps must lie in 0 … {steps - 1}, got {keep_steps}")
+    if heads not in ("mean", "all"):
+        heads = [int(h) for h in _as_list(heads)]
+        most = min(layer.heads for layer in chosen)
+        if not heads or min(heads) < 0 or max(heads) >= most:
+            raise ValueError(f"heads must be 'mean', 'all' or indices below {most}, got {heads}")
+    lh, lw = latent_size(pipe, height, width)
+    scale = getattr(pipe, "vae_scale_factor", 8)
+    return Plan(samples, tokens, max(map(len, tokens)), groups, kept, heads, (lh * scale, lw * scale))
+
+
+def estimate(pipe, prompts, *, seeds, **kwargs) -> int:
+    """Bytes a recording with these arguments will take (float16 maps plus images)."""
+    return plan(pipe, prompts, seeds=seeds, **kwargs).nbytes
+
+
+class Recorder(Consumer):
+    """Tap consumer that keeps the requested maps of one batch in device buffers."""
+
+    def __init__(self, plan: Plan, batch: slice, device: torch.device):
+        self.plan, self.device = plan, device
+        self.n = batch.stop - batch.start
+        self.step_pos = {s: i for i, s in enumerate(plan.steps)}
+        self.where: dict[str, tuple[str, int]] = {}
+        self.buffers: dict[str, torch.Tensor] = {}
+        for group, layers in plan.groups.items():
+            for i, layer in enumerate(layers):
+                self.where[layer.name] = (group, i)
+            self.buffers[group] = torch.full(
+                (self.n, *plan.group_shape(group)), float("nan"), dtype=torch.float16, device=device
+            )
+        n_real = [len(t) for t in plan.tokens[batch]]
+        self.padding = torch.arange(plan.n_tokens, device=device)[None, :] >= torch.tensor(n_real, device=device)[:, None]
+
+    def wants(self, call: Call) -> bool:
+        return call.layer.name in self.where and call.step in self.step_pos
+
+    @torch.no_grad()
+    def on_probs(self, call: Call, probs: torch.Tensor) -> None:
+        group, i = self.where[call.layer.name]
+        x = call.conditional(probs.detach())  # (n, heads, q, k)
+        if x.shape[0] != self.n:
+            return None  # a pass over another batch (e.g. guidance on a subset): not this recording's
+        if self.plan.heads == "mean":
+            x = x.float().mean(1)
+        elif self.plan.heads != "all":
+            x = x[:, self.plan.heads]
+        h, w = call.layer.grid
+        if call.layer.kind == "cross":
+            x = x[..., : self.plan.n_tokens]
+            pad = self.padding.view(self.n, *([1] * (x.ndim - 2)), -1)
+            x = x.masked_fill(pad, float("nan"))
+            x = x.reshape(*x.shape[:-2], h, w, x.shape[-1])
+        else:
+            x = x.reshape(*x.shape[:-2], h, w, h, w)
+        self.buffers[group][:, self.step_pos[call.step], i] = x.to(torch.float16)
+        return None
+
+    def to_host(self) -> dict[str, np.ndarray]:
+        return {g: b.cpu().numpy() for g, b in self.buffers.items()}
+
+
+def _datasets(plan: Plan, batch: slice, arrays: dict[str, np.ndarray], images: np.ndarray, timesteps) -> dict:
+    """One batch as a dict group → xr.Dataset, with the coordinates of DESIGN's schema."""
+    index = np.arange(batch.start, batch.stop)
+    prompts = np.array([p for p, _ in plan.samples[batch]], dtype=object)
+    seeds = np.array([s for _, s in plan.samples[batch]])
+    sample = {"sample": index, "prompt": ("sample", prompts), "seed": ("sample", seeds)}
+    out = {}
+    for group, layers in plan.groups.items():
+        h, w = layers[0].grid
+        heads = ["head"] if plan.head_count(layers[0]) else []
+        keys = ["token"] if layers[0].kind == "cross" else ["ky", "kx"]
+        dims = ["sample", "step", "layer", *heads, "y", "x", *keys]
+        coords = {
+            **sample,
+            "step": plan.steps,
+            "timestep": ("step", [float(timesteps[s]) for s in plan.steps]),
+            "layer": np.array([layer.name for layer in layers], dtype=object),
+            "block": ("layer", np.array([layer.block for layer in layers], dtype=object)),
+            "y": np.arange(h),
+            "x": np.arange(w),
+        }
+        if heads:
+            coords["head"] = np.arange(layers[0].heads) if plan.heads == "all" else plan.heads
+        if layers[0].kind == "cross":
+            texts = [t + [""] * (plan.n_tokens - len(t)) for t in plan.tokens[batch]]
+            coords["token"] = np.arange(plan.n_tokens)
+            coords["token_text"] = (("sample", "token"), np.array(texts, dtype=object))
+        else:
+            coords["ky"], coords["kx"] = np.arange(h), np.arange(w)
+        out[group] = xr.Dataset({"attn": (dims, arrays[group])}, coords=coords)
+    out["images"] = xr.Dataset({"image": (("sample", "iy", "ix", "channel"), images)}, coords=sample)
+    return out
+
+
+def _attrs(pipe, steps: int, guidance_scale: float, plan: Plan, kwargs: dict) -> dict:
+    import diffusers
+    import transformers
+
+    import probe
+
+    return {
+        "model": str(getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "") or type(pipe).__name__),
+        "pipeline": type(pipe).__name__,
+        "scheduler": type(pipe.scheduler).__name__,
+        "steps": steps,
+        "guidance_scale": guidance_scale,
+        "heads": plan.heads if isinstance(plan.heads, str) else list(plan.heads),
+        "height": plan.image_hw[0],
+        "width": plan.image_hw[1],
+        "negative_prompt": str(kwargs.get("negative_prompt") or ""),
+        "probe_version": probe.__version__,
+        "diffusers_version": diffusers.__version__,
+        "transformers_version": transformers.__version__,
+        "torch_version": str(torch.__version__),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _to_uint8(images: np.ndarray) -> np.ndarray:
+    """As diffusers' ``numpy_to_pil`` does: round(x·255)."""
+    return (images * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def record(
+    pipe,
+    prompts,
+    *,
+    seeds,
+    steps: int = 50,
+    guidance_scale: float = 7.5,
+    kinds=("cross", "self"),
+    layers=None,
+    heads="mean",
+    keep_steps=None,
+    out: str | Path | None = None,
+    max_bytes: int | None = None,
+    batch_size: int = 1,
+    keep_padding: bool = False,
+    progress: bool = True,
+    **pipeline_kwargs,
+) -> xr.DataTree:
+    """Generate every (prompt, seed) sample and record its attention maps.
+
+    ``layers``: None (all), or names / globs / ``re:`` patterns / resolutions (see
+    :func:`probe.models.select_layers`). ``heads``: ``"mean"``, ``"all"`` or a list of indices.
+    ``keep_steps``: step indices to keep (default all). ``out``: a ``.zarr`` path written batch by
+    batch (the tree returned then reads lazily from it) or a ``.nc`` path written at the end.
+    Other keywords (height, width, negative_prompt …) go to the pipeline call.
+    """
+    pipe = load(pipe)
+    height, width = pipeline_kwargs.get("height"), pipeline_kwargs.get("width")
+    p = plan(pipe, prompts, seeds=seeds, steps=steps, kinds=kinds, layers=layers, heads=heads,
+             keep_steps=keep_steps, keep_padding=keep_padding, height=height, width=width)
+    if max_bytes is not None and p.nbytes > max_bytes:
+        parts = ", ".join(f"{g}: {b / 1e6:.1f} MB" for g, b in sorted(p.group_bytes().items(), key=lambda kv: -kv[1]))
+        raise MemoryError(
+            f"this recording needs an estimated {p.nbytes / 1e6:.1f} MB, over max_bytes={max_bytes / 1e6:.1f} MB "
+            f"({parts}). Drop the largest groups (kinds=('cross',), layers=[16] …), keep fewer steps "
+            "(keep_steps=…), average heads (heads='mean') or record fewer samples."
+        )
+    if out is not None:
+        out = Path(out)
+        if out.suffix not in (".zarr", ".nc"):
+            raise ValueError(f"out must end in .zarr or .nc, got {out}")
+    device = pipe._execution_device
+    zarr_tmp = out.with_name(out.name + ".partial") if out is not None and out.suffix == ".zarr" else None
+    if zarr_tmp is not None and zarr_tmp.exists():
+        shutil.rmtree(zarr_tmp)
+    attrs = _attrs(pipe, steps, guidance_scale, p, pipeline_kwargs)
+    batches: list[dict] = []
+    bar = tqdm(total=len(p.samples), desc="recording", unit="sample", disable=not progress)
+    try:
+        for start in range(0, len(p.samples), batch_size):
+            batch = slice(start, min(start + batch_size, len(p.samples)))
+            recorder = Recorder(p, batch, device)
+            with Tap(pipe, [recorder], height=height, width=width):
+                result = pipe(
+                    prompt=[prompt for prompt, _ in p.samples[batch]],
+                    generator=[torch.Generator(device).manual_seed(s) for _, s in p.samples[batch]],
+                    num_inference_steps=steps,
+                    guidance_scale=guidance_scale,
+                    output_type="np",
+                    **pipeline_kwargs,
+                )
+            timesteps = pipe.scheduler.timesteps.cpu().numpy()
+            groups = _datasets(p, batch, recorder.to_host(), _to_uint8(result.images), timesteps)
+            if zarr_tmp is not None:
+                _append_zarr(zarr_tmp, groups, attrs, first=start == 0)
+            else:
+                batches.append(groups)
+            bar.update(batch.stop - batch.start)
+    except BaseException:
+        if zarr_tmp is not None and zarr_tmp.exists():
+            shutil.rmtree(zarr_tmp)
+        raise
+    finally:
+        bar.close()
+    if zarr_tmp is not None:
+        if out.exists():
+            shutil.rmtree(out)
+        zarr_tmp.rename(out)
+        return open_recording(out)
+    tree = xr.DataTree.from_dict(
+        {"/": xr.Dataset(attrs=attrs), **{g: xr.concat([b[g] for b in batches], "sample") for g in batches[0]}}
+    )
+    if out is not None:
+        save(tree, out)
+    return tree
+
+
+def _append_zarr(path: Path, groups: dict[str, xr.Dataset], attrs: dict, first: bool) -> None:
+    if first:
+        xr.Dataset(attrs=attrs).to_zarr(path, mode="w", consolidated=False)
+    for group, ds in groups.items():
+        if first:
+            chunks = {"attn": {"chunks": (1, *ds["attn"].shape[1:])}} if "attn" in ds else {}
+            ds.to_zarr(path, group=group, mode="a", encoding=chunks, consolidated=False)
+        else:
+            ds.to_zarr(path, group=group, append_dim="sample", consolidated=False)
+
+
+def save(tree: xr.DataTree, path: str | Path) -> Path:
+    """Write a recording to ``.zarr`` or ``.nc`` (netCDF4 through h5netcdf)."""
+    path = Path(path)
+    if path.suffix == ".zarr":
+        tree.to_zarr(path, mode="w", consolidated=False)
+    elif path.suffix == ".nc":
+        tree.to_netcdf(path, engine="h5netcdf")
+    else:
+        raise ValueError(f"save to a .zarr or .nc path, got {path}")
+    return path
+
+
+def open_recording(path: str | Path) -> xr.DataTree:
+    """Open a recording lazily (dask arrays; nothing is read until used)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no recording at {path}")
+    engine = "zarr" if path.suffix == ".zarr" or path.is_dir() else "h5netcdf"
+    kwargs = {"consolidated": False} if engine == "zarr" else {}
+    return xr.open_datatree(path, engine=engine, chunks={}, **kwargs)

@@ -1,0 +1,244 @@
+"""Train the built-in shapes model: autoencoder first, then UNet + text encoder on its latents.
+
+Resumable: ``train(out, minutes, resume=True)`` picks up ``out/checkpoint.pt`` where the last
+run stopped (stage, step, optimiser, EMA, random state). ``export`` writes the EMA weights as a
+standard ``StableDiffusionPipeline`` folder. CPU by default, CUDA when present.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from probe.shapes import model as M
+from probe.shapes.world import caption, render, scene_for
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings; architecture lives in :class:`ShapesConfig`."""
+
+    arch: M.ShapesConfig = field(default_factory=M.ShapesConfig)
+    seed: int = 0
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    ema_decay: float = 0.995
+    caption_dropout: float = 0.1
+    object_weights: tuple[float, float, float] = (0.35, 0.45, 0.20)  # 1, 2, 3 objects
+    pool_size: int = 40_000  # pre-rendered scenes whose latents are cached
+    vae_steps: int = 700
+    vae_batch_size: int = 16
+    vae_kl_weight: float = 1e-6
+    checkpoint_minutes: float = 5.0
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _images(seed: int, start: int, n: int, weights) -> tuple[torch.Tensor, list[str]]:
+    """Render scenes ``start … start+n`` of a seeded stream → (images in [-1, 1], captions)."""
+    rng = np.random.default_rng([seed, 10**6 + start])
+    counts = rng.choice((1, 2, 3), size=n, p=weights)
+    imgs, caps = [], []
+    for i, k in enumerate(counts):
+        scene = scene_for(seed, start + i, int(k))
+        imgs.append(render(scene)[0])
+        caps.append(caption(scene))
+    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return x, caps
+
+
+class Trainer:
+    def __init__(self, out: Path, cfg: TrainConfig):
+        self.out, self.cfg, self.dev = Path(out), cfg, _device()
+        torch.manual_seed(cfg.seed)
+        self.tok = M.tokenizer()
+        self.vae = M.vae(cfg.arch).to(self.dev)
+        self.unet = M.unet(cfg.arch).to(self.dev)
+        self.text = M.text_encoder(cfg.arch, len(self.tok)).to(self.dev)
+        self.sched = M.scheduler()
+        self.stage, self.step, self.vae_step = "vae", 0, 0
+        self.scaling = 1.0
+        self.losses: list[tuple[int, float]] = []
+        params = list(self.unet.parameters()) + list(self.text.parameters())
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+        self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=1e-3)
+        self.ema_unet, self.ema_text = copy.deepcopy(self.unet), copy.deepcopy(self.text)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.pool: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # -- persistence -------------------------------------------------------------------------
+    @property
+    def ckpt(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def save(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        state = {
+            k: getattr(self, k).state_dict()
+            for k in ("vae", "unet", "text", "opt", "vae_opt", "ema_unet", "ema_text")
+        }
+        state.update(
+            stage=self.stage, step=self.step, vae_step=self.vae_step, scaling=self.scaling,
+            losses=self.losses, gen=self.gen.get_state(), arch=self.cfg.arch.to_dict(),
+        )
+        tmp = self.ckpt.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.ckpt)
+
+    def load(self) -> None:
+        state = torch.load(self.ckpt, map_location=self.dev, weights_only=False)
+        for k in ("vae", "unet", "text", "opt", "vae_opt", "ema_unet", "ema_text"):
+            getattr(self, k).load_state_dict(state[k])
+        self.stage, self.step, self.vae_step = state["stage"], state["step"], state["vae_step"]
+        self.scaling, self.losses = state["scaling"], state["losses"]
+        self.gen.set_state(state["gen"])
+
+    # -- stage 1: autoencoder ------------------------------------------------------------------
+    def vae_step_once(self) -> float:
+        c = self.cfg
+        x, _ = _images(c.seed + 1, self.vae_step * c.vae_batch_size, c.vae_batch_size, c.object_weights)
+        x = x.to(self.dev)
+        post = self.vae.encode(x).latent_dist
+        rec = self.vae.decode(post.sample(generator=None)).sample
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + c.vae_kl_weight * post.kl().mean()
+        self.vae_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.vae_opt.step()
+        self.vae_step += 1
+        return loss.item()
+
+    # -- stage 2: latents pool ------------------------------------------------------------------
+    @torch.no_grad()
+    def build_pool(self) -> None:
+        c = self.cfg
+        lat, ids = [], []
+        for start in tqdm(range(0, c.pool_size, 256), desc="encoding pool", leave=False):
+            x, caps = _images(c.seed + 2, start, min(256, c.pool_size - start), c.object_weights)
+            lat.append(self.vae.encode(x.to(self.dev)).latent_dist.mode().cpu())
+            ids.append(self.tok(caps, padding="max_length", max_length=M.MAX_TOKENS, return_tensors="pt").input_ids)
+        latents = torch.cat(lat)
+        if self.stage == "vae":
+            self.scaling = float(1.0 / latents.std())
+            self.vae_psnr = self.reconstruction_psnr()
+            tqdm.write(f"autoencoder PSNR {self.vae_psnr:.1f} dB, latent scaling {self.scaling:.3f}")
+        self.pool = (latents * self.scaling, torch.cat(ids))
+
+    @torch.no_grad()
+    def reconstruction_psnr(self, n: int = 64) -> float:
+        """PSNR (dB, images in [0, 1]) of the autoencoder on held-out scenes."""
+        x, _ = _images(self.cfg.seed + 3, 0, n, self.cfg.object_weights)
+        rec = self.vae.decode(self.vae.encode(x.to(self.dev)).latent_dist.mode()).sample.clamp(-1, 1)
+        mse = F.mse_loss((rec.cpu() + 1) / 2, (x + 1) / 2)
+        return float(10 * torch.log10(1 / mse))
+
+    # -- stage 3: denoiser ----------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        return self.cfg.lr * min(1.0, (step + 1) / self.cfg.warmup_steps)
+
+    def unet_step_once(self) -> float:
+        c = self.cfg
+        latents, ids = self.pool
+        idx = torch.randint(len(latents), (c.batch_size,), generator=self.gen)
+        x0, tok = latents[idx].to(self.dev), ids[idx].clone()
+        drop = torch.rand(c.batch_size, generator=self.gen) < c.caption_dropout
+        if drop.any():
+            tok[drop] = self.tok([""], padding="max_length", max_length=M.MAX_TOKENS, return_tensors="pt").input_ids
+        noise = torch.randn(x0.shape, generator=self.gen).to(self.dev)
+        t = torch.randint(0, self.sched.config.num_train_timesteps, (c.batch_size,), generator=self.gen).to(self.dev)
+        xt = self.sched.add_noise(x0, noise, t)
+        emb = self.text(tok.to(self.dev)).last_hidden_state
+        loss = F.mse_loss(self.unet(xt, t, emb).sample, noise)
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr_at(self.step)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], 1.0)
+        self.opt.step()
+        with torch.no_grad():
+            for ema, live in ((self.ema_unet, self.unet), (self.ema_text, self.text)):
+                for pe, pl in zip(ema.parameters(), live.parameters()):
+                    pe.lerp_(pl, 1 - c.ema_decay)
+        self.step += 1
+        return loss.item()
+
+    def run(self, minutes: float) -> None:
+        deadline = time.time() + minutes * 60
+        last_save = time.time()
+        bar = tqdm(desc=self.stage, unit="step")
+        while time.time() < deadline:
+            if self.stage == "vae":
+                loss = self.vae_step_once()
+                if self.vae_step >= self.cfg.vae_steps:
+                    self.build_pool()
+                    self.stage = "unet"
+                    bar.set_description("unet")
+            else:
+                if self.pool is None:
+                    self.build_pool()
+                loss = self.unet_step_once()
+                if self.step % 50 == 0:
+                    self.losses.append((self.step, loss))
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.4f}", step=self.step or self.vae_step)
+            if time.time() - last_save > self.cfg.checkpoint_minutes * 60:
+                self.save()
+                last_save = time.time()
+        bar.close()
+        self.save()
+
+    def pipeline(self, ema: bool = True):
+        """The current model as a ``StableDiffusionPipeline`` (EMA weights by default)."""
+        from diffusers import StableDiffusionPipeline
+
+        vae = copy.deepcopy(self.vae).eval()
+        vae.register_to_config(scaling_factor=self.scaling)
+        return StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=copy.deepcopy(self.ema_text if ema else self.text).eval(),
+            tokenizer=self.tok,
+            unet=copy.deepcopy(self.ema_unet if ema else self.unet).eval(),
+            scheduler=self.sched,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+
+def train(out: str | Path, minutes: float, resume: bool = False, cfg: TrainConfig | None = None) -> Trainer:
+    """Train for ``minutes`` of wall time, checkpointing to ``out``; ``resume`` continues."""
+    trainer = Trainer(Path(out), cfg or TrainConfig())
+    if resume and trainer.ckpt.exists():
+        trainer.load()
+    elif trainer.ckpt.exists():
+        raise FileExistsError(f"{trainer.ckpt} exists: pass resume=True (--resume) to continue it")
+    trainer.run(minutes)
+    return trainer
+
+
+def export(trainer: Trainer, folder: str | Path) -> Path:
+    """Write the EMA model as a diffusers folder plus its training record."""
+    folder = Path(folder)
+    pipe = trainer.pipeline()
+    pipe.save_pretrained(folder)
+    record = {
+        "unet_steps": trainer.step,
+        "vae_steps": trainer.vae_step,
+        "batch_size": trainer.cfg.batch_size,
+        "arch": trainer.cfg.arch.to_dict(),
+        "loss_curve": trainer.losses,
+        "scaling_factor": trainer.scaling,
+    }
+    (folder / "training.json").write_text(json.dumps(record, indent=1))
+    return folder
+
