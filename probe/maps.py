@@ -179,3 +179,25 @@ def aggregate_self_attention(
     weights = (cross_map * mask).flatten(-2)
     out = (weights.unsqueeze(-2) @ keys).squeeze(-2) / weights.sum(-1, keepdim=True).clamp_min(eps)
     return out.reshape(*out.shape[:-1], height, width)
+
+
+# -- thin xarray wrappers for recorded data ----------------------------------------------------------------------
+
+
+def word_map(cross, sample: int, word: str):
+    """A word's cross-attention map in a recorded group, ``attn`` (step, layer, [head], y, x) of one sample.
+
+    ``cross`` is a recording group (``tree["cross/res16"]``); word pieces are averaged with :func:`token_map`.
+    """
+    import xarray as xr
+
+    from probe.prompts import token_indices
+
+    ds = cross.to_dataset() if hasattr(cross, "to_dataset") else cross
+    one = ds.isel(sample=sample)
+    indices = token_indices([str(t) for t in one["token_text"].values], word)
+    attn = one["attn"]
+    values = token_map(torch.from_numpy(attn.values.astype("float32")), indices)
+    dims = [d for d in attn.dims if d != "token"]
+    coords = {k: v for k, v in attn.coords.items() if "token" not in v.dims}
+    return xr.DataArray(values.numpy(), dims=dims, coords=coords, name=word)

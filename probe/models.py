@@ -43,6 +43,8 @@ def load(name_or_path, *, device: str | torch.device | None = None, dtype: torch
         pipe = tiny_pipeline(xl=name_or_path == "tiny-xl")
     else:
         pipe = _from_pretrained(BUILTIN.get(name_or_path, name_or_path))
+    if isinstance(name_or_path, (str, Path)):
+        pipe.register_to_config(_name_or_path=str(name_or_path))
     if device is not None or dtype is not None:
         pipe = pipe.to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
@@ -184,9 +186,10 @@ def attention_layers(pipe, height: int | None = None, width: int | None = None) 
         if not isinstance(module, Attention):
             continue
         top, *rest = name.split(".")
-        depth = (
-            int(rest[0]) if top == "down_blocks" else n_blocks - 1 if top == "mid_block" else n_blocks - 1 - int(rest[0])
-        )
+        if top == "down_blocks":
+            depth = int(rest[0])
+        else:
+            depth = n_blocks - 1 - (int(rest[0]) if top == "up_blocks" else 0)
         grid = (-(-lh // 2**depth), -(-lw // 2**depth))  # ceil, as strided convolutions do
         kind = "cross" if module.is_cross_attention else "self"
         layers.append(Layer(name, kind, grid, module.heads))

@@ -140,7 +140,8 @@ class Recorder(Consumer):
                 (self.n, *plan.group_shape(group)), float("nan"), dtype=torch.float16, device=device
             )
         n_real = [len(t) for t in plan.tokens[batch]]
-        self.padding = torch.arange(plan.n_tokens, device=device)[None, :] >= torch.tensor(n_real, device=device)[:, None]
+        positions = torch.arange(plan.n_tokens, device=device)
+        self.padding = positions[None, :] >= torch.tensor(n_real, device=device)[:, None]
 
     def wants(self, call: Call) -> bool:
         return call.layer.name in self.where and call.step in self.step_pos
@@ -211,7 +212,7 @@ def _attrs(pipe, steps: int, guidance_scale: float, plan: Plan, kwargs: dict) ->
     import probe
 
     return {
-        "model": str(getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "") or type(pipe).__name__),
+        "model": str(pipe.config.get("_name_or_path") or type(pipe).__name__),
         "pipeline": type(pipe).__name__,
         "scheduler": type(pipe.scheduler).__name__,
         "steps": steps,

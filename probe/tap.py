@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from probe.models import Layer, attention_layers, denoiser
@@ -190,7 +189,7 @@ class Tap:
         if self.state.latent_hw is None:
             return None
         lh, lw = self.state.latent_hw
-        queries = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[-2] * hidden_states.shape[-1]
+        queries = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states[0, 0].numel()
         factor = round((lh * lw / queries) ** 0.5)
         grid = (-(-lh // factor), -(-lw // factor))
         if grid != layer.grid:

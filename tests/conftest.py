@@ -3,7 +3,6 @@ import pytest
 import probe
 
 
-
 @pytest.fixture(scope="session")
 def tiny():
     return probe.load("tiny")

@@ -1,0 +1,312 @@
+"""Overhead of ``probe.record`` on a Stable Diffusion 1.5-sized pipeline (random weights, built offline).
+
+Time: median ratio of wall times recorded / plain generation, same prompt and seed, runs alternated
+(plain, recorded, plain, recorded, …) after one warm-up of each, for
+
+  (a) cross-attention maps of every layer and step, head mean (``kinds=("cross",)``);
+  (b) cross- plus self-attention maps of every layer with at most 32² queries.
+
+Memory: peak RSS of streaming 16 vs 4 samples to zarr (``out=….zarr``, ``batch_size=1``), each in a fresh
+subprocess, both as the absolute peak and as the peak growth above the RSS just before recording starts;
+the same in memory (``out=None``) as a contrast that shows the test would catch maps being held.
+
+    python benchmarks/record_overhead.py                      # CPU: 32×32 latents, 3 steps, float32
+    python benchmarks/record_overhead.py --device cuda        # GPU: 64×64 latents, 20 steps, float16
+    python benchmarks/record_overhead.py --only memory --out benchmarks/results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import clock, peak_rss_mb, rss_mb, sd15_pipeline  # noqa: E402
+
+import probe  # noqa: E402
+from probe.models import attention_layers  # noqa: E402
+from probe.record import plan as record_plan  # noqa: E402
+
+PROMPT = "a red circle and a blue square"
+SEED = 0
+GUIDANCE = 7.5
+DEFAULTS = {  # device → (latent side, steps, dtype)
+    "cpu": (32, 3, "float32"),
+    "cuda": (64, 20, "float16"),
+}
+TIME_TARGETS = {"cpu": {"a": 1.10, "b": 1.25}, "cuda": {"a": 1.05, "b": 1.15}}
+MEMORY_TARGET = 1.10
+MEMORY_SAMPLES = (4, 16)
+MEMORY_LATENT, MEMORY_STEPS = 32, 2
+PLAN_KEYS = ("steps", "kinds", "layers", "height", "width")
+CASES = {
+    "a": "cross, every layer and step, head mean",
+    "b": "cross + self at every layer with ≤ 32² queries, head mean",
+}
+
+
+@dataclass
+class Settings:
+    """What one benchmark run uses."""
+
+    device: str
+    dtype: str
+    latent: int
+    steps: int
+    pairs: int
+    threads: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def pixels(self) -> int:
+        return self.latent * 8
+
+    def describe(self, latent: int | None = None, steps: int | None = None) -> str:
+        latent, steps = latent or self.latent, steps or self.steps
+        threads = f", {self.threads} thread{'s' * (self.threads > 1)}" if self.device == "cpu" else ""
+        size = f"{latent}×{latent} latents ({latent * 8} px)"
+        return f"SD1.5 arch, {self.device} {self.dtype}, {size}, {steps} steps{threads}"
+
+
+# -- time ------------------------------------------------------------------------------------------------------------
+
+
+def case_kwargs(case: str, pipe, pixels: int) -> dict:
+    """``probe.record`` keywords of a timing case."""
+    if case == "a":
+        return {"kinds": ("cross",)}
+    small = [layer.name for layer in attention_layers(pipe, pixels, pixels) if layer.grid[0] * layer.grid[1] <= 1024]
+    return {"kinds": ("cross", "self"), "layers": small}
+
+
+def plain_run(pipe, s: Settings) -> np.ndarray:
+    """The pipeline call without any tap."""
+    return pipe(
+        PROMPT, num_inference_steps=s.steps, generator=torch.Generator(s.device).manual_seed(SEED),
+        guidance_scale=GUIDANCE, output_type="np", height=s.pixels, width=s.pixels,
+    ).images
+
+
+def recorded_run(pipe, s: Settings, kwargs: dict) -> np.ndarray:
+    """The same generation through ``probe.record``, in memory."""
+    tree = probe.record(
+        pipe, PROMPT, seeds=[SEED], steps=s.steps, guidance_scale=GUIDANCE, progress=False,
+        height=s.pixels, width=s.pixels, **kwargs,
+    )
+    return tree["images"]["image"].values
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Float images in [0, 1] as the recording stores them."""
+    return (images * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def timed(device: str, fn, *args):
+    """(seconds, result) of one call, the device synchronized before each clock read."""
+    start = clock(device)
+    result = fn(*args)
+    return clock(device) - start, result
+
+
+def time_case(pipe, s: Settings, case: str) -> dict:
+    """Alternate plain and recorded runs of one case; the per-pair ratios and their median."""
+    kwargs = case_kwargs(case, pipe, s.pixels)
+    plan = record_plan(pipe, PROMPT, seeds=[SEED], steps=s.steps, height=s.pixels, width=s.pixels, **kwargs)
+    n_layers = sum(len(v) for v in plan.groups.values())
+    plain_run(pipe, s)  # warm-up of each
+    recorded_run(pipe, s, kwargs)
+    plain, recorded, ratios, diff = [], [], [], 0
+    for i in range(s.pairs):
+        tp, image = timed(s.device, plain_run, pipe, s)
+        tr, rec_image = timed(s.device, recorded_run, pipe, s, kwargs)
+        plain.append(tp)
+        recorded.append(tr)
+        ratios.append(tr / tp)
+        diff = max(diff, int(np.abs(to_uint8(image).astype(int) - rec_image).max()))
+        print(f"  ({case}) pair {i + 1}/{s.pairs}: plain {tp:.2f} s, recorded {tr:.2f} s, ratio {tr / tp:.3f}",
+              flush=True)
+    median = statistics.median(ratios)
+    target = TIME_TARGETS["cuda" if s.device.startswith("cuda") else "cpu"][case]
+    return {
+        "case": case, "what": CASES[case], "layers": n_layers, "groups": sorted(plan.groups),
+        "recording_mb": plan.nbytes / 1e6, "plain_s": plain, "recorded_s": recorded, "ratios": ratios,
+        "median_ratio": median, "target": target, "met": median <= target, "max_pixel_diff": diff,
+    }
+
+
+# -- memory ----------------------------------------------------------------------------------------------------------
+
+
+def memory_kwargs(pipe, pixels: int) -> dict:
+    """Cross maps everywhere plus self maps at the two finest grids (16² and 32² at 32×32 latents)."""
+    layers = attention_layers(pipe, pixels, pixels)
+    finest = sorted({layer.grid[0] for layer in layers})[-2:]
+    names = [layer.name for layer in layers if layer.kind == "cross" or layer.grid[0] in finest]
+    return {"kinds": ("cross", "self"), "layers": names}
+
+
+def memory_worker(mode: str, n: int, s: Settings) -> dict:
+    """In a fresh process: build, warm up with a 1-sample recording, then record ``n`` samples."""
+    pipe = sd15_pipeline(s.device, s.torch_dtype)
+    pixels = MEMORY_LATENT * 8
+    common = {"steps": MEMORY_STEPS, "guidance_scale": GUIDANCE, "batch_size": 1, "progress": False,
+              "height": pixels, "width": pixels, **memory_kwargs(pipe, pixels)}
+    seeds = list(range(n))
+    size = record_plan(pipe, PROMPT, seeds=seeds, **{k: v for k, v in common.items() if k in PLAN_KEYS}).nbytes
+    with tempfile.TemporaryDirectory(prefix="record_overhead_") as tmp:
+        warm = probe.record(pipe, PROMPT, seeds=[1000], out=Path(tmp, "warm.zarr") if mode == "zarr" else None,
+                            **common)
+        del warm
+        gc.collect()
+        before, peak_before = rss_mb(), peak_rss_mb()
+        if s.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            device_before = torch.cuda.memory_allocated() / 2**20
+        tree = probe.record(pipe, PROMPT, seeds=seeds, out=Path(tmp, "rec.zarr") if mode == "zarr" else None,
+                            **common)
+        peak = peak_rss_mb()
+        result = {
+            "mode": mode, "samples": n, "rss_before_mb": before, "peak_before_mb": peak_before, "peak_mb": peak,
+            "growth_mb": peak - before, "recording_mb": size / 1e6,
+        }
+        if s.device.startswith("cuda"):
+            result["device_growth_mb"] = torch.cuda.max_memory_allocated() / 2**20 - device_before
+        del tree
+    return result
+
+
+def run_worker(mode: str, n: int, s: Settings) -> dict:
+    """Run :func:`memory_worker` in a fresh interpreter so that peaks don't mix."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", mode, str(n), "--device", s.device,
+           "--dtype", s.dtype, "--threads", str(s.threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory worker {mode} {n} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def memory_rows(s: Settings) -> list[dict]:
+    """16 vs 4 samples, streamed to zarr (the target) and in memory (the contrast)."""
+    rows = []
+    for mode in ("zarr", "memory"):
+        small, big = (run_worker(mode, n, s) for n in MEMORY_SAMPLES)
+        print(f"  memory {mode}: {small} | {big}", flush=True)
+        row = {
+            "mode": mode, "small": small, "big": big,
+            "peak_ratio": big["peak_mb"] / small["peak_mb"],
+            "growth_ratio": big["growth_mb"] / small["growth_mb"],
+        }
+        if "device_growth_mb" in small:
+            row["device_growth_ratio"] = big["device_growth_mb"] / small["device_growth_mb"]
+        rows.append(row)
+    return rows
+
+
+# -- report ----------------------------------------------------------------------------------------------------------
+
+
+def table(s: Settings, timing: list[dict], memory: list[dict]) -> str:
+    """The results as a Markdown table."""
+    lines = ["| benchmark | setting | measured | target | met |", "|---|---|---|---|---|"]
+    for r in timing:
+        detail = (f"median of {len(r['ratios'])} pairs; pairs {min(r['ratios']):.3f}–{max(r['ratios']):.3f}; "
+                  f"plain {statistics.median(r['plain_s']):.2f} s, recorded {statistics.median(r['recorded_s']):.2f} s")
+        lines.append(
+            f"| time ({r['case']}) {r['what']} ({r['layers']} layers, {r['recording_mb']:.1f} MB/sample) "
+            f"| {s.describe()} | **{r['median_ratio']:.3f}** ({detail}) | ≤ {r['target']:.2f} "
+            f"| {'yes' if r['met'] else 'NO'} |"
+        )
+    for r in memory:
+        a, b = r["small"], r["big"]
+        n0, n1 = a["samples"], b["samples"]
+        setting = (f"{s.describe(MEMORY_LATENT, MEMORY_STEPS)}; cross everywhere + self at 16² and 32², "
+                   f"{b['recording_mb'] / n1:.1f} MB/sample, batch_size 1, fresh process each")
+        if r["mode"] == "zarr":
+            name, target, ok = "memory: stream to zarr", f"≤ {MEMORY_TARGET:.2f}", None
+        else:
+            name, target = "contrast: in memory (`out=None`)", "none (should exceed 1.1)"
+        for key, label, x0, x1 in (("peak_ratio", "peak RSS", a["peak_mb"], b["peak_mb"]),
+                                   ("growth_ratio", "peak growth above pre-recording RSS", a["growth_mb"],
+                                    b["growth_mb"])):
+            ok = "yes" if r[key] <= MEMORY_TARGET else "NO"
+            lines.append(f"| {name}, {n1} vs {n0} samples, {label} | {setting} | **{r[key]:.3f}** "
+                         f"({x0:.0f} → {x1:.0f} MB) | {target} | {ok if r['mode'] == 'zarr' else '—'} |")
+    return "\n".join(lines)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pairs", type=int, default=5, help="timed (plain, recorded) pairs after the warm-up (default 5)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: 3 on CPU, 20 on CUDA)")
+    p.add_argument("--latent", type=int, help="latent side (default: 32 on CPU, 64 on CUDA)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="default: float32 on CPU, float16 on CUDA")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's own choice)")
+    p.add_argument("--only", choices=["time", "memory"], help="run one benchmark (default both)")
+    p.add_argument("--out", type=Path, help="also write the results: .json (everything) or .md (the table)")
+    p.add_argument("--worker", nargs=2, metavar=("MODE", "N"), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def settings(args: argparse.Namespace) -> Settings:
+    latent, steps, dtype = DEFAULTS["cuda" if args.device.startswith("cuda") else "cpu"]
+    return Settings(args.device, args.dtype or dtype, args.latent or latent, args.steps or steps, args.pairs,
+                    args.threads or torch.get_num_threads())
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from diffusers.utils import logging as dlogging
+
+    dlogging.set_verbosity_error()
+    s = settings(args)
+    if args.worker:
+        print(json.dumps(memory_worker(args.worker[0], int(args.worker[1]), s)))
+        return
+    started = time.strftime("%Y-%m-%d %H:%M")
+    timing, memory = [], []
+    if args.only in (None, "time"):
+        print(f"building the pipeline ({s.describe()}) …", flush=True)
+        pipe = sd15_pipeline(s.device, s.torch_dtype)
+        for case in CASES:
+            print(f"time ({case}): {CASES[case]}", flush=True)
+            timing.append(time_case(pipe, s, case))
+        del pipe
+        gc.collect()
+    if args.only in (None, "memory"):
+        print("memory: streaming vs in memory, each in a fresh process …", flush=True)
+        memory = memory_rows(s)
+    md = table(s, timing, memory)
+    header = (f"record overhead — {started}, torch {torch.__version__}, diffusers "
+              f"{__import__('diffusers').__version__}, {s.describe()}")
+    print(f"\n{header}\n\n{md}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        if args.out.suffix == ".json":
+            args.out.write_text(json.dumps({"started": started, "settings": asdict(s), "torch": torch.__version__,
+                                            "timing": timing, "memory": memory, "table": md}, indent=2))
+        else:
+            args.out.write_text(f"{header}\n\n{md}\n")
+        print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

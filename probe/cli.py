@@ -1,0 +1,146 @@
+"""The ``probe`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = "shapes"
+
+
+def _model_default() -> str:
+    """The built-in shapes model when it is there, else the tiny random one."""
+    from probe.models import BUILTIN
+
+    return DEFAULT_MODEL if (BUILTIN[DEFAULT_MODEL] / "model_index.json").exists() else "tiny"
+
+
+def _summary(tree) -> str:
+    lines = [f"model {tree.attrs.get('model')} · {tree.attrs.get('scheduler')} · {tree.attrs.get('steps')} steps · "
+             f"guidance {tree.attrs.get('guidance_scale')}"]
+    for node in tree.subtree:
+        for name, var in node.ds.data_vars.items():
+            dims = " × ".join(f"{d} {n}" for d, n in zip(var.dims, var.shape))
+            lines.append(f"  {node.path:<14} {name:<6} {dims}  ({var.nbytes / 1e6:.2f} MB)")
+    images = tree["images"].ds
+    for prompt, seed in zip(images["prompt"].values, images["seed"].values):
+        lines.append(f"  sample: {prompt!r} seed {seed}")
+    return "\n".join(lines)
+
+
+def cmd_record(args) -> None:
+    import probe
+
+    tree = probe.record(
+        probe.load(args.model, device=args.device), args.prompt, seeds=args.seed, steps=args.steps,
+        guidance_scale=args.guidance, kinds=tuple(args.kinds), layers=args.layers, heads=args.heads,
+        out=args.out, max_bytes=args.max_mb * 1e6 if args.max_mb else None, batch_size=args.batch_size,
+    )
+    print(_summary(tree))
+    print(f"written to {args.out}")
+
+
+def cmd_info(args) -> None:
+    import probe
+
+    print(_summary(probe.open_recording(args.recording)))
+
+
+def cmd_show(args) -> None:
+    import probe
+    from probe.plots import token_overlay
+
+    tree = probe.open_recording(args.recording)
+    fig = token_overlay(tree, args.token, args.step, sample=args.sample)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=args.dpi)
+    print(f"wrote {args.out}")
+
+
+def cmd_demo(args) -> None:
+    """Record one prompt on the built-in model, draw its maps, print what was recorded."""
+    import probe
+    from probe.plots import token_overlay
+
+    model = args.model or _model_default()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prompt = "a red circle and a blue square"
+    tree = probe.record(probe.load(model), prompt, seeds=[0, 1], steps=args.steps, out=out / "demo.zarr")
+    print(_summary(tree))
+    for word in ("circle", "square"):
+        path = out / f"demo_{word}.png"
+        token_overlay(tree, word, step=-1).savefig(path, dpi=120)
+        print(f"wrote {path}")
+
+
+def cmd_train_shapes(args) -> None:
+    from probe.shapes.train import export, train
+
+    trainer = train(args.out, args.minutes, resume=args.resume)
+    if args.export:
+        print(f"exported to {export(trainer, args.export)}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="probe", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("record", help="generate and record attention maps")
+    r.add_argument("--model", default=None, help="built-in name (shapes, tiny, tiny-xl), folder or hub id")
+    r.add_argument("--prompt", nargs="+", required=True)
+    r.add_argument("--seed", nargs="+", type=int, default=[0])
+    r.add_argument("--steps", type=int, default=50)
+    r.add_argument("--guidance", type=float, default=7.5)
+    r.add_argument("--kinds", nargs="+", default=["cross", "self"], choices=["cross", "self"])
+    r.add_argument("--layers", nargs="+", default=None, help="names, globs, re:patterns or resolutions")
+    r.add_argument("--heads", default="mean", help="'mean' or 'all'")
+    r.add_argument("--batch-size", type=int, default=1)
+    r.add_argument("--max-mb", type=float, default=None, help="refuse runs whose estimate exceeds this")
+    r.add_argument("--device", default=None)
+    r.add_argument("--out", required=True, help="a .zarr or .nc path")
+    r.set_defaults(func=cmd_record)
+
+    i = sub.add_parser("info", help="groups, sizes and prompts of a recording")
+    i.add_argument("recording")
+    i.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("show", help="heat-map overlay of one word per layer resolution")
+    s.add_argument("recording")
+    s.add_argument("--token", required=True, help="a word of the prompt")
+    s.add_argument("--step", type=int, default=-1, help="step index; negative counts from the last recorded")
+    s.add_argument("--sample", type=int, default=0)
+    s.add_argument("--dpi", type=int, default=120)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_show)
+
+    d = sub.add_parser("demo", help="record the built-in model and draw its maps")
+    d.add_argument("--model", default=None)
+    d.add_argument("--steps", type=int, default=50)
+    d.add_argument("--out", default="runs/demo")
+    d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train-shapes", help="train the built-in shapes model")
+    t.add_argument("--out", required=True, help="training folder (checkpoints)")
+    t.add_argument("--minutes", type=float, required=True)
+    t.add_argument("--resume", action="store_true")
+    t.add_argument("--export", default=None, help="write the EMA model as a diffusers folder here")
+    t.set_defaults(func=cmd_train_shapes)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if getattr(args, "model", "unset") is None:
+        args.model = _model_default()
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, MemoryError, KeyError) as err:
+        print(f"probe {args.command}: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""The command line, end to end on the tiny model."""
+
+import numpy as np
+
+import probe
+from probe.cli import main
+
+
+def test_record_info_show(tmp_path, capsys):
+    out = tmp_path / "rec.zarr"
+    assert main(["record", "--model", "tiny", "--prompt", "a cat and a dog", "--seed", "0", "1",
+                 "--steps", "3", "--kinds", "cross", "--out", str(out)]) == 0
+    tree = probe.open_recording(out)
+    assert list(tree["images"]["seed"].values) == [0, 1]
+    assert main(["info", str(out)]) == 0
+    assert "cross/res16" in capsys.readouterr().out
+    png = tmp_path / "dog.png"
+    assert main(["show", str(out), "--token", "dog", "--step", "2", "--out", str(png)]) == 0
+    assert png.stat().st_size > 5_000
+    assert main(["show", str(out), "--token", "horse", "--out", str(png)]) == 2
+    assert "tokens are" in capsys.readouterr().err
+
+
+def test_record_refuses_over_budget(tmp_path, capsys):
+    out = tmp_path / "rec.zarr"
+    code = main(["record", "--model", "tiny", "--prompt", "a cat", "--steps", "50", "--max-mb", "0.01",
+                 "--out", str(out)])
+    assert code == 2 and "estimated" in capsys.readouterr().err and not out.exists()
+
+
+def test_demo_writes_a_recording_and_figures(tmp_path):
+    assert main(["demo", "--model", "tiny", "--steps", "3", "--out", str(tmp_path)]) == 0
+    tree = probe.open_recording(tmp_path / "demo.zarr")
+    assert np.isfinite(tree["cross/res16"]["attn"].isel(token=slice(0, 5)).values).all()
+    assert (tmp_path / "demo_circle.png").exists() and (tmp_path / "demo_square.png").exists()
