@@ -13,6 +13,7 @@ call counter, so extra forward passes (guidance) and skipped layers cannot shift
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -162,6 +163,19 @@ class Tap:
         self._hook.remove()
         self._saved = self._hook = None
         self.state = _State()
+
+    @contextmanager
+    def conditional_only(self):
+        """Within this block the denoiser's batch holds conditional samples only (no CFG halves).
+
+        Guidance runs its own forward passes on the conditional latents; consumers then see
+        ``call.cfg == False`` and ``call.conditional`` returns the whole batch.
+        """
+        before, self.state.cfg = self.state.cfg, False
+        try:
+            yield self
+        finally:
+            self.state.cfg = before
 
     # -- step tracking ---------------------------------------------------------------------------
     def _before_forward(self, module, args, kwargs):

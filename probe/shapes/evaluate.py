@@ -1,0 +1,178 @@
+"""Measure the built-in model with its exact judge: what the model card reports.
+
+Every number comes from fixed held-out seeds and the model's default sampler and guidance:
+single-object correctness, two-object outcomes (present / missing / wrong colour / wrong shape /
+mixed), cross-attention localisation (Otsu-mask IoU with the judge's mask), and speed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from probe.shapes.judge import detect, judge
+from probe.shapes.world import COLOURS, SHAPES, sample_attributes
+
+HELD_OUT_SEED = 10_000  # seeds used by evaluation start here; training never draws them
+STEPS = 50
+GUIDANCE = 7.5
+LATE_STEPS = 10  # localisation uses the mean map of the last this many steps
+
+
+@dataclass
+class Generated:
+    prompt: str
+    seed: int
+    image: np.ndarray  # uint8 H×W×3
+
+
+def generate(pipe, prompts: list[str], seeds: list[int], steps: int = STEPS, batch_size: int = 16,
+             guidance_scale: float = GUIDANCE, desc: str = "generating") -> list[Generated]:
+    """Images for (prompt, seed) pairs; seed s draws the latent exactly as ``probe.record`` does."""
+    out = []
+    device = pipe._execution_device
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
+        ps, ss = prompts[start : start + batch_size], seeds[start : start + batch_size]
+        images = pipe(ps, generator=[torch.Generator(device).manual_seed(s) for s in ss], num_inference_steps=steps,
+                      guidance_scale=guidance_scale, output_type="np").images
+        out += [Generated(p, s, (im * 255).round().astype(np.uint8)) for p, s, im in zip(ps, ss, images)]
+    return out
+
+
+def single_object(pipe, seeds_per_prompt: int = 8, steps: int = STEPS) -> dict:
+    """Every colour × shape, ``seeds_per_prompt`` seeds each: share with the right colour and shape."""
+    pairs = list(itertools.product(COLOURS, SHAPES))
+    prompts = [f"a {c} {s}" for c, s in pairs for _ in range(seeds_per_prompt)]
+    seeds = [HELD_OUT_SEED + i for i in range(len(prompts))]
+    results = generate(pipe, prompts, seeds, steps, desc="single objects")
+    status = [judge(g.image, g.prompt)[0].status for g in results]
+    return {
+        "images": len(results),
+        "correct": float(np.mean([s == "present" for s in status])),
+        **{f"rate_{name}": float(np.mean([s == name for s in status])) for name in sorted(set(status))},
+    }
+
+
+def two_object_prompts(n: int, seed: int = HELD_OUT_SEED) -> list[str]:
+    """``n`` two-object captions drawn as the training data draws them (distinct colours)."""
+    rng = np.random.default_rng([seed, 2])
+    return [caption_of(sample_attributes(rng, 2)) for _ in range(n)]
+
+
+def two_objects(pipe, n: int = 300, steps: int = STEPS) -> dict:
+    """Both subjects present and correct, and the rate of each failure, per subject and per image."""
+    prompts = two_object_prompts(n)
+    results = generate(pipe, prompts, [HELD_OUT_SEED + i for i in range(n)], steps, desc="two objects")
+    statuses = [judge(g.image, g.prompt) for g in results]
+    flat = [s.status for st in statuses for s in st]
+    return {
+        "images": n,
+        "both_correct": float(np.mean([all(s.status == "present" for s in st) for st in statuses])),
+        "any_missing": float(np.mean([any(s.status == "missing" for s in st) for st in statuses])),
+        **{f"subject_{name}": float(np.mean([s == name for s in flat]))
+           for name in ("present", "missing", "wrong_colour", "wrong_shape", "mixed")},
+    }
+
+
+def _grid_mask(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """A pixel mask at an attention grid: a cell is inside when most of it is."""
+    h, w = mask.shape
+    return mask.reshape(grid[0], h // grid[0], grid[1], w // grid[1]).mean((1, 3)) >= 0.5
+
+
+def localisation(pipe, n: int = 200, steps: int = STEPS, batch_size: int = 16) -> dict:
+    """IoU of each colour word's and noun's Otsu-masked cross-attention with its object's judge mask.
+
+    Maps are layer- and head-means over the last ``LATE_STEPS`` steps, at every grid; only images
+    where the judge finds both subjects present count. Also the share of the word's attention mass
+    that falls on its own object versus the other object (meaningful when Otsu masks are not).
+    """
+    import probe
+    from probe.maps import otsu_mask, word_map
+
+    prompts = two_object_prompts(n, seed=HELD_OUT_SEED + 1)
+    seeds = [HELD_OUT_SEED + 50_000 + i for i in range(n)]
+    keep = list(range(max(0, steps - LATE_STEPS), steps))
+    rows: list[dict] = []
+    for start in tqdm(range(0, n, batch_size), desc="localisation", leave=False):
+        sl = slice(start, start + batch_size)
+        trees = [probe.record(pipe, p, seeds=[s], steps=steps, kinds=("cross",), keep_steps=keep, progress=False)
+                 for p, s in zip(prompts[sl], seeds[sl])]
+        for tree in trees:
+            image = tree["images"]["image"].values[0]
+            prompt = str(tree["images"]["prompt"].values[0])
+            status = judge(image, prompt, detections=detect(image))
+            if not all(s.status == "present" for s in status):
+                continue
+            for group in tree["cross"].children:
+                ds = tree["cross"][group]
+                grid = (ds.sizes["y"], ds.sizes["x"])
+                masks = [_grid_mask(s.detection.mask, grid) for s in status]
+                for k, s in enumerate(status):
+                    for role, word in (("colour", s.colour), ("noun", s.shape)):
+                        m = word_map(ds, 0, word).mean(("step", "layer"))
+                        values = torch.from_numpy(np.asarray(m.values, np.float32))
+                        pred = otsu_mask(values).numpy()
+                        own, other = masks[k], masks[1 - k]
+                        union = (pred | own).sum()
+                        mass = values.numpy() / max(float(values.sum()), 1e-12)
+                        rows.append({"grid": group, "role": role, "iou": float((pred & own).sum() / max(union, 1)),
+                                     "own_mass": float(mass[own].sum()), "other_mass": float(mass[other].sum())})
+    if not rows:
+        return {"images_used": 0}
+    import pandas as pd
+
+    table = pd.DataFrame(rows)
+    table["own_gt_other"] = table.own_mass > table.other_mass
+    by = table.groupby(["grid", "role"])[["iou", "own_mass", "other_mass", "own_gt_other"]].mean()
+    best = table.groupby("grid").iou.mean().idxmax()
+    return {
+        "images_used": int(len(table) / (2 * 2 * table.grid.nunique())),
+        "best_grid": best,
+        "iou_best_grid": float(table[table.grid == best].iou.mean()),
+        "iou_best_grid_colour": float(table[(table.grid == best) & (table.role == "colour")].iou.mean()),
+        "iou_best_grid_noun": float(table[(table.grid == best) & (table.role == "noun")].iou.mean()),
+        "per_grid": {f"{g}/{r}": {k: float(v) for k, v in row.items()} for (g, r), row in by.iterrows()},
+    }
+
+
+def seconds_per_image(pipe, steps: int = STEPS, repeats: int = 3) -> float:
+    """Median wall time of one image at ``steps`` steps (batch 1, with guidance)."""
+    times = []
+    for i in range(repeats + 1):
+        t = time.perf_counter()
+        pipe("a red circle and a blue square", num_inference_steps=steps, guidance_scale=GUIDANCE,
+             generator=torch.Generator().manual_seed(i), output_type="np")
+        times.append(time.perf_counter() - t)
+    return float(np.median(times[1:]))
+
+
+def sample_grid(pipe, path, steps: int = STEPS, columns: int = 6) -> None:
+    """A figure of generations for single, two- and three-object prompts (for the model card)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(HELD_OUT_SEED + 7)
+    prompts = [caption_of(sample_attributes(rng, k)) for k in (1, 2, 3) for _ in range(columns)]
+    results = generate(pipe, prompts, [HELD_OUT_SEED + 900 + i for i in range(len(prompts))], steps, desc="grid")
+    rows = len(results) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(1.9 * columns, 2.2 * rows))
+    for ax, g in zip(axes.flat, results):
+        ax.imshow(g.image)
+        ax.set_title(g.prompt.replace(" and ", "\n"), fontsize=6)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def caption_of(attributes: list[tuple[str, str]]) -> str:
+    return " and ".join(f"a {c} {s}" for c, s in attributes)
+
