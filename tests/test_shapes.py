@@ -1,0 +1,60 @@
+"""The shapes world and the training loop of the built-in model."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from probe.shapes import model as M
+from probe.shapes.train import TrainConfig, export, train
+from probe.shapes.world import COLOURS, Shape, caption, coverage, render, scene_for, shapes_dataset
+
+
+def test_scenes_are_deterministic_and_disjoint():
+    for i in range(50):
+        a, b = scene_for(3, i, 3), scene_for(3, i, 3)
+        assert a == b
+        _, labels = render(a)
+        assert set(np.unique(labels)) == {0, 1, 2, 3}
+        colours = [o.colour for o in a]
+        assert len(set(colours)) == 3
+
+
+def test_render_paints_each_object_in_its_colour():
+    scene = [Shape("square", "red", 20, 20, 10), Shape("circle", "blue", 46, 44, 10)]
+    image, labels = render(scene)
+    assert tuple(image[20, 20]) == COLOURS["red"] and tuple(image[44, 46]) == COLOURS["blue"]
+    assert labels[20, 20] == 1 and labels[44, 46] == 2 and labels[2, 2] == 0
+    # a square of half-extent 8.5 px covers 17×17 = 289 px; a circle of radius 10 covers π·100 px
+    assert coverage(scene[0]).sum() == pytest.approx(17 * 17, rel=0.01)
+    assert coverage(scene[1]).sum() == pytest.approx(np.pi * 100, rel=0.01)
+    assert caption(scene) == "a red square and a blue circle"
+
+
+def test_dataset_matches_renders():
+    ds = shapes_dataset(6, seed=1)
+    again = shapes_dataset(6, seed=1)
+    assert ds["caption"] == again["caption"]
+    for row in ds:
+        scene = [Shape(**{k: v for k, v in o.items() if k != "box"}) for o in row["objects"]]
+        image, labels = render(scene)
+        assert np.array_equal(np.asarray(row["image"]), image)
+        assert np.array_equal(np.asarray(row["labels"]), labels)
+        assert row["caption"] == caption(scene)
+
+
+def test_training_runs_resumes_and_exports(tmp_path):
+    arch = M.ShapesConfig(unet_channels=(32, 32, 32), vae_channels=(8, 8, 8))
+    cfg = TrainConfig(arch=arch, vae_steps=2, vae_batch_size=2, pool_size=16, batch_size=4, checkpoint_minutes=10)
+    first = train(tmp_path / "run", minutes=0.15, cfg=cfg)
+    assert first.stage == "unet" and first.step > 0
+    with pytest.raises(FileExistsError, match="resume"):
+        train(tmp_path / "run", minutes=0.01, cfg=cfg)
+    second = train(tmp_path / "run", minutes=0.05, resume=True, cfg=cfg)
+    assert second.step > first.step and second.vae_step == first.vae_step
+    folder = export(second, tmp_path / "model")
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    assert pipe.vae.config.scaling_factor == pytest.approx(second.scaling)
+    image = pipe("a red circle", num_inference_steps=2, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all()
