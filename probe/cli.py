@@ -76,11 +76,29 @@ def cmd_demo(args) -> None:
 
 
 def cmd_train_shapes(args) -> None:
-    from probe.shapes.train import export, train
+    from probe.shapes.train import TrainConfig, export, train
 
-    trainer = train(args.out, args.minutes, resume=args.resume)
+    trainer = train(args.out, args.minutes, resume=args.resume, cfg=TrainConfig(threads=args.threads))
     if args.export:
         print(f"exported to {export(trainer, args.export)}")
+
+
+def cmd_evaluate_shapes(args) -> None:
+    import json
+
+    import probe
+    from probe.shapes import evaluate
+
+    pipe = probe.load(args.model)
+    metrics = evaluate.evaluate_model(pipe, quick=args.quick)
+    print(json.dumps(metrics, indent=1))
+    if args.card:
+        folder = Path(args.model if Path(args.model).is_dir() else probe.models.BUILTIN[args.model])
+        training = json.loads((folder / "training.json").read_text())
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        evaluate.sample_grid(pipe, folder / "samples.png", steps=metrics["steps"])
+        (folder / "README.md").write_text(evaluate.write_card(folder, metrics, training))
+        print(f"wrote the model card {folder / 'README.md'}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -125,8 +143,15 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="training folder (checkpoints)")
     t.add_argument("--minutes", type=float, required=True)
     t.add_argument("--resume", action="store_true")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a busy machine)")
     t.add_argument("--export", default=None, help="write the EMA model as a diffusers folder here")
     t.set_defaults(func=cmd_train_shapes)
+
+    e = sub.add_parser("evaluate-shapes", help="measure the built-in model with its judge")
+    e.add_argument("--model", default="shapes", help="built-in name or folder")
+    e.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    e.add_argument("--card", action="store_true", help="write metrics.json, samples.png and README.md beside it")
+    e.set_defaults(func=cmd_evaluate_shapes)
     return p
 
 

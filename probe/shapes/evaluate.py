@@ -176,3 +176,91 @@ def sample_grid(pipe, path, steps: int = STEPS, columns: int = 6) -> None:
 def caption_of(attributes: list[tuple[str, str]]) -> str:
     return " and ".join(f"a {c} {s}" for c, s in attributes)
 
+
+
+def judge_accuracy(n: int = 2000, seed: int = HELD_OUT_SEED) -> float:
+    """Per-object accuracy of the judge on ``n`` rendered scenes of 1–3 objects with known truth."""
+    from probe.shapes.judge import evaluate_scene
+    from probe.shapes.world import render, scene_for
+
+    correct = []
+    for i in range(n):
+        scene = scene_for(seed, i, 1 + i % 3)
+        image, labels = render(scene)
+        correct += evaluate_scene(image, scene, labels=labels)
+    return float(np.mean(correct))
+
+
+def evaluate_model(pipe, quick: bool = False) -> dict:
+    """Every model-card number; ``quick`` uses small sizes (for tests and smoke runs)."""
+    steps = 10 if quick else STEPS
+    return {
+        "judge_accuracy": judge_accuracy(100 if quick else 2000),
+        "single_object": single_object(pipe, seeds_per_prompt=1 if quick else 8, steps=steps),
+        "two_objects": two_objects(pipe, n=8 if quick else 300, steps=steps),
+        "localisation": localisation(pipe, n=4 if quick else 200, steps=steps),
+        "seconds_per_image_50_steps": seconds_per_image(pipe, repeats=1 if quick else 3),
+        "steps": steps,
+        "guidance_scale": GUIDANCE,
+        "scheduler": type(pipe.scheduler).__name__,
+    }
+
+
+def write_card(folder, metrics: dict, training: dict) -> str:
+    """The model card: how the model was made and what it measures (markdown)."""
+    s, t, loc = metrics["single_object"], metrics["two_objects"], metrics["localisation"]
+    per_grid = "\n".join(
+        f"| {key} | {v['iou']:.2f} | {v['own_mass']:.2f} | {v['other_mass']:.2f} | {v['own_gt_other']:.0%} |"
+        for key, v in loc.get("per_grid", {}).items()
+    )
+    arch = training["arch"]
+    return f"""# The built-in shapes model
+
+A small text-to-image diffusion model trained by this project on the synthetic shapes world
+(`probe.shapes.world`: 1–3 non-overlapping circles, squares, triangles and ellipses in six colours on a light
+background, 64×64 px). It is a standard diffusers `StableDiffusionPipeline` folder: `probe.load("shapes")`
+or `StableDiffusionPipeline.from_pretrained("data/models/shapes")`, offline.
+
+## Architecture
+- VAE `AutoencoderKL` {arch['vae_channels']}: 64 px ↔ 16×16×{arch['latent_channels']} latents,
+  scaling factor {training['scaling_factor']:.3f}.
+- UNet `UNet2DConditionModel` {arch['unet_channels']}, cross-attention at 16×16, 8×8 and 4×4 (mid block).
+- Text encoder `CLIPTextModel` width {arch['text_width']} with **{arch['text_layers']} transformer layers**
+  (token + position embeddings only): with a causal encoder the end token and the padding carry the whole
+  caption and cross-attention stops localising words. The project's own CLIP BPE tokenizer, 32 tokens.
+- `DDIMScheduler` (cosine betas, ε-prediction, trailing spacing), {metrics['steps']} steps, guidance
+  {metrics['guidance_scale']} by default.
+
+## Training
+`probe train-shapes --out runs/shapes --minutes M [--resume] --export data/models/shapes`
+(`probe.shapes.train`): autoencoder {training['vae_steps']} steps, then UNet + text encoder
+{training['unet_steps']} steps at batch {training['batch_size']} on cached latents of 40,000 scenes, AdamW 1e-3,
+10% empty captions, EMA 0.995; {training.get('minutes', '?')} minutes on {training.get('device', 'cpu')}
+(a 2-core CPU shared with other work). Resumable from its checkpoint.
+
+## Measured (held-out seeds from {HELD_OUT_SEED}, default sampler and guidance)
+| what | value |
+|---|---|
+| judge accuracy, {2000} rendered scenes with known truth (per object) | {metrics['judge_accuracy']:.1%} |
+| single object, every colour × shape, {s['images']} images: correct colour and shape | {s['correct']:.1%} |
+| two objects, {t['images']} images: both present and correct | {t['both_correct']:.1%} |
+| two objects: any subject missing | {t['any_missing']:.1%} |
+| two objects, per subject: present / missing / wrong colour / wrong shape / mixed | \
+{t['subject_present']:.1%} / {t['subject_missing']:.1%} / {t['subject_wrong_colour']:.1%} / \
+{t['subject_wrong_shape']:.1%} / {t['subject_mixed']:.1%} |
+| cross-attention localisation (Otsu IoU with the judge's mask), best grid {loc.get('best_grid')} | \
+{loc.get('iou_best_grid', float('nan')):.2f} (colour words {loc.get('iou_best_grid_colour', float('nan')):.2f}, \
+nouns {loc.get('iou_best_grid_noun', float('nan')):.2f}) over {loc.get('images_used', 0)} images |
+| seconds per image, 50 steps, batch 1 (this CPU) | {metrics['seconds_per_image_50_steps']:.2f} |
+
+Localisation per grid and word role (layer- and head-mean map of the last {LATE_STEPS} steps; mass = share of
+the map's attention on the word's own object and on the other object):
+
+| grid/role | IoU | own mass | other mass | own > other |
+|---|---|---|---|---|
+{per_grid}
+
+![samples](samples.png)
+
+Reproduce: `probe evaluate-shapes --model data/models/shapes --card`.
+"""

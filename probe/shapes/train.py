@@ -39,6 +39,7 @@ class TrainConfig:
     vae_batch_size: int = 16
     vae_kl_weight: float = 1e-6
     checkpoint_minutes: float = 5.0
+    threads: int | None = None  # torch CPU threads; 1 is fastest on a machine busy with other work
 
 
 def _device() -> torch.device:
@@ -69,6 +70,7 @@ class Trainer:
         self.sched = M.scheduler()
         self.stage, self.step, self.vae_step = "vae", 0, 0
         self.scaling = 1.0
+        self.minutes = 0.0  # wall time spent training, over all runs
         self.losses: list[tuple[int, float]] = []
         params = list(self.unet.parameters()) + list(self.text.parameters())
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
@@ -89,7 +91,7 @@ class Trainer:
             for k in ("vae", "unet", "text", "opt", "vae_opt", "ema_unet", "ema_text")
         }
         state.update(
-            stage=self.stage, step=self.step, vae_step=self.vae_step, scaling=self.scaling,
+            stage=self.stage, step=self.step, vae_step=self.vae_step, scaling=self.scaling, minutes=self.minutes,
             losses=self.losses, gen=self.gen.get_state(), arch=self.cfg.arch.to_dict(),
         )
         tmp = self.ckpt.with_suffix(".tmp")
@@ -102,6 +104,7 @@ class Trainer:
             getattr(self, k).load_state_dict(state[k])
         self.stage, self.step, self.vae_step = state["stage"], state["step"], state["vae_step"]
         self.scaling, self.losses = state["scaling"], state["losses"]
+        self.minutes = state.get("minutes", 0.0)
         self.gen.set_state(state["gen"])
 
     # -- stage 1: autoencoder ------------------------------------------------------------------
@@ -121,7 +124,12 @@ class Trainer:
     # -- stage 2: latents pool ------------------------------------------------------------------
     @torch.no_grad()
     def build_pool(self) -> None:
+        """Encode the scene pool once; cached beside the checkpoint so a resumed run skips it."""
         c = self.cfg
+        cache = self.out / "pool.pt"
+        if self.stage == "unet" and cache.exists():
+            self.pool = torch.load(cache, weights_only=True)
+            return
         lat, ids = [], []
         for start in tqdm(range(0, c.pool_size, 256), desc="encoding pool", leave=False):
             x, caps = _images(c.seed + 2, start, min(256, c.pool_size - start), c.object_weights)
@@ -133,6 +141,8 @@ class Trainer:
             self.vae_psnr = self.reconstruction_psnr()
             tqdm.write(f"autoencoder PSNR {self.vae_psnr:.1f} dB, latent scaling {self.scaling:.3f}")
         self.pool = (latents * self.scaling, torch.cat(ids))
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.save(self.pool, cache)
 
     @torch.no_grad()
     def reconstruction_psnr(self, n: int = 64) -> float:
@@ -173,8 +183,8 @@ class Trainer:
         return loss.item()
 
     def run(self, minutes: float) -> None:
-        deadline = time.time() + minutes * 60
-        last_save = time.time()
+        started = last_save = time.time()
+        deadline = started + minutes * 60
         bar = tqdm(desc=self.stage, unit="step")
         while time.time() < deadline:
             if self.stage == "vae":
@@ -192,9 +202,11 @@ class Trainer:
             bar.update()
             bar.set_postfix(loss=f"{loss:.4f}", step=self.step or self.vae_step)
             if time.time() - last_save > self.cfg.checkpoint_minutes * 60:
+                self.minutes += (time.time() - last_save) / 60
                 self.save()
                 last_save = time.time()
         bar.close()
+        self.minutes += (time.time() - last_save) / 60
         self.save()
 
     def pipeline(self, ema: bool = True):
@@ -217,7 +229,10 @@ class Trainer:
 
 def train(out: str | Path, minutes: float, resume: bool = False, cfg: TrainConfig | None = None) -> Trainer:
     """Train for ``minutes`` of wall time, checkpointing to ``out``; ``resume`` continues."""
-    trainer = Trainer(Path(out), cfg or TrainConfig())
+    cfg = cfg or TrainConfig()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    trainer = Trainer(Path(out), cfg)
     if resume and trainer.ckpt.exists():
         trainer.load()
     elif trainer.ckpt.exists():
@@ -234,6 +249,8 @@ def export(trainer: Trainer, folder: str | Path) -> Path:
     record = {
         "unet_steps": trainer.step,
         "vae_steps": trainer.vae_step,
+        "minutes": round(trainer.minutes, 1),
+        "device": str(trainer.dev),
         "batch_size": trainer.cfg.batch_size,
         "arch": trainer.cfg.arch.to_dict(),
         "loss_curve": trainer.losses,
@@ -242,3 +259,12 @@ def export(trainer: Trainer, folder: str | Path) -> Path:
     (folder / "training.json").write_text(json.dumps(record, indent=1))
     return folder
 
+
+
+def export_checkpoint(run: str | Path, folder: str | Path) -> Path:
+    """Export the EMA weights of a training folder's last checkpoint (training may go on meanwhile)."""
+    state = torch.load(Path(run) / "checkpoint.pt", map_location="cpu", weights_only=False)
+    arch = {k: tuple(v) if isinstance(v, list) else v for k, v in state["arch"].items()}
+    trainer = Trainer(Path(run), TrainConfig(arch=M.ShapesConfig(**arch)))
+    trainer.load()
+    return export(trainer, folder)
