@@ -1,6 +1,29 @@
-"""Prompts and the tokens of their subjects."""
+"""Prompts and the tokens of their subjects.
+
+Prompt sets come as ``datasets.Dataset`` with the columns ``prompt``, ``subjects`` (the nouns guidance and the
+judges act on), ``attributes`` (each subject's adjective, "" if none) and ``set``: Attend-and-Excite's animal–animal,
+animal–object and object–object sets, the Self-Cross paper's similar-subject sets SSD-2 / SSD-3 (all read from
+``data/prompts/ssd_prompts.json``) and the built-in shapes world's two-object, three-object and similar-subject
+prompts (drawn from a seeded generator, the same on every machine).
+"""
 
 from __future__ import annotations
+
+import json
+import re
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+PROMPT_FILE = Path(__file__).resolve().parents[1] / "data" / "prompts" / "ssd_prompts.json"
+FILE_SETS = ("animals", "animals_objects", "objects", "SSD-2", "SSD-3")
+SHAPES_SETS = {"shapes-2": (2, False), "shapes-3": (3, False), "shapes-similar": (2, True)}  # (objects, similar)
+SHAPES_SET_SIZE = 64  # prompts per shapes set unless asked otherwise
+SHAPES_SEED = 0
+
+_JOINERS = re.compile(r"\s+(?:and|with)\s+")
+_ARTICLES = frozenset({"a", "an", "the", "one"})
 
 
 def token_indices(tokens: list[str], word: str) -> list[int]:
@@ -21,3 +44,109 @@ def token_indices(tokens: list[str], word: str) -> list[int]:
                 break
     shown = [t for t in tokens if t]
     raise ValueError(f"{word!r} is not in the prompt; its tokens are {shown}")
+
+
+# -- subjects of a prompt ------------------------------------------------------------------------------------------
+
+
+def _phrases(prompt: str) -> list[list[str]]:
+    """``"a cat and a red car"`` → ``[["cat"], ["red", "car"]]``: the words of each subject phrase, no articles."""
+    phrases = []
+    for part in _JOINERS.split(prompt.strip().lower().rstrip(".")):
+        words = [w for w in re.findall(r"[a-z0-9'-]+", part) if w not in _ARTICLES]
+        if words:
+            phrases.append(words)
+    return phrases
+
+
+def subjects_of(prompt: str) -> list[str]:
+    """The subject nouns of an "a X and a Y" prompt (also "with", and three or more subjects).
+
+    The noun is the last word of each phrase: ``"a monkey and a red car"`` → ``["monkey", "car"]``.
+    """
+    phrases = _phrases(prompt)
+    if not phrases:
+        raise ValueError(f"no subjects in {prompt!r}; expected a prompt like 'a cat and a dog'")
+    return [words[-1] for words in phrases]
+
+
+def attributes_of(prompt: str) -> list[str]:
+    """Each subject's adjectives (words before the noun), "" if none: ``"a monkey and a red car"`` → ``["", "red"]``."""
+    return [" ".join(words[:-1]) for words in _phrases(prompt)]
+
+
+def prompt_tokens(tokenizer, prompt: str) -> list[str]:
+    """Token texts of a prompt at their positions in the text encoder's sequence (start token at 0, ``</w>`` removed).
+
+    ``tokenizer`` may also be a pipeline (its ``tokenizer`` is used).
+    """
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    ids = tok(prompt, truncation=True, max_length=tok.model_max_length).input_ids
+    return [t.removesuffix("</w>") for t in tok.convert_ids_to_tokens(ids)]
+
+
+def subject_indices(tokenizer, prompt: str, subjects: list[str]) -> list[list[int]]:
+    """Token positions of each subject word (all its word pieces), as guidance needs them.
+
+    A word that occurs several times in ``subjects`` takes its successive occurrences in the prompt ("a cat and a
+    cat" → [[2], [5]]). A word not in the prompt is an error that lists the prompt's tokens.
+    """
+    tokens = prompt_tokens(tokenizer, prompt)
+    found: list[list[int]] = []
+    for word in subjects:
+        start = max((idx[-1] + 1 for w, idx in zip(subjects, found) if w.lower() == word.lower()), default=0)
+        try:
+            found.append([start + i for i in token_indices(tokens[start:], word)])
+        except ValueError:
+            raise ValueError(
+                f"subject {word!r} is not a word of the prompt {prompt!r}"
+                f"{' (or not as often as it is listed)' if start else ''}; the prompt's tokens are {tokens}. "
+                "Give subjects as they are written in the prompt."
+            ) from None
+    return found
+
+
+# -- prompt sets ---------------------------------------------------------------------------------------------------
+
+
+@cache
+def _file_sets() -> dict[str, list[str]]:
+    if not PROMPT_FILE.exists():
+        raise FileNotFoundError(f"prompt file {PROMPT_FILE} is missing; it ships with the repository (data/prompts/)")
+    return json.loads(PROMPT_FILE.read_text())
+
+
+def shapes_prompts(n_objects: int = 2, n: int = SHAPES_SET_SIZE, seed: int = SHAPES_SEED, similar: bool = False):
+    """Prompts of the built-in shapes world, "a red circle and a blue square", drawn as the world draws scenes.
+
+    ``similar`` draws a confusable pair (red/orange, blue/purple, circle/ellipse) and allows two objects only.
+    """
+    from probe.shapes.world import sample_attributes
+
+    if similar and n_objects != 2:
+        raise ValueError(f"similar-subject prompts have two objects, got n_objects={n_objects}")
+    rows = []
+    for i in range(n):
+        pairs = sample_attributes(np.random.default_rng([seed, i]), n_objects, similar)
+        rows.append(" and ".join(f"a {colour} {shape}" for colour, shape in pairs))
+    return rows
+
+
+def prompt_set(name: str, n: int | None = None, seed: int = SHAPES_SEED):
+    """A prompt set as a ``datasets.Dataset`` (columns ``prompt``, ``subjects``, ``attributes``, ``set``).
+
+    Names: ``animals``, ``animals_objects``, ``objects`` (Attend-and-Excite), ``SSD-2``, ``SSD-3`` (Self-Cross),
+    ``shapes-2``, ``shapes-3``, ``shapes-similar`` (built-in world; ``n`` prompts, default 64, from ``seed``).
+    ``n`` truncates the file sets.
+    """
+    import datasets
+
+    if name in FILE_SETS:
+        prompts = _file_sets()[name][:n]
+    elif name in SHAPES_SETS:
+        n_objects, similar = SHAPES_SETS[name]
+        prompts = shapes_prompts(n_objects, SHAPES_SET_SIZE if n is None else n, seed, similar)
+    else:
+        raise ValueError(f"unknown prompt set {name!r}; known: {[*FILE_SETS, *SHAPES_SETS]}")
+    rows = [{"prompt": p, "subjects": subjects_of(p), "attributes": attributes_of(p), "set": name} for p in prompts]
+    return datasets.Dataset.from_list(rows)

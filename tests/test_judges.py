@@ -1,0 +1,121 @@
+"""Judges: the exact shapes judge, and CLIP / OWL-ViT judges run on tiny random models built offline."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
+    OwlViTConfig,
+    OwlViTForObjectDetection,
+    OwlViTImageProcessor,
+    OwlViTProcessor,
+)
+
+from probe.judges import ClipJudge, DetectorJudge, ExactJudge
+from probe.models import project_tokenizer
+from probe.shapes.world import Shape, render
+
+SIZE = 32  # pixels of the tiny vision towers' input
+WIDTH = 32  # hidden width of the tiny towers; OWL-ViT needs its text width equal to the projection
+
+
+def _towers(tok) -> tuple[dict, dict]:
+    text = dict(vocab_size=len(tok), hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=tok.model_max_length, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = dict(hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=SIZE, patch_size=8)
+    return text, vision
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    tok = project_tokenizer()
+    text, vision = _towers(tok)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    images = CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
+    return model, CLIPProcessor(image_processor=images, tokenizer=tok)
+
+
+@pytest.fixture(scope="module")
+def tiny_owl():
+    tok = project_tokenizer()
+    text, vision = _towers(tok)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = OwlViTForObjectDetection(OwlViTConfig(text_config=text, vision_config=vision, projection_dim=WIDTH))
+    images = OwlViTImageProcessor(size={"height": SIZE, "width": SIZE}, crop_size={"height": SIZE, "width": SIZE})
+    return model, OwlViTProcessor(image_processor=images, tokenizer=tok)
+
+
+@pytest.fixture(scope="module")
+def scene():
+    objects = [Shape("circle", "red", 18, 20, 11), Shape("square", "blue", 46, 44, 11)]
+    return render(objects)[0]
+
+
+def test_exact_judge_sees_present_and_missing_subjects(scene):
+    judge = ExactJudge()
+    statuses = judge(scene, "a red circle and a blue square")
+    assert [(s.colour, s.shape, s.status) for s in statuses] == [("red", "circle", "present"),
+                                                                ("blue", "square", "present")]
+    only_circle = render([Shape("circle", "red", 18, 20, 11)])[0]
+    assert [s.status for s in judge(only_circle, "a red circle and a blue square")] == ["present", "missing"]
+    assert judge.summary(only_circle, "a red circle and a blue square")["n_missing"] == 1
+
+
+def test_clip_min_object_similarity(tiny_clip, scene, tmp_path):
+    model, processor = tiny_clip
+    judge = ClipJudge(model, processor, device="cpu")
+    images = [scene, np.full_like(scene, 200)]
+    sims = judge.similarities(images, ["cat", "dog", "frog"])
+    assert sims.shape == (2, 3) and np.all(np.abs(sims) <= 1 + 1e-6)
+    # the same cosine similarity computed by hand from CLIP's own embeddings
+    with torch.no_grad():
+        inputs = processor(text=[f"a photo of a {w}" for w in ["cat", "dog", "frog"]], images=images,
+                           return_tensors="pt", padding=True)
+        out = model(**inputs)
+    manual = torch.nn.functional.normalize(out.image_embeds, dim=-1) @ torch.nn.functional.normalize(
+        out.text_embeds, dim=-1).T
+    np.testing.assert_allclose(sims, manual.numpy(), atol=1e-5)
+    np.testing.assert_allclose(judge(images, "a cat and a dog and a frog"), sims.min(axis=1))
+    np.testing.assert_allclose(judge(scene / 255.0, ["cat"]), sims[:1, 0], atol=1e-5)  # float images in 0-1
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    np.testing.assert_allclose(ClipJudge(str(tmp_path), device="cpu").similarities(images, ["cat", "dog", "frog"]),
+                               sims, atol=1e-5)  # loaded by local folder
+
+
+def test_detector_scores_boxes_and_threshold(tiny_owl, scene, tmp_path):
+    model, processor = tiny_owl
+    verdicts = DetectorJudge(model, processor, device="cpu", threshold=0.0)(scene, "a cat and a dog")
+    assert [v.subject for v in verdicts] == ["cat", "dog"]
+    assert all(v.status == "present" and 0 <= v.score <= 1 for v in verdicts)
+    strict = DetectorJudge(model, processor, device="cpu", threshold=1.01)(scene, ["cat", "dog"])
+    assert [v.status for v in strict] == ["missing", "missing"]
+    assert [v.score for v in strict] == [v.score for v in verdicts]
+    with torch.no_grad():
+        inputs = processor(text=[["a photo of a cat", "a photo of a dog"]], images=[scene], return_tensors="pt")
+        best = model(**inputs).logits.sigmoid().amax(1)[0]
+    np.testing.assert_allclose([v.score for v in verdicts], best.numpy(), atol=1e-6)
+    for v in verdicts:
+        x0, y0, x1, y1 = v.box
+        assert x0 <= x1 and y0 <= y1
+    many = DetectorJudge(model, processor, device="cpu").detect(np.stack([scene, scene]), ["cat"])
+    assert len(many) == 2 and many[0][0].score == pytest.approx(many[1][0].score)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    reloaded = DetectorJudge(str(tmp_path), device="cpu", threshold=0.0)(scene, ["cat", "dog"])
+    np.testing.assert_allclose([v.score for v in reloaded], [v.score for v in verdicts], atol=1e-6)
+
+
+def test_missing_judge_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="judge model folder .* does not exist"):
+        ClipJudge(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="pass the model's processor"):
+        DetectorJudge(object())
