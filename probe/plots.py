@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import torch
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from probe.maps import resize, word_map  # noqa: E402
+from probe.maps import resize, word_map
 
 CMAP = "inferno"
 OVERLAY_ALPHA = 0.6
@@ -77,4 +75,105 @@ def token_maps_over_steps(tree, words: list[str], group: str, sample: int = 0, m
                 ax.set_ylabel(word, fontsize=9)
     fig.suptitle(f"{group} · {tree[group]['prompt'].values[sample]}", fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+# -- studies (probe.experiments) -----------------------------------------------------------------------------------
+
+PALETTE = "colorblind"
+CHANCE_STYLE = {"color": "0.5", "linestyle": "--", "linewidth": 1}
+
+
+def _short_layer(layer: str) -> str:
+    """``up_blocks.1.attentions.0.transformer_blocks.0`` → ``up1.0.0`` for axis labels."""
+    for long, short in (("_blocks.", ""), ("_block.", ""), ("attentions.", ""), ("transformer_blocks.", "")):
+        layer = layer.replace(long, short)
+    return layer
+
+
+def probe_accuracy(table: pd.DataFrame):
+    """Probe accuracy (Wilson interval) per layer, cross vs self features; rows targets, columns step bins.
+
+    ``table``: :func:`probe.probes.probe_features`'s output. The dashed line is chance (majority class).
+    """
+    table = table.assign(
+        where=[f"{r}·{_short_layer(str(la))}" for r, la in zip(table.resolution, table.layer)],
+        features=[f"{k} {f}" for k, f in zip(table.kind, table.feature)],
+    )
+    targets = list(dict.fromkeys(table.target))
+    bins = list(dict.fromkeys(table.step_bin))
+    order = list(dict.fromkeys(table.sort_values("resolution", ascending=False, kind="stable")["where"]))
+    hues = list(dict.fromkeys(table.features))
+    colours = dict(zip(hues, sns.color_palette(PALETTE, len(hues))))
+    n_rows, n_cols = max(len(targets), 1), max(len(bins), 1)
+    fig, axes = plt.subplots(n_rows, n_cols, squeeze=False, sharey=True,
+                             figsize=(max(3.2, 0.35 * len(order) + 1.5) * n_cols, 2.6 * n_rows))
+    width = 0.8 / max(len(hues), 1)
+    for (row, target), (col, step_bin) in ((r, c) for r in enumerate(targets) for c in enumerate(bins)):
+        ax = axes[row, col]
+        part = table[(table.target == target) & (table.step_bin == step_bin)]
+        for k, hue in enumerate(hues):
+            sub = part[part.features == hue]
+            x = np.array([order.index(w) for w in sub["where"]]) + (k - (len(hues) - 1) / 2) * width
+            yerr = np.clip([sub.accuracy - sub.ci_low, sub.ci_high - sub.accuracy], 0, None)
+            ax.errorbar(x, sub.accuracy, yerr=yerr, fmt="o", ms=3, lw=1, color=colours[hue],
+                        label=hue if row == col == 0 else None)
+        if len(part):
+            ax.axhline(part.chance.iloc[0], **CHANCE_STYLE)
+        ax.set_xticks(range(len(order)), order, rotation=90, fontsize=7)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{target} · {step_bin}", fontsize=9)
+        if col == 0:
+            ax.set_ylabel("accuracy")
+        sns.despine(ax=ax)
+    if hues:
+        fig.legend(loc="upper center", ncol=len(hues), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    return fig
+
+
+def overlap_auc(association: pd.DataFrame, columns: int = 5):
+    """ROC AUC of each metric for "a subject is missing", per step, with its bootstrap interval as a band."""
+    metrics = list(dict.fromkeys(association.metric))
+    rows = max(1, -(-len(metrics) // columns))
+    fig, axes = plt.subplots(rows, columns, squeeze=False, sharex=True, sharey=True,
+                             figsize=(2.4 * columns, 2.1 * rows))
+    colour = sns.color_palette(PALETTE, 1)[0]
+    for ax, metric in zip(axes.flat, metrics):
+        part = association[association.metric == metric].sort_values("step")
+        ax.fill_between(part.step, part.ci_low, part.ci_high, color=colour, alpha=0.25, lw=0)
+        ax.plot(part.step, part.auc, color=colour, marker="o", ms=2, lw=1)
+        ax.axhline(0.5, **CHANCE_STYLE)
+        ax.set_ylim(0, 1)
+        ax.set_title(metric, fontsize=9)
+        sns.despine(ax=ax)
+    for ax in axes.flat[len(metrics):]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("AUC (missing)")
+    fig.tight_layout()
+    return fig
+
+
+def overlap_examples(examples):
+    """Images where every subject is present (left) and where one is missing (right), each with its two
+    subjects' maps. ``examples``: :class:`probe.experiments.Example` objects."""
+    groups = [[e for e in examples if e.all_present], [e for e in examples if e.missing]]
+    rows = max(1, *(len(g) for g in groups))
+    fig, axes = plt.subplots(rows, 6, squeeze=False, figsize=(9.5, 1.9 * rows + 0.5))
+    for ax in axes.flat:
+        ax.axis("off")
+    for side, (group, title) in enumerate(zip(groups, ("every subject present", "a subject missing"))):
+        fig.text(0.02 + 0.5 * side, 0.99, title, fontsize=10, va="top", weight="bold")
+        for row, example in enumerate(group):
+            ax = axes[row, 3 * side]
+            ax.imshow(example.image)
+            ax.set_title(example.prompt.replace(" and ", "\n"), fontsize=7)
+            for k in range(2):
+                panel = axes[row, 3 * side + 1 + k]
+                _overlay(panel, example.image, example.maps[k], f"{example.words[k]}: {example.statuses[k]}")
+                panel.title.set_fontsize(7)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     return fig

@@ -154,9 +154,6 @@ def seconds_per_image(pipe, steps: int = STEPS, repeats: int = 3) -> float:
 
 def sample_grid(pipe, path, steps: int = STEPS, columns: int = 6) -> None:
     """A figure of generations for single, two- and three-object prompts (for the model card)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rng = np.random.default_rng(HELD_OUT_SEED + 7)
