@@ -83,6 +83,27 @@ def cmd_train_shapes(args) -> None:
         print(f"exported to {export(trainer, args.export)}")
 
 
+def cmd_edit(args) -> None:
+    """Edit a generated (or a given real) image and save source | edited side by side."""
+    import numpy as np
+    from PIL import Image
+
+    import probe
+    from probe.edit import edit
+
+    pipe = probe.load(args.model)
+    image = Image.open(args.image).convert("RGB") if args.image else None
+    result = edit(pipe, args.source, args.target, seed=None if image else args.seed, inject=args.inject,
+                  steps=args.steps, image=image, num_inference_steps=args.num_steps, output_type="np")
+    pair = np.concatenate([result.source[0] if result.source.ndim == 4 else result.source,
+                           result.edited[0] if result.edited.ndim == 4 else result.edited], axis=1)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((pair * 255).round().clip(0, 255).astype(np.uint8)).save(args.out)
+    s = result.settings
+    print(f"{args.source!r} → {args.target!r}: inject {s.inject} in {len(s.layers)} layers, "
+          f"{len(s.steps)} of {s.num_inference_steps} steps; wrote {args.out}")
+
+
 def cmd_evaluate_shapes(args) -> None:
     import json
 
@@ -146,6 +167,18 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a busy machine)")
     t.add_argument("--export", default=None, help="write the EMA model as a diffusers folder here")
     t.set_defaults(func=cmd_train_shapes)
+
+    ed = sub.add_parser("edit", help="tuning-free editing by attention injection (FPE)")
+    ed.add_argument("--model", default=None)
+    ed.add_argument("--source", required=True, help="source prompt")
+    ed.add_argument("--target", required=True, help="target prompt")
+    ed.add_argument("--image", default=None, help="a real source image (inverted with DDIM)")
+    ed.add_argument("--inject", default="self", choices=["self", "cross", "none"])
+    ed.add_argument("--steps", type=float, default=0.8, help="fraction of steps injected from the start")
+    ed.add_argument("--num-steps", type=int, default=50)
+    ed.add_argument("--seed", type=int, default=0)
+    ed.add_argument("--out", required=True, help="PNG with source | edited")
+    ed.set_defaults(func=cmd_edit)
 
     e = sub.add_parser("evaluate-shapes", help="measure the built-in model with its judge")
     e.add_argument("--model", default="shapes", help="built-in name or folder")

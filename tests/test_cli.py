@@ -33,3 +33,16 @@ def test_demo_writes_a_recording_and_figures(tmp_path):
     tree = probe.open_recording(tmp_path / "demo.zarr")
     assert np.isfinite(tree["cross/res16"]["attn"].isel(token=slice(0, 5)).values).all()
     assert (tmp_path / "demo_circle.png").exists() and (tmp_path / "demo_square.png").exists()
+
+
+def test_edit_writes_the_pair(tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "pair.png"
+    assert main(["edit", "--model", "tiny", "--source", "a red circle", "--target", "a blue circle",
+                 "--num-steps", "3", "--out", str(out)]) == 0
+    assert Image.open(out).size == (64, 32)
+    assert "inject self" in capsys.readouterr().out
+    assert main(["edit", "--model", "tiny", "--source", "a red circle", "--target", "a blue circle",
+                 "--steps", "1.5", "--out", str(out)]) == 2
+    assert "fraction" in capsys.readouterr().err
