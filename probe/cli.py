@@ -78,7 +78,8 @@ def cmd_demo(args) -> None:
 def cmd_train_shapes(args) -> None:
     from probe.shapes.train import TrainConfig, export, train
 
-    trainer = train(args.out, args.minutes, resume=args.resume, cfg=TrainConfig(threads=args.threads))
+    trainer = train(args.out, args.minutes, resume=args.resume, cfg=TrainConfig(threads=args.threads),
+                    init_from=args.init_from)
     if args.export:
         print(f"exported to {export(trainer, args.export)}")
 
@@ -102,6 +103,33 @@ def cmd_edit(args) -> None:
     s = result.settings
     print(f"{args.source!r} → {args.target!r}: inject {s.inject} in {len(s.layers)} layers, "
           f"{len(s.steps)} of {s.num_inference_steps} steps; wrote {args.out}")
+
+
+def _print_headlines(headlines: dict) -> None:
+    import pandas as pd
+
+    with pd.option_context("display.width", 140, "display.max_columns", 20, "display.precision", 3):
+        for name, table in headlines.items():
+            print(f"\n== {name} ==")
+            print(table.to_string(index=False) if hasattr(table, "to_string") else table)
+
+
+def cmd_figures(args) -> None:
+    """Every study's figures and tables from fixed seeds (``--quick``: reduced sizes)."""
+    import probe
+    from probe import experiments
+
+    headlines = experiments.run_all(probe.load(args.model), quick=args.quick, out=args.out)
+    _print_headlines(headlines)
+    print(f"\nfigures and tables in {args.out}/")
+
+
+def cmd_study(args) -> None:
+    import probe
+    from probe import experiments
+
+    headlines = experiments.run_all(probe.load(args.model), quick=args.quick, out=args.out, only=[args.name])
+    _print_headlines(headlines)
 
 
 def cmd_evaluate_shapes(args) -> None:
@@ -164,6 +192,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="training folder (checkpoints)")
     t.add_argument("--minutes", type=float, required=True)
     t.add_argument("--resume", action="store_true")
+    t.add_argument("--init-from", default=None, help="start from an exported model folder (data/models/shapes)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a busy machine)")
     t.add_argument("--export", default=None, help="write the EMA model as a diffusers folder here")
     t.set_defaults(func=cmd_train_shapes)
@@ -179,6 +208,19 @@ def parser() -> argparse.ArgumentParser:
     ed.add_argument("--seed", type=int, default=0)
     ed.add_argument("--out", required=True, help="PNG with source | edited")
     ed.set_defaults(func=cmd_edit)
+
+    f = sub.add_parser("figures", help="regenerate every figure and table of the studies")
+    f.add_argument("--model", default=None)
+    f.add_argument("--quick", action="store_true", help="reduced sizes (minutes on a CPU)")
+    f.add_argument("--out", default="figures")
+    f.set_defaults(func=cmd_figures)
+
+    st = sub.add_parser("study", help="run one study")
+    st.add_argument("name", choices=["probes", "overlap", "edit", "guidance", "self-cross"])
+    st.add_argument("--model", default=None)
+    st.add_argument("--quick", action="store_true")
+    st.add_argument("--out", default="figures")
+    st.set_defaults(func=cmd_study)
 
     e = sub.add_parser("evaluate-shapes", help="measure the built-in model with its judge")
     e.add_argument("--model", default="shapes", help="built-in name or folder")

@@ -4,6 +4,10 @@
   self-attention maps of single-object images, by layer and step (Free-Prompt-Editing's probing argument).
 - :func:`overlap_study`: how the two subjects' maps overlap in two-object images, step by step, and how well each
   overlap statistic predicts that the judge finds a subject missing (Marioriyad et al.'s entity-missing argument).
+- :func:`edit_study`: self- vs cross-attention injection editing (:func:`probe.edit.study`), aggregated.
+- :func:`guidance_study`: the causal test: does guidance that lowers overlap lower entity missing, beyond
+  Attend-and-Excite? :func:`self_cross_study`: does Self-Cross guidance lower subject mixing on similar subjects?
+- :func:`run_all`: every study, every figure and table, from fixed seeds.
 
 Every study uses fixed seeds, records in chunks of :data:`CHUNK` samples and reduces each chunk at once to what it
 keeps (probe features, per-image metrics), so memory does not grow with the number of images. ``quick=True`` shrinks
@@ -14,11 +18,13 @@ returning per-subject objects with ``.status`` (and ``.detection.mask`` for posi
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
@@ -27,6 +33,9 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from tqdm.auto import tqdm
 
 from probe import plots
+from probe.edit import DEFAULT_FRACTION, STEPS_FRACTIONS
+from probe.edit import study as edit_sweep
+from probe.guide import OBJECTIVES, InitNO, Schedule, generate
 from probe.maps import aggregate_self_attention, gaussian_smooth, token_map, token_softmax
 from probe.models import attention_layers, load
 from probe.overlap import (
@@ -36,6 +45,7 @@ from probe.overlap import (
     compactness,
     intensity,
     kl_divergence,
+    pair_indices,
     self_cross_overlap,
     soft_iou,
     spread,
@@ -49,11 +59,13 @@ from probe.probes import (
     step_bins,
     subject_features,
 )
+from probe.prompts import prompt_set, prompt_tokens, subject_indices
 from probe.record import record
-from probe.shapes.evaluate import HELD_OUT_SEED, STEPS
+from probe.shapes.evaluate import GUIDANCE, HELD_OUT_SEED, STEPS
+from probe.shapes.judge import detect, parse_prompt
 from probe.shapes.judge import judge as exact_judge
-from probe.shapes.judge import parse_prompt
 from probe.shapes.world import COLOURS, SHAPES
+from probe.tap import Call, Consumer
 
 Subject = Literal["noun", "colour", "phrase"]
 Judge = Callable[[np.ndarray, str], list]
@@ -424,3 +436,547 @@ def overlap_headline(association: pd.DataFrame) -> pd.DataFrame:
                      "ci_high_last": last.ci_high, "strongest_step": int(best.step), "auc_strongest": best.auc,
                      "n": int(last.n), "n_missing": int(last.n_missing)})
     return pd.DataFrame(rows)
+
+
+# -- guidance study ------------------------------------------------------------------------------------------------
+
+GUIDANCE_SEED = HELD_OUT_SEED + 40_000  # seeds of the guidance study's images (shared by every method)
+SELF_CROSS_SEED = HELD_OUT_SEED + 50_000  # seeds of the self-cross study's images
+GUIDANCE_SETS = ("shapes-2", "shapes-3")  # the built-in world's two- and three-object prompts
+SIMILAR_SET = "shapes-similar"  # confusable subjects (red/orange, blue/purple, circle/ellipse)
+NO_GUIDANCE = "none"  # plain generation through the same code path (tap, callback, noise), nothing guided
+BASELINE = "ae"  # Attend-and-Excite: what the overlap-lowering methods must beat
+GUIDANCE_METHODS = (NO_GUIDANCE, "ae", "iou", "com", "kl", "cc", "self_cross", "ai_t2i")
+OVERLAP_METHODS = ("iou", "com", "kl", "cc", "self_cross", "ai_t2i")  # objectives that push subjects' maps apart
+SELF_CROSS_METHODS = (NO_GUIDANCE, "ae", "self_cross")
+POOLED = "overlap methods (pooled)"
+GUIDANCE_SEEDS_PER_PROMPT = 5  # 600 images = 2 sets × 60 prompts × 5 seeds
+SELF_CROSS_IMAGES = 320  # 64 similar-subject prompts × 5 seeds
+EARLY_STEP, REFERENCE_STEPS = 10, 50  # overlap is read at step 10 of 50 (scaled to other step counts) and at the end
+SUMMARY_METRICS = ("soft_iou", "com_distance", "kl_sym", "compactness", "self_cross", "intensity_mean")
+QUICK_STEPS = 20  # denoising steps of every quick study (fewer when the caller asks for fewer)
+QUICK_GUIDANCE_IMAGES = 4  # quick: four prompts (two per set), one seed
+QUICK_GUIDANCE_METHODS = (NO_GUIDANCE, "ae", "iou")
+QUICK_SELF_CROSS_IMAGES = 4
+QUICK_INITNO = InitNO(rounds=2, steps=5, final_steps=5)  # quick: a short initial-noise optimisation
+QUICK_SCHEDULE = Schedule(max_refinement=5)  # quick: A&E's schedule with at most 5 refinement iterations
+
+
+def overlap_steps(steps: int) -> dict[str, int]:
+    """Where the guidance studies read overlap: step 10 of 50 scaled to ``steps`` (``t10``), and the last step."""
+    early = min(max(round(EARLY_STEP / REFERENCE_STEPS * steps), 0), steps - 1)
+    return {"t10": early, "end": steps - 1}
+
+
+def scaled_schedule(steps: int, base: Schedule | None = None) -> Schedule:
+    """Attend-and-Excite's schedule with its refinement steps (0, 10, 20 of 50) moved to the same share of ``steps``.
+
+    The gradient steps already scale (first half of the steps). Two refinements that land on one step keep the first
+    (the stricter) threshold. At 50 steps this is the schedule itself.
+    """
+    base = base or Schedule()
+    thresholds: dict[int, float] = {}
+    for step, threshold in sorted(base.thresholds.items()):
+        scaled = round(step / REFERENCE_STEPS * steps)
+        if scaled < steps:
+            thresholds.setdefault(scaled, threshold)
+    return replace(base, thresholds=thresholds)
+
+
+NO_GUIDANCE_SCHEDULE = Schedule(alter_fraction=0.0, thresholds={})  # the guide never moves the latent
+
+
+class RealPassMaps(Consumer):
+    """Layer-and-head mean cross- and self-attention of the chosen layers at the chosen steps, from the pipeline's
+    real denoising pass only, never from guidance's own passes.
+
+    With classifier-free guidance the real pass is the one with ``call.cfg`` True (its conditional half is kept).
+    Without it (``guidance_scale ≤ 1``) every pass is conditional; the real pass is then the last one at its step
+    (guidance evaluates a step's latent before the pipeline denoises it), so a new pass at a step replaces the
+    previous one. ``maps[step][kind]``: (queries, keys) means.
+    """
+
+    def __init__(self, layers: Sequence, steps: Sequence[int], cfg: bool):
+        self.kinds = {layer.name: layer.kind for layer in layers}
+        self.steps, self.cfg = frozenset(steps), cfg
+        self._passes: dict[int, tuple[dict, dict, set]] = {}  # step → (sums, counts, layers seen) of its last pass
+
+    def wants(self, call: Call) -> bool:
+        return call.layer.name in self.kinds and call.step in self.steps and call.cfg == self.cfg
+
+    def on_probs(self, call: Call, probs: torch.Tensor) -> None:
+        sums, counts, seen = self._passes.get(call.step, (None, None, None))
+        if sums is None or call.layer.name in seen:  # the first call of a new forward pass at this step
+            sums, counts, seen = {}, {}, set()
+            self._passes[call.step] = (sums, counts, seen)
+        seen.add(call.layer.name)
+        kind = call.layer.kind
+        summed = call.conditional(probs).detach().float().sum(1)[0]  # heads summed: (queries, keys) of one image
+        sums[kind] = summed if kind not in sums else sums[kind] + summed
+        counts[kind] = counts.get(kind, 0) + probs.shape[1]
+
+    @property
+    def maps(self) -> dict[int, dict[str, torch.Tensor]]:
+        return {step: {kind: sums[kind] / counts[kind] for kind in sums}
+                for step, (sums, counts, _) in sorted(self._passes.items())}
+
+
+def subject_metrics(cross: torch.Tensor, self_attention: torch.Tensor, indices: Sequence[Sequence[int]],
+                    end: int) -> dict[str, float]:
+    """The overlap study's statistics (:func:`pair_metrics`) of two or more subjects in one image.
+
+    ``cross`` (H, W, T) and ``self_attention`` (H, W, H·W): layer-and-head means; ``indices``: each subject's token
+    positions; ``end``: the end token's position. Every pair of subjects is measured; pair statistics are averaged
+    over pairs, ``*_min`` take the minimum and ``*_max`` the maximum over pairs (the weakest subject, the most
+    scattered one). ``intensity_mean``: the mean over subjects of each subject's mean map value.
+    """
+    if len(indices) < 2:
+        raise ValueError(f"overlap needs at least two subjects, got {len(indices)}")
+    maps = torch.stack([token_map(cross, ix) for ix in indices], -3)
+    ae_maps = gaussian_smooth(torch.stack([token_map(token_softmax(cross, last=end), ix) for ix in indices], -3))
+    self_maps = aggregate_self_attention(maps, self_attention[None])
+    first, second = (list(side) for side in zip(*pair_indices(len(indices))))
+
+    def pairs(m: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m[first], m[second]], -3)  # (pairs, 2, H, W)
+
+    values = pair_metrics(pairs(maps), pairs(self_maps), pairs(ae_maps))
+    out = {}
+    for name in METRICS:
+        reduce = torch.amin if name.endswith("_min") else torch.amax if name.endswith("_max") else torch.mean
+        out[name] = float(reduce(values[name]))
+    out["intensity_mean"] = float((values["intensity_a"] + values["intensity_b"]).mean() / 2)
+    return out
+
+
+def judged(image: np.ndarray, prompt: str, judge: Judge = exact_judge) -> dict:
+    """The judge's verdict on one image, and two quality proxies.
+
+    ``quality``: mean judge confidence (template fit × shape margin × colour purity, 0–1) of the objects the judge
+    tied to the prompt's subjects; NaN where it tied none. ``precision``: the share of the objects found in the
+    image that stand for some subject (1 − the share of stray objects); only with the exact judge, else NaN.
+    """
+    detections = detect(image) if judge is exact_judge else None
+    statuses = judge(image, prompt) if detections is None else exact_judge(image, prompt, detections=detections)
+    names = [s.status for s in statuses]
+    found = [s.detection for s in statuses if s.status != "missing" and getattr(s, "detection", None) is not None]
+    used = {id(d) for d in found}
+    return {
+        "statuses": ",".join(names), "n_subjects": len(names), "missing": "missing" in names,
+        "n_missing": names.count("missing"), "mixed": "mixed" in names, "n_mixed": names.count("mixed"),
+        "all_present": all(n == "present" for n in names),
+        "quality": float(np.mean([d.confidence for d in found])) if found else math.nan,
+        "precision": len(used) / len(detections) if detections else math.nan,
+    }
+
+
+def study_prompts(sets: Sequence[str], n_images: int, seeds_per_prompt: int) -> list[dict]:
+    """``ceil(n_images / (sets × seeds))`` prompts of each set (the first ones of the set): set, prompt, subjects."""
+    per_set = max(1, math.ceil(n_images / (len(sets) * seeds_per_prompt)))
+    rows = []
+    for name in sets:
+        data = prompt_set(name, per_set)
+        rows += [{"set": name, "prompt": p, "nouns": list(s), "colours": list(a)}
+                 for p, s, a in zip(data["prompt"], data["subjects"], data["attributes"])]
+    return rows
+
+
+def _configurations(methods: Sequence[str], initno: Sequence[bool]) -> list[tuple[str, bool]]:
+    """(method, initno) pairs; "none" runs without INITNO only (there is no objective to optimise the noise for)."""
+    unknown = [m for m in methods if m != NO_GUIDANCE and m not in OBJECTIVES]
+    if unknown:
+        raise ValueError(f"unknown guidance methods {unknown}; known: {[NO_GUIDANCE, *OBJECTIVES]}")
+    configs = [(m, bool(i)) for m in methods for i in dict.fromkeys(initno) if not (m == NO_GUIDANCE and i)]
+    if not configs:
+        raise ValueError(f"nothing to run: methods {list(methods)} with initno {list(initno)}")
+    return configs
+
+
+def guided_images(pipe, prompts: Sequence[dict], seeds: Sequence[int], configs: Sequence[tuple[str, bool]], *,
+                  steps: int, guidance_scale: float = GUIDANCE, subject: Subject = "noun",
+                  judge: Judge = exact_judge, schedule: Schedule | None = None,
+                  initno_settings: InitNO | None = None, progress: bool = True, desc: str = "guidance"
+                  ) -> pd.DataFrame:
+    """One row per (prompt, seed, method, initno): judge's verdict, overlap at ``t10`` and at the end, seconds.
+
+    Every configuration runs through :func:`probe.guide.generate` (``none`` with a schedule that never moves the
+    latent); the images of one (prompt, seed) are made back to back so that a busy machine slows all methods alike.
+    Overlap: the layer-and-head mean attention of the real pass at the cross-attention grid closest to 16×16
+    (:class:`RealPassMaps`), measured with :func:`subject_metrics`. ``subject``: "noun" or "colour" words.
+    ``schedule``: the guidance schedule at 50 steps (default: Attend-and-Excite's), scaled by :func:`scaled_schedule`.
+    """
+    if subject not in ("noun", "colour"):
+        raise ValueError(f"subject must be 'noun' or 'colour' for guidance (one word per subject), not {subject!r}")
+    grid = nearest_grid(pipe)
+    layers = [layer for layer in attention_layers(pipe) if layer.grid[0] == grid]
+    height, width = next(layer.grid for layer in layers if layer.kind == "cross")
+    read_at = overlap_steps(steps)
+    schedule = scaled_schedule(steps, schedule)
+    settings = initno_settings or InitNO()
+    rows = []
+    jobs = [(p, s, c) for p in prompts for s in seeds for c in configs]
+    for item, seed, (method, initno) in tqdm(jobs, desc=desc, disable=not progress):
+        words = item["nouns"] if subject == "noun" else item["colours"]
+        capture = RealPassMaps(layers, set(read_at.values()), cfg=guidance_scale > 1)
+        start = time.perf_counter()
+        result = generate(pipe, item["prompt"], subjects=words, objective=BASELINE if method == NO_GUIDANCE else method,
+                          seed=seed, schedule=NO_GUIDANCE_SCHEDULE if method == NO_GUIDANCE else schedule,
+                          init_noise=settings if initno else None, steps=steps, guidance_scale=guidance_scale,
+                          output_type="np", progress=False, consumers=[capture])
+        seconds = time.perf_counter() - start
+        image = (np.asarray(result.images[0]) * 255).round().clip(0, 255).astype(np.uint8)
+        tokens = prompt_tokens(pipe, item["prompt"])
+        indices = subject_indices(pipe, item["prompt"], words)
+        maps = capture.maps
+        history = result.history
+        row = {"method": method, "initno": initno, "set": item["set"], "prompt": item["prompt"], "seed": seed,
+               **judged(image, item["prompt"], judge), "seconds": seconds,
+               "loss_start": float(history.loss.iloc[0]) if len(history) else math.nan,
+               "loss_end": float(history.loss.iloc[-1]) if len(history) else math.nan}
+        for label, step in read_at.items():
+            found = maps.get(step)
+            if found is None or set(found) != {"cross", "self"}:
+                raise RuntimeError(f"no real-pass attention at step {step} of {steps}; was the tap bypassed?")
+            cross, selfattn = (found[kind].reshape(height, width, -1) for kind in ("cross", "self"))
+            values = subject_metrics(cross, selfattn, indices, len(tokens) - 1)
+            row.update({f"{name}_{label}": value for name, value in values.items()})
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    frame.attrs.update({"steps": steps, "t10_step": read_at["t10"], "end_step": read_at["end"], "grid": grid})
+    return frame
+
+
+def mean_interval(values, n_boot: int = BOOTSTRAPS, confidence: float = CONFIDENCE, seed: int = 0
+                  ) -> tuple[float, float, float]:
+    """Mean of ``values`` (a rate for booleans, a paired difference for differences) and its percentile bootstrap
+    interval; NaN for no values."""
+    values = np.asarray(values, np.float64)
+    if values.size == 0:
+        return math.nan, math.nan, math.nan
+    index = np.random.default_rng(seed).integers(0, values.size, (n_boot, values.size))
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(values[index].mean(-1), [tail, 100 - tail])
+    return float(values.mean()), float(low), float(high)
+
+
+def versus_baseline(images: pd.DataFrame, outcome: str = "missing", baseline: str = BASELINE,
+                    pooled: Sequence[str] = OVERLAP_METHODS, n_boot: int = BOOTSTRAPS, seed: int = 0) -> pd.DataFrame:
+    """Does each method change ``outcome`` beyond the baseline (A&E)? Paired on (prompt, seed), per ``initno``.
+
+    ``difference``: the method's rate minus the baseline's on the same prompts and seeds, with a percentile
+    bootstrap interval over (prompt, seed); ``overlap_difference``: the same for soft IoU at step 10 (did the method
+    lower overlap at all?). The pooled row (when two or more of ``pooled`` ran) averages those methods per
+    (prompt, seed) first: "do overlap-lowering objectives, as a family, beat A&E?". ``verdict`` reads the interval.
+    """
+    key = ["prompt", "seed"]
+    columns = ["method", "initno", "n_paired", "difference", "ci_low", "ci_high", "overlap_difference", "verdict"]
+    rows = []
+    for initno, frame in images.groupby("initno", sort=False):
+        frame = frame.assign(**{outcome: frame[outcome].astype(float)})
+        base = frame[frame.method == baseline].groupby(key)[[outcome, "soft_iou_t10"]].mean()
+        if base.empty:
+            continue
+        present = list(dict.fromkeys(frame.method))
+        family = [m for m in pooled if m in present]
+        groups = [(m, [m]) for m in present if m != baseline] + ([(POOLED, family)] if len(family) > 1 else [])
+        for name, members in groups:
+            part = frame[frame.method.isin(members)].groupby(key)[[outcome, "soft_iou_t10"]].mean()
+            joined = part.join(base, rsuffix="_base", how="inner")
+            diff, low, high = mean_interval(joined[outcome] - joined[f"{outcome}_base"], n_boot, seed=seed)
+            if math.isnan(diff):
+                verdict = "not measured"
+            elif high < 0:
+                verdict = f"less {outcome} than {baseline}"
+            elif low > 0:
+                verdict = f"more {outcome} than {baseline}"
+            else:
+                verdict = f"no clear difference from {baseline}"
+            rows.append({"method": name, "initno": bool(initno), "n_paired": len(joined), "difference": diff,
+                         "ci_low": low, "ci_high": high,
+                         "overlap_difference": float((joined.soft_iou_t10 - joined.soft_iou_t10_base).mean()),
+                         "verdict": verdict})
+    return pd.DataFrame(rows, columns=columns)
+
+
+def outcome_summary(images: pd.DataFrame, outcomes: Sequence[str] = ("missing", "mixed"),
+                    pooled: Sequence[str] = OVERLAP_METHODS, n_boot: int = BOOTSTRAPS, seed: int = 0) -> pd.DataFrame:
+    """One row per (method, initno), plus the pooled overlap-lowering methods per initno when two or more ran.
+
+    Per outcome its rate with a bootstrap interval (``{outcome}_rate``, ``{outcome}_ci_low``, ``{outcome}_ci_high``);
+    the mean number of missing subjects; the mean of each :data:`SUMMARY_METRICS` at step 10 and at the end; the
+    quality proxies; seconds per image.
+    """
+    groups = list(images.groupby(["method", "initno"], sort=False))
+    for initno, frame in images.groupby("initno", sort=False):
+        family = frame[frame.method.isin(pooled)]
+        if family.method.nunique() > 1:
+            groups.append(((POOLED, initno), family))
+    rows = []
+    for (method, initno), frame in groups:
+        row = {"method": method, "initno": bool(initno), "n": len(frame)}
+        for outcome in outcomes:
+            rate, low, high = mean_interval(frame[outcome].astype(float), n_boot, seed=seed)
+            row.update({f"{outcome}_rate": rate, f"{outcome}_ci_low": low, f"{outcome}_ci_high": high})
+        row["n_missing_mean"] = float(frame.n_missing.mean())
+        row.update({f"{m}_{at}": float(frame[f"{m}_{at}"].mean()) for m in SUMMARY_METRICS for at in ("t10", "end")})
+        row.update({"quality": float(frame.quality.mean()), "precision": float(frame.precision.mean()),
+                    "seconds_per_image": float(frame.seconds.mean())})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _with_versus(summary: pd.DataFrame, versus: pd.DataFrame, prefix: str) -> pd.DataFrame:
+    renamed = versus.drop(columns="n_paired").rename(columns={
+        "difference": f"{prefix}diff_vs_{BASELINE}", "ci_low": f"{prefix}diff_ci_low",
+        "ci_high": f"{prefix}diff_ci_high", "overlap_difference": f"iou_t10_diff_vs_{BASELINE}",
+        "verdict": f"{prefix}verdict"})
+    if prefix:
+        renamed = renamed.drop(columns=f"iou_t10_diff_vs_{BASELINE}")
+    merged = summary.merge(renamed, on=["method", "initno"], how="left")
+    merged.loc[merged.method == BASELINE, f"{prefix}verdict"] = "baseline"
+    return merged
+
+
+@dataclass
+class GuidanceStudy:
+    """``images``: one row per generated image; ``summary``: one row per (method, initno) plus the pooled
+    overlap-lowering methods; ``versus_ae``: each method's missing rate minus A&E's (paired, with interval)."""
+
+    images: pd.DataFrame
+    summary: pd.DataFrame
+    versus_ae: pd.DataFrame
+    figures: dict = field(default_factory=dict)
+    paths: dict[str, Path] = field(default_factory=dict)
+
+
+def guidance_study(pipe, n_images: int = 600, steps: int = STEPS, quick: bool = False, out: str | Path | None = None,
+                   methods: Sequence[str] = GUIDANCE_METHODS, initno: Sequence[bool] = (False, True),
+                   progress: bool = True, *, seeds_per_prompt: int = GUIDANCE_SEEDS_PER_PROMPT,
+                   sets: Sequence[str] = GUIDANCE_SETS, subject: Subject = "noun", judge: Judge = exact_judge,
+                   guidance_scale: float = GUIDANCE, schedule: Schedule | None = None,
+                   initno_settings: InitNO | None = None) -> GuidanceStudy:
+    """The causal test: does guidance that lowers attention overlap lower entity missing, beyond Attend-and-Excite?
+
+    The same ``n_images`` (prompt, seed) pairs per method: the first prompts of the two- and three-object sets, each
+    with ``seeds_per_prompt`` seeds. Methods: ``none`` (no guidance, same code path), ``ae`` and the overlap-lowering
+    objectives of :data:`probe.guide.OBJECTIVES`, each without and with INITNO (``none`` without only). Schedule:
+    Attend-and-Excite's, refinement steps scaled to ``steps`` (:func:`scaled_schedule`). Per image: the judge's
+    verdict (missing, number missing, mixed), overlap statistics of the subjects' maps at step 10 (of 50, scaled)
+    and at the last step, the quality proxies of :func:`judged`, seconds. An image is missing when any subject is.
+    ``schedule`` replaces A&E's schedule (given for 50 steps); ``initno_settings`` the default :class:`InitNO`.
+
+    ``quick``: at most 4 images (two prompts per set, one seed), methods none / ae / iou when ``methods`` is the
+    default, at most 20 steps, a short INITNO (:data:`QUICK_INITNO`), at most 5 refinement iterations
+    (:data:`QUICK_SCHEDULE`), 200 bootstrap resamples.
+    """
+    pipe = load(pipe)
+    if quick:
+        n_images, seeds_per_prompt = min(n_images, QUICK_GUIDANCE_IMAGES), 1
+        steps = min(steps, QUICK_STEPS)
+        methods = QUICK_GUIDANCE_METHODS if tuple(methods) == GUIDANCE_METHODS else methods
+        initno_settings, schedule = initno_settings or QUICK_INITNO, schedule or QUICK_SCHEDULE
+    n_boot = QUICK_BOOTSTRAPS if quick else BOOTSTRAPS
+    prompts = study_prompts(sets, n_images, seeds_per_prompt)
+    seeds = [GUIDANCE_SEED + i for i in range(seeds_per_prompt)]
+    images = guided_images(pipe, prompts, seeds, _configurations(methods, initno), steps=steps,
+                           guidance_scale=guidance_scale, subject=subject, judge=judge, schedule=schedule,
+                           initno_settings=initno_settings, progress=progress, desc="guidance study")
+    versus = versus_baseline(images, "missing", n_boot=n_boot)
+    summary = _with_versus(outcome_summary(images, n_boot=n_boot), versus, "")
+    figures = {"guidance_missing": plots.outcome_rates(summary, ("missing",), baseline=BASELINE),
+               "guidance_overlap_vs_missing": plots.overlap_vs_outcome(summary)}
+    return GuidanceStudy(images, summary, versus, figures, _save(figures, out))
+
+
+def guidance_headline(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per (method, initno), lowest missing rate first: missing rate (CI), difference from A&E (paired CI) and its
+    verdict, overlap at step 10 and at the end, quality, seconds per image. The pooled row answers the question."""
+    columns = ["method", "initno", "n", "missing_rate", "missing_ci_low", "missing_ci_high", f"diff_vs_{BASELINE}",
+               "diff_ci_low", "diff_ci_high", "verdict", "soft_iou_t10", "soft_iou_end", f"iou_t10_diff_vs_{BASELINE}",
+               "intensity_mean_t10", "quality", "seconds_per_image"]
+    if summary.empty:
+        return pd.DataFrame(columns=columns)
+    return summary[columns].sort_values(["missing_rate", "method"], kind="stable").reset_index(drop=True)
+
+
+# -- self-cross study ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SelfCrossStudy:
+    """``images``: one row per image; ``summary``: mixing and missing rates per method with intervals."""
+
+    images: pd.DataFrame
+    summary: pd.DataFrame
+    figures: dict = field(default_factory=dict)
+    paths: dict[str, Path] = field(default_factory=dict)
+
+
+def self_cross_study(pipe, n_images: int = SELF_CROSS_IMAGES, steps: int = STEPS, quick: bool = False,
+                     out: str | Path | None = None, methods: Sequence[str] = SELF_CROSS_METHODS,
+                     progress: bool = True, *, seeds_per_prompt: int = GUIDANCE_SEEDS_PER_PROMPT,
+                     subject: Subject = "noun", judge: Judge = exact_judge,
+                     guidance_scale: float = GUIDANCE, schedule: Schedule | None = None) -> SelfCrossStudy:
+    """Subject mixing on similar subjects (Self-Cross guidance's claim): "a red circle and an orange ellipse".
+
+    Prompts of ``shapes-similar`` × seeds, each method without INITNO, through :func:`guided_images`. Per method:
+    the rate of images with any subject judged "mixed" (a blend or swapped attributes) and with any subject missing,
+    each with a bootstrap interval, and the paired difference of the mixing rate from A&E. ``quick``: at most 4
+    images (4 prompts, one seed), at most 20 steps, at most 5 refinement iterations, 200 bootstrap resamples.
+    """
+    pipe = load(pipe)
+    if quick:
+        n_images, seeds_per_prompt, steps = min(n_images, QUICK_SELF_CROSS_IMAGES), 1, min(steps, QUICK_STEPS)
+        schedule = schedule or QUICK_SCHEDULE
+    n_boot = QUICK_BOOTSTRAPS if quick else BOOTSTRAPS
+    prompts = study_prompts([SIMILAR_SET], n_images, seeds_per_prompt)
+    seeds = [SELF_CROSS_SEED + i for i in range(seeds_per_prompt)]
+    images = guided_images(pipe, prompts, seeds, _configurations(methods, (False,)), steps=steps,
+                           guidance_scale=guidance_scale, subject=subject, judge=judge, schedule=schedule,
+                           progress=progress, desc="self-cross study")
+    summary = outcome_summary(images, ("mixed", "missing"), pooled=(), n_boot=n_boot)
+    summary = _with_versus(summary, versus_baseline(images, "mixed", pooled=(), n_boot=n_boot), "mixed_")
+    figures = {"self_cross_mixing": plots.outcome_rates(summary, ("mixed", "missing"), baseline=BASELINE)}
+    return SelfCrossStudy(images, summary, figures, _save(figures, out))
+
+
+def self_cross_headline(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per method, least mixing first: mixing and missing rates (CIs), mixing minus A&E's (paired CI), overlap."""
+    columns = ["method", "n", "mixed_rate", "mixed_ci_low", "mixed_ci_high", "missing_rate", "missing_ci_low",
+               "missing_ci_high", f"mixed_diff_vs_{BASELINE}", "mixed_diff_ci_low", "mixed_diff_ci_high",
+               "mixed_verdict", "soft_iou_t10", "self_cross_t10", "quality", "seconds_per_image"]
+    if summary.empty:
+        return pd.DataFrame(columns=columns)
+    return summary[columns].sort_values(["mixed_rate", "method"], kind="stable").reset_index(drop=True)
+
+
+# -- editing study -------------------------------------------------------------------------------------------------
+
+EDIT_SEEDS = 20
+QUICK_EDIT_SEEDS = 1
+QUICK_EDIT_FRACTIONS = (DEFAULT_FRACTION,)
+EDIT_KEYS = ["edit", "origin", "inject", "layer_set", "fraction"]
+HEADLINE_LAYER_SETS = ("<=32²", "all")  # FPE's layer set first
+
+
+@dataclass
+class EditStudy:
+    """``results``: :func:`probe.edit.study`'s rows; ``summary``: one row per edit × origin × inject × layer set ×
+    fraction."""
+
+    results: pd.DataFrame
+    summary: pd.DataFrame
+    figures: dict = field(default_factory=dict)
+    paths: dict[str, Path] = field(default_factory=dict)
+
+
+def edit_summary(results: pd.DataFrame, n_boot: int = BOOTSTRAPS, seed: int = 0) -> pd.DataFrame:
+    """Aggregate :func:`probe.edit.study`: success rate (bootstrap CI), structure IoU and displacement (means over
+    edits where the objects were found), leak rate and the share of sources that show their own prompt."""
+    rows = []
+    for key, frame in results.groupby(EDIT_KEYS, sort=False, dropna=False):
+        rate, low, high = mean_interval(frame.success.astype(float), n_boot, seed=seed)
+        leaked = frame.leaked.astype("Float64").astype(float)
+        rows.append({**dict(zip(EDIT_KEYS, key)), "n": len(frame), "success_rate": rate, "success_ci_low": low,
+                     "success_ci_high": high, "iou": float(frame.iou.mean()),
+                     "displacement": float(frame.displacement.mean()),
+                     "leaked_rate": float(leaked.mean()) if leaked.notna().any() else math.nan,
+                     "source_present_rate": float(frame.source_present.astype(float).mean())})
+    return pd.DataFrame(rows, columns=[*EDIT_KEYS, "n", "success_rate", "success_ci_low", "success_ci_high", "iou",
+                                       "displacement", "leaked_rate", "source_present_rate"])
+
+
+def edit_study(pipe, n_seeds: int = EDIT_SEEDS, steps: int = STEPS, quick: bool = False,
+               out: str | Path | None = None, steps_fractions: Sequence[float] = STEPS_FRACTIONS,
+               progress: bool = True) -> EditStudy:
+    """Free-Prompt-Editing's claim on the shapes world (:func:`probe.edit.study`), aggregated and drawn.
+
+    Colour and shape edits of generated and of rendered (DDIM-inverted) sources; self- vs cross-attention injection
+    vs none, per injected fraction of the steps and layer set. ``quick``: one seed, fraction 0.8 only, at most 20
+    steps, 200 bootstrap resamples.
+    """
+    pipe = load(pipe)
+    if quick:
+        n_seeds, steps, steps_fractions = min(n_seeds, QUICK_EDIT_SEEDS), min(steps, QUICK_STEPS), QUICK_EDIT_FRACTIONS
+    results = edit_sweep(pipe, n_seeds=n_seeds, steps_fractions=steps_fractions, num_inference_steps=steps,
+                         progress=progress)
+    summary = edit_summary(results, QUICK_BOOTSTRAPS if quick else BOOTSTRAPS)
+    figures = {"edit_success": plots.edit_success(summary)}
+    return EditStudy(results, summary, figures, _save(figures, out))
+
+
+def edit_headline(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per edit, origin and injection: the row at FPE's setting (fraction closest to 0.8, layers with ≤ 32² queries
+    where the model has such a set); "none" is its single row."""
+    rows = []
+    for (_, _, inject), frame in summary.groupby(["edit", "origin", "inject"], sort=False):
+        if inject != "none":
+            gap = (frame.fraction - DEFAULT_FRACTION).abs()
+            frame = frame[gap == gap.min()]
+            preferred = [s for s in HEADLINE_LAYER_SETS if s in set(frame.layer_set)]
+            frame = frame[frame.layer_set == (preferred[0] if preferred else frame.layer_set.iloc[0])]
+        rows.append(frame.iloc[0])
+    return pd.DataFrame(rows, columns=summary.columns).reset_index(drop=True)
+
+
+# -- everything ----------------------------------------------------------------------------------------------------
+
+STUDIES = ("probe", "overlap", "editing", "guidance", "self_cross")
+
+
+def _write_tables(tables: dict[str, pd.DataFrame], out: Path) -> None:
+    for name, table in tables.items():
+        table.to_csv(out / f"{name}.csv", index=False)
+
+
+def run_all(pipe, quick: bool = False, out: str | Path = "figures", sizes: dict[str, dict] | None = None,
+            progress: bool = True) -> dict[str, pd.DataFrame]:
+    """Every study from its fixed seeds; every figure (PNG) and table (CSV) into ``out``; the headline tables.
+
+    Studies: linear probes, overlap vs missing, editing, guidance, self-cross mixing. ``quick`` runs each at its
+    quick size with :data:`QUICK_STEPS` steps. ``sizes``: per study (a name of :data:`STUDIES`), keyword arguments
+    that override its defaults, e.g. ``{"guidance": {"n_images": 2, "steps": 3}}``. Returns the headline table of
+    each study and ``timing`` (seconds per study), which are written as ``headline_<study>.csv`` and ``timing.csv``.
+    """
+    pipe = load(pipe)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = dict(sizes or {})
+    unknown = set(sizes) - set(STUDIES)
+    if unknown:
+        raise ValueError(f"unknown studies in sizes: {sorted(unknown)}; known: {list(STUDIES)}")
+
+    def kwargs(name: str) -> dict:
+        return {"quick": quick, "out": out, "progress": progress, **({"steps": QUICK_STEPS} if quick else {}),
+                **sizes.get(name, {})}
+
+    headlines, timing = {}, []
+    for name in STUDIES:
+        start = time.perf_counter()
+        if name == "probe":
+            study = probe_study(pipe, **kwargs(name))
+            tables = {"probe_labels": study.labels, "probe_accuracy": study.accuracy}
+            headlines[name] = probe_headline(study.accuracy)
+        elif name == "overlap":
+            study = overlap_study(pipe, **kwargs(name))
+            tables = {"overlap_metrics": study.metrics, "overlap_association": study.association}
+            headlines[name] = overlap_headline(study.association)
+        elif name == "editing":
+            study = edit_study(pipe, **kwargs(name))
+            tables = {"edit_results": study.results, "edit_summary": study.summary}
+            headlines[name] = edit_headline(study.summary)
+        elif name == "guidance":
+            study = guidance_study(pipe, **kwargs(name))
+            tables = {"guidance_images": study.images, "guidance_summary": study.summary,
+                      "guidance_versus_ae": study.versus_ae}
+            headlines[name] = guidance_headline(study.summary)
+        else:
+            study = self_cross_study(pipe, **kwargs(name))
+            tables = {"self_cross_images": study.images, "self_cross_summary": study.summary}
+            headlines[name] = self_cross_headline(study.summary)
+        _write_tables({**tables, f"headline_{name}": headlines[name]}, out)
+        plt.close("all")
+        timing.append({"study": name, "seconds": time.perf_counter() - start})
+    headlines["timing"] = pd.DataFrame(timing)
+    _write_tables({"timing": headlines["timing"]}, out)
+    return headlines

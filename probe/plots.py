@@ -177,3 +177,119 @@ def overlap_examples(examples):
                 panel.title.set_fontsize(7)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     return fig
+
+
+# -- guidance, self-cross and editing studies (probe.experiments) ----------------------------------------------------
+
+INITNO_LABELS = {False: "seed noise", True: "INITNO"}
+INITNO_MARKERS = {False: "o", True: "s"}
+
+
+def _error(table: pd.DataFrame, value: str, low: str, high: str) -> np.ndarray:
+    """Asymmetric error bars (2, n) from interval columns; NaN intervals draw no bar."""
+    return np.clip(np.nan_to_num([table[value] - table[low], table[high] - table[value]]), 0, None)
+
+
+def outcome_rates(summary: pd.DataFrame, outcomes=("missing",), baseline: str | None = "ae"):
+    """Per outcome a panel: its rate per method with the bootstrap 95% interval, seed noise vs INITNO side by side.
+
+    ``summary``: :func:`probe.experiments.outcome_summary`'s table (``{outcome}_rate``, ``_ci_low``, ``_ci_high``).
+    The dashed line is the ``baseline`` method's rate without INITNO.
+    """
+    methods = list(dict.fromkeys(summary.method))
+    initnos = sorted(set(summary.initno))
+    colours = dict(zip(initnos, sns.color_palette(PALETTE, max(len(initnos), 1))))
+    fig, axes = plt.subplots(1, len(outcomes), squeeze=False, sharey=True,
+                             figsize=(max(3.5, 0.55 * len(methods) + 1.5) * len(outcomes), 3.4))
+    width = 0.6 / max(len(initnos), 1)
+    for ax, outcome in zip(axes[0], outcomes):
+        rate, low, high = f"{outcome}_rate", f"{outcome}_ci_low", f"{outcome}_ci_high"
+        for k, initno in enumerate(initnos):
+            part = summary[summary.initno == initno]
+            x = np.array([methods.index(m) for m in part.method]) + (k - (len(initnos) - 1) / 2) * width
+            ax.errorbar(x, part[rate], yerr=_error(part, rate, low, high), fmt=INITNO_MARKERS.get(initno, "o"),
+                        ms=5, lw=1.2, capsize=3, color=colours[initno], label=INITNO_LABELS.get(initno, str(initno)))
+        base = summary[(summary.method == baseline) & ~summary.initno.astype(bool)]
+        if len(base):
+            ax.axhline(base[rate].iloc[0], **CHANCE_STYLE)
+        ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right", fontsize=8)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylabel(f"images with a subject {outcome}")
+        ax.set_title(f"{outcome} (95% bootstrap CI)", fontsize=9)
+        sns.despine(ax=ax)
+    if len(initnos) > 1:
+        axes[0, 0].legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def overlap_vs_outcome(summary: pd.DataFrame, outcome: str = "missing", metric: str = "soft_iou_t10"):
+    """Mean overlap early in denoising vs the rate of ``outcome``, one point per (method, initno) with its interval:
+    if lowering overlap lowers missing, the points rise from left to right."""
+    fig, ax = plt.subplots(figsize=(4.8, 3.8))
+    methods = list(dict.fromkeys(summary.method))
+    colours = dict(zip(methods, sns.color_palette(PALETTE, len(methods))))
+    rate = f"{outcome}_rate"
+    for _, row in summary.iterrows():
+        one = row.to_frame().T
+        ax.errorbar(row[metric], row[rate], yerr=_error(one, rate, f"{outcome}_ci_low", f"{outcome}_ci_high"),
+                    fmt=INITNO_MARKERS.get(bool(row.initno), "o"), ms=6, capsize=3, color=colours[row.method])
+        label = f"{row.method}{' +INITNO' if row.initno else ''}"
+        ax.annotate(label, (row[metric], row[rate]), xytext=(4, 4), textcoords="offset points", fontsize=7)
+    ax.set_xlabel(f"mean {metric.replace('_t10', '')} at step 10 (of 50)")
+    ax.set_ylabel(f"images with a subject {outcome}")
+    ax.set_ylim(-0.02, 1.02)
+    sns.despine(ax=ax)
+    fig.tight_layout()
+    return fig
+
+
+def edit_success(summary: pd.DataFrame):
+    """Editing: success rate (with interval) and structure IoU per injected fraction of the steps; one line per
+    injection × layer set, rows edit kinds, columns metric × origin; the dashed line is no injection."""
+    edits = list(dict.fromkeys(summary.edit))
+    origins = list(dict.fromkeys(summary.origin))
+    metrics = (("success_rate", "success rate"), ("iou", "structure IoU"))
+    panels = [(m, o) for m in metrics for o in origins]
+    injected = summary[summary.inject != "none"]
+    lines = list(dict.fromkeys(zip(injected.inject, injected.layer_set)))
+    colours = dict(zip(lines, sns.color_palette(PALETTE, max(len(lines), 1))))
+    fig, axes = plt.subplots(max(len(edits), 1), max(len(panels), 1), squeeze=False, sharey=True,
+                             figsize=(2.8 * max(len(panels), 1), 2.4 * max(len(edits), 1) + 0.4))
+    for row, edit in enumerate(edits):
+        for col, ((metric, label), origin) in enumerate(panels):
+            ax = axes[row, col]
+            part = summary[(summary.edit == edit) & (summary.origin == origin)]
+            for inject, layer_set in lines:
+                sub = part[(part.inject == inject) & (part.layer_set == layer_set)].sort_values("fraction")
+                yerr = (_error(sub, metric, "success_ci_low", "success_ci_high") if metric == "success_rate"
+                        else None)
+                ax.errorbar(sub.fraction, sub[metric], yerr=yerr, marker="o", ms=3, lw=1, capsize=2,
+                            color=colours[inject, layer_set],
+                            label=f"{inject} · {layer_set}" if row == col == 0 else None)
+            none = part[part.inject == "none"]
+            if len(none):
+                ax.axhline(none[metric].iloc[0], **CHANCE_STYLE, label="none" if row == col == 0 else None)
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_xlim(0, 1.05)
+            ax.set_title(f"{edit} · {origin} · {label}", fontsize=8)
+            if row == len(edits) - 1:
+                ax.set_xlabel("injected fraction of steps")
+            sns.despine(ax=ax)
+    if lines:
+        fig.legend(loc="upper center", ncol=min(len(lines) + 1, 4), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))
+    return fig
+
+
+def image_row(images: dict, title: str | None = None, size: float = 2.2):
+    """Images side by side, each titled with its key (e.g. method → image). PIL images or H×W×3 arrays."""
+    fig, axes = plt.subplots(1, max(len(images), 1), squeeze=False, figsize=(size * max(len(images), 1), size + 0.4))
+    for ax, (name, image) in zip(axes[0], images.items()):
+        ax.imshow(np.asarray(image))
+        ax.set_title(str(name), fontsize=8)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig

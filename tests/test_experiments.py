@@ -5,22 +5,47 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from sklearn.metrics import roc_auc_score
 
 from probe.experiments import (
     ALL_METRICS,
+    EDIT_KEYS,
+    GUIDANCE_SETS,
     METRICS,
+    NO_GUIDANCE_SCHEDULE,
+    POOLED,
     PROBE_TARGETS,
+    SELF_CROSS_METHODS,
+    STUDIES,
+    RealPassMaps,
     auc_interval,
+    edit_headline,
+    edit_study,
+    guidance_headline,
+    guidance_study,
+    mean_interval,
     missing_association,
+    nearest_grid,
     overlap_headline,
+    overlap_steps,
     overlap_study,
     position_bin,
     probe_headline,
     probe_study,
+    run_all,
+    scaled_schedule,
+    self_cross_headline,
+    self_cross_study,
+    versus_baseline,
 )
-from probe.probes import COLUMNS
+from probe.guide import InitNO, Schedule, generate
+from probe.models import Layer, attention_layers
+from probe.probes import COLUMNS, attn_tensor
+from probe.record import record
+from probe.shapes.judge import parse_prompt
 from probe.shapes.world import COLOURS, SHAPES
+from probe.tap import Call
 
 STEPS = 3
 
@@ -98,3 +123,164 @@ def test_overlap_study_quick(tiny, tmp_path):
     assert all(e.missing or e.all_present for e in study.examples)
     for name in ("overlap_auc", "overlap_examples"):
         assert (tmp_path / f"{name}.png").stat().st_size > 0
+
+
+# -- guidance, self-cross, editing, everything -------------------------------------------------------------------------
+
+CHEAP = Schedule(max_refinement=2)  # A&E's schedule with at most two refinement iterations (a random model never
+SHORT_INITNO = InitNO(rounds=1, steps=1, final_steps=1)  # reaches the thresholds)
+RATE_COLUMNS = ("rate", "ci_low", "ci_high")
+
+
+def _parity_judge(image, prompt):
+    """A stand-in judge with every outcome on a random model: by pixel-sum parity the last subject is missing and
+    the first mixed, so mixing and missing both vary."""
+    total = int(image.sum())
+    statuses = ["present"] * len(parse_prompt(prompt))
+    if total % 2:
+        statuses[-1] = "missing"
+    if total // 2 % 2:
+        statuses[0] = "mixed"
+    return [SimpleNamespace(status=s, detection=None) for s in statuses]
+
+
+def _check_rates(summary: pd.DataFrame, outcome: str) -> None:
+    rate, low, high = (summary[f"{outcome}_{c}"] for c in RATE_COLUMNS)
+    assert rate.between(0, 1).all()
+    assert (low <= rate + 1e-12).all() and (rate <= high + 1e-12).all()
+
+
+def test_scaled_schedule_and_overlap_steps():
+    assert scaled_schedule(50) == Schedule()
+    assert dict(scaled_schedule(20).thresholds) == {0: 0.05, 4: 0.5, 8: 0.8}
+    assert dict(scaled_schedule(2).thresholds) == {0: 0.05, 1: 0.8}  # 0 and 10 land on 0: the stricter stays
+    assert scaled_schedule(20, CHEAP).max_refinement == 2
+    assert overlap_steps(50) == {"t10": 10, "end": 49} and overlap_steps(4) == {"t10": 1, "end": 3}
+
+
+def test_real_pass_maps_keep_the_last_pass_of_a_step():
+    layer = Layer("a.attn2", "cross", (2, 2), 2)
+    capture = RealPassMaps([layer], steps=[3], cfg=False)
+    call = Call(layer, step=3, timestep=1.0, cfg=False, batch=1)
+    assert capture.wants(call) and not capture.wants(Call(layer, 4, 1.0, False, 1))
+    assert not capture.wants(Call(layer, 3, 1.0, True, 2))  # the other kind of pass
+    for value in (1.0, 3.0):  # two passes at step 3 (a guidance pass, then the real one)
+        capture.on_probs(call, torch.full((1, 2, 4, 5), value))
+    torch.testing.assert_close(capture.maps[3]["cross"], torch.full((4, 5), 3.0))
+
+
+def test_real_pass_maps_equal_the_recorded_maps(tiny):
+    """Unguided, the maps the guidance study reads are the layer-and-head mean maps that ``record`` keeps."""
+    prompt, steps, seed = "a red circle and a blue square", 3, 5
+    grid = nearest_grid(tiny)
+    layers = [layer for layer in attention_layers(tiny) if layer.grid[0] == grid]
+    capture = RealPassMaps(layers, steps=[0, 2], cfg=True)
+    generate(tiny, prompt, subjects=["circle", "square"], seed=seed, steps=steps, schedule=NO_GUIDANCE_SCHEDULE,
+             consumers=[capture], progress=False, output_type="np")
+    tree = record(tiny, prompt, seeds=[seed], steps=steps, layers=[grid], keep_steps=[0, 2], progress=False)
+    cross, _ = attn_tensor(tree["cross"][f"res{grid}"])
+    selfattn, _ = attn_tensor(tree["self"][f"res{grid}"])
+    for j, step in enumerate((0, 2)):
+        found = capture.maps[step]
+        tokens = cross.shape[-1]
+        torch.testing.assert_close(found["cross"].reshape(grid, grid, -1)[..., :tokens], cross[0, j].mean(0),
+                                   atol=2e-3, rtol=0)
+        torch.testing.assert_close(found["self"].reshape(grid, grid, grid, grid), selfattn[0, j].mean(0),
+                                   atol=2e-3, rtol=0)
+
+
+def test_paired_difference_and_pooled_family_on_planted_data():
+    n = 30
+    rows = [{"method": m, "initno": False, "prompt": f"p{i}", "seed": 0, "missing": m == "ae",
+             "soft_iou_t10": 0.5 if m == "ae" else 0.2} for i in range(n) for m in ("ae", "iou", "kl", "none")]
+    table = versus_baseline(pd.DataFrame(rows), n_boot=200).set_index("method")
+    assert set(table.index) == {"iou", "kl", "none", POOLED}
+    assert table.loc["iou", "difference"] == -1 and table.loc["iou", "ci_high"] == -1
+    assert table.loc[POOLED, "verdict"] == "less missing than ae"
+    assert table.loc["iou", "overlap_difference"] == pytest.approx(-0.3)
+    rate, low, high = mean_interval(np.arange(10) < 3, n_boot=500)
+    assert rate == pytest.approx(0.3) and 0 <= low < 0.3 < high <= 0.7
+
+
+def test_guidance_study_quick(tiny, tmp_path):
+    study = guidance_study(tiny, n_images=2, steps=STEPS, quick=True, out=tmp_path, schedule=CHEAP,
+                           initno_settings=SHORT_INITNO, progress=False)
+    images, summary = study.images, study.summary
+    configs = {("none", False), ("ae", False), ("ae", True), ("iou", False), ("iou", True)}  # no INITNO for none
+    assert set(zip(images.method, images.initno)) == configs and len(images) == 2 * len(configs)
+    assert set(images.set) == set(GUIDANCE_SETS)
+    assert (images.n_subjects == [len(parse_prompt(p)) for p in images.prompt]).all()
+    assert (images.missing == (images.n_missing > 0)).all() and (images.n_missing <= images.n_subjects).all()
+    for at in ("t10", "end"):
+        values = images[[f"{m}_{at}" for m in (*METRICS, "intensity_mean")]].to_numpy()
+        assert np.isfinite(values).all()
+        assert images[f"soft_iou_{at}"].between(0, 1).all() and images[f"com_distance_{at}"].between(0, 1).all()
+        assert (images[f"kl_sym_{at}"] >= 0).all() and (images[f"intensity_mean_{at}"] > 0).all()
+    for proxy in ("quality", "precision"):
+        assert images[proxy].dropna().between(0, 1).all()
+    assert (images.seconds > 0).all()
+    assert images[images.method == "none"].loss_start.isna().all()
+    assert images[images.method != "none"].loss_start.notna().all()
+    assert len(summary) == len(configs) and (summary.n == 2).all()
+    _check_rates(summary, "missing")
+    _check_rates(summary, "mixed")
+    rates = summary.set_index(["method", "initno"]).missing_rate
+    versus = study.versus_ae.set_index(["method", "initno"])
+    assert set(versus.index) == {("none", False), ("iou", False), ("iou", True)}
+    for key, row in versus.iterrows():
+        assert row.difference == pytest.approx(rates[key] - rates["ae", key[1]])
+        assert row.ci_low <= row.difference <= row.ci_high
+    assert summary.set_index("method").loc["ae", "verdict"].eq("baseline").all()
+    assert len(guidance_headline(summary)) == len(summary)
+    for name in ("guidance_missing", "guidance_overlap_vs_missing"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 0
+
+
+def test_self_cross_study_quick(tiny, tmp_path):
+    study = self_cross_study(tiny, n_images=2, steps=STEPS, quick=True, out=tmp_path, judge=_parity_judge,
+                             schedule=CHEAP, progress=False)
+    images, summary = study.images, study.summary
+    assert len(images) == 2 * len(SELF_CROSS_METHODS) and set(images.set) == {"shapes-similar"}
+    assert not images.initno.any() and images.quality.isna().all()  # the stand-in judge has no detections
+    assert list(summary.method) == list(SELF_CROSS_METHODS)
+    _check_rates(summary, "mixed")
+    _check_rates(summary, "missing")
+    headline = self_cross_headline(summary)
+    assert len(headline) == len(SELF_CROSS_METHODS) and "mixed_diff_vs_ae" in headline
+    assert (tmp_path / "self_cross_mixing.png").stat().st_size > 0
+
+
+def test_edit_study_quick(tiny, tmp_path):
+    study = edit_study(tiny, steps=2, quick=True, out=tmp_path, progress=False)
+    results, summary = study.results, study.summary
+    assert len(summary) == results.groupby(EDIT_KEYS, dropna=False).ngroups and (summary.n == 1).all()
+    assert summary.success_rate.between(0, 1).all()
+    assert (summary.success_ci_low <= summary.success_rate).all()
+    assert (summary.success_rate <= summary.success_ci_high).all()
+    assert summary.iou.dropna().between(0, 1).all() and (summary.displacement.dropna() >= 0).all()
+    headline = edit_headline(summary)
+    assert len(headline) == 2 * 2 * 3  # edits × origins × (self, cross, none)
+    assert set(headline[headline.inject != "none"].fraction) == {0.8}
+    assert set(headline[headline.inject != "none"].layer_set) == {"<=32²"}
+    assert (tmp_path / "edit_success.png").stat().st_size > 0
+
+
+def test_run_all_quick_writes_every_figure_and_table(tiny, tmp_path):
+    sizes = {"probe": {"steps": 3}, "overlap": {"steps": 3, "n_images": 4}, "editing": {"steps": 2},
+             "guidance": {"n_images": 2, "steps": 2, "methods": ("none", "iou"), "initno": (False,)},
+             "self_cross": {"n_images": 1, "steps": 2, "methods": ("none", "ae"), "schedule": CHEAP}}
+    headlines = run_all(tiny, quick=True, out=tmp_path, sizes=sizes, progress=False)
+    assert list(headlines) == [*STUDIES, "timing"]
+    assert all(len(headlines[name]) for name in STUDIES)
+    figures = ("probe_accuracy", "overlap_auc", "overlap_examples", "edit_success", "guidance_missing",
+               "guidance_overlap_vs_missing", "self_cross_mixing")
+    tables = ("probe_labels", "probe_accuracy", "overlap_metrics", "overlap_association", "edit_results",
+              "edit_summary", "guidance_images", "guidance_summary", "guidance_versus_ae", "self_cross_images",
+              "self_cross_summary", "timing", *(f"headline_{name}" for name in STUDIES))
+    for name in figures:
+        assert (tmp_path / f"{name}.png").stat().st_size > 0
+    for name in tables:
+        assert (tmp_path / f"{name}.csv").stat().st_size > 0
+    assert len(pd.read_csv(tmp_path / "guidance_images.csv")) == 2 * 2
+    with pytest.raises(ValueError, match="unknown studies"):
+        run_all(tiny, quick=True, out=tmp_path, sizes={"nope": {}})

@@ -53,6 +53,8 @@ def test_training_runs_resumes_and_exports(tmp_path):
     second = train(tmp_path / "run", minutes=0.05, resume=True, cfg=cfg)
     assert second.step > first.step and second.vae_step == first.vae_step
     folder = export(second, tmp_path / "model")
+    warm = train(tmp_path / "warm", minutes=0.02, cfg=cfg, init_from=folder)
+    assert warm.step > second.step and warm.scaling == pytest.approx(second.scaling)
     pipe = StableDiffusionPipeline.from_pretrained(folder)
     assert pipe.vae.config.scaling_factor == pytest.approx(second.scaling)
     image = pipe("a red circle", num_inference_steps=2, output_type="np",

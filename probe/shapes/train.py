@@ -227,8 +227,33 @@ class Trainer:
         )
 
 
-def train(out: str | Path, minutes: float, resume: bool = False, cfg: TrainConfig | None = None) -> Trainer:
-    """Train for ``minutes`` of wall time, checkpointing to ``out``; ``resume`` continues."""
+def warm_start(trainer: Trainer, folder: str | Path) -> None:
+    """Start from an exported model (``data/models/shapes``): its weights, scaling and step count.
+
+    The optimiser state is not exported, so AdamW restarts (with its warm-up); everything else
+    continues where the exported model stopped.
+    """
+    import json
+
+    from diffusers import StableDiffusionPipeline
+
+    folder = Path(folder)
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    record = json.loads((folder / "training.json").read_text())
+    for live, ema, source in ((trainer.unet, trainer.ema_unet, pipe.unet), (trainer.text, trainer.ema_text,
+                                                                           pipe.text_encoder)):
+        live.load_state_dict(source.state_dict())
+        ema.load_state_dict(source.state_dict())
+    trainer.vae.load_state_dict(pipe.vae.state_dict())
+    trainer.scaling = float(pipe.vae.config.scaling_factor)
+    trainer.stage, trainer.step, trainer.vae_step = "unet", record["unet_steps"], record["vae_steps"]
+    trainer.minutes, trainer.losses = record.get("minutes", 0.0), [tuple(x) for x in record["loss_curve"]]
+
+
+def train(out: str | Path, minutes: float, resume: bool = False, cfg: TrainConfig | None = None,
+          init_from: str | Path | None = None) -> Trainer:
+    """Train for ``minutes`` of wall time, checkpointing to ``out``; ``resume`` continues a checkpoint,
+    ``init_from`` starts from an exported model folder instead of from scratch."""
     cfg = cfg or TrainConfig()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -237,6 +262,8 @@ def train(out: str | Path, minutes: float, resume: bool = False, cfg: TrainConfi
         trainer.load()
     elif trainer.ckpt.exists():
         raise FileExistsError(f"{trainer.ckpt} exists: pass resume=True (--resume) to continue it")
+    elif init_from is not None:
+        warm_start(trainer, init_from)
     trainer.run(minutes)
     return trainer
 
