@@ -216,7 +216,7 @@ def parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_figures)
 
     st = sub.add_parser("study", help="run one study")
-    st.add_argument("name", choices=["probes", "overlap", "edit", "guidance", "self-cross"])
+    st.add_argument("name", choices=["probe", "overlap", "editing", "guidance", "self_cross"])
     st.add_argument("--model", default=None)
     st.add_argument("--quick", action="store_true")
     st.add_argument("--out", default="figures")

@@ -930,28 +930,29 @@ def _write_tables(tables: dict[str, pd.DataFrame], out: Path) -> None:
 
 
 def run_all(pipe, quick: bool = False, out: str | Path = "figures", sizes: dict[str, dict] | None = None,
-            progress: bool = True) -> dict[str, pd.DataFrame]:
+            progress: bool = True, only: Sequence[str] | None = None) -> dict[str, pd.DataFrame]:
     """Every study from its fixed seeds; every figure (PNG) and table (CSV) into ``out``; the headline tables.
 
     Studies: linear probes, overlap vs missing, editing, guidance, self-cross mixing. ``quick`` runs each at its
     quick size with :data:`QUICK_STEPS` steps. ``sizes``: per study (a name of :data:`STUDIES`), keyword arguments
-    that override its defaults, e.g. ``{"guidance": {"n_images": 2, "steps": 3}}``. Returns the headline table of
+    that override its defaults, e.g. ``{"guidance": {"n_images": 2, "steps": 3}}``. ``only``: run just these
+    studies. Returns the headline table of
     each study and ``timing`` (seconds per study), which are written as ``headline_<study>.csv`` and ``timing.csv``.
     """
     pipe = load(pipe)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sizes = dict(sizes or {})
-    unknown = set(sizes) - set(STUDIES)
+    unknown = (set(sizes) | set(only or ())) - set(STUDIES)
     if unknown:
-        raise ValueError(f"unknown studies in sizes: {sorted(unknown)}; known: {list(STUDIES)}")
+        raise ValueError(f"unknown studies {sorted(unknown)}; known: {list(STUDIES)}")
 
     def kwargs(name: str) -> dict:
         return {"quick": quick, "out": out, "progress": progress, **({"steps": QUICK_STEPS} if quick else {}),
                 **sizes.get(name, {})}
 
     headlines, timing = {}, []
-    for name in STUDIES:
+    for name in [s for s in STUDIES if only is None or s in only]:
         start = time.perf_counter()
         if name == "probe":
             study = probe_study(pipe, **kwargs(name))

@@ -97,6 +97,110 @@ NOTEBOOKS = {
         new_markdown_cell("One row per image and step: every statistic, the judge's statuses and the outcome."),
         new_code_cell("study.metrics.head()"),
     ],
+    "04_editing.ipynb": [
+        new_markdown_cell(
+            "# Editing by attention injection\n\n"
+            "Free-Prompt-Editing's claim: self-attention carries *where/shape*, cross-attention *what*. Source and "
+            "target run as one batch from the same noise; the target's self-attention (FPE), or its "
+            "cross-attention (prompt-to-prompt's word swap), is replaced by the source's during the first 80% of "
+            "the steps. With self-injection the object should keep its place and shape and take the new colour."
+        ),
+        new_code_cell(SETUP),
+        new_code_cell(
+            "from probe.edit import compare, edit\n"
+            "from probe.plots import image_row\n\n"
+            'source, target = "a red circle", "a blue circle"\n'
+            "edits = {inject: edit(pipe, source, target, seed=0, inject=inject, num_inference_steps=STEPS)\n"
+            '         for inject in ("self", "cross", "none")}\n'
+            'image_row({f"source: {source}": edits["none"].source,\n'
+            '           **{f"{inject} → {target}": e.edited for inject, e in edits.items()}});'
+        ),
+        new_markdown_cell("The judge's verdict on each edit (success: the target is present; IoU: structure kept):"),
+        new_code_cell(
+            "import pandas as pd\n\n"
+            "pd.DataFrame({inject: compare(e.source, e.edited, source, target) for inject, e in edits.items()}).T"
+        ),
+        new_markdown_cell(
+            "The study: colour and shape edits of generated and of rendered (DDIM-inverted) sources, per injection, "
+            "injected fraction of the steps and layer set; the headline is FPE's setting (0.8, layers ≤ 32²)."
+        ),
+        new_code_cell(
+            "from probe.experiments import edit_headline, edit_study\n\n"
+            "study = edit_study(pipe, steps=STEPS, quick=QUICK)  # 20 seeds (1 when quick)\n"
+            "edit_headline(study.summary)"
+        ),
+        new_code_cell('study.figures["edit_success"]'),
+    ],
+    "05_guided_generation.ipynb": [
+        new_markdown_cell(
+            "# Guided generation: does lowering overlap lower entity missing?\n\n"
+            "Attend-and-Excite (`ae`) excites each subject's attention peak; the overlap objectives (`iou`, `com`, "
+            "`kl`, `cc`, `self_cross`, `ai_t2i`) push the subjects' maps apart. All run through the pipeline's own "
+            "`callback_on_step_end`; `none` is the same code path with no guidance."
+        ),
+        new_code_cell(SETUP),
+        new_code_cell(
+            "from probe.experiments import NO_GUIDANCE_SCHEDULE\n"
+            "from probe.guide import generate\n"
+            "from probe.plots import image_row\n\n"
+            'prompt, subjects = "a red circle and a blue square", ["circle", "square"]\n'
+            "runs = {method: generate(pipe, prompt, subjects=subjects, objective=method, seed=0, steps=STEPS,\n"
+            '                         progress=False) for method in ("ae", "iou")}\n'
+            'runs = {"none": generate(pipe, prompt, subjects=subjects, seed=0, steps=STEPS, progress=False,\n'
+            "                         schedule=NO_GUIDANCE_SCHEDULE), **runs}\n"
+            "image_row({method: run.images[0] for method, run in runs.items()}, prompt);"
+        ),
+        new_markdown_cell("Each guided step's loss (after refinement, before its gradient step):"),
+        new_code_cell(
+            "import matplotlib.pyplot as plt\n\n"
+            "fig, axes = plt.subplots(1, 2, figsize=(7, 2.6))\n"
+            'for ax, method in zip(axes, ("ae", "iou")):\n'
+            "    history = runs[method].history\n"
+            '    ax.plot(history.step, history.loss, marker="o")\n'
+            '    ax.set(title=method, xlabel="step", ylabel="loss")\n'
+            "fig.tight_layout()\n"
+            'runs["ae"].history'
+        ),
+        new_markdown_cell(
+            "The study: two- and three-object prompts × seeds, every method without and with INITNO. Missing rate "
+            "with a bootstrap 95% interval, and each method's missing rate minus A&E's on the same prompts and "
+            "seeds (paired interval); the pooled row asks whether the overlap objectives, as a family, beat A&E."
+        ),
+        new_code_cell(
+            "from probe.experiments import guidance_headline, guidance_study\n\n"
+            "study = guidance_study(pipe, steps=STEPS, quick=QUICK)  # 600 images per method (4 when quick)\n"
+            "guidance_headline(study.summary)"
+        ),
+        new_code_cell('study.figures["guidance_missing"]'),
+        new_code_cell('study.figures["guidance_overlap_vs_missing"]'),
+    ],
+    "06_self_cross.ipynb": [
+        new_markdown_cell(
+            "# Subject mixing on similar subjects\n\n"
+            "Similar subjects (red/orange, blue/purple, circle/ellipse) tend to merge into one object that mixes "
+            "both. Self-Cross guidance penalises each subject's self-attention region covering the other's "
+            "cross-attention. The judge calls a subject *mixed* when an object blends or swaps two subjects' "
+            "attributes."
+        ),
+        new_code_cell(SETUP),
+        new_code_cell(
+            "from probe.experiments import NO_GUIDANCE_SCHEDULE\n"
+            "from probe.guide import generate\n"
+            "from probe.plots import image_row\n\n"
+            'prompt, subjects = "a blue circle and a purple ellipse", ["circle", "ellipse"]\n'
+            'methods = {"none": ("ae", NO_GUIDANCE_SCHEDULE), "ae": ("ae", None), "self_cross": ("self_cross", None)}\n'
+            "images = {method: generate(pipe, prompt, subjects=subjects, objective=objective, schedule=schedule,\n"
+            "                           seed=0, steps=STEPS, progress=False).images[0]\n"
+            "          for method, (objective, schedule) in methods.items()}\n"
+            "image_row(images, prompt);"
+        ),
+        new_code_cell(
+            "from probe.experiments import self_cross_headline, self_cross_study\n\n"
+            "study = self_cross_study(pipe, steps=STEPS, quick=QUICK)  # 320 images per method (4 when quick)\n"
+            "self_cross_headline(study.summary)"
+        ),
+        new_code_cell('study.figures["self_cross_mixing"]'),
+    ],
 }
 
 
