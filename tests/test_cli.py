@@ -46,3 +46,9 @@ def test_edit_writes_the_pair(tmp_path, capsys):
     assert main(["edit", "--model", "tiny", "--source", "a red circle", "--target", "a blue circle",
                  "--steps", "1.5", "--out", str(out)]) == 2
     assert "fraction" in capsys.readouterr().err
+
+
+def test_study_runs_one_study(tmp_path, capsys):
+    assert main(["study", "overlap", "--model", "tiny", "--quick", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "headline_overlap.csv").exists() and not (tmp_path / "headline_probe.csv").exists()
+    assert "== overlap ==" in capsys.readouterr().out
