@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from tensors import F64, grad_input, rand
 
 from probe.maps import (
     aggregate_self_attention,
@@ -16,26 +17,10 @@ from probe.maps import (
     token_softmax,
 )
 
-F64 = torch.float64
 AE_KERNEL = (0.212, 0.576, 0.212)  # diffusers A&E kernel, k=3, sigma=0.5, rounded to 3 decimals
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: extra intra-op threads only add contention (gradcheck 100x slower on a busy 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def rand(*shape: int, seed: int = 0, dtype: torch.dtype = F64) -> torch.Tensor:
-    """Positive values, distinct almost surely (no ties for min/max/argmax)."""
-    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64).add(0.1).to(dtype)
-
-
-def grad_input(*shape: int, seed: int = 0) -> torch.Tensor:
-    return rand(*shape, seed=seed).requires_grad_()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- normalize, token_map, token_softmax ------------------------------------------------------------------------

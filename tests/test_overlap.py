@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from tensors import F64, grad_input, rand
 
 from probe.overlap import (
     ae_loss,
@@ -23,26 +24,10 @@ from probe.overlap import (
     spread,
 )
 
-F64 = torch.float64
 DIRECTIONS = ("ab", "ba", "sym")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: extra intra-op threads only add contention (gradcheck 100x slower on a busy 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def rand(*shape: int, seed: int = 0, dtype: torch.dtype = F64) -> torch.Tensor:
-    """Positive values, distinct almost surely (no ties for min/max/argmax)."""
-    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64).add(0.1).to(dtype)
-
-
-def grad_input(*shape: int, seed: int = 0) -> torch.Tensor:
-    return rand(*shape, seed=seed).requires_grad_()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def box(top: int, left: int, height: int, width: int, size: tuple[int, int] = (4, 4)) -> torch.Tensor:
