@@ -14,6 +14,7 @@ $(BIN)/.installed: pyproject.toml
 .PHONY: demo test
 demo: $(BIN)/.installed
 	$(BIN)/probe demo --out runs/demo
+	$(BIN)/probe figures --quick --out runs/demo/figures
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check probe tests benchmarks scripts

@@ -211,6 +211,15 @@ def write_card(folder, metrics: dict, training: dict) -> str:
         for key, v in loc.get("per_grid", {}).items()
     )
     arch = training["arch"]
+    targets = [
+        ("judge accuracy per object ≥ 99%", metrics["judge_accuracy"], 0.99),
+        ("single object correct ≥ 90%", s["correct"], 0.90),
+        ("two objects both correct ≥ 50%", t["both_correct"], 0.50),
+        ("localisation IoU ≥ 0.5", loc.get("iou_best_grid", float("nan")), 0.5),
+    ]
+    status = "\n".join(f"| {name} | {value:.2f} | {'yes' if value >= bar else 'no'} |" for name, value, bar in targets)
+    speed = metrics["seconds_per_image_50_steps"]
+    status += f"\n| one image at 50 steps ≤ 2 s | {speed:.2f} s | {'yes' if speed <= 2 else 'no'} |"
     return f"""# The built-in shapes model
 
 A small text-to-image diffusion model trained by this project on the synthetic shapes world
@@ -234,6 +243,17 @@ or `StableDiffusionPipeline.from_pretrained("data/models/shapes")`, offline.
 {training['unet_steps']} steps at batch {training['batch_size']} on cached latents of 40,000 scenes, AdamW 1e-3,
 10% empty captions, EMA 0.995; {training.get('minutes', '?')} minutes on {training.get('device', 'cpu')}
 (a 2-core CPU shared with other work). Resumable from its checkpoint.
+
+## Targets
+
+| target | measured | met |
+|---|---|---|
+{status}
+
+Known failure modes (see the samples): at this stage of training the model draws blobs with the prompt's
+colours rather than clean shapes, and backgrounds are textured; second objects go missing and colours leak
+between objects. Training continues with `probe train-shapes --out runs/shapes --minutes M
+--init-from data/models/shapes` (or `--resume` from a checkpoint folder).
 
 ## Measured (held-out seeds from {HELD_OUT_SEED}, default sampler and guidance)
 | what | value |
