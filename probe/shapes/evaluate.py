@@ -234,7 +234,8 @@ or `StableDiffusionPipeline.from_pretrained("data/models/shapes")`, offline.
 - Text encoder `CLIPTextModel` width {arch['text_width']} with **{arch['text_layers']} transformer layers**
   (token + position embeddings only): with a causal encoder the end token and the padding carry the whole
   caption and cross-attention stops localising words. The project's own CLIP BPE tokenizer, 32 tokens.
-- `DDIMScheduler` (cosine betas, ε-prediction, trailing spacing), {metrics['steps']} steps, guidance
+- `DDIMScheduler` (cosine betas, ε-prediction, leading spacing: trailing spacing would start at ᾱ ≈ 2·10⁻⁹,
+  where an ε-prediction model cannot recover x₀), {metrics['steps']} steps, guidance
   {metrics['guidance_scale']} by default.
 
 ## Training
@@ -250,10 +251,10 @@ or `StableDiffusionPipeline.from_pretrained("data/models/shapes")`, offline.
 |---|---|---|
 {status}
 
-Known failure modes (see the samples): at this stage of training the model draws blobs with the prompt's
-colours rather than clean shapes, and backgrounds are textured; second objects go missing and colours leak
-between objects. Training continues with `probe train-shapes --out runs/shapes --minutes M
---init-from data/models/shapes` (or `--resume` from a checkpoint folder).
+Known failure modes (see the samples): at this stage of training shapes are often rough (squares with
+bulges, circles as blobs), colours drift to neighbours in the palette (red ↔ orange, green ↔ blue), second
+objects go missing and colours leak between objects. Training continues with
+`probe train-shapes --out runs/shapes --minutes M --init-from data/models/shapes` (or `--resume` from a checkpoint).
 
 ## Measured (held-out seeds from {HELD_OUT_SEED}, default sampler and guidance)
 | what | value |

@@ -98,5 +98,5 @@ def scheduler() -> DDIMScheduler:
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
-        timestep_spacing="trailing",
+        timestep_spacing="leading",  # trailing would start at ᾱ ≈ 2e-9, where ε-prediction cannot recover x₀
     )
