@@ -6,7 +6,7 @@ Time: median ratio of wall times recorded / plain generation, same prompt and se
   (a) cross-attention maps of every layer and step, head mean (``kinds=("cross",)``);
   (b) cross- plus self-attention maps of every layer with at most 32² queries.
 
-Memory: peak RSS of streaming 16 vs 4 samples to zarr (``out=….zarr``, ``batch_size=1``), each in a fresh
+Memory: peak RSS of streaming 32 vs 8 samples to zarr (``out=….zarr``, ``batch_size=1``), each in a fresh
 subprocess, both as the absolute peak and as the peak growth above the RSS just before recording starts;
 the same in memory (``out=None``) as a contrast that shows the test would catch maps being held.
 
@@ -48,7 +48,7 @@ DEFAULTS = {  # device → (latent side, steps, dtype)
 }
 TIME_TARGETS = {"cpu": {"a": 1.10, "b": 1.25}, "cuda": {"a": 1.05, "b": 1.15}}
 MEMORY_TARGET = 1.10
-MEMORY_SAMPLES = (4, 16)
+MEMORY_SAMPLES = (8, 32)  # the first few samples still grow allocator caches; 8 is past that
 MEMORY_LATENT, MEMORY_STEPS = 32, 2
 PLAN_KEYS = ("steps", "kinds", "layers", "height", "width")
 CASES = {
@@ -67,6 +67,7 @@ class Settings:
     steps: int
     pairs: int
     threads: int
+    memory_samples: tuple[int, int] = MEMORY_SAMPLES
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -203,10 +204,10 @@ def run_worker(mode: str, n: int, s: Settings) -> dict:
 
 
 def memory_rows(s: Settings) -> list[dict]:
-    """16 vs 4 samples, streamed to zarr (the target) and in memory (the contrast)."""
+    """Big vs small sample counts, streamed to zarr (the target) and in memory (the contrast)."""
     rows = []
     for mode in ("zarr", "memory"):
-        small, big = (run_worker(mode, n, s) for n in MEMORY_SAMPLES)
+        small, big = (run_worker(mode, n, s) for n in s.memory_samples)
         print(f"  memory {mode}: {small} | {big}", flush=True)
         row = {
             "mode": mode, "small": small, "big": big,
@@ -262,6 +263,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="default: float32 on CPU, float16 on CUDA")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's own choice)")
+    p.add_argument("--memory-samples", type=int, nargs=2, default=MEMORY_SAMPLES, metavar=("SMALL", "BIG"),
+                   help=f"samples streamed by the two memory runs (default {MEMORY_SAMPLES[0]} {MEMORY_SAMPLES[1]})")
     p.add_argument("--only", choices=["time", "memory"], help="run one benchmark (default both)")
     p.add_argument("--out", type=Path, help="also write the results: .json (everything) or .md (the table)")
     p.add_argument("--worker", nargs=2, metavar=("MODE", "N"), help=argparse.SUPPRESS)
@@ -271,7 +274,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def settings(args: argparse.Namespace) -> Settings:
     latent, steps, dtype = DEFAULTS["cuda" if args.device.startswith("cuda") else "cpu"]
     return Settings(args.device, args.dtype or dtype, args.latent or latent, args.steps or steps, args.pairs,
-                    args.threads or torch.get_num_threads())
+                    args.threads or torch.get_num_threads(), tuple(args.memory_samples))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -78,8 +78,8 @@ def cmd_demo(args) -> None:
 def cmd_train_shapes(args) -> None:
     from probe.shapes.train import TrainConfig, export, train
 
-    trainer = train(args.out, args.minutes, resume=args.resume, cfg=TrainConfig(threads=args.threads),
-                    init_from=args.init_from)
+    cfg = TrainConfig(threads=args.threads, cooldown_minutes=args.cooldown)
+    trainer = train(args.out, args.minutes, resume=args.resume, cfg=cfg, init_from=args.init_from)
     if args.export:
         print(f"exported to {export(trainer, args.export)}")
 
@@ -124,11 +124,26 @@ def cmd_figures(args) -> None:
     print(f"\nfigures and tables in {args.out}/")
 
 
+def _setting(item: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of ``--set``: the value as a Python literal (``96``, ``"(False,)"``) or else a string."""
+    import ast
+
+    key, sep, value = item.partition("=")
+    if not sep or not key.isidentifier():
+        raise ValueError(f"--set takes KEY=VALUE (e.g. n_images=96), got {item!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
 def cmd_study(args) -> None:
     import probe
     from probe import experiments
 
-    headlines = experiments.run_all(probe.load(args.model), quick=args.quick, out=args.out, only=[args.name])
+    sizes = {args.name: dict(_setting(item) for item in args.set)}
+    headlines = experiments.run_all(probe.load(args.model), quick=args.quick, out=args.out, only=[args.name],
+                                    sizes=sizes)
     _print_headlines(headlines)
 
 
@@ -194,6 +209,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true")
     t.add_argument("--init-from", default=None, help="start from an exported model folder (data/models/shapes)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a busy machine)")
+    t.add_argument("--cooldown", type=float, default=0.0,
+                   help="decay the learning rate linearly to 10%% over the run's last minutes")
     t.add_argument("--export", default=None, help="write the EMA model as a diffusers folder here")
     t.set_defaults(func=cmd_train_shapes)
 
@@ -220,6 +237,9 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--model", default=None)
     st.add_argument("--quick", action="store_true")
     st.add_argument("--out", default="figures")
+    st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a keyword of the study function, e.g. n_images=96, steps=25, "
+                         "methods=\"('none','ae','iou')\", initno=\"(False,)\" (repeatable)")
     st.set_defaults(func=cmd_study)
 
     e = sub.add_parser("evaluate-shapes", help="measure the built-in model with its judge")

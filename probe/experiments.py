@@ -979,5 +979,12 @@ def run_all(pipe, quick: bool = False, out: str | Path = "figures", sizes: dict[
         plt.close("all")
         timing.append({"study": name, "seconds": time.perf_counter() - start})
     headlines["timing"] = pd.DataFrame(timing)
+    earlier = out / "timing.csv"
+    if only is not None and earlier.exists():  # keep the other studies' rows of an earlier run
+        kept = pd.read_csv(earlier)
+        kept = kept[~kept.study.isin(headlines["timing"].study)]
+        order = {name: i for i, name in enumerate(STUDIES)}
+        merged = pd.concat([kept, headlines["timing"]], ignore_index=True)
+        headlines["timing"] = merged.sort_values("study", key=lambda c: c.map(order)).reset_index(drop=True)
     _write_tables({"timing": headlines["timing"]}, out)
     return headlines

@@ -49,6 +49,14 @@ def test_edit_writes_the_pair(tmp_path, capsys):
 
 
 def test_study_runs_one_study(tmp_path, capsys):
-    assert main(["study", "overlap", "--model", "tiny", "--quick", "--out", str(tmp_path)]) == 0
+    import pandas as pd
+
+    assert main(["study", "overlap", "--model", "tiny", "--quick", "--out", str(tmp_path),
+                 "--set", "n_images=4", "--set", "steps=3"]) == 0
     assert (tmp_path / "headline_overlap.csv").exists() and not (tmp_path / "headline_probe.csv").exists()
     assert "== overlap ==" in capsys.readouterr().out
+    assert len(pd.read_csv(tmp_path / "overlap_metrics.csv").groupby(["prompt", "seed"])) == 4
+    assert main(["study", "probe", "--model", "tiny", "--quick", "--out", str(tmp_path), "--set", "steps=2"]) == 0
+    assert list(pd.read_csv(tmp_path / "timing.csv").study) == ["probe", "overlap"]  # earlier rows kept
+    assert main(["study", "probe", "--model", "tiny", "--out", str(tmp_path), "--set", "steps"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err

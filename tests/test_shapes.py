@@ -60,3 +60,17 @@ def test_training_runs_resumes_and_exports(tmp_path):
     image = pipe("a red circle", num_inference_steps=2, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+
+
+def test_learning_rate_warms_up_holds_and_cools_down(tmp_path):
+    from probe.shapes.train import Trainer
+
+    arch = M.ShapesConfig(unet_channels=(32, 32, 32), vae_channels=(8, 8, 8))
+    trainer = Trainer(tmp_path, TrainConfig(arch=arch, lr=1e-3, warmup_steps=100, cooldown_minutes=10))
+    assert trainer.lr_at(0) == pytest.approx(1e-5)  # warm-up: (step + 1) / 100
+    assert trainer.lr_at(49) == pytest.approx(5e-4)
+    assert trainer.lr_at(500, minutes_left=30) == pytest.approx(1e-3)  # before the cool-down
+    assert trainer.lr_at(500, minutes_left=5) == pytest.approx(5e-4)  # halfway through it
+    assert trainer.lr_at(500, minutes_left=0) == pytest.approx(1e-4)  # floor: 10%
+    held = Trainer(tmp_path, TrainConfig(arch=arch, lr=1e-3, warmup_steps=100))
+    assert held.lr_at(500, minutes_left=0) == pytest.approx(1e-3)  # no cool-down unless asked

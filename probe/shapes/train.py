@@ -39,6 +39,7 @@ class TrainConfig:
     vae_batch_size: int = 16
     vae_kl_weight: float = 1e-6
     checkpoint_minutes: float = 5.0
+    cooldown_minutes: float = 0.0  # the run's last minutes decay the learning rate linearly to 10%
     threads: int | None = None  # torch CPU threads; 1 is fastest on a machine busy with other work
 
 
@@ -153,10 +154,13 @@ class Trainer:
         return float(10 * torch.log10(1 / mse))
 
     # -- stage 3: denoiser ----------------------------------------------------------------------
-    def lr_at(self, step: int) -> float:
-        return self.cfg.lr * min(1.0, (step + 1) / self.cfg.warmup_steps)
+    def lr_at(self, step: int, minutes_left: float = float("inf")) -> float:
+        """Linear warm-up, constant, then a linear cool-down over the run's last minutes."""
+        warm = min(1.0, (step + 1) / self.cfg.warmup_steps)
+        cool = 1.0 if self.cfg.cooldown_minutes <= 0 else min(1.0, max(0.1, minutes_left / self.cfg.cooldown_minutes))
+        return self.cfg.lr * warm * cool
 
-    def unet_step_once(self) -> float:
+    def unet_step_once(self, minutes_left: float = float("inf")) -> float:
         c = self.cfg
         latents, ids = self.pool
         idx = torch.randint(len(latents), (c.batch_size,), generator=self.gen)
@@ -170,7 +174,7 @@ class Trainer:
         emb = self.text(tok.to(self.dev)).last_hidden_state
         loss = F.mse_loss(self.unet(xt, t, emb).sample, noise)
         for g in self.opt.param_groups:
-            g["lr"] = self.lr_at(self.step)
+            g["lr"] = self.lr_at(self.step, minutes_left)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], 1.0)
@@ -196,7 +200,7 @@ class Trainer:
             else:
                 if self.pool is None:
                     self.build_pool()
-                loss = self.unet_step_once()
+                loss = self.unet_step_once((deadline - time.time()) / 60)
                 if self.step % 50 == 0:
                     self.losses.append((self.step, loss))
             bar.update()
