@@ -83,3 +83,12 @@ def rss_mb() -> float:
     except OSError:
         pass
     return peak_rss_mb()
+
+
+def quiet_torch(threads: int) -> None:
+    """A benchmark's start: torch's CPU threads (0: torch's own choice) and diffusers' logging off."""
+    from diffusers.utils import logging as dlogging
+
+    if threads:
+        torch.set_num_threads(threads)
+    dlogging.set_verbosity_error()

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import clock, sd15_pipeline  # noqa: E402
+from _common import clock, quiet_torch, sd15_pipeline  # noqa: E402
 
 import probe  # noqa: E402
 from probe.guide import Schedule, generate  # noqa: E402
@@ -186,11 +186,7 @@ def settings(args: argparse.Namespace) -> Settings:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from diffusers.utils import logging as dlogging
-
-    dlogging.set_verbosity_error()
+    quiet_torch(args.threads)
     s = settings(args)
     started = time.strftime("%Y-%m-%d %H:%M")
     print(f"guidance speed: {s.describe()}", flush=True)

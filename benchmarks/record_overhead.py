@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import clock, peak_rss_mb, rss_mb, sd15_pipeline  # noqa: E402
+from _common import clock, peak_rss_mb, quiet_torch, rss_mb, sd15_pipeline  # noqa: E402
 
 import probe  # noqa: E402
 from probe.models import attention_layers  # noqa: E402
@@ -279,11 +279,7 @@ def settings(args: argparse.Namespace) -> Settings:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from diffusers.utils import logging as dlogging
-
-    dlogging.set_verbosity_error()
+    quiet_torch(args.threads)
     s = settings(args)
     if args.worker:
         print(json.dumps(memory_worker(args.worker[0], int(args.worker[1]), s)))
