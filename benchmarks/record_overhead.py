@@ -68,6 +68,7 @@ class Settings:
     pairs: int
     threads: int
     memory_samples: tuple[int, int] = MEMORY_SAMPLES
+    memory_model: str = "sd15"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -165,8 +166,11 @@ def memory_kwargs(pipe, pixels: int) -> dict:
 
 def memory_worker(mode: str, n: int, s: Settings) -> dict:
     """In a fresh process: build, warm up with a 1-sample recording, then record ``n`` samples."""
-    pipe = sd15_pipeline(s.device, s.torch_dtype)
-    pixels = MEMORY_LATENT * 8
+    if s.memory_model == "sd15":
+        pipe, pixels = sd15_pipeline(s.device, s.torch_dtype), MEMORY_LATENT * 8
+    else:  # the built-in model: fast enough to stream hundreds of samples
+        pipe = probe.load(s.memory_model)
+        pixels = pipe.unet.config.sample_size * pipe.vae_scale_factor
     common = {"steps": MEMORY_STEPS, "guidance_scale": GUIDANCE, "batch_size": 1, "progress": False,
               "height": pixels, "width": pixels, **memory_kwargs(pipe, pixels)}
     seeds = list(range(n))
@@ -196,7 +200,7 @@ def memory_worker(mode: str, n: int, s: Settings) -> dict:
 def run_worker(mode: str, n: int, s: Settings) -> dict:
     """Run :func:`memory_worker` in a fresh interpreter so that peaks don't mix."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", mode, str(n), "--device", s.device,
-           "--dtype", s.dtype, "--threads", str(s.threads)]
+           "--dtype", s.dtype, "--threads", str(s.threads), "--memory-model", s.memory_model]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"memory worker {mode} {n} failed:\n{done.stderr[-4000:]}")
@@ -239,7 +243,9 @@ def table(s: Settings, timing: list[dict], memory: list[dict]) -> str:
     for r in memory:
         a, b = r["small"], r["big"]
         n0, n1 = a["samples"], b["samples"]
-        setting = (f"{s.describe(MEMORY_LATENT, MEMORY_STEPS)}; cross everywhere + self at 16² and 32², "
+        model = (s.describe(MEMORY_LATENT, MEMORY_STEPS) if s.memory_model == "sd15"
+                 else f"built-in {s.memory_model} model, 64 px, {MEMORY_STEPS} steps, {s.threads} thread(s)")
+        setting = (f"{model}; cross everywhere + self at the two finest grids, "
                    f"{b['recording_mb'] / n1:.1f} MB/sample, batch_size 1, fresh process each")
         if r["mode"] == "zarr":
             name, target, ok = "memory: stream to zarr", f"≤ {MEMORY_TARGET:.2f}", None
@@ -265,6 +271,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's own choice)")
     p.add_argument("--memory-samples", type=int, nargs=2, default=MEMORY_SAMPLES, metavar=("SMALL", "BIG"),
                    help=f"samples streamed by the two memory runs (default {MEMORY_SAMPLES[0]} {MEMORY_SAMPLES[1]})")
+    p.add_argument("--memory-model", default="sd15",
+                   help="sd15 (default: SD1.5 architecture at 32×32 latents) or shapes (the built-in model, 64 px)")
     p.add_argument("--only", choices=["time", "memory"], help="run one benchmark (default both)")
     p.add_argument("--out", type=Path, help="also write the results: .json (everything) or .md (the table)")
     p.add_argument("--worker", nargs=2, metavar=("MODE", "N"), help=argparse.SUPPRESS)
@@ -274,7 +282,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def settings(args: argparse.Namespace) -> Settings:
     latent, steps, dtype = DEFAULTS["cuda" if args.device.startswith("cuda") else "cpu"]
     return Settings(args.device, args.dtype or dtype, args.latent or latent, args.steps or steps, args.pairs,
-                    args.threads or torch.get_num_threads(), tuple(args.memory_samples))
+                    args.threads or torch.get_num_threads(), tuple(args.memory_samples),
+                    args.memory_model)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,6 +17,7 @@ returning per-subject objects with ``.status`` (and ``.detection.mask`` for posi
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -936,8 +937,9 @@ def run_all(pipe, quick: bool = False, out: str | Path = "figures", sizes: dict[
     Studies: linear probes, overlap vs missing, editing, guidance, self-cross mixing. ``quick`` runs each at its
     quick size with :data:`QUICK_STEPS` steps. ``sizes``: per study (a name of :data:`STUDIES`), keyword arguments
     that override its defaults, e.g. ``{"guidance": {"n_images": 2, "steps": 3}}``. ``only``: run just these
-    studies. Returns the headline table of
-    each study and ``timing`` (seconds per study), which are written as ``headline_<study>.csv`` and ``timing.csv``.
+    studies (earlier rows of ``timing.csv`` for the other studies are kept). Returns the headline table of each
+    study and ``timing`` (seconds per study, with its ``quick`` flag and ``sizes`` overrides), which are written as
+    ``headline_<study>.csv`` and ``timing.csv``.
     """
     pipe = load(pipe)
     out = Path(out)
@@ -977,7 +979,8 @@ def run_all(pipe, quick: bool = False, out: str | Path = "figures", sizes: dict[
             headlines[name] = self_cross_headline(study.summary)
         _write_tables({**tables, f"headline_{name}": headlines[name]}, out)
         plt.close("all")
-        timing.append({"study": name, "seconds": time.perf_counter() - start})
+        timing.append({"study": name, "seconds": time.perf_counter() - start, "quick": quick,
+                       "settings": json.dumps(sizes.get(name, {}), default=str)})
     headlines["timing"] = pd.DataFrame(timing)
     earlier = out / "timing.csv"
     if only is not None and earlier.exists():  # keep the other studies' rows of an earlier run

@@ -49,6 +49,8 @@ def test_edit_writes_the_pair(tmp_path, capsys):
 
 
 def test_study_runs_one_study(tmp_path, capsys):
+    import json
+
     import pandas as pd
 
     assert main(["study", "overlap", "--model", "tiny", "--quick", "--out", str(tmp_path),
@@ -57,6 +59,8 @@ def test_study_runs_one_study(tmp_path, capsys):
     assert "== overlap ==" in capsys.readouterr().out
     assert len(pd.read_csv(tmp_path / "overlap_metrics.csv").groupby(["prompt", "seed"])) == 4
     assert main(["study", "probe", "--model", "tiny", "--quick", "--out", str(tmp_path), "--set", "steps=2"]) == 0
-    assert list(pd.read_csv(tmp_path / "timing.csv").study) == ["probe", "overlap"]  # earlier rows kept
+    timing = pd.read_csv(tmp_path / "timing.csv")
+    assert list(timing.study) == ["probe", "overlap"]  # earlier rows kept
+    assert json.loads(timing.settings[1]) == {"n_images": 4, "steps": 3}
     assert main(["study", "probe", "--model", "tiny", "--out", str(tmp_path), "--set", "steps"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
