@@ -7,8 +7,8 @@ Time: median ratio of wall times recorded / plain generation, same prompt and se
   (b) cross- plus self-attention maps of every layer with at most 32² queries.
 
 Memory: peak RSS of streaming 32 vs 8 samples to zarr (``out=….zarr``, ``batch_size=1``), each in a fresh
-subprocess, both as the absolute peak and as the peak growth above the RSS just before recording starts;
-the same in memory (``out=None``) as a contrast that shows the test would catch maps being held.
+subprocess, as the peak ratio and as the extra growth above the RSS just before recording per extra MB of
+maps; the same in memory (``out=None``) as a contrast that shows the test would catch maps being held.
 
     python benchmarks/record_overhead.py                      # CPU: 32×32 latents, 3 steps, float32
     python benchmarks/record_overhead.py --device cuda        # GPU: 64×64 latents, 20 steps, float16
@@ -189,7 +189,7 @@ def memory_worker(mode: str, n: int, s: Settings) -> dict:
         peak = peak_rss_mb()
         result = {
             "mode": mode, "samples": n, "rss_before_mb": before, "peak_before_mb": peak_before, "peak_mb": peak,
-            "growth_mb": peak - before, "recording_mb": size / 1e6,
+            "growth_mb": peak - before, "recording_mb": size / 1e6, "pixels": pixels,
         }
         if s.device.startswith("cuda"):
             result["device_growth_mb"] = torch.cuda.max_memory_allocated() / 2**20 - device_before
@@ -216,7 +216,7 @@ def memory_rows(s: Settings) -> list[dict]:
         row = {
             "mode": mode, "small": small, "big": big,
             "peak_ratio": big["peak_mb"] / small["peak_mb"],
-            "growth_ratio": big["growth_mb"] / small["growth_mb"],
+            "growth_per_mb": (big["growth_mb"] - small["growth_mb"]) / (big["recording_mb"] - small["recording_mb"]),
         }
         if "device_growth_mb" in small:
             row["device_growth_ratio"] = big["device_growth_mb"] / small["device_growth_mb"]
@@ -243,8 +243,8 @@ def table(s: Settings, timing: list[dict], memory: list[dict]) -> str:
     for r in memory:
         a, b = r["small"], r["big"]
         n0, n1 = a["samples"], b["samples"]
-        model = (s.describe(MEMORY_LATENT, MEMORY_STEPS) if s.memory_model == "sd15"
-                 else f"built-in {s.memory_model} model, 64 px, {MEMORY_STEPS} steps, {s.threads} thread(s)")
+        model = (s.describe(MEMORY_LATENT, MEMORY_STEPS) if s.memory_model == "sd15" else
+                 f"built-in {s.memory_model} model, {b['pixels']} px, {MEMORY_STEPS} steps, {s.threads} thread(s)")
         setting = (f"{model}; cross everywhere + self at the two finest grids, "
                    f"{b['recording_mb'] / n1:.1f} MB/sample, batch_size 1, fresh process each")
         if r["mode"] == "zarr":
@@ -256,9 +256,8 @@ def table(s: Settings, timing: list[dict], memory: list[dict]) -> str:
                      f"({a['peak_mb']:.0f} → {b['peak_mb']:.0f} MB) | {target} "
                      f"| {('yes' if ratio <= MEMORY_TARGET else 'NO') if r['mode'] == 'zarr' else '—'} |")
         extra = b["recording_mb"] - a["recording_mb"]
-        slope = (b["growth_mb"] - a["growth_mb"]) / extra
         lines.append(f"| {name}, {n1} vs {n0} samples, extra peak growth per extra MB recorded | {setting} "
-                     f"| **{slope:.2f}** (growth above pre-recording RSS {a['growth_mb']:.0f} → "
+                     f"| **{r['growth_per_mb']:.2f}** (growth above pre-recording RSS {a['growth_mb']:.0f} → "
                      f"{b['growth_mb']:.0f} MB for {extra:.0f} MB more maps) | "
                      f"{'well below the contrast' if r['mode'] == 'zarr' else '— (contrast)'} | — |")
     return "\n".join(lines)
