@@ -74,3 +74,30 @@ def test_learning_rate_warms_up_holds_and_cools_down(tmp_path):
     assert trainer.lr_at(500, minutes_left=0) == pytest.approx(1e-4)  # floor: 10%
     held = Trainer(tmp_path, TrainConfig(arch=arch, lr=1e-3, warmup_steps=100))
     assert held.lr_at(500, minutes_left=0) == pytest.approx(1e-3)  # no cool-down unless asked
+
+
+def test_single_object_rates_match_a_recount_and_reach_the_card():
+    """The card's single-object numbers equal a plain generate-and-judge recount of the same images."""
+    import probe
+    from probe.shapes import evaluate
+    from probe.shapes.judge import detect, judge
+
+    pipe = probe.load("shapes")
+    rates = evaluate.single_object(pipe, seeds_per_prompt=1, steps=3)
+    prompts = [f"a {c} {s}" for c in COLOURS for s in ("circle", "square", "triangle", "ellipse")]
+    seeds = [evaluate.HELD_OUT_SEED + i for i in range(len(prompts))]
+    images = pipe(prompts, generator=[torch.Generator().manual_seed(s) for s in seeds], num_inference_steps=3,
+                  guidance_scale=evaluate.GUIDANCE, output_type="np").images
+    images = [(im * 255).round().astype(np.uint8) for im in images]
+    assert rates["images"] == len(prompts)
+    assert rates["correct"] == pytest.approx(np.mean([judge(im, p)[0].status == "present"
+                                                      for im, p in zip(images, prompts)]))
+    assert rates["exactly_one_object"] == pytest.approx(np.mean([len(detect(im)) == 1 for im in images]))
+    metrics = {"single_object": rates, "two_objects": {k: 0.0 for k in ("both_correct", "any_missing",
+               "subject_present", "subject_missing", "subject_wrong_colour", "subject_wrong_shape", "subject_mixed")}
+               | {"images": 0}, "localisation": {}, "judge_accuracy": 1.0, "seconds_per_image_50_steps": 1.0,
+               "steps": 3, "guidance_scale": evaluate.GUIDANCE}
+    training = {"arch": M.ShapesConfig().to_dict(), "scaling_factor": 1.0, "vae_steps": 1, "unet_steps": 1,
+                "batch_size": 1}
+    card = evaluate.write_card("unused", metrics, training)
+    assert f"| {rates['correct']:.1%} |" in card and f"{rates['exactly_one_object']:.1%} /" in card
