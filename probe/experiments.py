@@ -38,7 +38,7 @@ from probe.edit import DEFAULT_FRACTION, STEPS_FRACTIONS
 from probe.edit import study as edit_sweep
 from probe.guide import OBJECTIVES, InitNO, Schedule, generate
 from probe.maps import aggregate_self_attention, gaussian_smooth, token_map, token_softmax
-from probe.models import attention_layers, load
+from probe.models import BUILTIN, attention_layers, load
 from probe.overlap import (
     ae_response,
     aggregation_loss,
@@ -923,6 +923,82 @@ def edit_headline(summary: pd.DataFrame) -> pd.DataFrame:
 # -- everything ----------------------------------------------------------------------------------------------------
 
 STUDIES = ("probe", "overlap", "editing", "guidance", "self_cross")
+STUDY_TITLES = {
+    "probe": "Linear probes: what cross- and self-attention encode",
+    "overlap": "Overlap between the subjects' maps vs entity missing",
+    "editing": "Tuning-free editing: self- vs cross-attention injection",
+    "guidance": "Guidance: does lowering overlap lower entity missing?",
+    "self_cross": "Self-Cross guidance on similar subjects: mixing",
+}
+STUDY_FIGURES = {
+    "probe": ("probe_accuracy",),
+    "overlap": ("overlap_auc", "overlap_examples"),
+    "editing": ("edit_success",),
+    "guidance": ("guidance_missing", "guidance_overlap_vs_missing"),
+    "self_cross": ("self_cross_mixing",),
+}
+
+
+def model_label(pipe) -> str:
+    """Which model a study ran on: its folder (relative to the project when inside it) and, for a model this
+    project trained, its UNet step count, so that figures made at different times say what they stand on."""
+    source = str(getattr(pipe, "name_or_path", "") or "")
+    if not source:
+        return "a pipeline built in memory"
+    path = BUILTIN.get(source, Path(source))
+    try:
+        shown = str(path.resolve().relative_to(Path(__file__).resolve().parents[1]))
+    except ValueError:
+        shown = source
+    record = path / "training.json"
+    if record.is_file():
+        return f"{shown} ({json.loads(record.read_text())['unet_steps']:,} UNet steps)"
+    return shown
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    """A pipe table; floats to three significant digits."""
+    def cell(value) -> str:
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def study_command(study: str, out: str | Path, quick: bool, settings: dict) -> str:
+    """The ``probe study`` command line that reruns one study with the same settings."""
+    parts = ["probe study", study, "--out", str(out)] + (["--quick"] if quick else [])
+    for key, value in settings.items():
+        parts += ["--set", f'"{key}={value!r}"' if isinstance(value, (tuple, list, str)) else f"{key}={value}"]
+    return " ".join(parts)
+
+
+def write_index(out: str | Path) -> Path:
+    """``out/README.md``: each study present in ``timing.csv``, what it ran on, its rerun command, figures and
+    headline table, all read back from the files the studies wrote (so it never disagrees with them)."""
+    out = Path(out)
+    timing = pd.read_csv(out / "timing.csv")
+    parts = ["# Figures and tables of the studies", "",
+             "Written by `probe figures` / `probe study` from the tables beside this file. `probe figures` reruns "
+             "every study at full size (hours on a CPU), `probe figures --quick` at reduced sizes; each section "
+             "gives the command that reruns that study as it was run here."]
+    for row in timing.itertuples(index=False):
+        settings = json.loads(row.settings) if isinstance(row.settings, str) and row.settings else {}
+        model = getattr(row, "model", None)
+        model = model if isinstance(model, str) else "not recorded"
+        parts += ["", f"## {STUDY_TITLES[row.study]}", "",
+                  f"Model: {model}. Sizes: the {'quick' if row.quick else 'full'} defaults"
+                  + (", with " + ", ".join(f"{k}={v!r}" for k, v in settings.items()) if settings else "")
+                  + f". {row.seconds / 60:.1f} min on this machine.", "",
+                  f"```\n{study_command(row.study, out, bool(row.quick), settings)}\n```", ""]
+        parts += [f"![{name}]({name}.png)" for name in STUDY_FIGURES[row.study] if (out / f"{name}.png").exists()]
+        headline = out / f"headline_{row.study}.csv"
+        if headline.exists():
+            parts += ["", _markdown(pd.read_csv(headline))]
+    path = out / "README.md"
+    path.write_text("\n".join(parts) + "\n")
+    return path
 
 
 def _write_tables(tables: dict[str, pd.DataFrame], out: Path) -> None:
@@ -934,7 +1010,8 @@ def run_all(pipe, quick: bool = False, out: str | Path = "figures", sizes: dict[
             progress: bool = True, only: Sequence[str] | None = None) -> dict[str, pd.DataFrame]:
     """Every study from its fixed seeds; every figure (PNG) and table (CSV) into ``out``; the headline tables.
 
-    Studies: linear probes, overlap vs missing, editing, guidance, self-cross mixing. ``quick`` runs each at its
+    Studies: linear probes, overlap vs missing, editing, guidance, self-cross mixing; ``README.md`` indexes them
+    (:func:`write_index`). ``quick`` runs each at its
     quick size with :data:`QUICK_STEPS` steps. ``sizes``: per study (a name of :data:`STUDIES`), keyword arguments
     that override its defaults, e.g. ``{"guidance": {"n_images": 2, "steps": 3}}``. ``only``: run just these
     studies (earlier rows of ``timing.csv`` for the other studies are kept). Returns the headline table of each
@@ -980,7 +1057,7 @@ def run_all(pipe, quick: bool = False, out: str | Path = "figures", sizes: dict[
         _write_tables({**tables, f"headline_{name}": headlines[name]}, out)
         plt.close("all")
         timing.append({"study": name, "seconds": time.perf_counter() - start, "quick": quick,
-                       "settings": json.dumps(sizes.get(name, {}), default=str)})
+                       "settings": json.dumps(sizes.get(name, {}), default=str), "model": model_label(pipe)})
     headlines["timing"] = pd.DataFrame(timing)
     earlier = out / "timing.csv"
     if only is not None and earlier.exists():  # keep the other studies' rows of an earlier run
@@ -990,4 +1067,5 @@ def run_all(pipe, quick: bool = False, out: str | Path = "figures", sizes: dict[
         merged = pd.concat([kept, headlines["timing"]], ignore_index=True)
         headlines["timing"] = merged.sort_values("study", key=lambda c: c.map(order)).reset_index(drop=True)
     _write_tables({"timing": headlines["timing"]}, out)
+    write_index(out)
     return headlines

@@ -1,5 +1,6 @@
 """The studies on the tiny model with quick sizes: tables with sane values, and figures on disk."""
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -37,6 +38,7 @@ from probe.experiments import (
     scaled_schedule,
     self_cross_headline,
     self_cross_study,
+    study_command,
     versus_baseline,
 )
 from probe.guide import InitNO, Schedule, generate
@@ -282,5 +284,27 @@ def test_run_all_quick_writes_every_figure_and_table(tiny, tmp_path):
     for name in tables:
         assert (tmp_path / f"{name}.csv").stat().st_size > 0
     assert len(pd.read_csv(tmp_path / "guidance_images.csv")) == 2 * 2
+    index = (tmp_path / "README.md").read_text()
+    for name in STUDIES:  # each study's section: its rerun command, figures and headline numbers
+        recorded = json.loads(json.dumps(sizes[name], default=str))  # as timing.csv keeps them
+        assert study_command(name, tmp_path, True, recorded) in index
+        first = pd.read_csv(tmp_path / f"headline_{name}.csv").iloc[0]
+        assert "| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in first) + " |" in index
+    assert all(f"({name}.png)" in index for name in figures)
+    assert set(pd.read_csv(tmp_path / "timing.csv").model) == {"tiny"}
     with pytest.raises(ValueError, match="unknown studies"):
         run_all(tiny, quick=True, out=tmp_path, sizes={"nope": {}})
+
+
+def test_study_command_settings_read_back_as_given():
+    """The index's rerun command gives the study the same settings once the CLI parses its ``--set`` items."""
+    import shlex
+
+    from probe.cli import parser
+
+    settings = {"n_images": 64, "steps": 25, "initno": (False,), "methods": ["none", "ae"]}
+    args = parser().parse_args(shlex.split(study_command("guidance", "figures", False, settings))[1:])
+    from probe.cli import _setting
+
+    assert dict(_setting(item) for item in args.set) == settings
+    assert (args.name, args.out, args.quick) == ("guidance", "figures", False)
