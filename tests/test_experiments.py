@@ -300,11 +300,9 @@ def test_study_command_settings_read_back_as_given():
     """The index's rerun command gives the study the same settings once the CLI parses its ``--set`` items."""
     import shlex
 
-    from probe.cli import parser
+    from probe.cli import _setting, parser
 
     settings = {"n_images": 64, "steps": 25, "initno": (False,), "methods": ["none", "ae"]}
     args = parser().parse_args(shlex.split(study_command("guidance", "figures", False, settings))[1:])
-    from probe.cli import _setting
-
     assert dict(_setting(item) for item in args.set) == settings
     assert (args.name, args.out, args.quick) == ("guidance", "figures", False)
