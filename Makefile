@@ -17,6 +17,6 @@ demo: $(BIN)/.installed
 	$(BIN)/probe figures --quick --out runs/demo/figures
 
 test: $(BIN)/.installed
-	$(BIN)/ruff check probe tests benchmarks scripts
+	$(BIN)/ruff check probe tests benchmarks scripts notebooks
 	$(BIN)/pytest -q
 

@@ -17,11 +17,12 @@ returning per-subject objects with ``.status`` (and ``.detection.mask`` for posi
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -127,6 +128,11 @@ def _save(figures: dict, out: str | Path | None) -> dict[str, Path]:
         paths[name] = out / f"{name}.png"
         fig.savefig(paths[name], dpi=DPI)
     return paths
+
+
+def _store(out: str | Path | None, table: str) -> Path | None:
+    """Where a long study keeps its per-image rows as it goes (:class:`ImageRows`): its own table in ``out``."""
+    return None if out is None else Path(out) / f"{table}.csv"
 
 
 def _samples(tree) -> tuple[list[str], list[int], np.ndarray]:
@@ -574,14 +580,17 @@ def judged(image: np.ndarray, prompt: str, judge: Judge = exact_judge) -> dict:
 
 
 def study_prompts(sets: Sequence[str], n_images: int, seeds_per_prompt: int) -> list[dict]:
-    """``ceil(n_images / (sets × seeds))`` prompts of each set (the first ones of the set): set, prompt, subjects."""
+    """``ceil(n_images / (sets × seeds))`` prompts of each set (the first ones of the set): set, prompt, subjects.
+
+    The sets take turns (first prompt of each set, then the second, …), so that a study stopped part-way has
+    covered every set alike, and a smaller study's prompts come first in a larger one's."""
     per_set = max(1, math.ceil(n_images / (len(sets) * seeds_per_prompt)))
-    rows = []
+    columns = []
     for name in sets:
         data = prompt_set(name, per_set)
-        rows += [{"set": name, "prompt": p, "nouns": list(s), "colours": list(a)}
-                 for p, s, a in zip(data["prompt"], data["subjects"], data["attributes"])]
-    return rows
+        columns.append([{"set": name, "prompt": p, "nouns": list(s), "colours": list(a)}
+                        for p, s, a in zip(data["prompt"], data["subjects"], data["attributes"])])
+    return [row for turn in itertools.zip_longest(*columns) for row in turn if row is not None]
 
 
 def _configurations(methods: Sequence[str], initno: Sequence[bool]) -> list[tuple[str, bool]]:
@@ -595,11 +604,74 @@ def _configurations(methods: Sequence[str], initno: Sequence[bool]) -> list[tupl
     return configs
 
 
+def weights_id(pipe) -> str:
+    """A short hash of every weight of the pipeline's modules (sums taken on their device): two pipelines with the
+    same id make the same images, whatever folder or step count they were loaded from."""
+    import hashlib
+
+    sums = [torch.stack([p.detach().double().sum(), p.detach().double().square().sum()]).cpu()
+            for _, module in sorted(pipe.components.items()) if isinstance(module, torch.nn.Module)
+            for p in module.parameters()]
+    return hashlib.sha1(torch.cat(sums).numpy().tobytes()).hexdigest()[:12]
+
+
+def settings_id(**settings) -> str:
+    """A short hash of the settings that decide an image's row (model weights, steps, schedule, judge, …)."""
+    import hashlib
+
+    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=repr).encode()).hexdigest()[:12]
+
+
+class ImageRows:
+    """The per-image rows of a long study, kept in a CSV as they are made, so that a stopped run resumes.
+
+    Rows whose ``settings_id`` matches are reused by key (prompt, seed, method, initno); new rows are written out
+    every :data:`FLUSH_SECONDS` and at the end, the current run's rows first, in job order, then any other rows
+    made with the same settings (from a larger run), which are kept. Rows of other settings are dropped.
+    ``path=None`` keeps nothing on disk."""
+
+    FLUSH_SECONDS = 30.0
+
+    def __init__(self, path: str | Path | None, settings: str, order: Sequence[tuple] = ()):
+        self.path, self.settings = (Path(path) if path is not None else None), settings
+        self.rows: dict[tuple, dict] = {}
+        if self.path is not None and self.path.is_file():
+            table = pd.read_csv(self.path, dtype={"settings_id": str})
+            if "settings_id" in table:
+                for row in table[table.settings_id == settings].to_dict("records"):
+                    self.rows[self.key(row)] = row
+        self.order, self.unsaved, self.saved_at = list(order), False, time.monotonic()
+
+    @staticmethod
+    def key(row: dict) -> tuple:
+        return str(row["prompt"]), int(row["seed"]), str(row["method"]), bool(row["initno"])
+
+    def get(self, key: tuple) -> dict | None:
+        return self.rows.get(key)
+
+    def add(self, row: dict) -> None:
+        self.rows[self.key(row)] = {**row, "settings_id": self.settings}
+        self.unsaved = True
+        if time.monotonic() - self.saved_at > self.FLUSH_SECONDS:
+            self.save()
+
+    def save(self) -> None:
+        if self.path is None or not self.unsaved:
+            return
+        ordered = [k for k in self.order if k in self.rows]
+        ordered += [k for k in self.rows if k not in set(ordered)]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".partial")
+        pd.DataFrame([self.rows[k] for k in ordered]).to_csv(partial, index=False, float_format=TABLE_FLOAT_FORMAT)
+        partial.replace(self.path)  # never a half-written table, even when stopped mid-write
+        self.unsaved, self.saved_at = False, time.monotonic()
+
+
 def guided_images(pipe, prompts: Sequence[dict], seeds: Sequence[int], configs: Sequence[tuple[str, bool]], *,
                   steps: int, guidance_scale: float = GUIDANCE, subject: Subject = "noun",
                   judge: Judge = exact_judge, schedule: Schedule | None = None,
-                  initno_settings: InitNO | None = None, progress: bool = True, desc: str = "guidance"
-                  ) -> pd.DataFrame:
+                  initno_settings: InitNO | None = None, progress: bool = True, desc: str = "guidance",
+                  store: str | Path | None = None) -> pd.DataFrame:
     """One row per (prompt, seed, method, initno): judge's verdict, overlap at ``t10`` and at the end, seconds.
 
     Every configuration runs through :func:`probe.guide.generate` (``none`` with a schedule that never moves the
@@ -607,6 +679,8 @@ def guided_images(pipe, prompts: Sequence[dict], seeds: Sequence[int], configs: 
     Overlap: the layer-and-head mean attention of the real pass at the cross-attention grid closest to 16×16
     (:class:`RealPassMaps`), measured with :func:`subject_metrics`. ``subject``: "noun" or "colour" words.
     ``schedule``: the guidance schedule at 50 steps (default: Attend-and-Excite's), scaled by :func:`scaled_schedule`.
+    ``store``: a CSV (:class:`ImageRows`) that keeps the rows as they are made: a stopped run started again with
+    the same settings and weights skips the images it already has.
     """
     if subject not in ("noun", "colour"):
         raise ValueError(f"subject must be 'noun' or 'colour' for guidance (one word per subject), not {subject!r}")
@@ -616,9 +690,15 @@ def guided_images(pipe, prompts: Sequence[dict], seeds: Sequence[int], configs: 
     read_at = overlap_steps(steps)
     schedule = scaled_schedule(steps, schedule)
     settings = initno_settings or InitNO()
-    rows = []
     jobs = [(p, s, c) for p in prompts for s in seeds for c in configs]
-    for item, seed, (method, initno) in tqdm(jobs, desc=desc, disable=not progress):
+    keys = [(item["prompt"], seed, method, initno) for item, seed, (method, initno) in jobs]
+    rows = ImageRows(store, settings_id(weights=weights_id(pipe), steps=steps, guidance_scale=guidance_scale,
+                                        subject=subject, schedule=asdict(schedule), initno=asdict(settings),
+                                        judge=getattr(judge, "__qualname__", repr(judge))), keys)
+    todo = [(job, key) for job, key in zip(jobs, keys) if rows.get(key) is None]
+    if progress and len(todo) < len(jobs):
+        print(f"{desc}: {len(jobs) - len(todo)} of {len(jobs)} images already in {store}")
+    for (item, seed, (method, initno)), _ in tqdm(todo, desc=desc, disable=not progress):
         words = item["nouns"] if subject == "noun" else item["colours"]
         capture = RealPassMaps(layers, set(read_at.values()), cfg=guidance_scale > 1)
         start = time.perf_counter()
@@ -643,8 +723,9 @@ def guided_images(pipe, prompts: Sequence[dict], seeds: Sequence[int], configs: 
             cross, selfattn = (found[kind].reshape(height, width, -1) for kind in ("cross", "self"))
             values = subject_metrics(cross, selfattn, indices, len(tokens) - 1)
             row.update({f"{name}_{label}": value for name, value in values.items()})
-        rows.append(row)
-    frame = pd.DataFrame(rows)
+        rows.add(row)
+    rows.save()
+    frame = pd.DataFrame([rows.get(key) for key in keys])
     frame.attrs.update({"steps": steps, "t10_step": read_at["t10"], "end_step": read_at["end"], "grid": grid})
     return frame
 
@@ -771,6 +852,10 @@ def guidance_study(pipe, n_images: int = 600, steps: int = STEPS, quick: bool = 
     ``quick``: at most 4 images (two prompts per set, one seed), methods none / ae / iou when ``methods`` is the
     default, at most 20 steps, a short INITNO (:data:`QUICK_INITNO`), at most 5 refinement iterations
     (:data:`QUICK_SCHEDULE`), 200 bootstrap resamples.
+
+    With ``out``, the per-image rows go to ``out/guidance_images.csv`` as they are made (:class:`ImageRows`):
+    the same command run again after a stop resumes where it stopped, and a larger ``n_images`` reuses a smaller
+    run's images (the sets take turns, so a smaller run's prompts come first).
     """
     pipe = load(pipe)
     if quick:
@@ -783,7 +868,8 @@ def guidance_study(pipe, n_images: int = 600, steps: int = STEPS, quick: bool = 
     seeds = [GUIDANCE_SEED + i for i in range(seeds_per_prompt)]
     images = guided_images(pipe, prompts, seeds, _configurations(methods, initno), steps=steps,
                            guidance_scale=guidance_scale, subject=subject, judge=judge, schedule=schedule,
-                           initno_settings=initno_settings, progress=progress, desc="guidance study")
+                           initno_settings=initno_settings, progress=progress, desc="guidance study",
+                           store=_store(out, "guidance_images"))
     versus = versus_baseline(images, "missing", n_boot=n_boot)
     summary = _with_versus(outcome_summary(images, n_boot=n_boot), versus, "")
     figures = {"guidance_missing": plots.outcome_rates(summary, ("missing",), baseline=BASELINE),
@@ -826,6 +912,7 @@ def self_cross_study(pipe, n_images: int = SELF_CROSS_IMAGES, steps: int = STEPS
     the rate of images with any subject judged "mixed" (a blend or swapped attributes) and with any subject missing,
     each with a bootstrap interval, and the paired difference of the mixing rate from A&E. ``quick``: at most 4
     images (4 prompts, one seed), at most 20 steps, at most 5 refinement iterations, 200 bootstrap resamples.
+    With ``out``, resumable like :func:`guidance_study` (rows in ``out/self_cross_images.csv``).
     """
     pipe = load(pipe)
     if quick:
@@ -836,7 +923,7 @@ def self_cross_study(pipe, n_images: int = SELF_CROSS_IMAGES, steps: int = STEPS
     seeds = [SELF_CROSS_SEED + i for i in range(seeds_per_prompt)]
     images = guided_images(pipe, prompts, seeds, _configurations(methods, (False,)), steps=steps,
                            guidance_scale=guidance_scale, subject=subject, judge=judge, schedule=schedule,
-                           progress=progress, desc="self-cross study")
+                           progress=progress, desc="self-cross study", store=_store(out, "self_cross_images"))
     summary = outcome_summary(images, ("mixed", "missing"), pooled=(), n_boot=n_boot)
     summary = _with_versus(summary, versus_baseline(images, "mixed", pooled=(), n_boot=n_boot), "mixed_")
     figures = {"self_cross_mixing": plots.outcome_rates(summary, ("mixed", "missing"), baseline=BASELINE)}
@@ -1049,12 +1136,11 @@ def run_all(pipe, quick: bool = False, out: str | Path = "figures", sizes: dict[
             headlines[name] = edit_headline(study.summary)
         elif name == "guidance":
             study = guidance_study(pipe, **kwargs(name))
-            tables = {"guidance_images": study.images, "guidance_summary": study.summary,
-                      "guidance_versus_ae": study.versus_ae}
+            tables = {"guidance_summary": study.summary, "guidance_versus_ae": study.versus_ae}  # images: stored
             headlines[name] = guidance_headline(study.summary)
         else:
             study = self_cross_study(pipe, **kwargs(name))
-            tables = {"self_cross_images": study.images, "self_cross_summary": study.summary}
+            tables = {"self_cross_summary": study.summary}  # images: stored as they were made
             headlines[name] = self_cross_headline(study.summary)
         _write_tables({**tables, f"headline_{name}": headlines[name]}, out)
         plt.close("all")

@@ -8,6 +8,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 ROOT = Path(__file__).resolve().parents[1] / "notebooks"
 
 SETUP = """import os
+
 import probe
 from probe.cli import _model_default
 

@@ -25,6 +25,7 @@ from probe.experiments import (
     edit_study,
     guidance_headline,
     guidance_study,
+    guided_images,
     mean_interval,
     missing_association,
     nearest_grid,
@@ -39,7 +40,9 @@ from probe.experiments import (
     self_cross_headline,
     self_cross_study,
     study_command,
+    study_prompts,
     versus_baseline,
+    weights_id,
 )
 from probe.guide import InitNO, Schedule, generate
 from probe.models import Layer, attention_layers
@@ -236,6 +239,49 @@ def test_guidance_study_quick(tiny, tmp_path):
     assert len(guidance_headline(summary)) == len(summary)
     for name in ("guidance_missing", "guidance_overlap_vs_missing"):
         assert (tmp_path / f"{name}.png").stat().st_size > 0
+
+
+def test_study_prompts_take_turns_so_a_smaller_study_is_a_prefix():
+    small, large = study_prompts(GUIDANCE_SETS, 20, 5), study_prompts(GUIDANCE_SETS, 60, 5)
+    assert [row["set"] for row in small] == list(GUIDANCE_SETS) * 2
+    assert large[:len(small)] == small and len(large) == 12
+
+
+def test_guided_images_resume_from_their_store(tiny, tmp_path, monkeypatch):
+    import probe.experiments as experiments
+
+    made = []
+
+    def counting_generate(pipe, prompt, **kwargs):
+        made.append((prompt, kwargs["seed"]))
+        return generate(pipe, prompt, **kwargs)
+
+    monkeypatch.setattr(experiments, "generate", counting_generate)
+    prompts, store = study_prompts(GUIDANCE_SETS, 2, 1), tmp_path / "images.csv"
+    configs = [("none", False), ("ae", False)]
+    settings = {"steps": STEPS, "schedule": CHEAP, "progress": False, "store": store}
+    first = guided_images(tiny, prompts[:1], [0], configs, **settings)
+    assert len(made) == 2 and len(pd.read_csv(store)) == 2
+    both = guided_images(tiny, prompts, [0], configs, **settings)  # only the second prompt's images are new
+    assert len(made) == 4 and [p for p, _ in made[2:]] == [prompts[1]["prompt"]] * 2
+    numeric = first.select_dtypes("number").columns
+    pd.testing.assert_frame_equal(both.iloc[:2][numeric].reset_index(drop=True), first[numeric], rtol=1e-5)
+    assert list(both.method) == ["none", "ae"] * 2 and both.settings_id.nunique() == 1
+    again = guided_images(tiny, prompts[:1], [0], configs, **settings)  # a smaller run keeps the larger run's rows
+    assert len(made) == 4 and len(again) == 2 and len(pd.read_csv(store)) == 4
+    guided_images(tiny, prompts[:1], [0], configs, **{**settings, "steps": STEPS + 1})  # other settings: made anew
+    assert len(made) == 6 and len(pd.read_csv(store)) == 2
+
+
+def test_weights_id_changes_with_any_weight(tiny):
+    before = weights_id(tiny)
+    with torch.no_grad():
+        parameter = next(tiny.vae.parameters()).view(-1)
+        kept = parameter[0].clone()
+        parameter[0] += 1e-3
+        assert weights_id(tiny) != before
+        parameter[0] = kept
+    assert weights_id(tiny) == before
 
 
 def test_self_cross_study_quick(tiny, tmp_path):
