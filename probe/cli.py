@@ -137,6 +137,9 @@ def _setting(item: str) -> tuple[str, object]:
         return key, value
 
 
+STUDY_ALIASES = {"edit": "editing", "self-cross": "self_cross"}  # other spellings of the study names
+
+
 def cmd_study(args) -> None:
     import probe
     from probe import experiments
@@ -233,7 +236,8 @@ def parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_figures)
 
     st = sub.add_parser("study", help="run one study")
-    st.add_argument("name", choices=["probe", "overlap", "editing", "guidance", "self_cross"])
+    st.add_argument("name", choices=["probe", "overlap", "editing", "guidance", "self_cross"],
+                    type=lambda name: STUDY_ALIASES.get(name, name), help="also: edit, self-cross")
     st.add_argument("--model", default=None)
     st.add_argument("--quick", action="store_true")
     st.add_argument("--out", default="figures")

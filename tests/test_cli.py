@@ -3,7 +3,7 @@
 import numpy as np
 
 import probe
-from probe.cli import main
+from probe.cli import main, parser
 
 
 def test_record_info_show(tmp_path, capsys):
@@ -64,3 +64,5 @@ def test_study_runs_one_study(tmp_path, capsys):
     assert json.loads(timing.settings[1]) == {"n_images": 4, "steps": 3}
     assert main(["study", "probe", "--model", "tiny", "--out", str(tmp_path), "--set", "steps"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+    assert parser().parse_args(["study", "edit"]).name == "editing"
+    assert parser().parse_args(["study", "self-cross"]).name == "self_cross"
