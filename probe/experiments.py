@@ -696,6 +696,7 @@ def guided_images(pipe, prompts: Sequence[dict], seeds: Sequence[int], configs: 
                                         subject=subject, schedule=asdict(schedule), initno=asdict(settings),
                                         judge=getattr(judge, "__qualname__", repr(judge))), keys)
     todo = [(job, key) for job, key in zip(jobs, keys) if rows.get(key) is None]
+    reused_seconds = sum(float(rows.get(key)["seconds"]) for key in keys if rows.get(key) is not None)
     if progress and len(todo) < len(jobs):
         print(f"{desc}: {len(jobs) - len(todo)} of {len(jobs)} images already in {store}")
     for (item, seed, (method, initno)), _ in tqdm(todo, desc=desc, disable=not progress):
@@ -726,7 +727,8 @@ def guided_images(pipe, prompts: Sequence[dict], seeds: Sequence[int], configs: 
         rows.add(row)
     rows.save()
     frame = pd.DataFrame([rows.get(key) for key in keys])
-    frame.attrs.update({"steps": steps, "t10_step": read_at["t10"], "end_step": read_at["end"], "grid": grid})
+    frame.attrs.update({"steps": steps, "t10_step": read_at["t10"], "end_step": read_at["end"], "grid": grid,
+                        "reused_seconds": reused_seconds})
     return frame
 
 
@@ -1100,12 +1102,12 @@ def run_all(pipe, quick: bool = False, out: str | Path = "figures", sizes: dict[
     """Every study from its fixed seeds; every figure (PNG) and table (CSV) into ``out``; the headline tables.
 
     Studies: linear probes, overlap vs missing, editing, guidance, self-cross mixing; ``README.md`` indexes them
-    (:func:`write_index`). ``quick`` runs each at its
-    quick size with :data:`QUICK_STEPS` steps. ``sizes``: per study (a name of :data:`STUDIES`), keyword arguments
-    that override its defaults, e.g. ``{"guidance": {"n_images": 2, "steps": 3}}``. ``only``: run just these
-    studies (earlier rows of ``timing.csv`` for the other studies are kept). Returns the headline table of each
-    study and ``timing`` (seconds per study, with its ``quick`` flag and ``sizes`` overrides), which are written as
-    ``headline_<study>.csv`` and ``timing.csv``.
+    (:func:`write_index`). ``quick`` runs each at its quick size with :data:`QUICK_STEPS` steps. ``sizes``: per
+    study (a name of :data:`STUDIES`), keyword arguments that override its defaults, e.g.
+    ``{"guidance": {"n_images": 2, "steps": 3}}``. ``only``: run just these studies (earlier rows of ``timing.csv``
+    for the other studies are kept). Returns the headline table of each study and ``timing`` (seconds per study,
+    counting the images an earlier run made where a study resumed; its ``quick`` flag and ``sizes`` overrides),
+    which are written as ``headline_<study>.csv`` and ``timing.csv``.
     """
     pipe = load(pipe)
     out = Path(out)
@@ -1144,7 +1146,8 @@ def run_all(pipe, quick: bool = False, out: str | Path = "figures", sizes: dict[
             headlines[name] = self_cross_headline(study.summary)
         _write_tables({**tables, f"headline_{name}": headlines[name]}, out)
         plt.close("all")
-        timing.append({"study": name, "seconds": time.perf_counter() - start, "quick": quick,
+        reused = getattr(study, "images", pd.DataFrame()).attrs.get("reused_seconds", 0.0)  # earlier runs' images
+        timing.append({"study": name, "seconds": time.perf_counter() - start + reused, "quick": quick,
                        "settings": json.dumps(sizes.get(name, {}), default=str), "model": model_label(pipe)})
     headlines["timing"] = pd.DataFrame(timing)
     earlier = out / "timing.csv"

@@ -267,6 +267,7 @@ def test_guided_images_resume_from_their_store(tiny, tmp_path, monkeypatch):
     numeric = first.select_dtypes("number").columns
     pd.testing.assert_frame_equal(both.iloc[:2][numeric].reset_index(drop=True), first[numeric], rtol=1e-5)
     assert list(both.method) == ["none", "ae"] * 2 and both.settings_id.nunique() == 1
+    assert both.attrs["reused_seconds"] == pytest.approx(first.seconds.sum(), rel=1e-5)
     again = guided_images(tiny, prompts[:1], [0], configs, **settings)  # a smaller run keeps the larger run's rows
     assert len(made) == 4 and len(again) == 2 and len(pd.read_csv(store)) == 4
     guided_images(tiny, prompts[:1], [0], configs, **{**settings, "steps": STEPS + 1})  # other settings: made anew
