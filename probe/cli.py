@@ -76,9 +76,12 @@ def cmd_demo(args) -> None:
 
 
 def cmd_train_shapes(args) -> None:
+    from probe.shapes.model import ShapesConfig
     from probe.shapes.train import TrainConfig, export, train
 
-    cfg = TrainConfig(threads=args.threads, cooldown_minutes=args.cooldown)
+    given = {k: v for k, v in (("lr", args.lr), ("ema_decay", args.ema_decay)) if v is not None}
+    cfg = TrainConfig(arch=ShapesConfig(prediction=args.prediction), threads=args.threads,
+                      cooldown_minutes=args.cooldown, **given)
     trainer = train(args.out, args.minutes, resume=args.resume, cfg=cfg, init_from=args.init_from)
     if args.export:
         print(f"exported to {export(trainer, args.export)}")
@@ -215,6 +218,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--cooldown", type=float, default=0.0,
                    help="decay the learning rate linearly to 10%% over the run's last minutes")
     t.add_argument("--export", default=None, help="write the EMA model as a diffusers folder here")
+    t.add_argument("--prediction", default="epsilon", choices=["epsilon", "v_prediction"],
+                   help="what the UNet predicts (a new or warm-started run; --resume keeps the checkpoint's)")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate of AdamW (default 1e-3)")
+    t.add_argument("--ema-decay", type=float, default=None, help="EMA decay of the exported weights (default 0.995)")
     t.set_defaults(func=cmd_train_shapes)
 
     ed = sub.add_parser("edit", help="tuning-free editing by attention injection (FPE)")

@@ -62,6 +62,29 @@ def test_training_runs_resumes_and_exports(tmp_path):
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
 
 
+def test_v_prediction_learns_the_velocity_and_resumes_as_v(tmp_path):
+    from probe.shapes.train import Trainer
+
+    arch = M.ShapesConfig(unet_channels=(32, 32, 32), vae_channels=(8, 8, 8), prediction="v_prediction")
+    trainer = Trainer(tmp_path, TrainConfig(arch=arch))
+    x0, noise, t = torch.randn(3, 4, 16, 16), torch.randn(3, 4, 16, 16), torch.tensor([0, 500, 999])
+    alpha_bar = trainer.sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    expected = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0  # by hand
+    assert torch.allclose(trainer.target(x0, noise, t), expected, atol=1e-6)
+    assert torch.equal(Trainer(tmp_path, TrainConfig()).target(x0, noise, t), noise)  # ε-prediction
+    assert trainer.sched.config.prediction_type == "v_prediction"
+    assert trainer.sched.config.timestep_spacing == "trailing"
+    cfg = TrainConfig(arch=arch, vae_steps=2, vae_batch_size=2, pool_size=16, batch_size=4)
+    train(tmp_path / "run", minutes=0.05, cfg=cfg)
+    resumed = train(tmp_path / "run", minutes=0.01, resume=True, cfg=TrainConfig(vae_steps=2, pool_size=16,
+                                                                                 batch_size=4))
+    assert resumed.cfg.arch.prediction == "v_prediction"  # from the checkpoint, not from the defaults
+    folder = export(resumed, tmp_path / "model")
+    assert StableDiffusionPipeline.from_pretrained(folder).scheduler.config.prediction_type == "v_prediction"
+    with pytest.raises(ValueError, match="prediction"):
+        M.scheduler("x0")
+
+
 def test_learning_rate_warms_up_holds_and_cools_down(tmp_path):
     from probe.shapes.train import Trainer
 

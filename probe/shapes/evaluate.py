@@ -206,6 +206,14 @@ def evaluate_model(pipe, quick: bool = False) -> dict:
     }
 
 
+SAMPLER_TEXT = {  # the card's words for each prediction type (see probe.shapes.model.scheduler)
+    "epsilon": "cosine betas, ε-prediction, leading spacing: trailing spacing would start at ᾱ ≈ 2·10⁻⁹,\n  where an "
+               "ε-prediction model cannot recover x₀",
+    "v_prediction": "cosine betas, v-prediction, trailing spacing: a v-prediction model recovers x₀ even from\n  "
+                    "pure noise",
+}
+
+
 def write_card(folder, metrics: dict, training: dict) -> str:
     """The model card: how the model was made and what it measures (markdown)."""
     s, t, loc = metrics["single_object"], metrics["two_objects"], metrics["localisation"]
@@ -237,8 +245,7 @@ or `StableDiffusionPipeline.from_pretrained("data/models/shapes")`, offline.
 - Text encoder `CLIPTextModel` width {arch['text_width']} with **{arch['text_layers']} transformer layers**
   (token + position embeddings only): with a causal encoder the end token and the padding carry the whole
   caption and cross-attention stops localising words. The project's own CLIP BPE tokenizer, 32 tokens.
-- `DDIMScheduler` (cosine betas, ε-prediction, leading spacing: trailing spacing would start at ᾱ ≈ 2·10⁻⁹,
-  where an ε-prediction model cannot recover x₀), {metrics['steps']} steps, guidance
+- `DDIMScheduler` ({SAMPLER_TEXT[arch.get('prediction', 'epsilon')]}), {metrics['steps']} steps, guidance
   {metrics['guidance_scale']} by default.
 
 ## Training

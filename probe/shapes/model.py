@@ -31,6 +31,7 @@ class ShapesConfig:
     vae_channels: tuple[int, ...] = (16, 32, 64)
     latent_channels: int = 4
     image_size: int = 64
+    prediction: str = "epsilon"  # what the UNet predicts: "epsilon" (noise) or "v_prediction" (velocity)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,13 +91,21 @@ def unet(cfg: ShapesConfig) -> UNet2DConditionModel:
     )
 
 
-def scheduler() -> DDIMScheduler:
+PREDICTIONS = ("epsilon", "v_prediction")
+
+
+def scheduler(prediction: str = "epsilon") -> DDIMScheduler:
+    """Cosine betas. ε-prediction samples with leading spacing: trailing spacing would start at ᾱ ≈ 2e-9, where an
+    ε-prediction model cannot recover x₀. A v-prediction model can, and its loss weighs the high-noise steps that
+    decide the layout far more (x₀ error × (SNR + 1) instead of × SNR), so it starts there (trailing spacing)."""
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, not {prediction!r}")
     return DDIMScheduler(
         num_train_timesteps=1000,
         beta_schedule="squaredcos_cap_v2",
-        prediction_type="epsilon",
+        prediction_type=prediction,
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
-        timestep_spacing="leading",  # trailing would start at ᾱ ≈ 2e-9, where ε-prediction cannot recover x₀
+        timestep_spacing="leading" if prediction == "epsilon" else "trailing",
     )

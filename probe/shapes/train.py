@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +68,7 @@ class Trainer:
         self.vae = M.vae(cfg.arch).to(self.dev)
         self.unet = M.unet(cfg.arch).to(self.dev)
         self.text = M.text_encoder(cfg.arch, len(self.tok)).to(self.dev)
-        self.sched = M.scheduler()
+        self.sched = M.scheduler(cfg.arch.prediction)
         self.stage, self.step, self.vae_step = "vae", 0, 0
         self.scaling = 1.0
         self.minutes = 0.0  # wall time spent training, over all runs
@@ -160,6 +160,10 @@ class Trainer:
         cool = 1.0 if self.cfg.cooldown_minutes <= 0 else min(1.0, max(0.1, minutes_left / self.cfg.cooldown_minutes))
         return self.cfg.lr * warm * cool
 
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the UNet learns to output: the noise, or the velocity √ᾱ·ε − √(1−ᾱ)·x₀."""
+        return noise if self.cfg.arch.prediction == "epsilon" else self.sched.get_velocity(x0, noise, t)
+
     def unet_step_once(self, minutes_left: float = float("inf")) -> float:
         c = self.cfg
         latents, ids = self.pool
@@ -172,7 +176,7 @@ class Trainer:
         t = torch.randint(0, self.sched.config.num_train_timesteps, (c.batch_size,), generator=self.gen).to(self.dev)
         xt = self.sched.add_noise(x0, noise, t)
         emb = self.text(tok.to(self.dev)).last_hidden_state
-        loss = F.mse_loss(self.unet(xt, t, emb).sample, noise)
+        loss = F.mse_loss(self.unet(xt, t, emb).sample, self.target(x0, noise, t))
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(self.step, minutes_left)
         self.opt.zero_grad(set_to_none=True)
@@ -261,6 +265,8 @@ def train(out: str | Path, minutes: float, resume: bool = False, cfg: TrainConfi
     cfg = cfg or TrainConfig()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if resume and (Path(out) / "checkpoint.pt").exists():  # the checkpoint's architecture, not the defaults
+        cfg = replace(cfg, arch=checkpoint_arch(out))
     trainer = Trainer(Path(out), cfg)
     if resume and trainer.ckpt.exists():
         trainer.load()
@@ -292,10 +298,14 @@ def export(trainer: Trainer, folder: str | Path) -> Path:
 
 
 
+def checkpoint_arch(run: str | Path) -> M.ShapesConfig:
+    """The architecture a training folder's checkpoint was made with."""
+    state = torch.load(Path(run) / "checkpoint.pt", map_location="cpu", weights_only=False)
+    return M.ShapesConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["arch"].items()})
+
+
 def export_checkpoint(run: str | Path, folder: str | Path) -> Path:
     """Export the EMA weights of a training folder's last checkpoint (training may go on meanwhile)."""
-    state = torch.load(Path(run) / "checkpoint.pt", map_location="cpu", weights_only=False)
-    arch = {k: tuple(v) if isinstance(v, list) else v for k, v in state["arch"].items()}
-    trainer = Trainer(Path(run), TrainConfig(arch=M.ShapesConfig(**arch)))
+    trainer = Trainer(Path(run), TrainConfig(arch=checkpoint_arch(run)))
     trainer.load()
     return export(trainer, folder)
