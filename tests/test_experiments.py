@@ -23,6 +23,7 @@ from probe.experiments import (
     auc_interval,
     edit_headline,
     edit_study,
+    edit_summary,
     guidance_headline,
     guidance_study,
     guided_images,
@@ -297,6 +298,24 @@ def test_self_cross_study_quick(tiny, tmp_path):
     headline = self_cross_headline(summary)
     assert len(headline) == len(SELF_CROSS_METHODS) and "mixed_diff_vs_ae" in headline
     assert (tmp_path / "self_cross_mixing.png").stat().st_size > 0
+
+
+def test_edit_summary_pairs_each_injection_with_no_injection_on_planted_rows():
+    def row(inject, seed, iou, fraction=0.8):
+        return {"edit": "colour", "origin": "rendered", "seed": seed, "inject": inject,
+                "fraction": float("nan") if inject == "none" else fraction,
+                "layer_set": "none" if inject == "none" else "all", "success": True, "iou": iou,
+                "displacement": 1.0, "leaked": False, "source_present": True}
+
+    results = pd.DataFrame([row("none", 0, 0.5), row("none", 1, 0.6), row("none", 2, 0.7),
+                            row("self", 0, 0.5), row("self", 1, 0.8), row("self", 2, np.nan),  # seed 2: not found
+                            row("cross", 0, 0.9), row("cross", 1, 1.0), row("cross", 2, 1.0)])
+    summary = edit_summary(results, n_boot=200).set_index("inject")
+    assert summary.loc["self", "iou_vs_none"] == pytest.approx(0.1)  # (0 + 0.2) / 2, seed 2 left out
+    assert summary.loc["self", "iou_vs_none_ci_low"] == pytest.approx(0.0)
+    assert summary.loc["self", "iou_vs_none_ci_high"] == pytest.approx(0.2)
+    assert summary.loc["cross", "iou_vs_none"] == pytest.approx((0.4 + 0.4 + 0.3) / 3)
+    assert np.isnan(summary.loc["none", "iou_vs_none"])
 
 
 def test_edit_study_quick(tiny, tmp_path):
