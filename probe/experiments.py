@@ -659,7 +659,8 @@ class ImageRows:
         if self.path is None or not self.unsaved:
             return
         ordered = [k for k in self.order if k in self.rows]
-        ordered += [k for k in self.rows if k not in set(ordered)]
+        first = set(ordered)  # once, not per row: a full-size table has thousands of rows
+        ordered += [k for k in self.rows if k not in first]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_suffix(".partial")
         pd.DataFrame([self.rows[k] for k in ordered]).to_csv(partial, index=False, float_format=TABLE_FLOAT_FORMAT)
