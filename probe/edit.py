@@ -282,16 +282,33 @@ def decode(pipe, latent: torch.Tensor) -> np.ndarray:
     return _to_uint8(pipe.image_processor.postprocess(x, output_type="np")[0])
 
 
+def clean_and_noise(output: torch.Tensor, latent: torch.Tensor, alpha: torch.Tensor,
+                    prediction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean latent x̂₀ and the noise ε̂ that a model output implies for ``latent`` at level ᾱ = ``alpha``.
+
+    ε-prediction: ε̂ = output; v-prediction: x̂₀ = √ᾱ·x − √(1−ᾱ)·v and ε̂ = √(1−ᾱ)·x + √ᾱ·v; "sample":
+    x̂₀ = output. In every case x = √ᾱ·x̂₀ + √(1−ᾱ)·ε̂, the relation DDIM's update keeps.
+    """
+    keep, drop = alpha.sqrt(), (1 - alpha).sqrt()
+    if prediction == "epsilon":
+        return (latent - drop * output) / keep, output
+    if prediction == "v_prediction":
+        return keep * latent - drop * output, drop * latent + keep * output
+    if prediction == "sample":
+        return output, (latent - keep * output) / drop
+    raise ValueError(f"unknown prediction type {prediction!r}: expected epsilon, v_prediction or sample")
+
+
 @torch.no_grad()
 def invert(pipe, image, prompt: str = "", steps: int = 50, *, height: int | None = None,
            width: int | None = None) -> Inversion:
     """Deterministic DDIM inversion of a real image: its latent trajectory up to noise.
 
     Encodes with the VAE, then walks the generation's ᾱ levels upwards with the DDIM update
-    x_next = √ᾱ_next·x̂₀ + √(1−ᾱ_next)·ε, ε the UNet's conditional prediction (no CFG) for the
-    current latent at the next timestep (the usual approximation, as diffusers' DDIMInverseScheduler
-    and null-text inversion do). Needs the pipeline's scheduler to be DDIM, so that the generation
-    walks back the same path.
+    x_next = √ᾱ_next·x̂₀ + √(1−ᾱ_next)·ε̂, x̂₀ and ε̂ from the UNet's conditional prediction (no CFG) for
+    the current latent at the next timestep (:func:`clean_and_noise`, any prediction type): the usual
+    approximation, as diffusers' DDIMInverseScheduler and null-text inversion make. Needs the pipeline's
+    scheduler to be DDIM, so that the generation walks back the same path.
     """
     pipe = load(pipe)
     scheduler = pipe.scheduler
@@ -300,8 +317,6 @@ def invert(pipe, image, prompt: str = "", steps: int = 50, *, height: int | None
             f"DDIM inversion needs a DDIM scheduler, the pipeline has {type(scheduler).__name__}; set "
             "pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config) first"
         )
-    if scheduler.config.prediction_type != "epsilon":
-        raise NotImplementedError(f"inversion supports ε-prediction models, not {scheduler.config.prediction_type!r}")
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     size = _image_size(pipe, height, width)
@@ -315,9 +330,9 @@ def invert(pipe, image, prompt: str = "", steps: int = 50, *, height: int | None
     for i in reversed(range(steps)):
         t = timesteps[i]
         model_input = scheduler.scale_model_input(latent, t)
-        eps = net(model_input, t, encoder_hidden_states=embeds, return_dict=False, **extra)[0].double()
+        output = net(model_input, t, encoder_hidden_states=embeds, return_dict=False, **extra)[0]
         a_now, a_next = alphas[i + 1], alphas[i]
-        x0 = (latent.double() - (1 - a_now).sqrt() * eps) / a_now.sqrt()
+        x0, eps = clean_and_noise(output.double(), latent.double(), a_now, scheduler.config.prediction_type)
         latent = (a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps).to(latent.dtype)
         trajectory.append(latent[0])
     return Inversion(torch.stack(trajectory[::-1]), timesteps.clone(), prompt)

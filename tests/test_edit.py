@@ -12,6 +12,7 @@ from probe.edit import (
     EDITS,
     LAYER_SETS,
     Inversion,
+    clean_and_noise,
     compare,
     decode,
     edit,
@@ -165,6 +166,37 @@ def test_inversion_is_exact_when_the_prediction_ignores_the_latent(blind):
     # so the reported PSNR is exactly the VAE's own reconstruction PSNR
     assert reconstruction_psnr(blind, image, SOURCE, steps=10) == pytest.approx(
         psnr(image, decode(blind, inversion.clean)), abs=0.05)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_clean_and_noise_agree_with_diffusers_ddim_step(prediction):
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(prediction_type=prediction, clip_sample=False)
+    scheduler.set_timesteps(10)
+    t = scheduler.timesteps[3]
+    latent, output = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    alpha = scheduler.alphas_cumprod[int(t)].double()
+    x0, eps = clean_and_noise(output, latent, alpha, prediction)
+    # the scheduler keeps ᾱ in float32: agreement to its rounding
+    torch.testing.assert_close(x0, scheduler.step(output, t, latent).pred_original_sample, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(alpha.sqrt() * x0 + (1 - alpha).sqrt() * eps, latent)
+    with pytest.raises(ValueError, match="unknown prediction type"):
+        clean_and_noise(output, latent, alpha, "score")
+
+
+def test_a_v_prediction_model_inverts_and_regenerates_its_image():
+    from diffusers import DDIMScheduler
+
+    pipe = probe.load("tiny")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction",
+                                               timestep_spacing="trailing")
+    image = _circle()
+    inversion = invert(pipe, image, SOURCE, steps=10)
+    from_inverted = regenerate(pipe, inversion, output_type="latent")
+    from_random = _plain(pipe, SOURCE, steps=10, guidance_scale=1.0, output_type="latent")
+    error_inverted = (from_inverted - inversion.clean).abs().mean()
+    assert error_inverted < 0.25 * (from_random - inversion.clean).abs().mean()
 
 
 def test_inverted_noise_regenerates_the_vae_reconstruction_far_better_than_a_random_start(tiny):
