@@ -218,8 +218,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--cooldown", type=float, default=0.0,
                    help="decay the learning rate linearly to 10%% over the run's last minutes")
     t.add_argument("--export", default=None, help="write the EMA model as a diffusers folder here")
-    t.add_argument("--prediction", default="epsilon", choices=["epsilon", "v_prediction"],
-                   help="what the UNet predicts (a new or warm-started run; --resume keeps the checkpoint's)")
+    t.add_argument("--prediction", default="v_prediction", choices=["epsilon", "v_prediction"],
+                   help="what the UNet predicts (a new or warm-started run; --resume keeps the checkpoint's); "
+                        "v-prediction is what the built-in model ships with (see its card)")
     t.add_argument("--lr", type=float, default=None, help="peak learning rate of AdamW (default 1e-3)")
     t.add_argument("--ema-decay", type=float, default=None, help="EMA decay of the exported weights (default 0.995)")
     t.set_defaults(func=cmd_train_shapes)
