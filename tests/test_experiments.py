@@ -237,10 +237,10 @@ def test_guidance_study_quick(tiny, tmp_path):
         assert row.difference == pytest.approx(rates[key] - rates["ae", key[1]])
         assert row.ci_low <= row.difference <= row.ci_high
     assert summary.set_index("method").loc["ae", "verdict"].eq("baseline").all()
-    mixed = summary.set_index(["method", "initno"]).mixed_rate
+    by_config = summary.set_index(["method", "initno"])
     for key in versus.index:  # mixing is compared with A&E on the same images, like missing
-        assert summary.set_index(["method", "initno"]).loc[key, "mixed_diff_vs_ae"] == pytest.approx(
-            mixed[key] - mixed["ae", key[1]])
+        assert by_config.loc[key, "mixed_diff_vs_ae"] == pytest.approx(
+            by_config.mixed_rate[key] - by_config.mixed_rate["ae", key[1]])
     assert len(guidance_headline(summary)) == len(summary)
     for name in ("guidance_missing", "guidance_overlap_vs_missing"):
         assert (tmp_path / f"{name}.png").stat().st_size > 0
