@@ -736,14 +736,15 @@ def guided_images(pipe, prompts: Sequence[dict], seeds: Sequence[int], configs: 
 def mean_interval(values, n_boot: int = BOOTSTRAPS, confidence: float = CONFIDENCE, seed: int = 0
                   ) -> tuple[float, float, float]:
     """Mean of ``values`` (a rate for booleans, a paired difference for differences) and its percentile bootstrap
-    interval; NaN for no values."""
+    interval; NaN for no values. Rounded to 12 decimals, so an exact zero difference does not print as -1.7e-18
+    or -0."""
     values = np.asarray(values, np.float64)
     if values.size == 0:
         return math.nan, math.nan, math.nan
     index = np.random.default_rng(seed).integers(0, values.size, (n_boot, values.size))
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(values[index].mean(-1), [tail, 100 - tail])
-    return float(values.mean()), float(low), float(high)
+    return tuple(round(float(v), 12) + 0.0 for v in (values.mean(), low, high))  # + 0.0: no "-0"
 
 
 def versus_baseline(images: pd.DataFrame, outcome: str = "missing", baseline: str = BASELINE,
