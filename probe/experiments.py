@@ -85,7 +85,7 @@ OVERLAP_SEEDS_PER_PROMPT = 4
 BOOTSTRAPS = 1000
 CONFIDENCE = 0.95
 FOLDS = 5
-EXAMPLES_PER_CLASS = 3  # present and missing images kept for the examples figure
+EXAMPLES_PER_CLASS = 3  # images kept per outcome class (present, missing, mixed) for the examples figure
 QUICK_PROBE_IMAGES = 24  # every colour × shape, one seed
 QUICK_OVERLAP_IMAGES = 16  # four prompts, four seeds: one chunk
 QUICK_BOOTSTRAPS = 200
@@ -93,6 +93,7 @@ PROBE_TARGETS = ("colour", "shape", "position", "judge_colour", "judge_shape")
 METRICS = ("soft_iou", "com_distance", "kl_sym", "compactness", "self_cross", "intensity_min", "spread_max",
            "ae_loss", "aggregation_max")
 ALL_METRICS = "all (logistic)"
+OVERLAP_OUTCOMES = ("missing", "mixed")  # an image's failures whose association with overlap is measured
 DPI = 130
 TABLE_FLOAT_FORMAT = "%.6g"  # six significant digits: exact enough for every statistic, and the per-image-per-step
 # tables of a full-size study stay a few MB instead of twice that with 17-digit floats
@@ -245,13 +246,17 @@ class Example:
         return "missing" in self.statuses
 
     @property
+    def mixed(self) -> bool:
+        return "mixed" in self.statuses
+
+    @property
     def all_present(self) -> bool:
         return all(s == "present" for s in self.statuses)
 
 
 @dataclass
 class OverlapStudy:
-    """``metrics``: one row per (image, step); ``association``: one row per (metric, step)."""
+    """``metrics``: one row per (image, step); ``association``: one row per (outcome, metric, step)."""
 
     metrics: pd.DataFrame
     association: pd.DataFrame
@@ -327,33 +332,34 @@ def overlap_chunk(tree, grid: int, subject: Subject = "noun", judge: Judge = exa
     rows, examples = [], []
     for i, (prompt, seed, image) in enumerate(zip(prompts, seeds, images)):
         statuses = tuple(s.status for s in judge(image, prompt))
-        missing = "missing" in statuses
         examples.append(Example(prompt, seed, tuple(words[i]), statuses, image, maps[i, -1].numpy()))
         for j, (step, timestep) in enumerate(zip(steps, timesteps)):
             rows.append({"prompt": prompt, "seed": seed, "step": int(step), "timestep": float(timestep),
-                         "status_a": statuses[0], "status_b": statuses[1], "missing": missing,
+                         "status_a": statuses[0], "status_b": statuses[1],
+                         **{outcome: outcome in statuses for outcome in OVERLAP_OUTCOMES},
                          **{name: float(v[i, j]) for name, v in values.items()}})
     return rows, examples
 
 
 def _keep_examples(kept: list[Example], new: list[Example], per_class: int = EXAMPLES_PER_CLASS) -> list[Example]:
-    """The first ``per_class`` images with every subject present and the first with a subject missing."""
+    """The first ``per_class`` images with every subject present, with a subject missing and with subjects mixed."""
     for example in new:
-        for is_class in (lambda e: e.all_present, lambda e: e.missing):
-            if is_class(example) and sum(map(is_class, kept)) < per_class:
-                kept.append(example)
+        flags = [flag for flag in plots.EXAMPLE_GROUPS.values() if getattr(example, flag)]
+        if any(sum(getattr(e, flag) for e in kept) < per_class for flag in flags):
+            kept.append(example)
     return kept
 
 
 def overlap_study(pipe, n_images: int = 400, steps: int = STEPS, quick: bool = False, out: str | Path | None = None,
                   subject: Subject = "noun", judge: Judge = exact_judge,
                   seeds_per_prompt: int = OVERLAP_SEEDS_PER_PROMPT, progress: bool = True) -> OverlapStudy:
-    """Overlap statistics of two-object images at every step, and their association with entity missing.
+    """Overlap statistics of two-object images at every step, and their association with entity missing and mixing.
 
     ``n_images / seeds_per_prompt`` prompts (two colours, two shapes, all different), each with the same seeds.
     Maps are layer means at the cross-attention grid closest to 16×16; the self-cross overlap uses the
-    Otsu-aggregated self-attention at that grid. An image counts as missing when the judge finds any subject
-    missing. ``quick``: at most 16 images, three steps (early / middle / late), 200 bootstrap resamples.
+    Otsu-aggregated self-attention at that grid. An image counts as missing (mixed) when the judge finds any subject
+    missing (mixed with the other). ``quick``: at most 16 images, three steps (early / middle / late), 200 bootstrap
+    resamples.
     """
     pipe = load(pipe)
     n_images = min(n_images, QUICK_OVERLAP_IMAGES) if quick else n_images
@@ -370,7 +376,7 @@ def overlap_study(pipe, n_images: int = 400, steps: int = STEPS, quick: bool = F
         rows += chunk_rows
         examples = _keep_examples(examples, chunk_examples)
     metrics = pd.DataFrame(rows)
-    association = missing_association(metrics, n_boot=QUICK_BOOTSTRAPS if quick else BOOTSTRAPS)
+    association = failure_association(metrics, n_boot=QUICK_BOOTSTRAPS if quick else BOOTSTRAPS)
     figures = {"overlap_auc": plots.overlap_auc(association), "overlap_examples": plots.overlap_examples(examples)}
     return OverlapStudy(metrics, association, examples, figures, _save(figures, out))
 
@@ -403,7 +409,7 @@ def auc_interval(y: np.ndarray, scores: np.ndarray, n_boot: int = BOOTSTRAPS, co
 
 
 def cross_validated_scores(X: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: int = 0) -> np.ndarray | None:
-    """Out-of-fold P(missing) of a standardised logistic regression on all metrics; None if a class is too rare."""
+    """Out-of-fold P(outcome) of a standardised logistic regression on all metrics; None if a class is too rare."""
     y = np.asarray(y, bool)
     folds = min(folds, int(y.sum()), int((~y).sum()))
     if folds < 2:
@@ -412,38 +418,42 @@ def cross_validated_scores(X: np.ndarray, y: np.ndarray, folds: int = FOLDS, see
     return cross_val_predict(LinearProbe()._pipeline(), X, y, cv=split, method="predict_proba")[:, 1]
 
 
-def missing_association(metrics: pd.DataFrame, names: Sequence[str] = METRICS, n_boot: int = BOOTSTRAPS,
-                        seed: int = 0) -> pd.DataFrame:
-    """Per step: ROC AUC (bootstrap CI) of each metric for "any subject missing", and of all metrics together.
+def failure_association(metrics: pd.DataFrame, outcomes: Sequence[str] = OVERLAP_OUTCOMES,
+                        names: Sequence[str] = METRICS, n_boot: int = BOOTSTRAPS, seed: int = 0) -> pd.DataFrame:
+    """Per outcome and step: ROC AUC (bootstrap CI) of each metric for the outcome (a boolean column of
+    ``metrics``: "any subject missing", "subjects mixed"), and of all metrics together.
 
-    AUC > 0.5: larger values go with missing (expected for soft IoU, self-cross overlap, A&E loss); < 0.5: smaller
-    values do (expected for centre distance, KL, intensity). The joint row (``metric == ALL_METRICS``) is the
-    cross-validated AUC of a logistic regression on every metric, its interval bootstrapped over the pooled
-    out-of-fold predictions. Steps where only one outcome occurs give NaN.
+    AUC > 0.5: larger values go with the failure (expected for soft IoU, self-cross overlap, A&E loss); < 0.5:
+    smaller values do (expected for centre distance, KL, intensity). The joint row (``metric == ALL_METRICS``) is
+    the cross-validated AUC of a logistic regression on every metric, its interval bootstrapped over the pooled
+    out-of-fold predictions. ``n_cases``: images with the outcome; where it is 0 or ``n`` the AUC is NaN.
     """
     rows = []
-    for (step, timestep), frame in metrics.groupby(["step", "timestep"], sort=True):
-        y = frame["missing"].to_numpy(bool)
-        base = {"step": int(step), "timestep": float(timestep), "n": len(y), "n_missing": int(y.sum())}
+    steps = metrics.groupby(["step", "timestep"], sort=True)
+    for outcome, ((step, timestep), frame) in itertools.product(outcomes, steps):
+        y = frame[outcome].to_numpy(bool)
+        base = {"outcome": outcome, "step": int(step), "timestep": float(timestep), "n": len(y),
+                "n_cases": int(y.sum())}
         for name in names:
             auc, low, high = auc_interval(y, frame[name].to_numpy(), n_boot, seed=seed)
             rows.append({"metric": name, **base, "auc": auc, "ci_low": low, "ci_high": high})
         scores = cross_validated_scores(frame[list(names)].to_numpy(np.float64), y, seed=seed)
         auc, low, high = (np.nan,) * 3 if scores is None else auc_interval(y, scores, n_boot, seed=seed)
         rows.append({"metric": ALL_METRICS, **base, "auc": auc, "ci_low": low, "ci_high": high})
-    return pd.DataFrame(rows, columns=["metric", "step", "timestep", "n", "n_missing", "auc", "ci_low", "ci_high"])
+    return pd.DataFrame(rows, columns=["outcome", "metric", "step", "timestep", "n", "n_cases", "auc", "ci_low",
+                                       "ci_high"])
 
 
 def overlap_headline(association: pd.DataFrame) -> pd.DataFrame:
-    """Per metric: AUC at the last step (with CI) and the step where the AUC lies furthest from 0.5."""
+    """Per outcome and metric: AUC at the last step (with CI) and the step where the AUC lies furthest from 0.5."""
     rows = []
-    for metric, frame in association.groupby("metric", sort=False):
+    for (outcome, metric), frame in association.groupby(["outcome", "metric"], sort=False):
         last = frame.loc[frame.step.idxmax()]
         known = frame.dropna(subset=["auc"])
         best = known.loc[(known.auc - 0.5).abs().idxmax()] if len(known) else last
-        rows.append({"metric": metric, "auc_last": last.auc, "ci_low_last": last.ci_low,
+        rows.append({"outcome": outcome, "metric": metric, "auc_last": last.auc, "ci_low_last": last.ci_low,
                      "ci_high_last": last.ci_high, "strongest_step": int(best.step), "auc_strongest": best.auc,
-                     "n": int(last.n), "n_missing": int(last.n_missing)})
+                     "n": int(last.n), "n_cases": int(last.n_cases)})
     return pd.DataFrame(rows)
 
 
@@ -1033,7 +1043,7 @@ def edit_headline(summary: pd.DataFrame) -> pd.DataFrame:
 STUDIES = ("probe", "overlap", "editing", "guidance", "self_cross")
 STUDY_TITLES = {
     "probe": "Linear probes: what cross- and self-attention encode",
-    "overlap": "Overlap between the subjects' maps vs entity missing",
+    "overlap": "Overlap between the subjects' maps vs entity missing and mixing",
     "editing": "Tuning-free editing: self- vs cross-attention injection",
     "guidance": "Guidance: does lowering overlap lower entity missing?",
     "self_cross": "Self-Cross guidance on similar subjects: mixing",

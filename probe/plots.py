@@ -133,16 +133,19 @@ def probe_accuracy(table: pd.DataFrame):
 
 
 def overlap_auc(association: pd.DataFrame, columns: int = 5):
-    """ROC AUC of each metric for "a subject is missing", per step, with its bootstrap interval as a band."""
+    """ROC AUC of each metric for each failure (a subject missing, subjects mixed), per step, with its bootstrap
+    interval as a band; an outcome that no image (or every image) showed has no line."""
     metrics = list(dict.fromkeys(association.metric))
+    outcomes = list(dict.fromkeys(association.outcome))
     rows = max(1, -(-len(metrics) // columns))
     fig, axes = plt.subplots(rows, columns, squeeze=False, sharex=True, sharey=True,
-                             figsize=(2.4 * columns, 2.1 * rows))
-    colour = sns.color_palette(PALETTE, 1)[0]
+                             figsize=(2.4 * columns, 2.1 * rows + 0.4))
+    colours = dict(zip(outcomes, sns.color_palette(PALETTE, len(outcomes))))
     for ax, metric in zip(axes.flat, metrics):
-        part = association[association.metric == metric].sort_values("step")
-        ax.fill_between(part.step, part.ci_low, part.ci_high, color=colour, alpha=0.25, lw=0)
-        ax.plot(part.step, part.auc, color=colour, marker="o", ms=2, lw=1)
+        for outcome in outcomes:
+            part = association[(association.metric == metric) & (association.outcome == outcome)].sort_values("step")
+            ax.fill_between(part.step, part.ci_low, part.ci_high, color=colours[outcome], alpha=0.2, lw=0)
+            ax.plot(part.step, part.auc, color=colours[outcome], marker="o", ms=2, lw=1, label=outcome)
         ax.axhline(0.5, **CHANCE_STYLE)
         ax.set_ylim(0, 1)
         ax.set_title(metric, fontsize=9)
@@ -152,21 +155,30 @@ def overlap_auc(association: pd.DataFrame, columns: int = 5):
     for ax in axes[-1]:
         ax.set_xlabel("step")
     for ax in axes[:, 0]:
-        ax.set_ylabel("AUC (missing)")
-    fig.tight_layout()
+        ax.set_ylabel("AUC")
+    counts = association.groupby("outcome", sort=False).n_cases.last()
+    handles = [plt.Line2D([], [], color=colours[o], marker="o", ms=3, label=f"{o} ({counts[o]} images)")
+               for o in outcomes]
+    fig.legend(handles=handles, loc="upper center", ncol=len(outcomes), frameon=False, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     return fig
 
 
+EXAMPLE_GROUPS = {"every subject present": "all_present", "a subject missing": "missing", "subjects mixed": "mixed"}
+
+
 def overlap_examples(examples):
-    """Images where every subject is present (left) and where one is missing (right), each with its two
+    """Images where every subject is present, where one is missing and where the two are mixed, each with its two
     subjects' maps. ``examples``: :class:`probe.experiments.Example` objects."""
-    groups = [[e for e in examples if e.all_present], [e for e in examples if e.missing]]
+    groups = [[e for e in examples if getattr(e, flag)] for flag in EXAMPLE_GROUPS.values()]
     rows = max(1, *(len(g) for g in groups))
-    fig, axes = plt.subplots(rows, 6, squeeze=False, figsize=(9.5, 1.9 * rows + 0.5))
+    width = len(groups)
+    fig, axes = plt.subplots(rows, 3 * width, squeeze=False, figsize=(4.75 * width, 1.9 * rows + 0.5))
     for ax in axes.flat:
         ax.axis("off")
-    for side, (group, title) in enumerate(zip(groups, ("every subject present", "a subject missing"))):
-        fig.text(0.02 + 0.5 * side, 0.99, title, fontsize=10, va="top", weight="bold")
+    for side, (group, title) in enumerate(zip(groups, EXAMPLE_GROUPS)):
+        fig.text(0.02 + side / width, 0.99, title if group else f"{title}: none", fontsize=10, va="top",
+                 weight="bold")
         for row, example in enumerate(group):
             ax = axes[row, 3 * side]
             ax.imshow(example.image)

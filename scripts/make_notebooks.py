@@ -81,9 +81,10 @@ NOTEBOOKS = {
             "subjects' layer-mean cross-attention maps (grid closest to 16×16) are compared: soft IoU, "
             "centre-of-mass distance, symmetric KL, clustering compactness, self-cross overlap (with Otsu-aggregated "
             "self-attention), each subject's intensity and spread, the Attend-and-Excite response and the "
-            "aggregation loss. The judge says whether a subject is missing; the ROC AUC says how well each "
-            "statistic predicts that (0.5: not at all), with a bootstrap 95% interval, and a cross-validated "
-            "logistic regression uses all statistics together."
+            "aggregation loss. The judge says whether a subject is missing and whether the two are mixed (one drawn "
+            "with the other's colour or shape); the ROC AUC says how well each statistic predicts each failure "
+            "(0.5: not at all), with a bootstrap 95% interval, and a cross-validated logistic regression uses all "
+            "statistics together."
         ),
         new_code_cell(SETUP),
         new_code_cell(
@@ -91,9 +92,11 @@ NOTEBOOKS = {
             "study = overlap_study(pipe, steps=STEPS, quick=QUICK)  # 400 images (16 when quick)\n"
             "overlap_headline(study.association)"
         ),
-        new_markdown_cell("AUC for \"a subject is missing\" per statistic and step (band: bootstrap 95% interval):"),
+        new_markdown_cell("AUC for \"a subject is missing\" and \"subjects mixed\" per statistic and step "
+                          "(band: bootstrap 95% interval):"),
         new_code_cell('study.figures["overlap_auc"]'),
-        new_markdown_cell("Images with every subject present and with a subject missing, under their subjects' maps:"),
+        new_markdown_cell("Images with every subject present, with a subject missing and with subjects mixed, under "
+                          "their subjects' maps:"),
         new_code_cell('study.figures["overlap_examples"]'),
         new_markdown_cell("One row per image and step: every statistic, the judge's statuses and the outcome."),
         new_code_cell("study.metrics.head()"),
@@ -208,6 +211,8 @@ NOTEBOOKS = {
 def main() -> None:
     ROOT.mkdir(exist_ok=True)
     for name, cells in NOTEBOOKS.items():
+        for number, cell in enumerate(cells):
+            cell.id = f"{Path(name).stem[:2]}-{number:02d}"  # stable ids: regenerating changes only what changed
         nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
                                                                 "language": "python"}})
         nbformat.write(nb, ROOT / name)

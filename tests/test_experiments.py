@@ -19,16 +19,18 @@ from probe.experiments import (
     PROBE_TARGETS,
     SELF_CROSS_METHODS,
     STUDIES,
+    Example,
     RealPassMaps,
+    _keep_examples,
     auc_interval,
     edit_headline,
     edit_study,
     edit_summary,
+    failure_association,
     guidance_headline,
     guidance_study,
     guided_images,
     mean_interval,
-    missing_association,
     nearest_grid,
     overlap_headline,
     overlap_steps,
@@ -86,11 +88,23 @@ def test_auc_interval_and_association_on_planted_data():
     assert auc == pytest.approx(roc_auc_score(y, scores))
     assert 0.8 < low <= auc <= high <= 1
     assert np.isnan(auc_interval(np.zeros(5, bool), np.arange(5))[0])
-    metrics = pd.DataFrame({"step": 0, "timestep": 1.0, "missing": y, "signal": y + rng.normal(0, 0.5, y.size),
-                            "noise": rng.normal(size=y.size)})
-    table = missing_association(metrics, names=["signal", "noise"], n_boot=200).set_index("metric")
-    assert table.loc["signal", "ci_low"] > 0.8 and table.loc["noise", "ci_low"] < 0.5 < table.loc["noise", "ci_high"]
-    assert table.loc[ALL_METRICS, "auc"] > 0.8
+    metrics = pd.DataFrame({"step": 0, "timestep": 1.0, "missing": y, "mixed": ~y,
+                            "signal": y + rng.normal(0, 0.5, y.size), "noise": rng.normal(size=y.size)})
+    table = failure_association(metrics, names=["signal", "noise"], n_boot=200).set_index(["outcome", "metric"])
+    assert table.loc[("missing", "signal"), "ci_low"] > 0.8 and table.loc[("mixed", "signal"), "ci_high"] < 0.2
+    assert table.loc[("missing", "noise"), "ci_low"] < 0.5 < table.loc[("missing", "noise"), "ci_high"]
+    assert table.loc[("missing", ALL_METRICS), "auc"] > 0.8 and (table.n_cases == 60).all()
+
+
+def test_examples_keep_the_first_of_each_outcome_once():
+    blank = np.zeros((2, 2, 3), np.uint8)
+    statuses = [("present", "present"), ("missing", "mixed"), ("mixed", "mixed"), ("present", "missing"),
+                ("mixed", "present"), ("present", "present")]
+    examples = [Example("p", seed, ("a", "b"), s, blank, np.zeros((2, 1, 1))) for seed, s in enumerate(statuses)]
+    kept = _keep_examples([], examples[:3], per_class=1)
+    kept = _keep_examples(kept, examples[3:], per_class=1)
+    assert [e.seed for e in kept] == [0, 1]  # seed 1 is both missing and mixed, kept once; every class is then full
+    assert [e.seed for e in _keep_examples([], examples, per_class=2)] == [0, 1, 2, 3, 5]
 
 
 def test_probe_study_quick(tiny, tmp_path):
@@ -116,16 +130,17 @@ def test_overlap_study_quick(tiny, tmp_path):
     assert np.isfinite(metrics[list(METRICS)].to_numpy()).all()
     assert metrics.soft_iou.between(0, 1).all() and metrics.com_distance.between(0, 1).all()
     assert metrics.ae_loss.between(0, 1).all() and (metrics.kl_sym >= 0).all()
-    assert 0 < metrics.missing.mean() < 1
-    assert set(table.metric) == {*METRICS, ALL_METRICS} and len(table) == (len(METRICS) + 1) * STEPS
+    assert 0 < metrics.missing.mean() < 1 and not metrics.mixed.any()
+    assert set(table.metric) == {*METRICS, ALL_METRICS} and set(table.outcome) == {"missing", "mixed"}
+    assert len(table) == 2 * (len(METRICS) + 1) * STEPS
     _check_intervals(table, "auc")
-    assert table.auc.notna().all()
-    for (metric, step), row in table.set_index(["metric", "step"]).iterrows():
-        if metric != ALL_METRICS:
-            at = metrics[metrics.step == step]
+    assert table[table.outcome == "missing"].auc.notna().all() and table[table.outcome == "mixed"].auc.isna().all()
+    for (outcome, metric, step), row in table.set_index(["outcome", "metric", "step"]).iterrows():
+        at = metrics[metrics.step == step]
+        assert row.n_cases == at[outcome].sum()
+        if outcome == "missing" and metric != ALL_METRICS:
             assert row.auc == pytest.approx(roc_auc_score(at.missing, at[metric]))
-            assert row.n_missing == at.missing.sum()
-    assert len(overlap_headline(table)) == len(METRICS) + 1
+    assert len(overlap_headline(table)) == 2 * (len(METRICS) + 1)
     assert all(e.missing or e.all_present for e in study.examples)
     for name in ("overlap_auc", "overlap_examples"):
         assert (tmp_path / f"{name}.png").stat().st_size > 0
