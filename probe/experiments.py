@@ -445,14 +445,16 @@ def failure_association(metrics: pd.DataFrame, outcomes: Sequence[str] = OVERLAP
 
 
 def overlap_headline(association: pd.DataFrame) -> pd.DataFrame:
-    """Per outcome and metric: AUC at the last step (with CI) and the step where the AUC lies furthest from 0.5."""
+    """Per outcome and metric: AUC at the last step (with CI) and the step where the AUC lies furthest from 0.5
+    (none when the outcome never happened, so no AUC exists)."""
     rows = []
     for (outcome, metric), frame in association.groupby(["outcome", "metric"], sort=False):
         last = frame.loc[frame.step.idxmax()]
         known = frame.dropna(subset=["auc"])
-        best = known.loc[(known.auc - 0.5).abs().idxmax()] if len(known) else last
+        best = known.loc[(known.auc - 0.5).abs().idxmax()] if len(known) else None
         rows.append({"outcome": outcome, "metric": metric, "auc_last": last.auc, "ci_low_last": last.ci_low,
-                     "ci_high_last": last.ci_high, "strongest_step": int(best.step), "auc_strongest": best.auc,
+                     "ci_high_last": last.ci_high, "strongest_step": pd.NA if best is None else int(best.step),
+                     "auc_strongest": math.nan if best is None else best.auc,
                      "n": int(last.n), "n_cases": int(last.n_cases)})
     return pd.DataFrame(rows)
 
@@ -890,7 +892,7 @@ def guidance_study(pipe, n_images: int = 600, steps: int = STEPS, quick: bool = 
     # mixing too: on a model that rarely loses a subject, binding is the failure guidance can move
     summary = _with_versus(summary, versus_baseline(images, "mixed", n_boot=n_boot), "mixed_")
     figures = {"guidance_missing": plots.outcome_rates(summary, ("missing", "mixed"), baseline=BASELINE),
-               "guidance_overlap_vs_missing": plots.overlap_vs_outcome(summary)}
+               "guidance_overlap_vs_missing": plots.overlap_vs_outcome(summary, ("missing", "mixed"))}
     return GuidanceStudy(images, summary, versus, figures, _save(figures, out))
 
 

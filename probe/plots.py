@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -169,16 +171,20 @@ EXAMPLE_GROUPS = {"every subject present": "all_present", "a subject missing": "
 
 def overlap_examples(examples):
     """Images where every subject is present, where one is missing and where the two are mixed, each with its two
-    subjects' maps. ``examples``: :class:`probe.experiments.Example` objects."""
-    groups = [[e for e in examples if getattr(e, flag)] for flag in EXAMPLE_GROUPS.values()]
-    rows = max(1, *(len(g) for g in groups))
-    width = len(groups)
-    fig, axes = plt.subplots(rows, 3 * width, squeeze=False, figsize=(4.75 * width, 1.9 * rows + 0.5))
+    subjects' maps; a group without images is named in the figure's title instead of drawn empty.
+    ``examples``: :class:`probe.experiments.Example` objects."""
+    found = {title: [e for e in examples if getattr(e, flag)] for title, flag in EXAMPLE_GROUPS.items()}
+    groups = [(title, group) for title, group in found.items() if group] or [("no examples", [])]
+    empty = [title for title, group in found.items() if not group]
+    rows, width = max(1, *(len(g) for _, g in groups)), len(groups)
+    fig, axes = plt.subplots(rows, 3 * width, squeeze=False, figsize=(4.75 * width, 1.9 * rows + 0.8))
     for ax in axes.flat:
         ax.axis("off")
-    for side, (group, title) in enumerate(zip(groups, EXAMPLE_GROUPS)):
-        fig.text(0.02 + side / width, 0.99, title if group else f"{title}: none", fontsize=10, va="top",
-                 weight="bold")
+    if empty:
+        fig.suptitle("none in this run: " + "; ".join(empty), fontsize=9, y=0.995)
+    for side, (title, group) in enumerate(groups):
+        fig.text(0.02 + side / width, 0.99 - (0.25 if empty else 0) / fig.get_figheight(), title, fontsize=10,
+                 va="top", weight="bold")
         for row, example in enumerate(group):
             ax = axes[row, 3 * side]
             ax.imshow(example.image)
@@ -187,7 +193,7 @@ def overlap_examples(examples):
                 panel = axes[row, 3 * side + 1 + k]
                 _overlay(panel, example.image, example.maps[k], f"{example.words[k]}: {example.statuses[k]}")
                 panel.title.set_fontsize(7)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.6 if empty else 0.35) / fig.get_figheight()))
     return fig
 
 
@@ -235,24 +241,33 @@ def outcome_rates(summary: pd.DataFrame, outcomes=("missing",), baseline: str | 
     return fig
 
 
-def overlap_vs_outcome(summary: pd.DataFrame, outcome: str = "missing", metric: str = "soft_iou_t10"):
-    """Mean overlap early in denoising vs the rate of ``outcome``, one point per (method, initno) with its interval:
-    if lowering overlap lowers missing, the points rise from left to right."""
-    fig, ax = plt.subplots(figsize=(4.8, 3.8))
+def overlap_vs_outcome(summary: pd.DataFrame, outcomes=("missing",), metric: str = "soft_iou_t10",
+                       skip: Sequence[str] = ("overlap methods (pooled)",)):
+    """Per outcome a panel: mean overlap early in denoising vs the outcome's rate, one point per (method, initno)
+    with its interval. If lowering overlap lowers the failure, the points rise from left to right.
+
+    Colour is the method, the marker seed noise vs INITNO; rows whose method is in ``skip`` (averages of the
+    others) are left out.
+    """
+    summary = summary[~summary.method.isin(skip)]
     methods = list(dict.fromkeys(summary.method))
     colours = dict(zip(methods, sns.color_palette(PALETTE, len(methods))))
-    rate = f"{outcome}_rate"
-    for _, row in summary.iterrows():
-        one = row.to_frame().T
-        ax.errorbar(row[metric], row[rate], yerr=_error(one, rate, f"{outcome}_ci_low", f"{outcome}_ci_high"),
-                    fmt=INITNO_MARKERS.get(bool(row.initno), "o"), ms=6, capsize=3, color=colours[row.method])
-        label = f"{row.method}{' +INITNO' if row.initno else ''}"
-        ax.annotate(label, (row[metric], row[rate]), xytext=(4, 4), textcoords="offset points", fontsize=7)
-    ax.set_xlabel(f"mean {metric.replace('_t10', '')} at step 10 (of 50)")
-    ax.set_ylabel(f"images with a subject {outcome}")
-    ax.set_ylim(-0.02, 1.02)
-    sns.despine(ax=ax)
-    fig.tight_layout()
+    fig, axes = plt.subplots(1, len(outcomes), squeeze=False, sharex=True, figsize=(4.2 * len(outcomes) + 1.6, 3.6))
+    for ax, outcome in zip(axes[0], outcomes):
+        rate = f"{outcome}_rate"
+        for _, row in summary.iterrows():
+            ax.errorbar(row[metric], row[rate],
+                        yerr=_error(row.to_frame().T, rate, f"{outcome}_ci_low", f"{outcome}_ci_high"),
+                        fmt=INITNO_MARKERS.get(bool(row.initno), "o"), ms=6, capsize=3, color=colours[row.method])
+        ax.set_xlabel(f"mean {metric.removesuffix('_t10').replace('_', ' ')} at step 10 of 50 (scaled)")
+        ax.set_ylabel(f"images with a subject {outcome}")
+        ax.set_ylim(-0.02, 1.02)
+        sns.despine(ax=ax)
+    handles = [plt.Line2D([], [], color=colours[m], marker="o", ls="", label=m) for m in methods]
+    handles += [plt.Line2D([], [], color="black", marker=INITNO_MARKERS[k], ls="", label=label)
+                for k, label in INITNO_LABELS.items() if k in set(summary.initno.astype(bool))]
+    fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - 1.5 / fig.get_figwidth(), 1))
     return fig
 
 
