@@ -76,13 +76,20 @@ def cmd_demo(args) -> None:
 
 
 def cmd_train_shapes(args) -> None:
-    from probe.shapes.model import ShapesConfig
-    from probe.shapes.train import TrainConfig, export, train
+    from dataclasses import fields, replace
 
+    from probe.shapes.model import ShapesConfig
+    from probe.shapes.train import TESTBED, TrainConfig, export, train
+
+    base = TESTBED if args.recipe == "testbed" else TrainConfig()
     given = {k: v for k, v in (("lr", args.lr), ("ema_decay", args.ema_decay)) if v is not None}
-    cfg = TrainConfig(arch=ShapesConfig(prediction=args.prediction), threads=args.threads,
-                      cooldown_minutes=args.cooldown, **given)
-    trainer = train(args.out, args.minutes, resume=args.resume, cfg=cfg, init_from=args.init_from)
+    arch_names = {f.name for f in fields(ShapesConfig)}
+    settings = dict(_setting(item) for item in args.set)
+    arch = replace(base.arch, prediction=args.prediction, **{k: v for k, v in settings.items() if k in arch_names})
+    cfg = replace(base, arch=arch, threads=args.threads, cooldown_minutes=args.cooldown, **given,
+                  **{k: v for k, v in settings.items() if k not in arch_names})
+    trainer = train(args.out, args.minutes, resume=args.resume, cfg=cfg, init_from=args.init_from,
+                    vae_from=args.vae_from)
     if args.export:
         print(f"exported to {export(trainer, args.export)}")
 
@@ -160,6 +167,9 @@ def cmd_evaluate_shapes(args) -> None:
     from probe.shapes import evaluate
 
     pipe = probe.load(args.model)
+    if args.pilot:
+        print(json.dumps(evaluate.pilot(pipe), indent=1))
+        return
     metrics = evaluate.evaluate_model(pipe, quick=args.quick)
     print(json.dumps(metrics, indent=1))
     if args.card:
@@ -214,6 +224,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--minutes", type=float, required=True)
     t.add_argument("--resume", action="store_true")
     t.add_argument("--init-from", default=None, help="start from an exported model folder (data/models/shapes)")
+    t.add_argument("--vae-from", default=None, help="take this exported model's autoencoder instead of training one")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a busy machine)")
     t.add_argument("--cooldown", type=float, default=0.0,
                    help="decay the learning rate linearly to 10%% over the run's last minutes")
@@ -223,6 +234,10 @@ def parser() -> argparse.ArgumentParser:
                         "v-prediction is what the built-in model ships with (see its card)")
     t.add_argument("--lr", type=float, default=None, help="peak learning rate of AdamW (default 1e-3)")
     t.add_argument("--ema-decay", type=float, default=None, help="EMA decay of the exported weights (default 0.995)")
+    t.add_argument("--recipe", default="testbed", choices=["testbed", "v1"],
+                   help="testbed: the shipped model's recipe; v1: the first built-in model's")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a TrainConfig or ShapesConfig field, e.g. --set grounding_weight=0")
     t.set_defaults(func=cmd_train_shapes)
 
     ed = sub.add_parser("edit", help="tuning-free editing by attention injection (FPE)")
@@ -258,6 +273,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default="shapes", help="built-in name or folder")
     e.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     e.add_argument("--card", action="store_true", help="write metrics.json, samples.png and README.md beside it")
+    e.add_argument("--pilot", action="store_true", help="the short read of a training run: teacher-forced "
+                   "localisation and unguided missing / mixing")
     e.set_defaults(func=cmd_evaluate_shapes)
     return p
 

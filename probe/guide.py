@@ -7,11 +7,12 @@ latent takes gradient steps on the objective before the pipeline denoises it. St
 pipeline call and enters as ``latents=``. No pipeline loop is copied, so guidance runs on every pipeline the tap
 understands (Stable Diffusion 1.x/2.x and SDXL).
 
-The default :class:`Schedule` is Attend-and-Excite's (Chefer et al., 2023) as diffusers implements it: maps of the
-16×16 layers averaged over layers and heads, softmax(100·A) over the text tokens, 3×3 Gaussian smoothing, one step
-α_i = 20·sqrt(linspace(1, 0.5, T)[i]) for the first half of the steps, and iterative refinement at steps 0, 10 and
-20 until the loss is at most 1 − {0.05, 0.5, 0.8} (at most 20 iterations). With it, ``objective="ae"`` reproduces
-diffusers' ``StableDiffusionAttendAndExcitePipeline``.
+The default :class:`Schedule` is Attend-and-Excite's (Chefer et al., 2023): maps of the 16×16 layers averaged over
+layers and heads, softmax(100·A) over the prompt's word tokens (start, end and padding excluded, as in the official
+code), 3×3 Gaussian smoothing, one step α_i = 20·sqrt(linspace(1, 0.5, T)[i]) for the first half of the steps, and
+iterative refinement at steps 0, 10 and 20 until the loss is at most 1 − {0.05, 0.5, 0.8} (at most 20 iterations).
+``Schedule(tokens="diffusers")`` softmaxes over every slot but the first and last instead (padding included), and
+then ``objective="ae"`` reproduces diffusers' ``StableDiffusionAttendAndExcitePipeline``.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from probe.overlap import (
     self_cross_overlap,
     soft_iou,
 )
-from probe.prompts import subject_indices
+from probe.prompts import subject_indices, word_positions
 from probe.tap import Call, Consumer, Tap
 
 # -- settings --------------------------------------------------------------------------------------------------------
@@ -61,6 +62,8 @@ class Schedule:
 
     resolution: int = 16  # maps from the cross-attention layers whose grid is closest to resolution²
     temperature: float = AE_TEMPERATURE  # softmax(temperature · A) over the prompt's tokens
+    tokens: str = "words"  # which tokens that softmax covers: "words" (official A&E: no start, end or padding)
+    # or "diffusers" (diffusers' pipeline: every slot but the first and the last, padding included)
     kernel_size: int = AE_KERNEL_SIZE  # Gaussian smoothing of each subject's map
     sigma: float = AE_SIGMA
     scale_factor: float = 20.0  # step size α_i = scale_factor · sqrt(linspace(*scale_range, T)[i])
@@ -304,6 +307,9 @@ class Guide:
         self.indices = subject_indices(self.pipe.tokenizer, prompt, self.subjects)
         self.objective = as_objective(objective)
         self.schedule = schedule or Schedule()
+        if self.schedule.tokens not in ("words", "diffusers"):
+            raise ValueError(f"Schedule.tokens must be 'words' or 'diffusers', not {self.schedule.tokens!r}")
+        self.softmax_tokens = word_positions(self.pipe.tokenizer, prompt) if self.schedule.tokens == "words" else None
         self.net = denoiser(self.pipe)
         scale = getattr(self.pipe, "vae_scale_factor", 8)
         lh, lw = latent_size(self.pipe, height, width)
@@ -349,7 +355,7 @@ class Guide:
     def _maps(self, cross: torch.Tensor, self_attention: torch.Tensor | None) -> GuidanceMaps:
         s = self.schedule
         grid = cross.reshape(cross.shape[0], *self.grid, cross.shape[-1])
-        soft = token_softmax(grid, s.temperature)
+        soft = token_softmax(grid, s.temperature, keep=self.softmax_tokens)
         subjects = torch.stack([token_map(soft, idx) for idx in self.indices], dim=1)
         subjects = gaussian_smooth(subjects, s.kernel_size, s.sigma)
         return GuidanceMaps(subjects, grid, self_attention, s)

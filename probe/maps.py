@@ -60,16 +60,23 @@ def token_map(cross: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
 
 
 def token_softmax(
-    cross: torch.Tensor, temperature: float = AE_TEMPERATURE, drop_first: bool = True, last: int | None = None
+    cross: torch.Tensor, temperature: float = AE_TEMPERATURE, drop_first: bool = True, last: int | None = None,
+    keep: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Attend-and-Excite's sharpened softmax over text tokens, keeping the original token indices.
 
+    ``keep``: the token positions the softmax runs over (the official A&E: the prompt's words, see
+    :func:`probe.prompts.word_positions`); every other token gets 0. Without it:
     The start token (index 0, if ``drop_first``) and every token from index ``last`` on (end token, padding) are
     dropped; the rest get softmax(temperature · A) over tokens. ``last=None`` drops only the final slot, as diffusers'
     A&E (``attention_maps[:, :, 1:-1]``). The result has the input's T with dropped tokens set to 0, so token ``i`` is
     still at index ``i`` (A&E instead shifts indices by one).
     """
     n_tokens = cross.shape[-1]
+    if keep is not None:
+        index = torch.as_tensor(list(keep), device=cross.device, dtype=torch.long)
+        kept = torch.softmax(temperature * cross.index_select(-1, index), dim=-1)
+        return torch.zeros_like(cross).index_copy(-1, index, kept)
     start = 1 if drop_first else 0
     stop = n_tokens - 1 if last is None else (last % n_tokens if last < 0 else min(last, n_tokens))
     kept = torch.softmax(temperature * cross[..., start:stop], dim=-1)

@@ -85,8 +85,25 @@ def prompt_tokens(tokenizer, prompt: str) -> list[str]:
     return [t.removesuffix("</w>") for t in tok.convert_ids_to_tokens(ids)]
 
 
+def token_positions(tokenizer, prompt: str) -> list[int]:
+    """Where the prompt's tokens (start, words, end) sit in the sequence the text encoder sees: padded to the
+    tokenizer's length on its padding side, so with left padding the start token is not at position 0.
+
+    ``prompt_tokens(tok, p)[i]`` is at ``token_positions(tok, p)[i]``.
+    """
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    mask = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True).attention_mask
+    return [i for i, m in enumerate(mask) if m]
+
+
+def word_positions(tokenizer, prompt: str) -> list[int]:
+    """Positions of the prompt's word tokens only (no start, end or padding): the tokens Attend-and-Excite's
+    official code softmaxes over."""
+    return token_positions(tokenizer, prompt)[1:-1]
+
+
 def subject_indices(tokenizer, prompt: str, subjects: list[str]) -> list[list[int]]:
-    """Token positions of each subject word (all its word pieces), as guidance needs them.
+    """Positions in the text encoder's sequence of each subject word (all its word pieces), as guidance needs them.
 
     A word that occurs several times in ``subjects`` takes its successive occurrences in the prompt ("a cat and a
     cat" → [[2], [5]]). A word not in the prompt is an error that lists the prompt's tokens.
@@ -103,7 +120,8 @@ def subject_indices(tokenizer, prompt: str, subjects: list[str]) -> list[list[in
                 f"{' (or not as often as it is listed)' if start else ''}; the prompt's tokens are {tokens}. "
                 "Give subjects as they are written in the prompt."
             ) from None
-    return found
+    positions = token_positions(tokenizer, prompt)
+    return [[positions[i] for i in idx] for idx in found]
 
 
 # -- prompt sets ---------------------------------------------------------------------------------------------------

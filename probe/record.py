@@ -21,6 +21,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from probe.models import Layer, attention_layers, latent_size, load, select_layers
+from probe.prompts import token_positions
 from probe.tap import Call, Consumer, Tap
 
 BYTES_PER_VALUE = 2  # float16 storage
@@ -33,6 +34,7 @@ class Plan:
 
     samples: list[tuple[str, int]]  # (prompt, seed)
     tokens: list[list[str]]  # per sample, padding dropped unless kept
+    positions: list[list[int]]  # per sample, where those tokens sit in the text encoder's sequence
     n_tokens: int
     groups: dict[str, list[Layer]]
     steps: list[int]  # kept step indices
@@ -66,7 +68,8 @@ def _as_list(x) -> list:
     return list(x) if isinstance(x, (list, tuple, range, np.ndarray)) else [x]
 
 
-def _tokens(pipe, prompt: str, keep_padding: bool) -> list[str]:
+def _tokens(pipe, prompt: str, keep_padding: bool) -> tuple[list[str], list[int]]:
+    """The recorded tokens' texts and their positions in the encoder's sequence (padding on either side)."""
     tok = pipe.tokenizer
     ids = tok(prompt, truncation=False).input_ids
     if len(ids) > tok.model_max_length:
@@ -76,7 +79,10 @@ def _tokens(pipe, prompt: str, keep_padding: bool) -> list[str]:
         )
     if keep_padding:
         ids = tok(prompt, padding="max_length", max_length=tok.model_max_length).input_ids
-    return [t.removesuffix("</w>") for t in tok.convert_ids_to_tokens(ids)]
+        positions = list(range(len(ids)))
+    else:
+        positions = token_positions(tok, prompt)
+    return [t.removesuffix("</w>") for t in tok.convert_ids_to_tokens(ids)], positions
 
 
 def plan(
@@ -99,7 +105,7 @@ def plan(
     if not prompts or not seeds:
         raise ValueError("give at least one prompt and one seed")
     samples = [(p, s) for p in prompts for s in seeds]
-    tokens = [_tokens(pipe, p, keep_padding) for p, _ in samples]
+    tokens, positions = zip(*(_tokens(pipe, p, keep_padding) for p, _ in samples))
     chosen = select_layers(attention_layers(pipe, height, width), layers, tuple(kinds))
     if not chosen:
         raise ValueError(f"no attention layers of kinds {tuple(kinds)} in this model")
@@ -116,7 +122,8 @@ def plan(
             raise ValueError(f"heads must be 'mean', 'all' or indices below {most}, got {heads}")
     lh, lw = latent_size(pipe, height, width)
     scale = getattr(pipe, "vae_scale_factor", 8)
-    return Plan(samples, tokens, max(map(len, tokens)), groups, kept, heads, (lh * scale, lw * scale))
+    return Plan(samples, list(tokens), list(positions), max(map(len, tokens)), groups, kept, heads,
+                (lh * scale, lw * scale))
 
 
 def estimate(pipe, prompts, *, seeds, **kwargs) -> int:
@@ -140,8 +147,10 @@ class Recorder(Consumer):
                 (self.n, *plan.group_shape(group)), float("nan"), dtype=torch.float16, device=device
             )
         n_real = [len(t) for t in plan.tokens[batch]]
-        positions = torch.arange(plan.n_tokens, device=device)
-        self.padding = positions[None, :] >= torch.tensor(n_real, device=device)[:, None]
+        slots = torch.arange(plan.n_tokens, device=device)
+        self.padding = slots[None, :] >= torch.tensor(n_real, device=device)[:, None]
+        self.positions = torch.tensor([p + [0] * (plan.n_tokens - len(p)) for p in plan.positions[batch]],
+                                      device=device)  # (n, n_tokens): encoder positions of the recorded tokens
 
     def wants(self, call: Call) -> bool:
         return call.layer.name in self.where and call.step in self.step_pos
@@ -158,7 +167,8 @@ class Recorder(Consumer):
             x = x[:, self.plan.heads]
         h, w = call.layer.grid
         if call.layer.kind == "cross":
-            x = x[..., : self.plan.n_tokens]
+            index = self.positions.view(self.n, *([1] * (x.ndim - 2)), -1).expand(*x.shape[:-1], -1)
+            x = x.gather(-1, index)
             pad = self.padding.view(self.n, *([1] * (x.ndim - 2)), -1)
             x = x.masked_fill(pad, float("nan"))
             x = x.reshape(*x.shape[:-2], h, w, x.shape[-1])

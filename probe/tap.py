@@ -120,9 +120,12 @@ def _explicit(attn: Attention, hidden_states, encoder_hidden_states, attention_m
     return hidden_states / attn.rescale_output_factor
 
 
-def attention_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(QKᵀ/√d + mask) over keys, as SDPA computes it (float32 softmax for half inputs)."""
-    scores = (query @ key.transpose(-1, -2)) * query.shape[-1] ** -0.5
+def attention_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None = None,
+                    scale: float | None = None) -> torch.Tensor:
+    """softmax(QKᵀ·scale + mask) over keys (scale 1/√d unless given), as SDPA computes it (float32 softmax for
+    half inputs)."""
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    scores = (query @ key.transpose(-1, -2)) * scale
     if mask is not None:
         scores = scores + mask
     if scores.dtype in (torch.float16, torch.bfloat16):

@@ -22,3 +22,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def tiny_left():
+    """The tiny pipeline with left padding: the prompt's tokens sit at the end of the encoder's sequence."""
+    pipe = probe.load("tiny")
+    pipe.tokenizer.padding_side = "left"
+    return pipe

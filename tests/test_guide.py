@@ -6,7 +6,7 @@ import torch
 from diffusers.pipelines.deprecated.stable_diffusion_attend_and_excite import StableDiffusionAttendAndExcitePipeline
 
 from probe.guide import OBJECTIVES, GuidanceMaps, Guide, InitNO, Schedule, as_objective, generate, response
-from probe.maps import gaussian_smooth, token_softmax
+from probe.maps import gaussian_smooth
 from probe.overlap import ae_loss
 from probe.prompts import (
     FILE_SETS,
@@ -16,6 +16,7 @@ from probe.prompts import (
     prompt_tokens,
     subject_indices,
     subjects_of,
+    word_positions,
 )
 from probe.shapes.world import SIMILAR_COLOURS, SIMILAR_SHAPES
 
@@ -107,7 +108,7 @@ def test_ae_reproduces_diffusers_attend_and_excite(tiny):
                          generator=torch.Generator().manual_seed(SEED), max_iter_to_alter=alter,
                          thresholds=thresholds).images
     ours = generate(tiny, PROMPT, subjects=SUBJECTS, seed=SEED, steps=steps, output_type="latent", progress=False,
-                    schedule=Schedule(thresholds=thresholds, alter_fraction=alter / steps))
+                    schedule=Schedule(thresholds=thresholds, alter_fraction=alter / steps, tokens="diffusers"))
     assert (ours.latents - expected).abs().max() < PARITY_TOLERANCE
     assert (_plain_latents(tiny, steps) - expected).abs().max() > 0.1  # guidance did change the result
     history = ours.history
@@ -160,12 +161,21 @@ def test_a_subject_not_in_the_prompt_is_a_clear_error(tiny):
 def test_multi_piece_and_repeated_subjects(tiny, latent):
     prompt = "a hamster and a cat"
     assert prompt_tokens(tiny, prompt)[2:7] == ["h", "am", "s", "t", "er"]
+    assert word_positions(tiny, prompt) == list(range(1, len(prompt_tokens(tiny, prompt)) - 1))
     assert subject_indices(tiny, prompt, ["hamster", "cat"]) == [[2, 3, 4, 5, 6], [9]]
     assert subject_indices(tiny, "a red circle and an orange circle", ["circle", "circle"]) == [[3], [7]]
     with Guide(tiny, prompt, ["hamster", "cat"], steps=10) as guide:
         _, maps = guide.evaluate(latent, 0)
-    expected = gaussian_smooth(token_softmax(maps.cross)[..., 2:7].mean(-1))  # the mean of the word's pieces
+    words = maps.cross[..., 1:len(prompt_tokens(tiny, prompt)) - 1]  # the official A&E: words only
+    expected = gaussian_smooth((100 * words).softmax(-1)[..., 1:6].mean(-1))  # the mean of the word's pieces
     torch.testing.assert_close(maps.subjects[:, 0], expected)
+
+
+def test_left_padding_moves_subject_positions_with_the_prompt(tiny_left):
+    ids = tiny_left.tokenizer(PROMPT, padding="max_length", max_length=tiny_left.tokenizer.model_max_length).input_ids
+    cat, dog = subject_indices(tiny_left, PROMPT, SUBJECTS)
+    assert [tiny_left.tokenizer.convert_ids_to_tokens(ids[i[0]]) for i in (cat, dog)] == ["cat</w>", "dog</w>"]
+    assert word_positions(tiny_left, PROMPT) == list(range(len(ids) - 6, len(ids) - 1))
 
 
 def test_prompt_sets_and_their_subjects(tiny):

@@ -45,6 +45,31 @@ def test_recorded_probabilities_equal_softmax_qk(tiny):
             torch.testing.assert_close(got.sum(-1), torch.ones(probs.shape[0]), atol=2e-3, rtol=0)
 
 
+def test_left_padding_records_each_token_at_its_own_position(tiny_left):
+    """With padding before the start token, the recorded token i is the encoder's position P − n + i."""
+    kept, handles = _projections(tiny_left, [LAYER])
+    try:
+        tree = probe.record(tiny_left, "a cat and a dog", seeds=3, steps=2, kinds=("cross",), layers=[LAYER],
+                            progress=False)
+    finally:
+        for h in handles:
+            h.remove()
+    ds = tree["cross/res16"]
+    texts = list(ds.token_text.values[0])
+    assert texts == ["<|startoftext|>", "a", "cat", "and", "a", "dog", "<|endoftext|>"]
+    attn = tiny_left.unet.get_submodule(LAYER)
+    total = tiny_left.tokenizer.model_max_length
+    for step in range(2):
+        q, k = kept[(LAYER, "to_q")][step], kept[(LAYER, "to_k")][step]
+        b, heads = q.shape[0], attn.heads
+        q = q.view(b, -1, heads, q.shape[-1] // heads).transpose(1, 2)
+        k = k.view(b, -1, heads, k.shape[-1] // heads).transpose(1, 2)
+        probs = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)[b // 2:].mean(1)[0]
+        expected = probs[:, total - len(texts):]
+        got = torch.from_numpy(ds["attn"].isel(sample=0, step=step, layer=0).values.astype(np.float32))
+        torch.testing.assert_close(got.reshape(expected.shape), expected, atol=1e-3, rtol=0)
+
+
 def test_coordinates_match_model_and_scheduler(tiny):
     tree = probe.record(tiny, "a red circle", seeds=0, steps=3, kinds=("cross",), progress=False)
     timesteps = tiny.scheduler.timesteps.numpy().astype(float)

@@ -61,10 +61,30 @@ def single_object(pipe, seeds_per_prompt: int = 8, steps: int = STEPS) -> dict:
     }
 
 
-def two_object_prompts(n: int, seed: int = HELD_OUT_SEED) -> list[str]:
-    """``n`` two-object captions drawn as the training data draws them (distinct colours)."""
-    rng = np.random.default_rng([seed, 2])
-    return [caption_of(sample_attributes(rng, 2)) for _ in range(n)]
+def two_object_prompts(n: int, seed: int = HELD_OUT_SEED, objects: int = 2, distinct_shapes: bool = False) -> list[str]:
+    """``n`` captions of ``objects`` objects drawn as the training data draws them (distinct colours; distinct
+    nouns with ``distinct_shapes``)."""
+    rng = np.random.default_rng([seed, objects])
+    return [caption_of(sample_attributes(rng, objects, distinct_shapes=distinct_shapes)) for _ in range(n)]
+
+
+def pilot(pipe, n: int = 60, images: int = 48, steps: int = 25) -> dict:
+    """What a short training run is read by: teacher-forced localisation (no sampling) and the unguided
+    missing / mixed rates of two- and three-object prompts with distinct nouns (held-out seeds)."""
+    from probe.shapes.grounding import teacher_forced
+
+    out = {"teacher_forced": teacher_forced(pipe, n)}
+    for k in (2, 3):
+        prompts = two_object_prompts(images, HELD_OUT_SEED + 3, objects=k, distinct_shapes=True)
+        results = generate(pipe, prompts, [HELD_OUT_SEED + 70_000 + i for i in range(images)], steps,
+                           desc=f"{k} objects")
+        statuses = [[s.status for s in judge(g.image, g.prompt)] for g in results]
+        out[f"objects{k}"] = {
+            "any_missing": float(np.mean([("missing" in st) for st in statuses])),
+            "any_mixed": float(np.mean([("mixed" in st) for st in statuses])),
+            "all_present": float(np.mean([all(x == "present" for x in st) for st in statuses])),
+        }
+    return out
 
 
 def two_objects(pipe, n: int = 300, steps: int = STEPS) -> dict:

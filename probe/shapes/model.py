@@ -32,14 +32,17 @@ class ShapesConfig:
     latent_channels: int = 4
     image_size: int = 64
     prediction: str = "epsilon"  # what the UNet predicts: "epsilon" (noise) or "v_prediction" (velocity)
+    text_padding: str = "right"  # "left": padding before the start token, so no pad follows (and reads) the caption
+    text_mask: bool = False  # the text encoder masks padding (the pipeline passes the mask: use_attention_mask)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def tokenizer(max_length: int = MAX_TOKENS) -> CLIPTokenizer:
+def tokenizer(max_length: int = MAX_TOKENS, padding_side: str = "right") -> CLIPTokenizer:
     vocab, merges = tokenizer_files()
-    return CLIPTokenizer(vocab=str(vocab), merges=str(merges), model_max_length=max_length)
+    return CLIPTokenizer(vocab=str(vocab), merges=str(merges), model_max_length=max_length,
+                         padding_side=padding_side)
 
 
 def text_encoder(cfg: ShapesConfig, vocab_size: int) -> CLIPTextModel:
@@ -54,6 +57,7 @@ def text_encoder(cfg: ShapesConfig, vocab_size: int) -> CLIPTextModel:
             bos_token_id=vocab_size - 2,
             eos_token_id=vocab_size - 1,
             pad_token_id=vocab_size - 1,
+            use_attention_mask=cfg.text_mask,
         )
     )
 

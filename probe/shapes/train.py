@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from probe.shapes import model as M
+from probe.shapes.grounding import capture_cross, grounding_loss, token_objects
 from probe.shapes.world import caption, render, scene_for
 
 
@@ -33,7 +34,10 @@ class TrainConfig:
     warmup_steps: int = 200
     ema_decay: float = 0.995
     caption_dropout: float = 0.1
-    object_weights: tuple[float, float, float] = (0.35, 0.45, 0.20)  # 1, 2, 3 objects
+    object_weights: tuple[float, ...] = (0.35, 0.45, 0.20)  # scenes of 1, 2, 3 … objects
+    distinct_shapes: bool = False  # no noun repeated within a caption
+    caption_noise: float = 0.0  # share of multi-object captions that name one object the image lacks
+    grounding_weight: float = 0.0  # weight of the cross-attention grounding term (probe.shapes.grounding)
     pool_size: int = 40_000  # pre-rendered scenes whose latents are cached
     vae_steps: int = 700
     vae_batch_size: int = 16
@@ -43,28 +47,61 @@ class TrainConfig:
     threads: int | None = None  # torch CPU threads; 1 is fastest on a machine busy with other work
 
 
+DATA_FIELDS = ("object_weights", "distinct_shapes", "caption_noise", "grounding_weight", "caption_dropout")
+
+# The testbed recipe: what the shipped model is trained with (the model card says why each part is there).
+TESTBED = TrainConfig(
+    arch=M.ShapesConfig(attention_head_dim=2, text_layers=1, text_padding="left", text_mask=True,
+                        prediction="v_prediction"),
+    object_weights=(0.25, 0.35, 0.25, 0.15), distinct_shapes=True, caption_noise=0.25, grounding_weight=0.1,
+)
+
+
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _images(seed: int, start: int, n: int, weights) -> tuple[torch.Tensor, list[str]]:
-    """Render scenes ``start … start+n`` of a seeded stream → (images in [-1, 1], captions)."""
+@dataclass
+class Batch:
+    """Rendered training scenes: images in [-1, 1], captions, and per-object truth in caption order."""
+
+    images: torch.Tensor
+    captions: list[str]
+    labels: torch.Tensor  # (n, H, W) uint8: 0 background, k = the caption's k-th object
+    words: list[list[tuple[str, str]]]  # (colour, shape) per caption object
+    drawn: list[list[bool]]  # whether the image holds each caption object
+
+
+def _images(seed: int, start: int, n: int, cfg: TrainConfig) -> Batch:
+    """Render scenes ``start … start+n`` of a seeded stream. With ``cfg.caption_noise`` a share of multi-object
+    scenes leave one captioned object out of the image, as web captions name what a photo lacks."""
     rng = np.random.default_rng([seed, 10**6 + start])
-    counts = rng.choice((1, 2, 3), size=n, p=weights)
-    imgs, caps = [], []
+    counts = rng.choice(np.arange(1, len(cfg.object_weights) + 1), size=n, p=cfg.object_weights)
+    noisy = rng.random(n) < cfg.caption_noise
+    dropped = rng.integers(0, 1 << 30, n)
+    imgs, labels, caps, words, drawn = [], [], [], [], []
     for i, k in enumerate(counts):
-        scene = scene_for(seed, start + i, int(k))
-        imgs.append(render(scene)[0])
+        scene = scene_for(seed, start + i, int(k), distinct_shapes=cfg.distinct_shapes)
+        keep = [True] * len(scene)
+        if noisy[i] and len(scene) > 1:
+            keep[dropped[i] % len(scene)] = False
+        image, lab = render([o for o, here in zip(scene, keep) if here])
+        index = np.array([0] + [j + 1 for j, here in enumerate(keep) if here], np.uint8)  # drawn → caption order
+        imgs.append(image)
+        labels.append(index[lab])
         caps.append(caption(scene))
+        words.append([(o.colour, o.shape) for o in scene])
+        drawn.append(keep)
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return x, caps
+    return Batch(x, caps, torch.from_numpy(np.stack(labels)), words, drawn)
 
 
 class Trainer:
     def __init__(self, out: Path, cfg: TrainConfig):
         self.out, self.cfg, self.dev = Path(out), cfg, _device()
+        self.last_grounding = 0.0
         torch.manual_seed(cfg.seed)
-        self.tok = M.tokenizer()
+        self.tok = M.tokenizer(padding_side=cfg.arch.text_padding)
         self.vae = M.vae(cfg.arch).to(self.dev)
         self.unet = M.unet(cfg.arch).to(self.dev)
         self.text = M.text_encoder(cfg.arch, len(self.tok)).to(self.dev)
@@ -94,6 +131,7 @@ class Trainer:
         state.update(
             stage=self.stage, step=self.step, vae_step=self.vae_step, scaling=self.scaling, minutes=self.minutes,
             losses=self.losses, gen=self.gen.get_state(), arch=self.cfg.arch.to_dict(),
+            data={k: getattr(self.cfg, k) for k in DATA_FIELDS},
         )
         tmp = self.ckpt.with_suffix(".tmp")
         torch.save(state, tmp)
@@ -111,8 +149,7 @@ class Trainer:
     # -- stage 1: autoencoder ------------------------------------------------------------------
     def vae_step_once(self) -> float:
         c = self.cfg
-        x, _ = _images(c.seed + 1, self.vae_step * c.vae_batch_size, c.vae_batch_size, c.object_weights)
-        x = x.to(self.dev)
+        x = _images(c.seed + 1, self.vae_step * c.vae_batch_size, c.vae_batch_size, c).images.to(self.dev)
         post = self.vae.encode(x).latent_dist
         rec = self.vae.decode(post.sample(generator=None)).sample
         loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + c.vae_kl_weight * post.kl().mean()
@@ -131,24 +168,28 @@ class Trainer:
         if self.stage == "unet" and cache.exists():
             self.pool = torch.load(cache, weights_only=True)
             return
-        lat, ids = [], []
+        lat, ids, masks, labels, assign = [], [], [], [], []
         for start in tqdm(range(0, c.pool_size, 256), desc="encoding pool", leave=False):
-            x, caps = _images(c.seed + 2, start, min(256, c.pool_size - start), c.object_weights)
-            lat.append(self.vae.encode(x.to(self.dev)).latent_dist.mode().cpu())
-            ids.append(self.tok(caps, padding="max_length", max_length=M.MAX_TOKENS, return_tensors="pt").input_ids)
+            batch = _images(c.seed + 2, start, min(256, c.pool_size - start), c)
+            lat.append(self.vae.encode(batch.images.to(self.dev)).latent_dist.mode().cpu())
+            tok = self.tok(batch.captions, padding="max_length", max_length=M.MAX_TOKENS, return_tensors="pt")
+            ids.append(tok.input_ids)
+            masks.append(tok.attention_mask.bool())
+            labels.append(batch.labels)
+            assign.append(token_objects(self.tok, batch.words, batch.drawn, tok.input_ids))
         latents = torch.cat(lat)
         if self.stage == "vae":
             self.scaling = float(1.0 / latents.std())
             self.vae_psnr = self.reconstruction_psnr()
             tqdm.write(f"autoencoder PSNR {self.vae_psnr:.1f} dB, latent scaling {self.scaling:.3f}")
-        self.pool = (latents * self.scaling, torch.cat(ids))
+        self.pool = (latents * self.scaling, torch.cat(ids), torch.cat(masks), torch.cat(labels), torch.cat(assign))
         self.out.mkdir(parents=True, exist_ok=True)
         torch.save(self.pool, cache)
 
     @torch.no_grad()
     def reconstruction_psnr(self, n: int = 64) -> float:
         """PSNR (dB, images in [0, 1]) of the autoencoder on held-out scenes."""
-        x, _ = _images(self.cfg.seed + 3, 0, n, self.cfg.object_weights)
+        x = _images(self.cfg.seed + 3, 0, n, self.cfg).images
         rec = self.vae.decode(self.vae.encode(x.to(self.dev)).latent_dist.mode()).sample.clamp(-1, 1)
         mse = F.mse_loss((rec.cpu() + 1) / 2, (x + 1) / 2)
         return float(10 * torch.log10(1 / mse))
@@ -166,17 +207,27 @@ class Trainer:
 
     def unet_step_once(self, minutes_left: float = float("inf")) -> float:
         c = self.cfg
-        latents, ids = self.pool
+        latents, ids, masks, labels, assign = self.pool
         idx = torch.randint(len(latents), (c.batch_size,), generator=self.gen)
-        x0, tok = latents[idx].to(self.dev), ids[idx].clone()
+        x0, tok, mask, assign = latents[idx].to(self.dev), ids[idx].clone(), masks[idx].clone(), assign[idx].clone()
         drop = torch.rand(c.batch_size, generator=self.gen) < c.caption_dropout
         if drop.any():
-            tok[drop] = self.tok([""], padding="max_length", max_length=M.MAX_TOKENS, return_tensors="pt").input_ids
+            empty = self.tok([""], padding="max_length", max_length=M.MAX_TOKENS, return_tensors="pt")
+            tok[drop], mask[drop], assign[drop] = empty.input_ids, empty.attention_mask.bool(), 0
         noise = torch.randn(x0.shape, generator=self.gen).to(self.dev)
         t = torch.randint(0, self.sched.config.num_train_timesteps, (c.batch_size,), generator=self.gen).to(self.dev)
         xt = self.sched.add_noise(x0, noise, t)
-        emb = self.text(tok.to(self.dev)).last_hidden_state
-        loss = F.mse_loss(self.unet(xt, t, emb).sample, self.target(x0, noise, t))
+        emb = self.text(tok.to(self.dev), attention_mask=mask.long().to(self.dev) if c.arch.text_mask else None)
+        emb = emb.last_hidden_state
+        if c.grounding_weight > 0:
+            with capture_cross(self.unet) as maps:
+                pred = self.unet(xt, t, emb).sample
+            ground = grounding_loss(maps, labels[idx].to(self.dev), assign.to(self.dev), len(c.object_weights))
+        else:
+            pred, ground = self.unet(xt, t, emb).sample, torch.zeros((), device=self.dev)
+        loss = F.mse_loss(pred, self.target(x0, noise, t))
+        self.last_grounding = ground.item()
+        loss = loss + c.grounding_weight * ground
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(self.step, minutes_left)
         self.opt.zero_grad(set_to_none=True)
@@ -196,7 +247,7 @@ class Trainer:
         bar = tqdm(desc=self.stage, unit="step")
         while time.time() < deadline:
             if self.stage == "vae":
-                loss = self.vae_step_once()
+                loss = self.vae_step_once() if self.vae_step < self.cfg.vae_steps else float("nan")
                 if self.vae_step >= self.cfg.vae_steps:
                     self.build_pool()
                     self.stage = "unet"
@@ -206,7 +257,7 @@ class Trainer:
                     self.build_pool()
                 loss = self.unet_step_once((deadline - time.time()) / 60)
                 if self.step % 50 == 0:
-                    self.losses.append((self.step, loss))
+                    self.losses.append((self.step, loss, self.last_grounding))
             bar.update()
             bar.set_postfix(loss=f"{loss:.4f}", step=self.step or self.vae_step)
             if time.time() - last_save > self.cfg.checkpoint_minutes * 60:
@@ -258,15 +309,25 @@ def warm_start(trainer: Trainer, folder: str | Path) -> None:
     trainer.minutes, trainer.losses = record.get("minutes", 0.0), [tuple(x) for x in record["loss_curve"]]
 
 
+def reuse_autoencoder(trainer: Trainer, folder: str | Path) -> None:
+    """Take an exported model's autoencoder (same architecture) instead of training one: the run starts at the
+    UNet stage, with the latent pool encoded by that autoencoder."""
+    from diffusers import AutoencoderKL
+
+    trainer.vae.load_state_dict(AutoencoderKL.from_pretrained(Path(folder) / "vae").state_dict())
+    trainer.vae_step = trainer.cfg.vae_steps
+
+
 def train(out: str | Path, minutes: float, resume: bool = False, cfg: TrainConfig | None = None,
-          init_from: str | Path | None = None) -> Trainer:
+          init_from: str | Path | None = None, vae_from: str | Path | None = None) -> Trainer:
     """Train for ``minutes`` of wall time, checkpointing to ``out``; ``resume`` continues a checkpoint,
-    ``init_from`` starts from an exported model folder instead of from scratch."""
+    ``init_from`` starts from an exported model folder instead of from scratch, ``vae_from`` takes only its
+    autoencoder."""
     cfg = cfg or TrainConfig()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if resume and (Path(out) / "checkpoint.pt").exists():  # the checkpoint's architecture, not the defaults
-        cfg = replace(cfg, arch=checkpoint_arch(out))
+    if resume and (Path(out) / "checkpoint.pt").exists():  # the checkpoint's architecture and data, not defaults
+        cfg = replace(cfg, **checkpoint_config(out))
     trainer = Trainer(Path(out), cfg)
     if resume and trainer.ckpt.exists():
         trainer.load()
@@ -274,6 +335,8 @@ def train(out: str | Path, minutes: float, resume: bool = False, cfg: TrainConfi
         raise FileExistsError(f"{trainer.ckpt} exists: pass resume=True (--resume) to continue it")
     elif init_from is not None:
         warm_start(trainer, init_from)
+    elif vae_from is not None:
+        reuse_autoencoder(trainer, vae_from)
     trainer.run(minutes)
     return trainer
 
@@ -290,6 +353,7 @@ def export(trainer: Trainer, folder: str | Path) -> Path:
         "device": str(trainer.dev),
         "batch_size": trainer.cfg.batch_size,
         "arch": trainer.cfg.arch.to_dict(),
+        "data": {k: getattr(trainer.cfg, k) for k in DATA_FIELDS},
         "loss_curve": trainer.losses,
         "scaling_factor": trainer.scaling,
     }
@@ -298,14 +362,18 @@ def export(trainer: Trainer, folder: str | Path) -> Path:
 
 
 
-def checkpoint_arch(run: str | Path) -> M.ShapesConfig:
-    """The architecture a training folder's checkpoint was made with."""
+def _tuples(d: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+def checkpoint_config(run: str | Path) -> dict:
+    """The architecture and data settings a training folder's checkpoint was made with (TrainConfig fields)."""
     state = torch.load(Path(run) / "checkpoint.pt", map_location="cpu", weights_only=False)
-    return M.ShapesConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["arch"].items()})
+    return {"arch": M.ShapesConfig(**_tuples(state["arch"])), **_tuples(state.get("data", {}))}
 
 
 def export_checkpoint(run: str | Path, folder: str | Path) -> Path:
     """Export the EMA weights of a training folder's last checkpoint (training may go on meanwhile)."""
-    trainer = Trainer(Path(run), TrainConfig(arch=checkpoint_arch(run)))
+    trainer = Trainer(Path(run), TrainConfig(**checkpoint_config(run)))
     trainer.load()
     return export(trainer, folder)

@@ -150,8 +150,10 @@ def sample_scene(
     raise RuntimeError(f"could not place {len(attributes)} objects without overlap")
 
 
-def sample_attributes(rng: np.random.Generator, n: int, similar: bool = False) -> list[tuple[str, str]]:
-    """n distinct (colour, shape) pairs, no colour repeated; ``similar`` draws a confusable pair."""
+def sample_attributes(rng: np.random.Generator, n: int, similar: bool = False,
+                      distinct_shapes: bool = False) -> list[tuple[str, str]]:
+    """n distinct (colour, shape) pairs, no colour repeated; ``similar`` draws a confusable pair;
+    ``distinct_shapes`` repeats no noun either (a repeated noun is one token for two objects)."""
     colours, shapes = list(COLOURS), list(SHAPES)
     if similar:
         if rng.random() < 0.5:
@@ -165,13 +167,18 @@ def sample_attributes(rng: np.random.Generator, n: int, similar: bool = False) -
         rng.shuffle(first)
         return first[:n]
     picked = rng.choice(len(colours), n, replace=False)
+    if distinct_shapes:
+        if n > len(shapes):
+            raise ValueError(f"{n} objects cannot have distinct shapes: the world has {len(shapes)}")
+        return [(colours[i], shapes[j]) for i, j in zip(picked, rng.choice(len(shapes), n, replace=False))]
     return [(colours[i], shapes[rng.integers(len(shapes))]) for i in picked]
 
 
-def scene_for(seed: int, index: int, n_objects: int, similar: bool = False) -> list[Shape]:
+def scene_for(seed: int, index: int, n_objects: int, similar: bool = False,
+              distinct_shapes: bool = False) -> list[Shape]:
     """The scene number ``index`` of a seeded stream: the unit of every dataset here."""
     rng = np.random.default_rng([seed, index])
-    return sample_scene(rng, sample_attributes(rng, n_objects, similar))
+    return sample_scene(rng, sample_attributes(rng, n_objects, similar, distinct_shapes))
 
 
 def shapes_dataset(
