@@ -112,13 +112,13 @@ class Injector(Consumer):
     ``replaced`` counts the calls it changed.
     """
 
-    def __init__(self, layers: Sequence[str], steps: Sequence[int], key_mask: torch.Tensor | None = None):
-        self.layers, self.steps = frozenset(layers), frozenset(steps)
+    def __init__(self, layers: Sequence[Layer], steps: Sequence[int], key_mask: torch.Tensor | None = None):
+        self.layers, self.steps = frozenset(layer.key for layer in layers), frozenset(steps)
         self.key_mask = key_mask
         self.replaced = 0
 
     def wants(self, call: Call) -> bool:
-        return call.layer.name in self.layers and call.step in self.steps
+        return call.pass_ in ("cfg", "cond") and call.layer.key in self.layers and call.step in self.steps
 
     def on_probs(self, call: Call, probs: torch.Tensor) -> torch.Tensor | None:
         start = probs.shape[0] // 2 if call.cfg else 0
@@ -458,7 +458,7 @@ def edit(
     if callback is not None:
         pipeline_kwargs["callback_on_step_end"] = callback
 
-    injector = Injector([la.name for la in chosen], step_indices if chosen else [], key_mask)
+    injector = Injector(chosen, step_indices if chosen else [], key_mask)
     with Tap(pipe, [*before, injector, *after], height=height, width=width):
         images = pipe(
             prompt=[source_prompt, target_prompt],

@@ -511,26 +511,20 @@ class RealPassMaps(Consumer):
     """Layer-and-head mean cross- and self-attention of the chosen layers at the chosen steps, from the pipeline's
     real denoising pass only, never from guidance's own passes.
 
-    With classifier-free guidance the real pass is the one with ``call.cfg`` True (its conditional half is kept).
-    Without it (``guidance_scale ≤ 1``) every pass is conditional; the real pass is then the last one at its step
-    (guidance evaluates a step's latent before the pipeline denoises it), so a new pass at a step replaces the
-    previous one. ``maps[step][kind]``: (queries, keys) means.
+    The tap tells the pass: the pipeline's own (``cfg``: its conditional half; ``cond`` without guidance) counts,
+    guidance's own evaluations do not. ``maps[step][kind]``: (queries, keys) means.
     """
 
-    def __init__(self, layers: Sequence, steps: Sequence[int], cfg: bool):
-        self.kinds = {layer.name: layer.kind for layer in layers}
-        self.steps, self.cfg = frozenset(steps), cfg
-        self._passes: dict[int, tuple[dict, dict, set]] = {}  # step → (sums, counts, layers seen) of its last pass
+    def __init__(self, layers: Sequence, steps: Sequence[int]):
+        self.keys = {layer.key for layer in layers}
+        self.steps = frozenset(steps)
+        self._passes: dict[int, tuple[dict, dict]] = {}  # step → (sums, counts)
 
     def wants(self, call: Call) -> bool:
-        return call.layer.name in self.kinds and call.step in self.steps and call.cfg == self.cfg
+        return call.pass_ in ("cfg", "cond") and call.layer.key in self.keys and call.step in self.steps
 
     def on_probs(self, call: Call, probs: torch.Tensor) -> None:
-        sums, counts, seen = self._passes.get(call.step, (None, None, None))
-        if sums is None or call.layer.name in seen:  # the first call of a new forward pass at this step
-            sums, counts, seen = {}, {}, set()
-            self._passes[call.step] = (sums, counts, seen)
-        seen.add(call.layer.name)
+        sums, counts = self._passes.setdefault(call.step, ({}, {}))
         kind = call.layer.kind
         summed = call.conditional(probs).detach().float().sum(1)[0]  # heads summed: (queries, keys) of one image
         sums[kind] = summed if kind not in sums else sums[kind] + summed
@@ -539,7 +533,7 @@ class RealPassMaps(Consumer):
     @property
     def maps(self) -> dict[int, dict[str, torch.Tensor]]:
         return {step: {kind: sums[kind] / counts[kind] for kind in sums}
-                for step, (sums, counts, _) in sorted(self._passes.items())}
+                for step, (sums, counts) in sorted(self._passes.items())}
 
 
 def subject_metrics(cross: torch.Tensor, self_attention: torch.Tensor, indices: Sequence[Sequence[int]],
@@ -714,7 +708,7 @@ def guided_images(pipe, prompts: Sequence[dict], seeds: Sequence[int], configs: 
         print(f"{desc}: {len(jobs) - len(todo)} of {len(jobs)} images already in {store}")
     for (item, seed, (method, initno)), _ in tqdm(todo, desc=desc, disable=not progress):
         words = item["nouns"] if subject == "noun" else item["colours"]
-        capture = RealPassMaps(layers, set(read_at.values()), cfg=guidance_scale > 1)
+        capture = RealPassMaps(layers, set(read_at.values()))
         start = time.perf_counter()
         result = generate(pipe, item["prompt"], subjects=words, objective=BASELINE if method == NO_GUIDANCE else method,
                           seed=seed, schedule=NO_GUIDANCE_SCHEDULE if method == NO_GUIDANCE else schedule,

@@ -1,7 +1,7 @@
 """Attention guidance: move a pipeline's latent so that the subjects' attention maps satisfy an objective.
 
 Guidance is a consumer of the tap plus the pipeline's own ``callback_on_step_end``. At the end of step i the callback
-runs the denoiser once more on the conditional latent at step i+1's timestep (``Tap.conditional_only``), the tap hands
+runs the denoiser once more on the conditional latent at step i+1 (``Tap.pass_("guidance", i+1)``), the tap hands
 the cross- (and, if needed, self-) attention of the chosen layers to the consumer inside the autograd graph, and the
 latent takes gradient steps on the objective before the pipeline denoises it. Step 0's update happens before the
 pipeline call and enters as ``latents=``. No pipeline loop is copied, so guidance runs on every pipeline the tap
@@ -238,7 +238,7 @@ class _MapCollector(Consumer):
     """Sums attention over the chosen layers and heads during guidance passes only (fused attention otherwise)."""
 
     def __init__(self, layers: list[Layer]):
-        self.kinds = {layer.name: layer.kind for layer in layers}
+        self.keys = {layer.key for layer in layers}
         self.active = False
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
@@ -247,7 +247,7 @@ class _MapCollector(Consumer):
         self.active, self.sums, self.counts = True, {}, {}
 
     def wants(self, call: Call) -> bool:
-        return self.active and call.layer.name in self.kinds
+        return self.active and call.pass_ == "guidance" and call.layer.key in self.keys
 
     def on_probs(self, call: Call, probs: torch.Tensor) -> None:
         kind = call.layer.kind
@@ -257,9 +257,9 @@ class _MapCollector(Consumer):
 
     def finish(self) -> dict[str, torch.Tensor]:
         """Mean over every (layer, head) pair of each kind, as A&E's ``aggregate_attention``."""
-        wanted = set(self.kinds.values())
+        wanted = {kind for _, kind in self.keys}
         if set(self.sums) != wanted:
-            raise RuntimeError(f"guidance expected {sorted(wanted)} attention from {sorted(self.kinds)} but the "
+            raise RuntimeError(f"guidance expected {sorted(wanted)} attention from {sorted(self.keys)} but the "
                                f"denoiser produced {sorted(self.sums)}; do these layers run at this image size?")
         return {kind: total / self.counts[kind] for kind, total in self.sums.items()}
 
@@ -344,7 +344,7 @@ class Guide:
         model_input = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
         self.collector.start()
         try:
-            with self.tap.conditional_only():
+            with self.tap.pass_("guidance", step):
                 self.net(model_input, t, **self.cond, return_dict=False)
         finally:
             self.collector.active = False

@@ -8,9 +8,6 @@ of the library takes either a model name or a pipeline the user already holds.
 
 from __future__ import annotations
 
-import fnmatch
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,10 +19,12 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from diffusers.models.attention_processor import Attention
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from probe._assets import tokenizer_files
+from probe.tap.layers import Layer, attention_layers, denoiser, latent_size, select_layers
+
+__all__ = ["BUILTIN", "Layer", "attention_layers", "denoiser", "latent_size", "load", "select_layers", "tiny_pipeline"]
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 BUILTIN = {"shapes": DATA / "models" / "shapes"}
@@ -136,96 +135,3 @@ def tiny_pipeline(xl: bool = False) -> DiffusionPipeline:
         )
 
 
-# -- attention layers of a denoiser -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Layer:
-    """One attention module of the denoiser, as the tap sees it."""
-
-    name: str  # module name in the denoiser, e.g. up_blocks.1.attentions.0.transformer_blocks.0.attn2
-    kind: str  # "self" or "cross"
-    grid: tuple[int, int]  # query grid (h, w) for the latent size it was described for
-    heads: int
-
-    @property
-    def block(self) -> str:
-        return self.name.split(".")[0].removesuffix("_blocks").removesuffix("_block")
-
-    @property
-    def group(self) -> str:
-        """The recording group: ``cross/res16`` (``res16x24`` for non-square grids)."""
-        h, w = self.grid
-        return f"{self.kind}/res{h}" if h == w else f"{self.kind}/res{h}x{w}"
-
-
-def denoiser(pipe):
-    """The pipeline's denoising network (UNet, or transformer where the pipeline has one)."""
-    net = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-    if net is None:
-        raise TypeError(f"{type(pipe).__name__} has neither a unet nor a transformer to tap")
-    return net
-
-
-def latent_size(pipe, height: int | None = None, width: int | None = None) -> tuple[int, int]:
-    """Latent (h, w) for a pixel size (defaults: the pipeline's own)."""
-    scale = getattr(pipe, "vae_scale_factor", 8)
-    default = denoiser(pipe).config.sample_size * scale
-    return (height or default) // scale, (width or default) // scale
-
-
-def attention_layers(pipe, height: int | None = None, width: int | None = None) -> list[Layer]:
-    """Every attention module of a UNet denoiser, with its kind and query grid at this size."""
-    net = denoiser(pipe)
-    if not isinstance(net, UNet2DConditionModel):
-        raise TypeError(f"the tap understands UNet2DConditionModel denoisers, not {type(net).__name__}")
-    lh, lw = latent_size(pipe, height, width)
-    n_blocks = len(net.config.block_out_channels)
-    layers = []
-    for name, module in net.named_modules():
-        if not isinstance(module, Attention):
-            continue
-        top, *rest = name.split(".")
-        if top == "down_blocks":
-            depth = int(rest[0])
-        else:
-            depth = n_blocks - 1 - (int(rest[0]) if top == "up_blocks" else 0)
-        grid = (-(-lh // 2**depth), -(-lw // 2**depth))  # ceil, as strided convolutions do
-        kind = "cross" if module.is_cross_attention else "self"
-        layers.append(Layer(name, kind, grid, module.heads))
-    if not layers:
-        raise TypeError(f"{type(net).__name__} has no attention modules for the tap to use")
-    return layers
-
-
-def select_layers(layers: list[Layer], patterns=None, kinds=("cross", "self")) -> list[Layer]:
-    """Layers of the given kinds matching any pattern: a full module name, a glob (``up_blocks.*``),
-    a regular expression (``re:...``) or a resolution (``16`` = every 16×16 layer)."""
-    bad = set(kinds) - {"cross", "self"}
-    if bad:
-        raise ValueError(f"unknown attention kinds {sorted(bad)}; expected 'cross' and/or 'self'")
-    chosen = [layer for layer in layers if layer.kind in kinds]
-    if patterns is None:
-        return chosen
-    if isinstance(patterns, (str, int)):
-        patterns = [patterns]
-    keep: set[str] = set()
-    for pattern in patterns:
-        hits = {layer.name for layer in chosen if _matches(layer, pattern)}
-        if not hits:
-            grids = sorted({layer.grid[0] for layer in layers})
-            names = sorted({layer.name for layer in layers if layer.kind in kinds})
-            raise ValueError(
-                f"layer pattern {pattern!r} matches no {'/'.join(kinds)} attention layer. "
-                f"Resolutions: {grids}; names like {names[0]!r} … {names[-1]!r} ({len(names)} in all)."
-            )
-        keep |= hits
-    return [layer for layer in chosen if layer.name in keep]
-
-
-def _matches(layer: Layer, pattern) -> bool:
-    if isinstance(pattern, int) or (isinstance(pattern, str) and pattern.isdigit()):
-        return layer.grid[0] == int(pattern) or layer.grid[1] == int(pattern)
-    if pattern.startswith("re:"):
-        return re.search(pattern[3:], layer.name) is not None
-    return fnmatch.fnmatchcase(layer.name, pattern)

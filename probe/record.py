@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from probe.models import Layer, attention_layers, latent_size, load, select_layers
 from probe.prompts import token_positions
-from probe.tap import Call, Consumer, Tap
+from probe.tap import Call, Consumer, Tap, TapError
 
 BYTES_PER_VALUE = 2  # float16 storage
 PIXEL_BYTES = 1
@@ -134,15 +134,15 @@ def estimate(pipe, prompts, *, seeds, **kwargs) -> int:
 class Recorder(Consumer):
     """Tap consumer that keeps the requested maps of one batch in device buffers."""
 
-    def __init__(self, plan: Plan, batch: slice, device: torch.device):
-        self.plan, self.device = plan, device
+    def __init__(self, plan: Plan, batch: slice, device: torch.device, steps: int):
+        self.plan, self.device, self.steps = plan, device, steps
         self.n = batch.stop - batch.start
         self.step_pos = {s: i for i, s in enumerate(plan.steps)}
-        self.where: dict[str, tuple[str, int]] = {}
+        self.where: dict[tuple[str, str], tuple[str, int]] = {}
         self.buffers: dict[str, torch.Tensor] = {}
         for group, layers in plan.groups.items():
             for i, layer in enumerate(layers):
-                self.where[layer.name] = (group, i)
+                self.where[layer.key] = (group, i)
             self.buffers[group] = torch.full(
                 (self.n, *plan.group_shape(group)), float("nan"), dtype=torch.float16, device=device
             )
@@ -153,14 +153,22 @@ class Recorder(Consumer):
                                       device=device)  # (n, n_tokens): encoder positions of the recorded tokens
 
     def wants(self, call: Call) -> bool:
-        return call.layer.name in self.where and call.step in self.step_pos
+        """The pipeline's own passes at the kept steps; guidance's, inversion's and correction passes are not the
+        generation's, and an unconditional half alone is not recorded."""
+        if call.pass_ not in ("cfg", "cond") or call.layer.key not in self.where:
+            return False
+        if not 0 <= call.step < self.steps:
+            raise TapError(f"{call.layer.name}: a {call.pass_} pass at step {call.step}, but this recording has "
+                           f"steps 0 … {self.steps - 1}; was the pipeline called with another num_inference_steps?")
+        return call.step in self.step_pos
 
     @torch.no_grad()
     def on_probs(self, call: Call, probs: torch.Tensor) -> None:
-        group, i = self.where[call.layer.name]
+        group, i = self.where[call.layer.key]
         x = call.conditional(probs.detach())  # (n, heads, q, k)
         if x.shape[0] != self.n:
-            return None  # a pass over another batch (e.g. guidance on a subset): not this recording's
+            raise TapError(f"{call.layer.name}: a {call.pass_} pass with {x.shape[0]} conditional rows at step "
+                           f"{call.step}, but this recording's batch has {self.n} samples")
         if self.plan.heads == "mean":
             x = x.float().mean(1)
         elif self.plan.heads != "all":
@@ -295,7 +303,7 @@ def record(
     try:
         for start in range(0, len(p.samples), batch_size):
             batch = slice(start, min(start + batch_size, len(p.samples)))
-            recorder = Recorder(p, batch, device)
+            recorder = Recorder(p, batch, device, steps)
             with Tap(pipe, [recorder], height=height, width=width):
                 result = pipe(
                     prompt=[prompt for prompt, _ in p.samples[batch]],

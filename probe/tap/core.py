@@ -1,0 +1,358 @@
+"""The attention tap: one wrapper per attention module, shared by every consumer.
+
+Recording, guidance and editing are *consumers*. Each says, per call, whether it needs the explicit attention
+probabilities (:meth:`Consumer.wants`). Where none does, the processor that was there runs untouched (fused SDPA,
+IP-Adapter, a user's own). Where one does, the original processor still runs, and the tap intercepts the one
+softmax inside it: its ``F.scaled_dot_product_attention`` call (diffusers' processors, and ``dispatch_attention_fn``'s
+native backend) or ``Attention.get_attention_scores`` (the classic processors). So the probabilities are computed
+from q and k exactly as the model scores them, after its norms and rotary embeddings, with its own scale and mask;
+the consumers read them, keep them in the autograd graph or return a replacement, and the processor carries on with
+``probs @ v``. A processor that computes attention by other means is refused by name, never replaced.
+
+Each call is *placed*: the step index is counted from the scheduler's own ``set_timesteps`` and ``step`` calls (a
+Heun or KDPM2 correction evaluation is the pass ``correction`` of its step), never matched against timesteps; the
+pass is told by the code that runs it (:meth:`Tap.pass_`: guidance, inversion, user) or, inside the pipeline's own
+loop, read from the pipeline (``cfg`` when the batch is [unconditional; conditional], or the ``cache_context`` name
+``cond`` / ``uncond`` of pipelines that run the halves apart).
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from probe.tap.layers import Family, Layer, attention_layers, attention_modules, denoiser, family_of
+
+PASSES = ("cfg", "cond", "uncond", "guidance", "inversion", "correction", "user")
+"""cfg: the pipeline's pass on [unconditional; conditional]; cond / uncond: one half alone; guidance: a guidance
+objective's own evaluation; inversion: an inversion's pass; correction: a second-order scheduler's extra evaluation;
+user: a pass the caller runs and names itself."""
+
+CACHE_HOOKS = ("first_block_cache", "pyramid_attention_broadcast", "faster_cache", "mag_cache", "taylorseer",
+               "teacache")
+
+
+class TapError(RuntimeError):
+    """The tap cannot give a consumer what it asked for (an unknown processor, an unplaced call)."""
+
+
+@dataclass(frozen=True)
+class Call:
+    """What a consumer knows about one attention call."""
+
+    layer: Layer
+    step: int  # index of the denoising step (-1 outside any pipeline run)
+    timestep: float  # the schedule's timestep of that step (nan when unknown)
+    pass_: str  # one of PASSES
+    batch: int  # batch size of this call (both CFG halves in a "cfg" pass)
+
+    @property
+    def cfg(self) -> bool:
+        return self.pass_ == "cfg"
+
+    def conditional(self, probs: torch.Tensor) -> torch.Tensor:
+        """The conditional rows of a (batch, …) tensor: the second half of a ``cfg`` pass, all of a conditional one."""
+        if self.pass_ == "cfg":
+            return probs[probs.shape[0] // 2 :]
+        if self.pass_ == "uncond":
+            raise TapError(f"{self.layer.name}: an unconditional pass has no conditional rows")
+        return probs
+
+
+class Consumer:
+    """Base class: override :meth:`wants` and :meth:`on_probs`."""
+
+    def wants(self, call: Call) -> bool:
+        return False
+
+    def on_probs(self, call: Call, probs: torch.Tensor) -> torch.Tensor | None:
+        """``probs``: (batch, heads, image queries, keys) of the call's layer kind. Return a replacement or None."""
+        return None
+
+    def on_step(self, step: int, timestep: float) -> None:
+        """Called when the pipeline's loop reaches a new step."""
+
+
+@dataclass
+class _State:
+    net: object = None
+    latent_hw: tuple[int, int] | None = None
+    text_tokens: int | None = None
+    image_grid: tuple[int, int] | None = None
+    schedule: list[float] = field(default_factory=list)  # the run's timesteps, read once at set_timesteps
+    iteration: int = 0  # scheduler.step calls of this run
+    steps_done: int = 0  # first-order scheduler.step calls of this run
+    cache_name: str | None = None
+    told: list[tuple[str, int]] = field(default_factory=list)  # (pass, step) set by the code running the pass
+
+
+def attention_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None = None,
+                    scale: float | None = None) -> torch.Tensor:
+    """softmax(QKᵀ·scale + mask) over keys (scale 1/√d unless given; a boolean mask keeps where True), as SDPA
+    computes it (float32 softmax for half inputs)."""
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    scores = (query @ key.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    if scores.dtype in (torch.float16, torch.bfloat16):
+        return scores.float().softmax(-1).to(query.dtype)
+    return scores.softmax(-1)
+
+
+class _Intercept:
+    """Stands in for the one softmax of a wanted call; later attention calls of the processor (IP-Adapter's image
+    branch) go to the real functions."""
+
+    def __init__(self, tap: Tap, attn, calls: list[tuple[Call, list[Consumer]]], split):
+        self.tap, self.attn, self.calls, self.split = tap, attn, calls, split
+        self.fired = False
+
+    def sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if self.fired:
+            return _REAL_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                              scale=scale, enable_gqa=enable_gqa)
+        if is_causal or dropout_p or enable_gqa:
+            raise TapError(f"{self.calls[0][0].layer.name}: causal, dropout or grouped-query attention is not "
+                           "something the tap computes explicitly")
+        probs = self.consume(attention_probs(query, key, attn_mask, scale))
+        return probs.to(value.dtype) @ value
+
+    def scores(self, query, key, attention_mask=None):
+        """``Attention.get_attention_scores``: (batch·heads, queries, keys) probabilities."""
+        if self.fired:
+            return type(self.attn).get_attention_scores(self.attn, query, key, attention_mask)
+        probs = type(self.attn).get_attention_scores(self.attn, query, key, attention_mask)
+        heads = self.attn.heads
+        shaped = probs.view(-1, heads, *probs.shape[1:])
+        return self.consume(shaped).reshape(probs.shape)
+
+    def consume(self, probs: torch.Tensor) -> torch.Tensor:
+        self.fired = True
+        for call, consumers in self.calls:
+            view = self.split.view(probs, call.layer.kind)
+            if view is None:
+                continue
+            changed = False
+            for consumer in consumers:
+                replaced = consumer.on_probs(call, view)
+                if replaced is not None:
+                    view, changed = replaced, True
+            if changed:
+                probs = self.split.write(probs, call.layer.kind, view)
+        return probs
+
+
+_REAL_SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+def _wrapper_class(original) -> type:
+    """A wrapper whose ``__call__`` has the original processor's signature: ``FluxAttention`` drops keyword
+    arguments that its processor's ``__call__`` does not declare, so a generic ``**kwargs`` would lose them."""
+    cls = type(original)
+    made = _WRAPPERS.get(cls)
+    if made is None:
+        signature = inspect.signature(original.__call__)
+
+        def __call__(self, attn, *args, **kwargs):
+            return self.tap._run(self, attn, args, kwargs)
+
+        params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *signature.parameters.values()]
+        __call__.__signature__ = inspect.Signature(params)
+        made = type(f"Tapped{cls.__name__}", (_Wrapped,), {"__call__": __call__})
+        _WRAPPERS[cls] = made
+    return made
+
+
+class _Wrapped:
+    def __init__(self, tap: Tap, name: str, original):
+        self.tap, self.name, self.original = tap, name, original
+
+    def __getattr__(self, item):  # processor attributes (IP-Adapter scales …) stay reachable
+        return getattr(self.__dict__["original"], item)
+
+
+_WRAPPERS: dict[type, type] = {}
+
+
+class Tap:
+    """Context manager that wraps every attention processor of a pipeline's denoiser and restores them exactly.
+
+    >>> with Tap(pipe, [recorder]):
+    ...     pipe(prompt)
+    """
+
+    def __init__(self, pipe, consumers=(), height: int | None = None, width: int | None = None):
+        self.pipe = pipe
+        self.net = denoiser(pipe)
+        self.family: Family = family_of(self.net)
+        self.consumers = list(consumers)
+        self.layers = {layer.key: layer for layer in attention_layers(pipe, height, width)}
+        self.by_module: dict[str, list[Layer]] = {}
+        for layer in self.layers.values():
+            self.by_module.setdefault(layer.name, []).append(layer)
+        self.state = _State(net=self.net)
+        self._saved: dict | None = None
+        self._undo: list = []
+
+    # -- install / remove ----------------------------------------------------------------------------------------
+    def __enter__(self) -> Tap:
+        modules = attention_modules(self.net)
+        if any(isinstance(m.processor, _Wrapped) for m in modules.values()):
+            raise RuntimeError("a Tap is already installed on this denoiser; nest consumers in one Tap instead")
+        self._refuse_caching_hooks()
+        self._saved = {name: m.processor for name, m in modules.items()}
+        for name, module in modules.items():
+            module.processor = _wrapper_class(module.processor)(self, name, module.processor)
+        hook = self.net.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        self._undo = [hook.remove, self._patch(self.pipe.scheduler, "set_timesteps", self._on_set_timesteps),
+                      self._patch(self.pipe.scheduler, "step", self._on_scheduler_step)]
+        if hasattr(self.net, "cache_context"):
+            self._undo.append(self._patch(self.net, "cache_context", self._on_cache_context))
+        self._start_run()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, processor in (self._saved or {}).items():
+            self.net.get_submodule(name).processor = processor
+        for undo in reversed(self._undo):
+            undo()
+        self._saved, self._undo = None, []
+        self.state = _State(net=self.net)
+
+    @staticmethod
+    def _patch(obj, name: str, around) -> callable:
+        """Replace ``obj.name`` by ``around(original, …)`` on the instance; returns the undo."""
+        had = name in vars(obj)
+        original = getattr(obj, name)
+
+        def patched(*args, **kwargs):
+            return around(original, *args, **kwargs)
+
+        setattr(obj, name, patched)
+        return (lambda: setattr(obj, name, original)) if had else (lambda: delattr(obj, name))
+
+    def _refuse_caching_hooks(self) -> None:
+        registry = getattr(self.net, "_diffusers_hook", None)
+        hooks = set(getattr(registry, "hooks", {}) or {})
+        for module in self.net.modules():
+            sub = getattr(module, "_diffusers_hook", None)
+            hooks |= set(getattr(sub, "hooks", {}) or {})
+        found = sorted(h for h in hooks if any(h.startswith(c) for c in CACHE_HOOKS))
+        if found:
+            raise TapError(f"the denoiser has caching hooks {found}: they skip or reuse attention, so a recording or "
+                           "guidance would miss steps and layers. Remove them first (pipe.transformer."
+                           "disable_cache() or registry.remove_hook).")
+
+    # -- placing calls: step and pass ----------------------------------------------------------------------------
+    def _start_run(self) -> None:
+        timesteps = getattr(self.pipe.scheduler, "timesteps", None)
+        self.state.schedule = [] if timesteps is None else timesteps.detach().cpu().double().tolist()
+        self.state.iteration = self.state.steps_done = 0
+
+    def _on_set_timesteps(self, original, *args, **kwargs):
+        out = original(*args, **kwargs)
+        self._start_run()
+        return out
+
+    def _on_scheduler_step(self, original, *args, **kwargs):
+        first = self._first_order()
+        out = original(*args, **kwargs)
+        self.state.iteration += 1
+        self.state.steps_done += first
+        return out
+
+    def _first_order(self) -> bool:
+        return bool(getattr(self.pipe.scheduler, "state_in_first_order", True))
+
+    @contextmanager
+    def _on_cache_context(self, original, name, *args, **kwargs):
+        before, self.state.cache_name = self.state.cache_name, name
+        try:
+            with original(name, *args, **kwargs):
+                yield
+        finally:
+            self.state.cache_name = before
+
+    @contextmanager
+    def pass_(self, kind: str, step: int):
+        """Within this block every denoiser call is pass ``kind`` at step ``step`` (guidance, inversion, user)."""
+        if kind not in PASSES:
+            raise ValueError(f"pass must be one of {PASSES}, not {kind!r}")
+        self.state.told.append((kind, int(step)))
+        try:
+            yield self
+        finally:
+            self.state.told.pop()
+
+    def _place(self) -> tuple[str, int, float]:
+        """(pass, step, timestep) of the denoiser call now running."""
+        s = self.state
+        if s.told:
+            kind, step = s.told[-1]
+        else:
+            first = self._first_order()
+            step = s.steps_done if first else s.steps_done - 1
+            if not first:
+                kind = "correction"
+            elif s.cache_name in ("cond", "uncond"):
+                kind = s.cache_name
+            else:
+                kind = "cfg" if getattr(self.pipe, "do_classifier_free_guidance", False) else "cond"
+        return kind, step, self.timestep_of(step)
+
+    def timestep_of(self, step: int) -> float:
+        """The schedule's timestep of a step (first-order iterations only, so Heun's doubled timesteps count once)."""
+        schedule = self.state.schedule
+        if hasattr(self.pipe.scheduler, "state_in_first_order"):
+            schedule = schedule[::2]  # second-order schedulers (Heun, KDPM2): [t0, t1, t1, t2, t2, …]
+        return schedule[step] if 0 <= step < len(schedule) else float("nan")
+
+    def _before_forward(self, module, args, kwargs):
+        self.family.observe(self.net, args, kwargs, self.state)
+        kind, step, t = self._place()
+        if kind in ("cfg", "cond") and getattr(self, "_announced", None) != step:
+            self._announced = step
+            for consumer in self.consumers:
+                consumer.on_step(step, t)
+
+    # -- one attention call ----------------------------------------------------------------------------------------
+    def _run(self, wrapped: _Wrapped, attn, args: tuple, kwargs: dict):
+        original = wrapped.original
+        if not self.consumers:
+            return original(attn, *args, **kwargs)
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        kind, step, t = self._place()
+        calls = []
+        for layer in self.by_module.get(wrapped.name, ()):
+            grid = self.family.runtime_grid(layer, hidden, self.state)
+            if grid != layer.grid:
+                layer = Layer(layer.name, layer.kind, grid, layer.heads)
+            call = Call(layer, step, t, kind, hidden.shape[0])
+            wanting = [c for c in self.consumers if c.wants(call)]
+            if wanting:
+                calls.append((call, wanting))
+        if not calls:
+            return original(attn, *args, **kwargs)
+        encoder = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+        intercept = _Intercept(self, attn, calls, self.family.split(attn, hidden, encoder, self.state))
+        previous = torch.nn.functional.scaled_dot_product_attention
+        torch.nn.functional.scaled_dot_product_attention = intercept.sdpa
+        had_scores = "get_attention_scores" in vars(attn)
+        if hasattr(attn, "get_attention_scores"):
+            attn.get_attention_scores = intercept.scores
+        try:
+            out = original(attn, *args, **kwargs)
+        finally:
+            torch.nn.functional.scaled_dot_product_attention = previous
+            if hasattr(attn, "get_attention_scores") and not had_scores:
+                del attn.get_attention_scores
+        if not intercept.fired:
+            raise TapError(
+                f"{wrapped.name}: its processor {type(original).__name__} computes attention without "
+                "F.scaled_dot_product_attention or Attention.get_attention_scores (a fused kernel, xformers or a "
+                "non-native attention backend), so the tap cannot see its probabilities. Use diffusers' default "
+                "processor (pipe.unet.set_default_attn_processor()) or the native attention backend for this run.")
+        return out
