@@ -24,7 +24,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from probe._assets import tokenizer_files
 from probe.tap.layers import Layer, attention_layers, denoiser, latent_size, select_layers
 
-__all__ = ["BUILTIN", "Layer", "attention_layers", "denoiser", "latent_size", "load", "select_layers", "tiny_pipeline"]
+__all__ = ["BUILTIN", "TINY", "Layer", "attention_layers", "denoiser", "latent_size", "load", "select_layers",
+           "tiny_flux", "tiny_pipeline", "tiny_sd3"]
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 BUILTIN = {"shapes": DATA / "models" / "shapes"}
@@ -38,8 +39,8 @@ def load(name_or_path, *, device: str | torch.device | None = None, dtype: torch
     """
     if isinstance(name_or_path, DiffusionPipeline):
         pipe = name_or_path
-    elif name_or_path in ("tiny", "tiny-xl"):
-        pipe = tiny_pipeline(xl=name_or_path == "tiny-xl")
+    elif name_or_path in TINY:
+        pipe = TINY[name_or_path]()
     else:
         pipe = _from_pretrained(BUILTIN.get(name_or_path, name_or_path))
     if isinstance(name_or_path, (str, Path)):
@@ -55,7 +56,7 @@ def _from_pretrained(name_or_path) -> DiffusionPipeline:
     looks_local = path.is_absolute() or str(name_or_path).startswith((".", "~")) or path.exists()
     if looks_local or str(name_or_path).count("/") != 1:
         if not path.expanduser().is_dir():
-            known = ", ".join(["tiny", "tiny-xl", *BUILTIN])
+            known = ", ".join([*TINY, *BUILTIN])
             raise FileNotFoundError(
                 f"model folder {str(name_or_path)!r} does not exist. Give a built-in name ({known}), "
                 "a local diffusers folder (works offline) or a hub id such as 'org/model'."
@@ -135,3 +136,63 @@ def tiny_pipeline(xl: bool = False) -> DiffusionPipeline:
         )
 
 
+
+
+def _tiny_t5(vocab: int, width: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=vocab, d_model=width, d_ff=2 * width, d_kv=8, num_layers=2, num_heads=4,
+                                   decoder_start_token_id=0, pad_token_id=vocab - 1, eos_token_id=vocab - 1)).eval()
+
+
+def _flow_vae() -> AutoencoderKL:
+    vae = _tiny_vae()
+    vae.register_to_config(shift_factor=0.0)
+    return vae
+
+
+def tiny_sd3() -> DiffusionPipeline:
+    """A small random SD3.5-style pipeline (joint attention, a dual-attention block, RMS q/k norms, CLIP ×2 + T5
+    text), 32 px, the same weights on every call. The project's CLIP tokenizer stands in for T5's."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    tok = project_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        transformer = SD3Transformer2DModel(
+            sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
+            pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",
+        )
+        pipe = StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_flow_vae(),
+            text_encoder=_tiny_text(len(tok), 16, projection=True), tokenizer=tok,
+            text_encoder_2=_tiny_text(len(tok), 16, projection=True), tokenizer_2=project_tokenizer(),
+            text_encoder_3=_tiny_t5(len(tok), 32), tokenizer_3=project_tokenizer(),
+        )
+    return pipe
+
+
+def tiny_flux() -> DiffusionPipeline:
+    """A small random FLUX.1-style pipeline (double- and single-stream blocks, RoPE, QK RMS norms, CLIP + T5 text),
+    32 px, the same weights on every call. The project's CLIP tokenizer stands in for T5's."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    tok = project_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=False,
+            axes_dims_rope=(4, 6, 6),
+        )
+        pipe = FluxPipeline(
+            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_flow_vae(),
+            text_encoder=_tiny_text(len(tok), 32), tokenizer=tok,
+            text_encoder_2=_tiny_t5(len(tok), 32), tokenizer_2=project_tokenizer(),
+        )
+    pipe.default_sample_size = 16
+    return pipe
+
+
+TINY = {"tiny": tiny_pipeline, "tiny-xl": lambda: tiny_pipeline(xl=True), "tiny-sd3": tiny_sd3, "tiny-flux": tiny_flux}

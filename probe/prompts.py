@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -94,6 +95,45 @@ def token_positions(tokenizer, prompt: str) -> list[int]:
     tok = getattr(tokenizer, "tokenizer", tokenizer)
     mask = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True).attention_mask
     return [i for i, m in enumerate(mask) if m]
+
+
+@dataclass(frozen=True)
+class TextLayout:
+    """A prompt's tokens as the denoiser's attention sees them: texts, key positions and which text encoder."""
+
+    texts: list[str]
+    positions: list[int]
+    encoders: list[str]
+
+
+DEFAULT_MAX_SEQUENCE = {"sd3": 256, "flux": 512}  # the pipelines' own max_sequence_length defaults
+
+
+def text_layout(pipe, prompt: str, keep_padding: bool = False, max_sequence_length: int | None = None) -> TextLayout:
+    """Where each token of ``prompt`` sits among the denoiser's text keys. UNet pipelines: one CLIP sequence
+    (SDXL's two encoders share positions); SD3: CLIP's 77 positions, then T5's; FLUX: T5's alone."""
+    from probe.tap import denoiser, family_of
+
+    family = family_of(denoiser(pipe)).name
+    if family == "unet":
+        parts = [("clip", pipe.tokenizer, pipe.tokenizer.model_max_length)]
+    else:
+        t5_length = max_sequence_length or DEFAULT_MAX_SEQUENCE[family]
+        if family == "sd3":
+            parts = [("clip", pipe.tokenizer, pipe.tokenizer.model_max_length)]
+            parts += [("t5", pipe.tokenizer_3, t5_length)] if pipe.tokenizer_3 is not None else []
+        else:
+            parts = [("t5", pipe.tokenizer_2, t5_length)]
+    texts, positions, encoders, offset = [], [], [], 0
+    for encoder, tok, length in parts:
+        enc = tok(prompt, padding="max_length", max_length=length, truncation=True)
+        keep = range(length) if keep_padding else [i for i, m in enumerate(enc.attention_mask) if m]
+        names = tok.convert_ids_to_tokens(enc.input_ids)
+        texts += [names[i].removesuffix("</w>") for i in keep]
+        positions += [offset + i for i in keep]
+        encoders += [encoder] * len(keep)
+        offset += length
+    return TextLayout(texts, positions, encoders)
 
 
 def word_positions(tokenizer, prompt: str) -> list[int]:

@@ -21,7 +21,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from probe.models import Layer, attention_layers, latent_size, load, select_layers
-from probe.prompts import token_positions
+from probe.prompts import TextLayout, text_layout
 from probe.tap import Call, Consumer, Tap, TapError
 
 BYTES_PER_VALUE = 2  # float16 storage
@@ -40,6 +40,7 @@ class Plan:
     steps: list[int]  # kept step indices
     heads: str | list[int]
     image_hw: tuple[int, int]
+    encoders: list[list[str]]  # per sample and token: which text encoder ("clip", "t5")
 
     def head_count(self, layer: Layer) -> int | None:
         if self.heads == "mean":
@@ -68,8 +69,8 @@ def _as_list(x) -> list:
     return list(x) if isinstance(x, (list, tuple, range, np.ndarray)) else [x]
 
 
-def _tokens(pipe, prompt: str, keep_padding: bool) -> tuple[list[str], list[int]]:
-    """The recorded tokens' texts and their positions in the encoder's sequence (padding on either side)."""
+def _tokens(pipe, prompt: str, keep_padding: bool, max_sequence_length: int | None) -> TextLayout:
+    """The recorded tokens: texts, their positions among the denoiser's text keys, and their encoders."""
     tok = pipe.tokenizer
     ids = tok(prompt, truncation=False).input_ids
     if len(ids) > tok.model_max_length:
@@ -77,12 +78,7 @@ def _tokens(pipe, prompt: str, keep_padding: bool) -> tuple[list[str], list[int]
             f"prompt {prompt!r} has {len(ids)} tokens; the text encoder takes at most {tok.model_max_length} "
             "(start and end tokens included). Shorten the prompt."
         )
-    if keep_padding:
-        ids = tok(prompt, padding="max_length", max_length=tok.model_max_length).input_ids
-        positions = list(range(len(ids)))
-    else:
-        positions = token_positions(tok, prompt)
-    return [t.removesuffix("</w>") for t in tok.convert_ids_to_tokens(ids)], positions
+    return text_layout(pipe, prompt, keep_padding, max_sequence_length)
 
 
 def plan(
@@ -98,6 +94,7 @@ def plan(
     keep_padding: bool = False,
     height: int | None = None,
     width: int | None = None,
+    max_sequence_length: int | None = None,
 ) -> Plan:
     """Validate a recording's request and describe it (no generation)."""
     pipe = load(pipe)
@@ -105,7 +102,9 @@ def plan(
     if not prompts or not seeds:
         raise ValueError("give at least one prompt and one seed")
     samples = [(p, s) for p in prompts for s in seeds]
-    tokens, positions = zip(*(_tokens(pipe, p, keep_padding) for p, _ in samples))
+    layouts = [_tokens(pipe, p, keep_padding, max_sequence_length) for p, _ in samples]
+    tokens, positions = [t.texts for t in layouts], [t.positions for t in layouts]
+    encoders = [t.encoders for t in layouts]
     chosen = select_layers(attention_layers(pipe, height, width), layers, tuple(kinds))
     if not chosen:
         raise ValueError(f"no attention layers of kinds {tuple(kinds)} in this model")
@@ -122,8 +121,8 @@ def plan(
             raise ValueError(f"heads must be 'mean', 'all' or indices below {most}, got {heads}")
     lh, lw = latent_size(pipe, height, width)
     scale = getattr(pipe, "vae_scale_factor", 8)
-    return Plan(samples, list(tokens), list(positions), max(map(len, tokens)), groups, kept, heads,
-                (lh * scale, lw * scale))
+    return Plan(samples, tokens, positions, max(map(len, tokens)), groups, kept, heads, (lh * scale, lw * scale),
+                encoders)
 
 
 def estimate(pipe, prompts, *, seeds, **kwargs) -> int:
@@ -216,6 +215,9 @@ def _datasets(plan: Plan, batch: slice, arrays: dict[str, np.ndarray], images: n
             texts = [t + [""] * (plan.n_tokens - len(t)) for t in plan.tokens[batch]]
             coords["token"] = np.arange(plan.n_tokens)
             coords["token_text"] = (("sample", "token"), np.array(texts, dtype=object))
+            if len({e for es in plan.encoders for e in es}) > 1:
+                encoders = [e + [""] * (plan.n_tokens - len(e)) for e in plan.encoders[batch]]
+                coords["encoder"] = (("sample", "token"), np.array(encoders, dtype=object))
         else:
             coords["ky"], coords["kx"] = np.arange(h), np.arange(w)
         out[group] = xr.Dataset({"attn": (dims, arrays[group])}, coords=coords)
@@ -281,7 +283,8 @@ def record(
     pipe = load(pipe)
     height, width = pipeline_kwargs.get("height"), pipeline_kwargs.get("width")
     p = plan(pipe, prompts, seeds=seeds, steps=steps, kinds=kinds, layers=layers, heads=heads,
-             keep_steps=keep_steps, keep_padding=keep_padding, height=height, width=width)
+             keep_steps=keep_steps, keep_padding=keep_padding, height=height, width=width,
+             max_sequence_length=pipeline_kwargs.get("max_sequence_length"))
     if max_bytes is not None and p.nbytes > max_bytes:
         parts = ", ".join(f"{g}: {b / 1e6:.1f} MB" for g, b in sorted(p.group_bytes().items(), key=lambda kv: -kv[1]))
         raise MemoryError(
@@ -304,7 +307,7 @@ def record(
         for start in range(0, len(p.samples), batch_size):
             batch = slice(start, min(start + batch_size, len(p.samples)))
             recorder = Recorder(p, batch, device, steps)
-            with Tap(pipe, [recorder], height=height, width=width):
+            with Tap(pipe, [recorder], height=height, width=width) as tap:
                 result = pipe(
                     prompt=[prompt for prompt, _ in p.samples[batch]],
                     generator=[torch.Generator(device).manual_seed(s) for _, s in p.samples[batch]],
@@ -313,7 +316,7 @@ def record(
                     output_type="np",
                     **pipeline_kwargs,
                 )
-            timesteps = pipe.scheduler.timesteps.cpu().numpy()
+                timesteps = [tap.timestep_of(s) for s in range(steps)]
             groups = _datasets(p, batch, recorder.to_host(), _to_uint8(result.images), timesteps)
             if zarr_tmp is not None:
                 _append_zarr(zarr_tmp, groups, attrs, first=start == 0)

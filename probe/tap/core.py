@@ -18,6 +18,7 @@ loop, read from the pipeline (``cfg`` when the batch is [unconditional; conditio
 
 from __future__ import annotations
 
+import functools
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -228,6 +229,7 @@ class Tap:
         had = name in vars(obj)
         original = getattr(obj, name)
 
+        @functools.wraps(original)  # keeps the signature: pipelines inspect set_timesteps' parameters
         def patched(*args, **kwargs):
             return around(original, *args, **kwargs)
 

@@ -1,0 +1,104 @@
+"""The tap on diffusion transformers (SD3 joint attention, FLUX double and single stream), against a plain run."""
+
+import numpy as np
+import pytest
+import torch
+
+import probe
+from probe.tap import Call, Consumer, Tap
+
+PROMPT = "a cat and a dog"
+FAMILIES = ["tiny-sd3", "tiny-flux"]
+MAX_SEQ = 16
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def dit(request):
+    return request.param, probe.load(request.param)
+
+
+class Views(Consumer):
+    """Every layer's cross and self view of the real pass at step 0, in call order."""
+
+    def __init__(self):
+        self.seen = []
+
+    def wants(self, call: Call) -> bool:
+        return call.step == 0 and call.pass_ in ("cfg", "cond")
+
+    def on_probs(self, call, probs):
+        self.seen.append((call.layer.key, call.pass_, probs.detach().clone()))
+
+
+def _run(pipe, **kw):
+    return pipe(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np",
+                max_sequence_length=MAX_SEQ, **kw)
+
+
+def test_views_equal_an_independent_softmax_of_what_the_model_scores(dit):
+    """A plain run's own q and k (spied at F.scaled_dot_product_attention) → softmax(q·kᵀ·scale), sliced by the
+    family's documented layout (SD3: image first; FLUX: text first), equal the tap's views."""
+    name, pipe = dit
+    spied, inside = [], []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if inside:  # the transformer's calls only, not the text encoders'
+            spied.append((query.detach().clone(), key.detach().clone(), scale))
+        return real(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+
+    net = probe.tap.denoiser(pipe)
+    hooks = [net.register_forward_pre_hook(lambda *a: inside.append(1)),
+             net.register_forward_hook(lambda *a: inside.clear())]
+    torch.nn.functional.scaled_dot_product_attention = spy
+    try:
+        with torch.no_grad():
+            plain = _run(pipe).images
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = real
+        for hook in hooks:
+            hook.remove()
+    views = Views()
+    with Tap(pipe, [views]), torch.no_grad():
+        tapped = _run(pipe).images
+    modules = probe.tap.layers.attention_modules(probe.tap.denoiser(pipe))
+    per_step = len(modules)
+    n_image = 64  # 8×8 tokens at 32 px
+    by_module = {}
+    for key, pass_, probs in views.seen:
+        by_module.setdefault(key[0], []).append((key[1], pass_, probs))
+    for index, (module, got) in enumerate(by_module.items()):
+        q, k, scale = spied[index % per_step]
+        probs = torch.softmax(q @ k.transpose(-1, -2) * (scale or q.shape[-1] ** -0.5), dim=-1)
+        n_text = probs.shape[-1] - n_image
+        if name == "tiny-sd3":
+            image, text = slice(0, n_image), slice(n_image, None)
+        else:
+            image, text = slice(n_text, None), slice(0, n_text)
+        for kind, pass_, view in got:
+            assert pass_ == ("cfg" if name == "tiny-sd3" else "cond")
+            expected = probs[..., image, image if kind == "self" else text]
+            assert (view - expected).abs().max() < 2e-3, (module, kind)
+        assert {kind for kind, _, _ in got} == ({"self"} if module.endswith("attn2") else {"cross", "self"})
+
+
+    np.testing.assert_allclose(plain, tapped, atol=1e-5)
+
+
+def test_record_on_a_transformer_matches_the_plain_pipeline(dit):
+    name, pipe = dit
+    tree = probe.record(pipe, PROMPT, seeds=[0], steps=2, progress=False, max_sequence_length=MAX_SEQ)
+    plain = pipe(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np",
+                 max_sequence_length=MAX_SEQ, guidance_scale=7.5).images
+    diff = np.abs(tree["images"]["image"].values[0].astype(int) - (plain[0] * 255).round().astype(int))
+    assert diff.max() <= 1
+    cross = tree["cross/res8"]
+    assert list(cross.timestep.values) == [float(t) for t in pipe.scheduler.timesteps]
+    texts = [str(t) for t in cross.token_text.values[0] if t]
+    if name == "tiny-sd3":  # CLIP's tokens, then T5's
+        assert list(cross.encoder.values[0][: len(texts)]).count("clip") == len(texts) // 2
+    assert texts.count("cat") == (2 if name == "tiny-sd3" else 1)
+    row = cross["attn"].isel(sample=0, step=1).mean("layer").values  # (y, x, token): mass on the prompt's tokens
+    assert np.all(np.nansum(row, -1) <= 1 + 2e-3) and np.all(np.nansum(row, -1) > 0)
+    self_rows = tree["self/res8"]["attn"].isel(sample=0, step=1, layer=0).values.reshape(64, 64)
+    assert np.all(self_rows.sum(-1) <= 1 + 2e-3)
