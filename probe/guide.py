@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from probe.maps import (
@@ -50,7 +49,8 @@ from probe.overlap import (
     self_cross_overlap,
     soft_iou,
 )
-from probe.prompts import subject_indices, word_positions
+from probe.pipelines import conditioned, initial_noise, set_schedule
+from probe.prompts import subject_indices, text_keys_tokenizer, word_positions
 from probe.tap import Call, Consumer, Tap
 
 # -- settings --------------------------------------------------------------------------------------------------------
@@ -271,19 +271,6 @@ def _closest_grid(layers: list[Layer], resolution: int) -> tuple[int, int]:
     return min(grids, key=lambda g: (abs(math.log(g[0] * g[1] / resolution**2)), -g[0] * g[1]))
 
 
-def _conditioning(pipe, prompt: str, height: int, width: int) -> dict:
-    """The denoiser's keyword arguments for the conditional branch, as the pipeline itself builds them."""
-    device = pipe._execution_device
-    with torch.no_grad():
-        if hasattr(pipe, "text_encoder_2"):  # SDXL: pooled text embeddings and size ids as well
-            embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, do_classifier_free_guidance=False)
-            proj = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 else int(pooled.shape[-1])
-            ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), embeds.dtype, proj).to(device)
-            return {"encoder_hidden_states": embeds, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}}
-        embeds, _ = pipe.encode_prompt(prompt, device, 1, False)
-    return {"encoder_hidden_states": embeds}
-
-
 # -- the guide --------------------------------------------------------------------------------------------------------
 
 
@@ -299,17 +286,18 @@ class Guide:
 
     def __init__(self, pipe, prompt: str, subjects: Sequence[str], objective: ObjectiveSpec = "ae",
                  schedule: Schedule | None = None, *, steps: int = 50, height: int | None = None,
-                 width: int | None = None, consumers: Sequence[Consumer] = ()):
+                 width: int | None = None, consumers: Sequence[Consumer] = (), max_sequence_length: int | None = None):
         self.pipe = load(pipe)
         self.prompt, self.subjects = prompt, list(subjects)
         if not self.subjects:
             raise ValueError("give at least one subject word to guide")
-        self.indices = subject_indices(self.pipe.tokenizer, prompt, self.subjects)
+        tokenizer = text_keys_tokenizer(self.pipe)
+        self.indices = subject_indices(tokenizer, prompt, self.subjects)
         self.objective = as_objective(objective)
         self.schedule = schedule or Schedule()
         if self.schedule.tokens not in ("words", "diffusers"):
             raise ValueError(f"Schedule.tokens must be 'words' or 'diffusers', not {self.schedule.tokens!r}")
-        self.softmax_tokens = word_positions(self.pipe.tokenizer, prompt) if self.schedule.tokens == "words" else None
+        self.softmax_tokens = word_positions(tokenizer, prompt) if self.schedule.tokens == "words" else None
         self.net = denoiser(self.pipe)
         scale = getattr(self.pipe, "vae_scale_factor", 8)
         lh, lw = latent_size(self.pipe, height, width)
@@ -320,14 +308,14 @@ class Guide:
         chosen = [layer for layer in self.tap.layers.values() if layer.grid == self.grid and layer.kind in kinds]
         self.collector = _MapCollector(chosen)
         self.tap.consumers.append(self.collector)
-        self.pipe.scheduler.set_timesteps(steps, device=self.pipe._execution_device)
-        self.timesteps = self.pipe.scheduler.timesteps.clone()
+        self.timesteps = set_schedule(self.pipe, steps, self.height, self.width)
         self.step_sizes = self.schedule.step_sizes(len(self.timesteps))
         self.labels = _labels(self.subjects)
-        self.cond: dict = {}
+        self.denoise = None
+        self.max_sequence_length = max_sequence_length
 
     def __enter__(self) -> Guide:
-        self.cond = _conditioning(self.pipe, self.prompt, self.height, self.width)
+        self.denoise = conditioned(self.pipe, self.prompt, self.height, self.width, self.max_sequence_length)
         self.tap.__enter__()
         return self
 
@@ -337,15 +325,12 @@ class Guide:
     # -- evaluation ---------------------------------------------------------------------------------------------------
     def evaluate(self, latents: torch.Tensor, step: int) -> tuple[torch.Tensor, GuidanceMaps]:
         """Loss (a scalar for one latent) and maps at ``latents`` (1, C, h, w) and step ``step``'s timestep."""
-        if not self.cond:
+        if self.denoise is None:
             raise RuntimeError("a Guide evaluates inside its context: `with Guide(pipe, ...) as guide:`")
-        t = self.timesteps[step]
-        scheduler = self.pipe.scheduler
-        model_input = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
         self.collector.start()
         try:
             with self.tap.pass_("guidance", step):
-                self.net(model_input, t, **self.cond, return_dict=False)
+                self.denoise(latents, self.timesteps[step])
         finally:
             self.collector.active = False
         found = self.collector.finish()
@@ -514,29 +499,26 @@ def generate(pipe, prompt: str, *, subjects: Sequence[str], objective: Objective
     arguments go to the pipeline.
     """
     pipe = load(pipe)
-    device = pipe._execution_device
-    net = denoiser(pipe)
-    lh, lw = latent_size(pipe, height, width)
     generator = torch.Generator("cpu").manual_seed(seed)
-    shape = (1, net.config.in_channels, lh, lw)
 
     def draw() -> torch.Tensor:
-        return randn_tensor(shape, generator=generator, device=device, dtype=net.dtype)
+        return initial_noise(pipe, generator, height, width)
 
     if isinstance(init_noise, torch.Tensor):
-        noise = init_noise.to(device=device, dtype=net.dtype).reshape(shape)
+        shape = draw().shape
+        noise = init_noise.to(device=pipe._execution_device, dtype=denoiser(pipe).dtype).reshape(shape)
     else:
         noise = draw()
     init_history = None
     with Guide(pipe, prompt, subjects, objective, schedule, steps=steps, height=height, width=width,
-               consumers=consumers) as guide:
+               consumers=consumers, max_sequence_length=pipe_kwargs.get("max_sequence_length")) as guide:
         if init_noise is not None and not isinstance(init_noise, torch.Tensor):
             settings = init_noise if isinstance(init_noise, InitNO) else InitNO() if init_noise == "initno" else None
             if settings is None:
                 raise ValueError(f"init_noise must be None, 'initno', an InitNO or a tensor, not {init_noise!r}")
             with torch.enable_grad():
                 noise, init_history = guide.optimise_noise(noise, settings, draw)
-        sigma = pipe.scheduler.init_noise_sigma
+        sigma = getattr(pipe.scheduler, "init_noise_sigma", 1.0)
         n_steps = len(guide.timesteps)
         rows: list[dict] = []
         final: dict[str, torch.Tensor] = {}

@@ -136,6 +136,13 @@ def text_layout(pipe, prompt: str, keep_padding: bool = False, max_sequence_leng
     return TextLayout(texts, positions, encoders)
 
 
+def text_keys_tokenizer(pipe):
+    """The tokenizer whose positions start the denoiser's text keys (FLUX: T5's; otherwise CLIP's)."""
+    from probe.tap import denoiser, family_of
+
+    return pipe.tokenizer_2 if family_of(denoiser(pipe)).name == "flux" else pipe.tokenizer
+
+
 def word_positions(tokenizer, prompt: str) -> list[int]:
     """Positions of the prompt's word tokens only (no start, end or padding): the tokens Attend-and-Excite's
     official code softmaxes over."""

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import probe
+from probe.guide import OBJECTIVES, Guide, Schedule, generate
+from probe.pipelines import initial_noise
 from probe.tap import Call, Consumer, Tap
 
 PROMPT = "a cat and a dog"
@@ -102,3 +104,35 @@ def test_record_on_a_transformer_matches_the_plain_pipeline(dit):
     assert np.all(np.nansum(row, -1) <= 1 + 2e-3) and np.all(np.nansum(row, -1) > 0)
     self_rows = tree["self/res8"]["attn"].isel(sample=0, step=1, layer=0).values.reshape(64, 64)
     assert np.all(self_rows.sum(-1) <= 1 + 2e-3)
+
+
+# -- guidance on transformers ------------------------------------------------------------------------------------------
+
+ETA = 0.01
+FIRST_ORDER_SHARE = 0.25
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_a_small_step_lowers_each_objective_on_a_transformer(dit, objective):
+    _, pipe = dit
+    with Guide(pipe, PROMPT, ["cat", "dog"], objective, steps=4, max_sequence_length=MAX_SEQ) as guide:
+        z = initial_noise(pipe, torch.Generator().manual_seed(1), None, None).requires_grad_(True)
+        before, maps = guide.evaluate(z, 0)
+        (grad,) = torch.autograd.grad(before, [z])
+        with torch.no_grad():
+            after, _ = guide.evaluate(z - ETA * grad / grad.norm(), 0)
+    assert maps.subjects.shape == (1, 2, 8, 8)
+    assert torch.isfinite(grad).all() and grad.norm() > 0
+    assert before - after > FIRST_ORDER_SHARE * ETA * grad.norm()
+
+
+def test_unguided_generate_is_the_plain_pipeline_and_guidance_moves_it(dit):
+    _, pipe = dit
+    still = Schedule(alter_fraction=0.0, thresholds={})
+    kw = {"seed": 0, "steps": 3, "output_type": "np", "progress": False, "max_sequence_length": MAX_SEQ}
+    unguided = generate(pipe, PROMPT, subjects=["cat", "dog"], schedule=still, **kw)
+    plain = pipe(PROMPT, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np",
+                 guidance_scale=7.5, max_sequence_length=MAX_SEQ).images
+    np.testing.assert_allclose(unguided.images, plain, atol=1e-5)
+    guided = generate(pipe, PROMPT, subjects=["cat", "dog"], schedule=Schedule(thresholds={}), **kw)
+    assert np.abs(guided.images - plain).max() > 1e-3 and len(guided.history) == 2  # steps 0 and 1 of 3
