@@ -112,6 +112,8 @@ class Injector(Consumer):
     ``replaced`` counts the calls it changed.
     """
 
+    replaces = True
+
     def __init__(self, layers: Sequence[Layer], steps: Sequence[int], key_mask: torch.Tensor | None = None):
         self.layers, self.steps = frozenset(layer.key for layer in layers), frozenset(steps)
         self.key_mask = key_mask

@@ -136,3 +136,12 @@ def test_unguided_generate_is_the_plain_pipeline_and_guidance_moves_it(dit):
     np.testing.assert_allclose(unguided.images, plain, atol=1e-5)
     guided = generate(pipe, PROMPT, subjects=["cat", "dog"], schedule=Schedule(thresholds={}), **kw)
     assert np.abs(guided.images - plain).max() > 1e-3 and len(guided.history) == 2  # steps 0 and 1 of 3
+
+
+def test_a_caching_hook_is_refused_not_recorded_around():
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    pipe = probe.load("tiny-flux")
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+    with pytest.raises(probe.tap.TapError, match="caching hooks.*fbc_leader_block_hook"):
+        probe.record(pipe, PROMPT, seeds=[0], steps=2, progress=False, max_sequence_length=MAX_SEQ)

@@ -32,8 +32,8 @@ PASSES = ("cfg", "cond", "uncond", "guidance", "inversion", "correction", "user"
 objective's own evaluation; inversion: an inversion's pass; correction: a second-order scheduler's extra evaluation;
 user: a pass the caller runs and names itself."""
 
-CACHE_HOOKS = ("first_block_cache", "pyramid_attention_broadcast", "faster_cache", "mag_cache", "taylorseer",
-               "teacache")
+CACHE_HOOKS = ("fbc_", "first_block_cache", "pyramid_attention_broadcast", "faster_cache", "mag_cache", "taylorseer",
+               "teacache")  # name prefixes of diffusers' caching hooks
 
 
 class TapError(RuntimeError):
@@ -64,7 +64,10 @@ class Call:
 
 
 class Consumer:
-    """Base class: override :meth:`wants` and :meth:`on_probs`."""
+    """Base class: override :meth:`wants` and :meth:`on_probs`. A consumer that returns replacements sets
+    ``replaces = True``; read-only consumers let the tap keep the fused attention kernel."""
+
+    replaces = False
 
     def wants(self, call: Call) -> bool:
         return False
@@ -118,8 +121,35 @@ class _Intercept:
         if is_causal or dropout_p or enable_gqa:
             raise TapError(f"{self.calls[0][0].layer.name}: causal, dropout or grouped-query attention is not "
                            "something the tap computes explicitly")
+        read_only = not any(c.replaces for _, consumers in self.calls for c in consumers)
+        if read_only and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)):
+            fused = _fused_with_lse(query, key, value, attn_mask, scale)
+            if fused is not None:  # the kernel's own output; only the wanted blocks are scored again
+                out, lse = fused
+                self.fired = True
+                self.read(query, key, attn_mask, scale, lse)
+                return out
         probs = self.consume(attention_probs(query, key, attn_mask, scale))
         return probs.to(value.dtype) @ value
+
+    def read(self, query, key, mask, scale, lse) -> None:
+        """Hand read-only consumers the blocks they want: exp(q·kᵀ·scale + mask − logsumexp) for those keys."""
+        scale = query.shape[-1] ** -0.5 if scale is None else scale
+        if mask is not None and mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, float("-inf"))
+        rows = self.split.image_queries
+        for call, consumers in self.calls:
+            keys = self.split.text_keys if call.layer.kind == "cross" else self.split.image_keys
+            if keys is None:
+                continue
+            scores = (query[..., rows, :].float() @ key[..., keys, :].float().transpose(-1, -2)) * scale
+            if mask is not None:
+                scores = scores + mask.float().expand(*query.shape[:2], -1, -1)[..., rows, keys]
+            block = torch.exp(scores - lse[..., rows, None].float()).to(query.dtype)
+            for consumer in consumers:
+                if consumer.on_probs(call, block) is not None:
+                    raise TapError(f"{type(consumer).__name__} returned replaced probabilities without declaring "
+                                   "replaces = True")
 
     def scores(self, query, key, attention_mask=None):
         """``Attention.get_attention_scores``: (batch·heads, queries, keys) probabilities."""
@@ -147,6 +177,18 @@ class _Intercept:
 
 
 _REAL_SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+def _fused_with_lse(query, key, value, mask, scale):
+    """(output, logsumexp) from torch's fused CPU kernel (the one F.scaled_dot_product_attention runs there), else
+    None: other devices take the explicit path."""
+    if query.device.type != "cpu":
+        return None
+    try:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, attn_mask=mask,
+                                                                         scale=scale)[:2]
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 def _wrapper_class(original) -> type:
@@ -243,6 +285,8 @@ class Tap:
             sub = getattr(module, "_diffusers_hook", None)
             hooks |= set(getattr(sub, "hooks", {}) or {})
         found = sorted(h for h in hooks if any(h.startswith(c) for c in CACHE_HOOKS))
+        if getattr(self.net, "is_cache_enabled", False):
+            found.append(type(getattr(self.net, "_cache_config", None)).__name__)
         if found:
             raise TapError(f"the denoiser has caching hooks {found}: they skip or reuse attention, so a recording or "
                            "guidance would miss steps and layers. Remove them first (pipe.transformer."
