@@ -170,7 +170,8 @@ def cmd_evaluate_shapes(args) -> None:
     if args.pilot:
         print(json.dumps(evaluate.pilot(pipe), indent=1))
         return
-    metrics = evaluate.evaluate_model(pipe, quick=args.quick)
+    reference = probe.load(args.reference) if args.reference else None
+    metrics = evaluate.evaluate_model(pipe, quick=args.quick, reference=reference)
     print(json.dumps(metrics, indent=1))
     if args.card:
         folder = Path(args.model if Path(args.model).is_dir() else probe.models.BUILTIN[args.model])
@@ -273,6 +274,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default="shapes", help="built-in name or folder")
     e.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     e.add_argument("--card", action="store_true", help="write metrics.json, samples.png and README.md beside it")
+    e.add_argument("--reference", default=None, help="a model timed side by side with this one (the speed target)")
     e.add_argument("--pilot", action="store_true", help="the short read of a training run: teacher-forced "
                    "localisation and unguided missing / mixing")
     e.set_defaults(func=cmd_evaluate_shapes)

@@ -179,15 +179,14 @@ def test_scaled_schedule_and_overlap_steps():
     assert overlap_steps(50) == {"t10": 10, "end": 49} and overlap_steps(4) == {"t10": 1, "end": 3}
 
 
-def test_real_pass_maps_keep_the_last_pass_of_a_step():
+def test_real_pass_maps_keep_only_the_pipelines_own_pass():
     layer = Layer("a.attn2", "cross", (2, 2), 2)
-    capture = RealPassMaps([layer], steps=[3], cfg=False)
-    call = Call(layer, step=3, timestep=1.0, cfg=False, batch=1)
-    assert capture.wants(call) and not capture.wants(Call(layer, 4, 1.0, False, 1))
-    assert not capture.wants(Call(layer, 3, 1.0, True, 2))  # the other kind of pass
-    for value in (1.0, 3.0):  # two passes at step 3 (a guidance pass, then the real one)
-        capture.on_probs(call, torch.full((1, 2, 4, 5), value))
-    torch.testing.assert_close(capture.maps[3]["cross"], torch.full((4, 5), 3.0))
+    capture = RealPassMaps([layer], steps=[3])
+    call = Call(layer, step=3, timestep=1.0, pass_="cfg", batch=2)
+    assert capture.wants(call) and not capture.wants(Call(layer, 4, 1.0, "cfg", 2))
+    assert not capture.wants(Call(layer, 3, 1.0, "guidance", 1))  # guidance's own pass is told apart
+    capture.on_probs(call, torch.cat([torch.full((1, 2, 4, 5), 1.0), torch.full((1, 2, 4, 5), 3.0)]))
+    torch.testing.assert_close(capture.maps[3]["cross"], torch.full((4, 5), 3.0))  # the conditional half
 
 
 def test_real_pass_maps_equal_the_recorded_maps(tiny):
@@ -195,7 +194,7 @@ def test_real_pass_maps_equal_the_recorded_maps(tiny):
     prompt, steps, seed = "a red circle and a blue square", 3, 5
     grid = nearest_grid(tiny)
     layers = [layer for layer in attention_layers(tiny) if layer.grid[0] == grid]
-    capture = RealPassMaps(layers, steps=[0, 2], cfg=True)
+    capture = RealPassMaps(layers, steps=[0, 2])
     generate(tiny, prompt, subjects=["circle", "square"], seed=seed, steps=steps, schedule=NO_GUIDANCE_SCHEDULE,
              consumers=[capture], progress=False, output_type="np")
     tree = record(tiny, prompt, seeds=[seed], steps=steps, layers=[grid], keep_steps=[0, 2], progress=False)

@@ -73,18 +73,8 @@ def pilot(pipe, n: int = 60, images: int = 48, steps: int = 25) -> dict:
     missing / mixed rates of two- and three-object prompts with distinct nouns (held-out seeds)."""
     from probe.shapes.grounding import teacher_forced
 
-    out = {"teacher_forced": teacher_forced(pipe, n)}
-    for k in (2, 3):
-        prompts = two_object_prompts(images, HELD_OUT_SEED + 3, objects=k, distinct_shapes=True)
-        results = generate(pipe, prompts, [HELD_OUT_SEED + 70_000 + i for i in range(images)], steps,
-                           desc=f"{k} objects")
-        statuses = [[s.status for s in judge(g.image, g.prompt)] for g in results]
-        out[f"objects{k}"] = {
-            "any_missing": float(np.mean([("missing" in st) for st in statuses])),
-            "any_mixed": float(np.mean([("mixed" in st) for st in statuses])),
-            "all_present": float(np.mean([all(x == "present" for x in st) for st in statuses])),
-        }
-    return out
+    return {"teacher_forced": teacher_forced(pipe, n),
+            **{f"objects{k}": missing_rates(pipe, k, images, steps) for k in (2, 3)}}
 
 
 def two_objects(pipe, n: int = 300, steps: int = STEPS) -> dict:
@@ -211,11 +201,43 @@ def judge_accuracy(n: int = 2000, seed: int = HELD_OUT_SEED) -> float:
     return float(np.mean(correct))
 
 
-def evaluate_model(pipe, quick: bool = False) -> dict:
-    """Every model-card number; ``quick`` uses small sizes (for tests and smoke runs)."""
+def missing_rates(pipe, objects: int, images: int = 100, steps: int = 25) -> dict:
+    """Unguided outcomes on held-out prompts of ``objects`` objects with distinct nouns (the studies' sets)."""
+    prompts = two_object_prompts(images, HELD_OUT_SEED + 3, objects=objects, distinct_shapes=True)
+    results = generate(pipe, prompts, [HELD_OUT_SEED + 70_000 + i for i in range(images)], steps,
+                       desc=f"{objects} objects")
+    statuses = [[s.status for s in judge(g.image, g.prompt)] for g in results]
+    return {"images": images, "steps": steps,
+            "any_missing": float(np.mean([("missing" in st) for st in statuses])),
+            "any_mixed": float(np.mean([("mixed" in st) for st in statuses])),
+            "all_present": float(np.mean([all(x == "present" for x in st) for st in statuses]))}
+
+
+def weights_mb(pipe) -> float:
+    """Parameters of the UNet, text encoder and VAE in MB at their stored precision."""
+    return sum(p.numel() * p.element_size() for m in (pipe.unet, pipe.text_encoder, pipe.vae)
+               for p in m.parameters()) / 1e6
+
+
+def evaluate_model(pipe, quick: bool = False, reference=None) -> dict:
+    """Every model-card number; ``quick`` uses small sizes (for tests and smoke runs). ``reference``: a model
+    timed side by side (alternated) with this one."""
     steps = 10 if quick else STEPS
+    repeats = 1 if quick else 3
+    speed = {}
+    if reference is not None:
+        for _ in range(repeats):  # alternated, so both see the same machine
+            speed.setdefault("own", []).append(seconds_per_image(pipe, repeats=1))
+            speed.setdefault("reference", []).append(seconds_per_image(reference, repeats=1))
+        speed = {"seconds_per_image_50_steps": float(np.median(speed["own"])),
+                 "reference_seconds_per_image": float(np.median(speed["reference"]))}
+    else:
+        speed = {"seconds_per_image_50_steps": seconds_per_image(pipe, repeats=repeats)}
     return {  # speed first, before anything else has warmed or loaded the machine
-        "seconds_per_image_50_steps": seconds_per_image(pipe, repeats=1 if quick else 3),
+        **speed,
+        "weights_mb": weights_mb(pipe),
+        **{f"study_objects{k}": missing_rates(pipe, k, images=8 if quick else 100, steps=10 if quick else 25)
+           for k in (2, 3)},
         "judge_accuracy": judge_accuracy(100 if quick else 2000),
         "single_object": single_object(pipe, seeds_per_prompt=1 if quick else 8, steps=steps),
         "two_objects": two_objects(pipe, n=8 if quick else 300, steps=steps),
@@ -234,49 +256,74 @@ SAMPLER_TEXT = {  # the card's words for each prediction type (see probe.shapes.
 }
 
 
+MASK_TEXT = " with the attention mask passed (use_attention_mask)"
+
+
 def write_card(folder, metrics: dict, training: dict) -> str:
-    """The model card: how the model was made and what it measures (markdown)."""
+    """The model card (markdown): how the model is built and trained, what it measures against its targets, and the
+    folder's ``HISTORY.md`` (what was tried, measured when it was tried) when there is one."""
+    from pathlib import Path
+
     s, t, loc = metrics["single_object"], metrics["two_objects"], metrics["localisation"]
     per_grid = "\n".join(
         f"| {key} | {v['iou']:.2f} | {v['own_mass']:.2f} | {v['other_mass']:.2f} | {v['own_gt_other']:.0%} |"
         for key, v in loc.get("per_grid", {}).items()
     )
-    arch = training["arch"]
-    targets = [
-        ("judge accuracy per object ≥ 99%", metrics["judge_accuracy"], 0.99),
-        ("single object correct ≥ 90%", s["correct"], 0.90),
-        ("two objects both correct ≥ 50%", t["both_correct"], 0.50),
-        ("localisation IoU ≥ 0.5", loc.get("iou_best_grid", float("nan")), 0.5),
-    ]
-    status = "\n".join(f"| {name} | {value:.2f} | {'yes' if value >= bar else 'no'} |" for name, value, bar in targets)
+    arch, data = training["arch"], training.get("data", {})
     speed = metrics["seconds_per_image_50_steps"]
-    status += f"\n| one image at 50 steps ≤ 2 s | {speed:.2f} s | {'yes' if speed <= 2 else 'no'} |"
+    rows = [("judge accuracy per object ≥ 99%", metrics["judge_accuracy"], 0.99),
+            ("single object correct ≥ 95%", s["correct"], 0.95)]
+    for role in ("noun", "colour"):
+        key = f"res16/{role}"
+        if key in loc.get("per_grid", {}):
+            rows.append((f"{role}s: Otsu IoU at 16² ≥ 0.6", loc["per_grid"][key]["iou"], -0.6))  # −: not a rate
+            rows.append((f"{role}s: own > other mass at 16² ≥ 90%", loc["per_grid"][key]["own_gt_other"], 0.9))
+    for k in (2, 3):
+        if f"study_objects{k}" in metrics:
+            m = metrics[f"study_objects{k}"]
+            rows.append((f"{k} objects, unguided: any subject missing ≥ 15%", m["any_missing"], 0.15))
+            rows.append((f"{k} objects, unguided: any subject mixed ≥ 15%", m["any_mixed"], 0.15))
+    status = "\n".join(f"| {name} | {f'{value:.2f}' if bar < 0 else f'{value:.1%}'} | "
+                       f"{'yes' if value >= abs(bar) else 'no'} |" for name, value, bar in rows)
+    if "reference_seconds_per_image" in metrics:
+        reference = metrics["reference_seconds_per_image"]
+        ratio = speed / reference
+        status += (f"\n| one image at 50 steps ≤ 1.25× the first built-in model, side by side | {ratio:.2f}× "
+                   f"({speed:.2f} s vs {reference:.2f} s) | {'yes' if ratio <= 1.25 else 'no'} |")
+    if "weights_mb" in metrics:
+        mb = metrics["weights_mb"]
+        status += f"\n| weights ≤ 30 MB | {mb:.1f} MB | {'yes' if mb <= 30 else 'no'} |"
+    heads = arch["attention_head_dim"]
+    history = Path(folder) / "HISTORY.md"
+    history = history.read_text() if history.exists() else ""
+    recipe = (f"scenes of 1–{len(data.get('object_weights', (0, 0, 0)))} objects in shares "
+              f"{', '.join(f'{w:.0%}' for w in data.get('object_weights', ()))}"
+              f"{', no noun repeated within a caption' if data.get('distinct_shapes') else ''}; "
+              f"{data.get('caption_noise', 0):.0%} of multi-object captions name one object the image lacks; "
+              f"{data.get('caption_dropout', 0.1):.0%} empty captions; cross-attention grounding weight "
+              f"{data.get('grounding_weight', 0)}") if data else "scenes of 1–3 objects, 10% empty captions"
     return f"""# The built-in shapes model
 
 A small text-to-image diffusion model trained by this project on the synthetic shapes world
-(`probe.shapes.world`: 1–3 non-overlapping circles, squares, triangles and ellipses in six colours on a light
-background, 64×64 px). It is a standard diffusers `StableDiffusionPipeline` folder: `probe.load("shapes")`
-or `StableDiffusionPipeline.from_pretrained("data/models/shapes")`, offline.
+(`probe.shapes.world`: non-overlapping circles, squares, triangles and ellipses in six colours on a light
+background, 64×64 px). It is a standard diffusers `StableDiffusionPipeline` folder, loaded offline with
+`probe.load(FOLDER)` or `StableDiffusionPipeline.from_pretrained(FOLDER)`.
 
 ## Architecture
-- VAE `AutoencoderKL` {arch['vae_channels']}: 64 px ↔ 16×16×{arch['latent_channels']} latents,
-  scaling factor {training['scaling_factor']:.3f}.
-- UNet `UNet2DConditionModel` {arch['unet_channels']}, cross-attention at 16×16, 8×8 and 4×4 (mid block).
-- Text encoder `CLIPTextModel` width {arch['text_width']} with **{arch['text_layers']} transformer layers**
-  (token + position embeddings only): with a causal encoder the end token and the padding carry the whole
-  caption and cross-attention stops localising words. The project's own CLIP BPE tokenizer, 32 tokens.
+- VAE `AutoencoderKL` {arch['vae_channels']}: 64 px ↔ 16×16×{arch['latent_channels']} latents, scaling factor
+  {training['scaling_factor']:.3f}.
+- UNet `UNet2DConditionModel` {arch['unet_channels']}, cross-attention at 16×16, 8×8 and 4×4 (mid block),
+  {heads} attention heads per layer.
+- Text encoder `CLIPTextModel` width {arch['text_width']}, {arch['text_layers']} causal transformer layer(s),
+  {arch.get('text_padding', 'right')} padding{MASK_TEXT if arch.get('text_mask') else ''};
+  the project's CLIP BPE tokenizer, 32 tokens.
 - `DDIMScheduler` ({SAMPLER_TEXT[arch.get('prediction', 'epsilon')]}), {metrics['steps']} steps, guidance
   {metrics['guidance_scale']} by default.
 
 ## Training
-`probe.shapes.train` (CLI `probe train-shapes`), in three runs: autoencoder {training['vae_steps']} steps, then UNet +
-text encoder as an ε-prediction model for 11,176 steps (`probe train-shapes --out runs/shapes --minutes M
-[--resume]`), then warm-started from it as a v-prediction model (`probe train-shapes --out runs/shapes_v
---init-from <that model> --prediction v_prediction --minutes 20 --cooldown 8`, then `--resume --minutes 28
---cooldown 14 --lr 5e-4 --export data/models/shapes`): {training['unet_steps']} UNet steps in all at batch
-{training['batch_size']} on cached latents of 40,000 scenes, AdamW, 10% empty captions, EMA 0.995;
-{training.get('minutes', '?')} minutes on {training.get('device', 'cpu')} (a 2-core CPU shared with other work).
-Resumable from its checkpoint.
+`probe train-shapes` (`probe.shapes.train`): {training['unet_steps']} UNet steps at batch {training['batch_size']}
+on cached latents of 40,000 scenes ({recipe}), AdamW, EMA; {training.get('minutes', '?')} minutes on
+{training.get('device', 'cpu')}. Resumable (`--resume`).
 
 ## Targets
 
@@ -284,73 +331,72 @@ Resumable from its checkpoint.
 |---|---|---|
 {status}
 
-Known failure modes (see the samples and the two-object rows below): in two-object images the common failure
-is *mixing*: an object drawn with one subject's colour and the other's shape, most often the two colours
-swapped ("a red ellipse and a blue triangle" as a blue ellipse and a red triangle), or a blend of both;
-a subject goes missing in {t['any_missing']:.1%} of the two-object images. Colour words localise in
-cross-attention (at 8×8), nouns only weakly: a noun's attention on the other object is close to that on its
-own (own / other mass in the localisation table), so where the nouns attend barely shows which object took
-which shape. Shapes are sometimes rough.
-Training continues with `probe train-shapes --out DIR --minutes M --init-from data/models/shapes`
-(or `--resume` from a checkpoint).
-
-What was tried, and what it did:
-- Prediction target. As an ε-prediction model (11,176 steps) a third of single-object samples came out with
-  a textured or framed background and 43% were correct (two objects both correct: 9%): ε's loss weighs the
-  x₀ error by the signal-to-noise ratio, so the noisiest steps, which decide the layout and the background,
-  are barely trained, and its sampler cannot start from pure noise. The same weights warm-started as a
-  v-prediction model (loss weight SNR + 1; trailing spacing from pure noise) for 1,487 steps went from 48%
-  to 99% single-object correctness on 96 selection images (seeds apart from the card's), with no textured
-  backgrounds left. The autoencoder was ruled out first: Gaussian noise up to σ = 0.5 on the latents of 48
-  rendered scenes adds no detections. Further v-prediction training (12,663 → 14,711 steps, the learning rate
-  halved and cooled down) took two objects both correct from 48.0% to 56.7% and localisation (best grid)
-  from 0.43 to 0.46 (0.35 for the ε model), carried by the colour words (0.59 → 0.61 at 8×8) more than by the
-  nouns (0.27 → 0.30). Then it stopped: training on to 20,804 steps (95 more minutes, cooled down again) left
-  it at 0.46 (colour words 0.61, nouns 0.30; 125 images) while two objects both correct rose to 62.0%; that
-  model is not shipped, so that the studies' committed figures stay this model's.
-- Measurement (42 images, 8×8): the map's definition is not what holds localisation back. Raw probabilities
-  give 0.44, the same maps renormalised over the prompt's words 0.31, A&E's softmax(100·A) 0.14; the last
-  5, 20 or 30 steps instead of 10 change it by ≤ 0.01; maps upsampled to 64 px against the pixel mask 0.45.
-  What is left to try needs a model trained anew: cross-attention at 32×32, a bidirectional text encoder
-  with layers, caption forms that separate a colour from its noun.
-- Text encoder: a causal CLIP encoder with transformer layers let the end token and padding carry the
-  caption, and cross-attention stopped localising words; the shipped encoder has none (embeddings only).
-- Sampler (ε model): trailing timestep spacing starts at ᾱ ≈ 2·10⁻⁹ and failed; clipping the predicted x₀
-  to ±4 / ±3 / ±2 (latent units) lowered single-object correctness on 48 images from 40% to 25% / 19% / 17%
-  (5,884 steps), so the sampler does not clip.
-- Guidance scale (ε model, 5,884 steps) 2 / 3.5 / 5 / 7.5 gave 35% / 33% / 40% / 40% single-object
-  correctness on the same 48 images: 7.5 stays the default.
-- Training length (ε model): the loss (mean of 500 steps) fell from 0.044 (1,000 steps) to 0.021 (5,900) and
-  0.018 (11,200); single-object correctness went from 38% to 43% and the textured backgrounds stayed
-  (`training.json` holds the curve; the v-prediction loss is on another scale).
-- Longer weight averaging: averaging the EMA weights of the last 3 or 6 checkpoints (5 min apart) scored
-  below the final EMA weights on 96 selection images, so the final EMA ships.
-
 ## Measured (held-out seeds from {HELD_OUT_SEED}, default sampler and guidance)
 | what | value |
 |---|---|
-| judge accuracy, {2000} rendered scenes with known truth (per object) | {metrics['judge_accuracy']:.1%} |
 | single object, every colour × shape, {s['images']} images: correct colour and shape | {s['correct']:.1%} |
-| single object: the judge finds exactly one object / more than three (a textured background) | \
-{s.get('exactly_one_object', float('nan')):.1%} / {s.get('more_than_three_objects', float('nan')):.1%} |
 | two objects, {t['images']} images: both present and correct | {t['both_correct']:.1%} |
 | two objects: any subject missing | {t['any_missing']:.1%} |
 | two objects, per subject: present / missing / wrong colour / wrong shape / mixed | \
 {t['subject_present']:.1%} / {t['subject_missing']:.1%} / {t['subject_wrong_colour']:.1%} / \
 {t['subject_wrong_shape']:.1%} / {t['subject_mixed']:.1%} |
-| cross-attention localisation (Otsu IoU with the judge's mask), best grid {loc.get('best_grid')} | \
-{loc.get('iou_best_grid', float('nan')):.2f} (colour words {loc.get('iou_best_grid_colour', float('nan')):.2f}, \
-nouns {loc.get('iou_best_grid_noun', float('nan')):.2f}) over {loc.get('images_used', 0)} images |
-| seconds per image, 50 steps, batch 1 (this CPU) | {metrics['seconds_per_image_50_steps']:.2f} |
+| seconds per image, 50 steps, batch 1 (this CPU) | {speed:.2f} |
 
-Localisation per grid and word role (layer- and head-mean map of the last {LATE_STEPS} steps; mass = share of
-the map's attention on the word's own object and on the other object):
+Localisation per grid and word role (layer- and head-mean map of the last {LATE_STEPS} steps, images whose
+subjects are both present; mass = share of the map's attention on the word's own object and on the other object):
 
-| grid/role | IoU | own mass | other mass | own > other |
+| grid/role | Otsu IoU | own mass | other mass | own > other |
 |---|---|---|---|---|
 {per_grid}
 
 ![samples](samples.png)
 
-Reproduce: `probe evaluate-shapes --model data/models/shapes --card`.
+{history}
+Reproduce: `probe evaluate-shapes --model {folder} --card`.
 """
+
+
+def positive_control(pipe, n_prompts: int = 100, seeds_per_prompt: int = 3, steps: int = 25,
+                     progress: bool = True):
+    """Attend-and-Excite (its default schedule, the softmax over the prompt's words) against no guidance on the
+    same (prompt, seed): two- and three-object prompts with distinct nouns, held out. Returns the summary (missing
+    rates, the paired difference with an interval clustered by prompt, the A&E loss at its first and last step)
+    and the per-image table it is computed from."""
+    import pandas as pd
+
+    from probe.guide import Schedule, generate
+    from probe.prompts import subjects_of
+    from probe.stats import clustered_bootstrap
+
+    half = n_prompts // 2
+    prompts = (two_object_prompts(half, HELD_OUT_SEED + 5, objects=2, distinct_shapes=True)
+               + two_object_prompts(n_prompts - half, HELD_OUT_SEED + 5, objects=3, distinct_shapes=True))
+    methods = {"none": Schedule(alter_fraction=0.0, thresholds={}), "ae": Schedule()}
+    rows = []
+    jobs = [(p, HELD_OUT_SEED + 80_000 + j, m) for p in prompts for j in range(seeds_per_prompt) for m in methods]
+    for prompt, seed, method in tqdm(jobs, desc="A&E control", disable=not progress):
+        out = generate(pipe, prompt, subjects=subjects_of(prompt), objective="ae", seed=seed,
+                       schedule=methods[method], steps=steps, output_type="np", progress=False)
+        image = (np.asarray(out.images[0]) * 255).round().astype(np.uint8)
+        status = [s.status for s in judge(image, prompt)]
+        history = out.history
+        rows.append({"prompt": prompt, "seed": seed, "method": method, "objects": prompt.count(" and ") + 1,
+                     "missing": "missing" in status, "mixed": "mixed" in status,
+                     "all_present": all(s == "present" for s in status),
+                     "loss_start": float(history.initial_loss.iloc[0]) if len(history) else float("nan"),
+                     "loss_end": float(history.loss.iloc[-1]) if len(history) else float("nan")})
+    table = pd.DataFrame(rows)
+    wide = table.pivot_table(index=["prompt", "seed"], columns="method", values=["missing", "mixed"]).reset_index()
+    diff = (wide["missing"]["ae"] - wide["missing"]["none"]).to_numpy(float)
+    mean, low, high = clustered_bootstrap(diff, wide["prompt"])
+    mixed = clustered_bootstrap((wide["mixed"]["ae"] - wide["mixed"]["none"]).to_numpy(float), wide["prompt"])
+    ae = table[table.method == "ae"]
+    summary = {
+        "pairs": len(wide), "prompts": len(prompts), "steps": steps,
+        "missing_none": float(table[table.method == "none"].missing.mean()), "missing_ae": float(ae.missing.mean()),
+        "missing_difference": mean, "missing_difference_ci": [low, high],
+        "mixed_none": float(table[table.method == "none"].mixed.mean()), "mixed_ae": float(ae.mixed.mean()),
+        "mixed_difference": mixed[0], "mixed_difference_ci": [mixed[1], mixed[2]],
+        "ae_loss_start_median": float(ae.loss_start.median()), "ae_loss_end_median": float(ae.loss_end.median()),
+    }
+    return summary, table

@@ -2,9 +2,10 @@
 
 The model is a plain ``StableDiffusionPipeline``: a small KL autoencoder (64 px ↔ 16×16×4), a
 UNet2DConditionModel with cross-attention at 16×16, 8×8 and 4×4, and a CLIP text model. The
-text encoder has no transformer layers by default (token + position embeddings only): a causal
-encoder lets the end token and the padding carry the whole caption, and cross-attention then
-averages the caption instead of localising words (see the model card).
+defaults are the first built-in model's (no text layers, right padding, 8 heads); the testbed recipe
+(``probe.shapes.train.TESTBED``) gives the text encoder one causal layer, so a noun sees its colour,
+pads on the left with the attention mask, so no padding token reads (and carries) the caption, and
+uses 2 wider heads (see the model cards).
 """
 
 from __future__ import annotations
