@@ -298,7 +298,6 @@ class Guide:
         if self.schedule.tokens not in ("words", "diffusers"):
             raise ValueError(f"Schedule.tokens must be 'words' or 'diffusers', not {self.schedule.tokens!r}")
         self.softmax_tokens = word_positions(tokenizer, prompt) if self.schedule.tokens == "words" else None
-        self.net = denoiser(self.pipe)
         scale = getattr(self.pipe, "vae_scale_factor", 8)
         lh, lw = latent_size(self.pipe, height, width)
         self.height, self.width = lh * scale, lw * scale

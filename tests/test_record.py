@@ -23,6 +23,14 @@ def _projections(pipe, names):
     return kept, handles
 
 
+def _head_mean_softmax(attn, q, k):
+    """softmax(q·kᵀ·scale) of a module's projections, conditional half, head mean: (queries, keys)."""
+    b, heads = q.shape[0], attn.heads
+    q = q.view(b, -1, heads, q.shape[-1] // heads).transpose(1, 2)
+    k = k.view(b, -1, heads, k.shape[-1] // heads).transpose(1, 2)
+    return torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)[b // 2:].mean(1)[0]
+
+
 def test_recorded_probabilities_equal_softmax_qk(tiny):
     kept, handles = _projections(tiny, [LAYER, SELF_LAYER])
     try:
@@ -35,11 +43,7 @@ def test_recorded_probabilities_equal_softmax_qk(tiny):
         attn = tiny.unet.get_submodule(name)
         rec = tree[group]["attn"].sel(layer=name).isel(sample=0)
         for step in range(3):
-            q, k = kept[(name, "to_q")][step], kept[(name, "to_k")][step]
-            b, heads = q.shape[0], attn.heads
-            q = q.view(b, -1, heads, q.shape[-1] // heads).transpose(1, 2)
-            k = k.view(b, -1, heads, k.shape[-1] // heads).transpose(1, 2)
-            probs = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)[b // 2:].mean(1)[0]
+            probs = _head_mean_softmax(attn, kept[(name, "to_q")][step], kept[(name, "to_k")][step])
             got = torch.from_numpy(rec.isel(step=step).values.astype(np.float32)).reshape(probs.shape)
             torch.testing.assert_close(got, probs, atol=1e-3, rtol=0)
             torch.testing.assert_close(got.sum(-1), torch.ones(probs.shape[0]), atol=2e-3, rtol=0)
@@ -60,11 +64,7 @@ def test_left_padding_records_each_token_at_its_own_position(tiny_left):
     attn = tiny_left.unet.get_submodule(LAYER)
     total = tiny_left.tokenizer.model_max_length
     for step in range(2):
-        q, k = kept[(LAYER, "to_q")][step], kept[(LAYER, "to_k")][step]
-        b, heads = q.shape[0], attn.heads
-        q = q.view(b, -1, heads, q.shape[-1] // heads).transpose(1, 2)
-        k = k.view(b, -1, heads, k.shape[-1] // heads).transpose(1, 2)
-        probs = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)[b // 2:].mean(1)[0]
+        probs = _head_mean_softmax(attn, kept[(LAYER, "to_q")][step], kept[(LAYER, "to_k")][step])
         expected = probs[:, total - len(texts):]
         got = torch.from_numpy(ds["attn"].isel(sample=0, step=step, layer=0).values.astype(np.float32))
         torch.testing.assert_close(got.reshape(expected.shape), expected, atol=1e-3, rtol=0)

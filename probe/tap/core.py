@@ -91,6 +91,7 @@ class _State:
     steps_done: int = 0  # first-order scheduler.step calls of this run
     cache_name: str | None = None
     told: list[tuple[str, int]] = field(default_factory=list)  # (pass, step) set by the code running the pass
+    announced: int | None = None  # the last step whose start consumers were told of
 
 
 def attention_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None = None,
@@ -110,8 +111,8 @@ class _Intercept:
     """Stands in for the one softmax of a wanted call; later attention calls of the processor (IP-Adapter's image
     branch) go to the real functions."""
 
-    def __init__(self, tap: Tap, attn, calls: list[tuple[Call, list[Consumer]]], split):
-        self.tap, self.attn, self.calls, self.split = tap, attn, calls, split
+    def __init__(self, attn, calls: list[tuple[Call, list[Consumer]]], split):
+        self.attn, self.calls, self.split = attn, calls, split
         self.fired = False
 
     def sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -359,8 +360,8 @@ class Tap:
     def _before_forward(self, module, args, kwargs):
         self.family.observe(self.net, args, kwargs, self.state)
         kind, step, t = self._place()
-        if kind in ("cfg", "cond") and getattr(self, "_announced", None) != step:
-            self._announced = step
+        if kind in ("cfg", "cond") and self.state.announced != step:
+            self.state.announced = step
             for consumer in self.consumers:
                 consumer.on_step(step, t)
 
@@ -383,7 +384,7 @@ class Tap:
         if not calls:
             return original(attn, *args, **kwargs)
         encoder = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
-        intercept = _Intercept(self, attn, calls, self.family.split(attn, hidden, encoder, self.state))
+        intercept = _Intercept(attn, calls, self.family.split(attn, hidden, encoder, self.state))
         previous = torch.nn.functional.scaled_dot_product_attention
         torch.nn.functional.scaled_dot_product_attention = intercept.sdpa
         had_scores = "get_attention_scores" in vars(attn)
