@@ -33,12 +33,19 @@ def cmd_record(args) -> None:
     import probe
 
     tree = probe.record(
-        probe.load(args.model, device=args.device), args.prompt, seeds=args.seed, steps=args.steps,
-        guidance_scale=args.guidance, kinds=tuple(args.kinds), layers=args.layers, heads=args.heads,
+        probe.load(args.model, device=args.device, scheduler=args.scheduler), args.prompt, seeds=args.seed,
+        steps=args.steps, guidance_scale=args.guidance, kinds=tuple(args.kinds), layers=args.layers,
+        heads=_heads(args.heads),
         out=args.out, max_bytes=args.max_mb * 1e6 if args.max_mb else None, batch_size=args.batch_size,
     )
     print(_summary(tree))
     print(f"written to {args.out}")
+
+
+def _heads(value: str):
+    """``mean``, ``all`` or comma-separated indices (``0,3``); anything else is left for the check to explain."""
+    parts = value.split(",")
+    return [int(h) for h in parts] if all(h.strip().isdigit() for h in parts) else value
 
 
 def cmd_info(args) -> None:
@@ -79,17 +86,19 @@ def cmd_train_shapes(args) -> None:
     from dataclasses import fields, replace
 
     from probe.shapes.model import ShapesConfig
-    from probe.shapes.train import TESTBED, TrainConfig, export, train
+    from probe.shapes.train import DATA_FIELDS, TESTBED, TrainConfig, export, train
 
     base = TESTBED if args.recipe == "testbed" else TrainConfig()
     given = {k: v for k, v in (("lr", args.lr), ("ema_decay", args.ema_decay)) if v is not None}
     arch_names = {f.name for f in fields(ShapesConfig)}
     settings = dict(_setting(item) for item in args.set)
+    if args.resume and (fixed := sorted(k for k in settings if k in arch_names)):
+        raise SystemExit(f"--resume keeps the checkpoint's architecture; drop --set {', '.join(fixed)}")
     arch = replace(base.arch, prediction=args.prediction, **{k: v for k, v in settings.items() if k in arch_names})
     cfg = replace(base, arch=arch, threads=args.threads, cooldown_minutes=args.cooldown, **given,
                   **{k: v for k, v in settings.items() if k not in arch_names})
     trainer = train(args.out, args.minutes, resume=args.resume, cfg=cfg, init_from=args.init_from,
-                    vae_from=args.vae_from)
+                    vae_from=args.vae_from, keep=tuple(k for k in settings if k in DATA_FIELDS))
     if args.export:
         print(f"exported to {export(trainer, args.export)}")
 
@@ -194,7 +203,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--guidance", type=float, default=7.5)
     r.add_argument("--kinds", nargs="+", default=["cross", "self"], choices=["cross", "self"])
     r.add_argument("--layers", nargs="+", default=None, help="names, globs, re:patterns or resolutions")
-    r.add_argument("--heads", default="mean", help="'mean' or 'all'")
+    r.add_argument("--heads", default="mean", help="'mean', 'all' or indices such as 0,3")
+    r.add_argument("--scheduler", default=None, help="ddim, euler, euler-a, heun, dpm++, dpm++-karras, unipc … "
+                   "or a diffusers scheduler class name (default: the model's own)")
     r.add_argument("--batch-size", type=int, default=1)
     r.add_argument("--max-mb", type=float, default=None, help="refuse runs whose estimate exceeds this")
     r.add_argument("--device", default=None)
@@ -224,7 +235,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="training folder (checkpoints)")
     t.add_argument("--minutes", type=float, required=True)
     t.add_argument("--resume", action="store_true")
-    t.add_argument("--init-from", default=None, help="start from an exported model folder (data/models/shapes)")
+    t.add_argument("--init-from", default=None, help="start from an exported model folder (probe/data/models/shapes)")
     t.add_argument("--vae-from", default=None, help="take this exported model's autoencoder instead of training one")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a busy machine)")
     t.add_argument("--cooldown", type=float, default=0.0,

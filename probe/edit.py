@@ -35,6 +35,7 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
+from probe.checks import step_count, text_to_image
 from probe.models import Layer, attention_layers, denoiser, latent_size, load, select_layers
 from probe.tap import Call, Consumer, Tap
 
@@ -319,8 +320,7 @@ def invert(pipe, image, prompt: str = "", steps: int = 50, *, height: int | None
             f"DDIM inversion needs a DDIM scheduler, the pipeline has {type(scheduler).__name__}; set "
             "pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config) first"
         )
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
+    steps = step_count(steps)
     size = _image_size(pipe, height, width)
     latent = encode(pipe, image, *size)[None]
     device = latent.device
@@ -424,6 +424,8 @@ def edit(
     consumers that run before / after the injector. Other keywords go to the pipeline call.
     """
     pipe = load(pipe)
+    text_to_image(pipe)
+    num_inference_steps = step_count(num_inference_steps, "num_inference_steps")
     if inject not in INJECTS:
         raise ValueError(f"inject must be one of {INJECTS}, got {inject!r}")
     if cross_tokens not in CROSS_TOKENS:

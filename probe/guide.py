@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from probe.checks import finite_noise, step_count, text_to_image
 from probe.maps import (
     AE_KERNEL_SIZE,
     AE_SIGMA,
@@ -288,6 +289,8 @@ class Guide:
                  schedule: Schedule | None = None, *, steps: int = 50, height: int | None = None,
                  width: int | None = None, consumers: Sequence[Consumer] = (), max_sequence_length: int | None = None):
         self.pipe = load(pipe)
+        text_to_image(self.pipe)
+        steps = step_count(steps)
         self.prompt, self.subjects = prompt, list(subjects)
         if not self.subjects:
             raise ValueError("give at least one subject word to guide")
@@ -505,7 +508,10 @@ def generate(pipe, prompt: str, *, subjects: Sequence[str], objective: Objective
 
     if isinstance(init_noise, torch.Tensor):
         shape = draw().shape
-        noise = init_noise.to(device=pipe._execution_device, dtype=denoiser(pipe).dtype).reshape(shape)
+        if init_noise.numel() != math.prod(shape):
+            raise ValueError(f"init_noise has shape {tuple(init_noise.shape)}; this pipeline at this size starts "
+                             f"from noise of shape {tuple(shape)}")
+        noise = finite_noise(init_noise).to(device=pipe._execution_device, dtype=denoiser(pipe).dtype).reshape(shape)
     else:
         noise = draw()
     init_history = None

@@ -24,21 +24,35 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from probe._assets import tokenizer_files
 from probe.tap.layers import Layer, attention_layers, denoiser, latent_size, select_layers
 
-__all__ = ["BUILTIN", "TINY", "Layer", "attention_layers", "denoiser", "latent_size", "load", "select_layers",
-           "tiny_flux", "tiny_pipeline", "tiny_sd3"]
+__all__ = ["BUILTIN", "SCHEDULERS", "TINY", "Layer", "attention_layers", "denoiser", "latent_size", "load",
+           "select_layers", "tiny_flux", "tiny_pipeline", "tiny_sd3"]
 
-DATA = Path(__file__).resolve().parents[1] / "data"
+DATA = Path(__file__).resolve().parent / "data"  # ships in the package (a wheel carries it)
 BUILTIN = {"shapes": DATA / "models" / "shapes"}
 TINY_SEED = 0
 
 
-def load(name_or_path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+SCHEDULERS = {  # short names → diffusers classes (a class name such as "UniPCMultistepScheduler" works too)
+    "ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler", "heun": "HeunDiscreteScheduler", "lms": "LMSDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler", "dpm++-karras": "DPMSolverMultistepScheduler",
+    "kdpm2": "KDPM2DiscreteScheduler", "unipc": "UniPCMultistepScheduler",
+    "flow-euler": "FlowMatchEulerDiscreteScheduler",
+}
+
+
+def load(name_or_path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+         scheduler: str | None = None):
     """A diffusers pipeline from a name (``shapes``, ``tiny``, ``tiny-xl``), a folder or a hub id.
 
-    A pipeline object passes through (moved to ``device``/``dtype`` when given).
+    A pipeline object passes through (moved to ``device``/``dtype`` when given). ``scheduler``: a name from
+    :data:`SCHEDULERS` or a diffusers scheduler class name, built from the pipeline's scheduler config.
     """
     if isinstance(name_or_path, DiffusionPipeline):
         pipe = name_or_path
+    elif not isinstance(name_or_path, (str, Path)):
+        raise TypeError(f"load takes a model name, a folder, a hub id or a diffusers pipeline, not "
+                        f"{type(name_or_path).__name__}")
     elif name_or_path in TINY:
         pipe = TINY[name_or_path]()
     else:
@@ -47,8 +61,28 @@ def load(name_or_path, *, device: str | torch.device | None = None, dtype: torch
         pipe.register_to_config(_name_or_path=str(name_or_path))
     if device is not None or dtype is not None:
         pipe = pipe.to(device=device, dtype=dtype)
+    if scheduler is not None:
+        pipe.scheduler = _scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _scheduler(pipe, name: str):
+    """The named scheduler, configured from the pipeline's own (its training noise schedule)."""
+    import diffusers
+
+    cls_name = SCHEDULERS.get(name.lower(), name)
+    cls = getattr(diffusers, cls_name, None)
+    if cls is None or not cls_name.endswith("Scheduler"):
+        raise ValueError(f"unknown scheduler {name!r}; give one of {sorted(SCHEDULERS)} or a diffusers scheduler "
+                         "class name (e.g. 'UniPCMultistepScheduler')")
+    flow = "FlowMatch" in type(pipe.scheduler).__name__
+    if flow != ("FlowMatch" in cls_name):
+        kind = "flow-matching" if flow else "noise-prediction (DDPM-family)"
+        raise ValueError(f"{cls_name} does not fit this model: it was trained for a {kind} scheduler like its own "
+                         f"{type(pipe.scheduler).__name__}")
+    extra = {"use_karras_sigmas": True} if name.lower().endswith("-karras") else {}
+    return cls.from_config(pipe.scheduler.config, **extra)
 
 
 def _from_pretrained(name_or_path) -> DiffusionPipeline:

@@ -3,7 +3,7 @@
 Prompt sets come as ``datasets.Dataset`` with the columns ``prompt``, ``subjects`` (the nouns guidance and the
 judges act on), ``attributes`` (each subject's adjective, "" if none) and ``set``: Attend-and-Excite's animal–animal,
 animal–object and object–object sets, the Self-Cross paper's similar-subject sets SSD-2 / SSD-3 (all read from
-``data/prompts/ssd_prompts.json``) and the built-in shapes world's two-object, three-object and similar-subject
+``probe/data/prompts/ssd_prompts.json``) and the built-in shapes world's two-object, three-object and similar-subject
 prompts (drawn from a seeded generator, the same on every machine).
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-PROMPT_FILE = Path(__file__).resolve().parents[1] / "data" / "prompts" / "ssd_prompts.json"
+PROMPT_FILE = Path(__file__).resolve().parent / "data" / "prompts" / "ssd_prompts.json"
 FILE_SETS = ("animals", "animals_objects", "objects", "SSD-2", "SSD-3")
 SHAPES_SETS = {"shapes-2": (2, False), "shapes-3": (3, False), "shapes-similar": (2, True)}  # (objects, similar)
 SHAPES_SET_SIZE = 64  # prompts per shapes set unless asked otherwise
@@ -149,24 +149,58 @@ def word_positions(tokenizer, prompt: str) -> list[int]:
     return token_positions(tokenizer, prompt)[1:-1]
 
 
+def word_occurrences(tokens: list[str], word: str) -> list[list[int]]:
+    """Every run of word pieces that spells ``word`` in a tokenised prompt, in order (no overlaps)."""
+    found, start = [], 0
+    while True:
+        try:
+            idx = [start + i for i in token_indices(tokens[start:], word)]
+        except ValueError:
+            return found
+        found.append(idx)
+        start = idx[-1] + 1
+
+
 def subject_indices(tokenizer, prompt: str, subjects: list[str]) -> list[list[int]]:
     """Positions in the text encoder's sequence of each subject word (all its word pieces), as guidance needs them.
 
-    A word that occurs several times in ``subjects`` takes its successive occurrences in the prompt ("a cat and a
-    cat" → [[2], [5]]). A word not in the prompt is an error that lists the prompt's tokens.
+    A word that occurs several times in the prompt must be placed: list it as often as it occurs (successive
+    listings take successive occurrences, "a cat and a cat" with ``["cat", "cat"]`` → [[2], [5]]) or name the
+    occurrence, ``"cat#2"`` (1-based). A word not in the prompt is an error that lists the prompt's tokens.
     """
     tokens = prompt_tokens(tokenizer, prompt)
+    shown = [t for t in tokens if t]
+    claimed: dict[str, set[int]] = {}
+    plain: set[str] = set()
     found: list[list[int]] = []
-    for word in subjects:
-        start = max((idx[-1] + 1 for w, idx in zip(subjects, found) if w.lower() == word.lower()), default=0)
-        try:
-            found.append([start + i for i in token_indices(tokens[start:], word)])
-        except ValueError:
-            raise ValueError(
-                f"subject {word!r} is not a word of the prompt {prompt!r}"
-                f"{' (or not as often as it is listed)' if start else ''}; the prompt's tokens are {tokens}. "
-                "Give subjects as they are written in the prompt."
-            ) from None
+    for subject in subjects:
+        word, _, nth = subject.partition("#")
+        key = word.lower()
+        runs = word_occurrences(tokens, word)
+        if not runs:
+            raise ValueError(f"subject {word!r} is not a word of the prompt {prompt!r}; the prompt's tokens are "
+                             f"{shown}. Give subjects as they are written in the prompt.")
+        taken = claimed.setdefault(key, set())
+        if nth:
+            if not nth.isdigit() or not 1 <= int(nth) <= len(runs):
+                raise ValueError(f"{subject!r}: {word!r} occurs {len(runs)} time(s) in {prompt!r}; "
+                                 f"name an occurrence from {word}#1 to {word}#{len(runs)}")
+            k = int(nth) - 1
+        else:
+            free = [k for k in range(len(runs)) if k not in taken]
+            if not free:
+                raise ValueError(f"subject {word!r} is listed more often than the prompt {prompt!r} holds it "
+                                 f"({len(runs)} time(s))")
+            k = free[0]
+            plain.add(key)
+        if k in taken:
+            raise ValueError(f"{subject!r} names an occurrence of {word!r} that another subject already takes")
+        taken.add(k)
+        found.append(runs[k])
+    for key in plain:
+        if (n := len(word_occurrences(tokens, key))) > len(claimed[key]):
+            raise ValueError(f"{key!r} occurs {n} times in {prompt!r} but is listed for fewer: say which with "
+                             f"{key}#1 … {key}#{n}, or list it once per occurrence")
     positions = token_positions(tokenizer, prompt)
     return [[positions[i] for i in idx] for idx in found]
 
@@ -177,7 +211,7 @@ def subject_indices(tokenizer, prompt: str, subjects: list[str]) -> list[list[in
 @cache
 def _file_sets() -> dict[str, list[str]]:
     if not PROMPT_FILE.exists():
-        raise FileNotFoundError(f"prompt file {PROMPT_FILE} is missing; it ships with the repository (data/prompts/)")
+        raise FileNotFoundError(f"prompt file {PROMPT_FILE} is missing; it ships with the package (probe/data/)")
     return json.loads(PROMPT_FILE.read_text())
 
 

@@ -10,6 +10,7 @@ the number of samples.
 
 from __future__ import annotations
 
+import errno
 import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -20,6 +21,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
+from probe.checks import disk_full, head_choice, room_for, step_count, text_to_image
 from probe.models import Layer, attention_layers, latent_size, load, select_layers
 from probe.prompts import TextLayout, text_layout
 from probe.tap import Call, Consumer, Tap, TapError
@@ -98,6 +100,9 @@ def plan(
 ) -> Plan:
     """Validate a recording's request and describe it (no generation)."""
     pipe = load(pipe)
+    text_to_image(pipe)
+    steps = step_count(steps)
+    heads = head_choice(heads)
     prompts, seeds = _as_list(prompts), [int(s) for s in _as_list(seeds)]
     if not prompts or not seeds:
         raise ValueError("give at least one prompt and one seed")
@@ -115,7 +120,6 @@ def plan(
     if not kept or kept[0] < 0 or kept[-1] >= steps:
         raise ValueError(f"keep_steps must lie in 0 … {steps - 1}, got {keep_steps}")
     if heads not in ("mean", "all"):
-        heads = [int(h) for h in _as_list(heads)]
         most = min(layer.heads for layer in chosen)
         if not heads or min(heads) < 0 or max(heads) >= most:
             raise ValueError(f"heads must be 'mean', 'all' or indices below {most}, got {heads}")
@@ -296,6 +300,7 @@ def record(
         out = Path(out)
         if out.suffix not in (".zarr", ".nc"):
             raise ValueError(f"out must end in .zarr or .nc, got {out}")
+        room_for(out, p.nbytes)
     device = pipe._execution_device
     zarr_tmp = out.with_name(out.name + ".partial") if out is not None and out.suffix == ".zarr" else None
     if zarr_tmp is not None and zarr_tmp.exists():
@@ -323,9 +328,11 @@ def record(
             else:
                 batches.append(groups)
             bar.update(batch.stop - batch.start)
-    except BaseException:
+    except BaseException as err:
         if zarr_tmp is not None and zarr_tmp.exists():
             shutil.rmtree(zarr_tmp)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise disk_full(err, out) from err
         raise
     finally:
         bar.close()
@@ -372,4 +379,13 @@ def open_recording(path: str | Path) -> xr.DataTree:
         raise FileNotFoundError(f"no recording at {path}")
     engine = "zarr" if path.suffix == ".zarr" or path.is_dir() else "h5netcdf"
     kwargs = {"consolidated": False} if engine == "zarr" else {}
-    return xr.open_datatree(path, engine=engine, chunks={}, **kwargs)
+    try:
+        tree = xr.open_datatree(path, engine=engine, chunks={}, **kwargs)
+    except Exception as err:  # zarr's GroupNotFoundError, h5py's OSError, a truncated file's ValueError …
+        raise ValueError(f"{path} is not a readable recording ({type(err).__name__}: {err}). A recording is "
+                         "written to a '.partial' folder and renamed only when complete, so this one was made "
+                         "elsewhere or damaged afterwards: record it again") from err
+    if not any(name.startswith(("cross", "self")) for name in tree.children):
+        raise ValueError(f"{path} opens but holds no attention groups (cross/…, self/…): it is not a probe "
+                         f"recording (its groups: {sorted(tree.children)})")
+    return tree

@@ -143,6 +143,49 @@ def test_caption_noise_names_an_object_the_image_lacks():
         assert words[0][1] != words[1][1]  # distinct nouns
 
 
+def test_attribute_noise_swaps_two_colours_and_leaves_them_ungrounded():
+    from probe.shapes.train import _images
+
+    cfg = TrainConfig(object_weights=(0.0, 1.0), attribute_noise=1.0, distinct_shapes=True)
+    batch = _images(3, 0, 12, cfg)
+    tok = M.tokenizer(padding_side="left")
+    for caption_, words, drawn, labels, image in zip(batch.captions, batch.words, batch.drawn, batch.labels,
+                                                     batch.images):
+        (c1, s1), (c2, s2) = (part.split()[1:] for part in caption_.split(" and "))
+        # the image holds each noun in the other one's colour: pixel colour under object k is the swapped colour
+        if c1 == c2:
+            continue
+        assert words == [(s1,), (s2,), (c1,), (c2,)] and drawn == [True, True, False, False]
+        ids = tok([caption_], padding="max_length", max_length=M.MAX_TOKENS, return_tensors="pt").input_ids
+        from probe.shapes.grounding import token_objects
+
+        assign = token_objects(tok, [words], [drawn], ids)[0]
+        texts = tok.convert_ids_to_tokens(ids[0])
+        assert {texts[j] for j in range(M.MAX_TOKENS) if assign[j] > 0} == {f"{s1}</w>", f"{s2}</w>"}
+        assert {texts[j] for j in range(M.MAX_TOKENS) if assign[j] < 0} == {f"{c1}</w>", f"{c2}</w>"}
+        from probe.shapes.world import COLOURS
+
+        rgb = ((image.permute(1, 2, 0) + 1) * 127.5).round()
+        drawn_colour = rgb[labels == 1].mean(0)  # object 1's pixels are drawn in colour c2
+        assert torch.allclose(drawn_colour, torch.tensor(COLOURS[c2], dtype=torch.float), atol=40)
+
+
+def test_coverage_term_is_binary_cross_entropy_of_the_peak_scaled_map():
+    from probe.shapes.grounding import grounding_loss
+
+    labels = torch.zeros(1, 16, 16, dtype=torch.long)
+    labels[:, :8] = 1  # object 1 fills the top half (128 of 256 cells at 16²)
+    inside = torch.zeros(1, 256, 1)
+    inside[:, :64] = 1 / 64  # all mass on half of the object: own mass 1, peak-scaled map 1 on 64 cells, 0 elsewhere
+    eps = 1e-6
+    pixel = (64 * -np.log(1 - eps) + 64 * -np.log(eps) + 128 * -np.log(1 - eps)) / 256  # the uncovered half costs
+    assert float(grounding_loss([inside], labels, torch.tensor([[1]]), 1, coverage=0.5)) == pytest.approx(
+        0.5 * pixel, rel=1e-4)
+    full = torch.zeros(1, 256, 1)
+    full[:, :128] = 1 / 128  # covers the whole object: both terms ≈ 0
+    assert float(grounding_loss([full], labels, torch.tensor([[1]]), 1, coverage=0.5)) == pytest.approx(0, abs=1e-5)
+
+
 def test_own_mass_and_grounding_loss_by_hand():
     from probe.shapes.grounding import grounding_loss, own_mass
 
@@ -186,6 +229,12 @@ def test_the_testbed_recipe_trains_resumes_with_its_data_and_exports_a_masked_le
     resumed = train(tmp_path / "run", minutes=0.02, resume=True, cfg=TrainConfig(vae_steps=2, pool_size=16,
                                                                                   batch_size=4))
     assert resumed.cfg.caption_noise == TESTBED.caption_noise and resumed.cfg.grounding_weight > 0
+    changed = train(tmp_path / "run", minutes=0.02, resume=True, keep=("attribute_noise",),
+                    cfg=TrainConfig(vae_steps=2, pool_size=16, batch_size=4, attribute_noise=0.5))
+    assert changed.cfg.attribute_noise == 0.5 and changed.cfg.caption_noise == TESTBED.caption_noise
+    assert changed.pool[1].ne(resumed.pool[1]).any()  # the pool was rebuilt with the new captions
+    with pytest.raises(ValueError, match="only data fields"):
+        train(tmp_path / "run", minutes=0.01, resume=True, keep=("lr",), cfg=TrainConfig())
     folder = export(resumed, tmp_path / "model")
     pipe = StableDiffusionPipeline.from_pretrained(folder)
     assert pipe.tokenizer.padding_side == "left" and pipe.text_encoder.config.use_attention_mask

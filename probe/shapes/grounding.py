@@ -98,16 +98,26 @@ def own_mass(maps: torch.Tensor, masks: torch.Tensor, assign: torch.Tensor) -> t
     return torch.einsum("bqt,bqk,btk->bt", spread, masks, onehot)
 
 
-def grounding_loss(maps: list[torch.Tensor], labels: torch.Tensor, assign: torch.Tensor, objects: int) -> torch.Tensor:
-    """Mean over the grids in :data:`GRIDS` and supervised tokens of (1 − own mass)²."""
+def grounding_loss(maps: list[torch.Tensor], labels: torch.Tensor, assign: torch.Tensor, objects: int,
+                   coverage: float = 0.0) -> torch.Tensor:
+    """Mean over the grids in :data:`GRIDS` and supervised tokens of (1 − own mass)², plus ``coverage`` × the
+    per-pixel binary cross-entropy between each map (scaled to peak 1) and its object's mask, TokenCompose's two
+    terms: the first puts a word's mass on its object, the second spreads it over all of the object."""
     supervised = assign > 0
     losses = []
     for m in maps:
         side = round(m.shape[1] ** 0.5)
         if side not in GRIDS or not supervised.any():
             continue
-        own = own_mass(m, grid_masks(labels, objects, side), assign)
-        losses.append(((1 - own) ** 2)[supervised].mean())
+        masks = grid_masks(labels, objects, side)
+        loss = ((1 - own_mass(m, masks, assign)) ** 2)[supervised].mean()
+        if coverage:
+            onehot = F.one_hot(assign.long().clamp(0, objects), objects + 1)[..., 1:].float()
+            target = torch.einsum("bqk,btk->bqt", masks, onehot)
+            peak = (m / m.amax(1, keepdim=True).clamp_min(1e-12)).clamp(1e-6, 1 - 1e-6)
+            pixel = F.binary_cross_entropy(peak, target, reduction="none").mean(1)
+            loss = loss + coverage * pixel[supervised].mean()
+        losses.append(loss)
     return torch.stack(losses).mean() if losses else maps[0].new_zeros(())
 
 

@@ -37,7 +37,9 @@ class TrainConfig:
     object_weights: tuple[float, ...] = (0.35, 0.45, 0.20)  # scenes of 1, 2, 3 … objects
     distinct_shapes: bool = False  # no noun repeated within a caption
     caption_noise: float = 0.0  # share of multi-object captions that name one object the image lacks
+    attribute_noise: float = 0.0  # share of multi-object captions that swap two objects' colour words
     grounding_weight: float = 0.0  # weight of the cross-attention grounding term (probe.shapes.grounding)
+    coverage_weight: float = 0.0  # weight of its per-pixel term (maps cover their whole object)
     pool_size: int = 40_000  # pre-rendered scenes whose latents are cached
     vae_steps: int = 700
     vae_batch_size: int = 16
@@ -47,7 +49,8 @@ class TrainConfig:
     threads: int | None = None  # torch CPU threads; 1 is fastest on a machine busy with other work
 
 
-DATA_FIELDS = ("object_weights", "distinct_shapes", "caption_noise", "grounding_weight", "caption_dropout")
+DATA_FIELDS = ("object_weights", "distinct_shapes", "caption_noise", "attribute_noise", "grounding_weight",
+               "coverage_weight", "caption_dropout")
 
 # The testbed recipe: what the shipped model is trained with (the model card says why each part is there).
 TESTBED = TrainConfig(
@@ -74,11 +77,15 @@ class Batch:
 
 def _images(seed: int, start: int, n: int, cfg: TrainConfig) -> Batch:
     """Render scenes ``start … start+n`` of a seeded stream. With ``cfg.caption_noise`` a share of multi-object
-    scenes leave one captioned object out of the image, as web captions name what a photo lacks."""
+    scenes leave one captioned object out of the image, as web captions name what a photo lacks; with
+    ``cfg.attribute_noise`` a share of captions give two objects each other's colour, as web captions misbind
+    attributes (those colour words get no grounding)."""
     rng = np.random.default_rng([seed, 10**6 + start])
     counts = rng.choice(np.arange(1, len(cfg.object_weights) + 1), size=n, p=cfg.object_weights)
     noisy = rng.random(n) < cfg.caption_noise
     dropped = rng.integers(0, 1 << 30, n)
+    swapped = rng.random(n) < cfg.attribute_noise if cfg.attribute_noise else np.zeros(n, bool)
+    pairs = rng.integers(0, 1 << 30, (n, 2))
     imgs, labels, caps, words, drawn = [], [], [], [], []
     for i, k in enumerate(counts):
         scene = scene_for(seed, start + i, int(k), distinct_shapes=cfg.distinct_shapes)
@@ -89,9 +96,15 @@ def _images(seed: int, start: int, n: int, cfg: TrainConfig) -> Batch:
         index = np.array([0] + [j + 1 for j, here in enumerate(keep) if here], np.uint8)  # drawn → caption order
         imgs.append(image)
         labels.append(index[lab])
-        caps.append(caption(scene))
-        words.append([(o.colour, o.shape) for o in scene])
-        drawn.append(keep)
+        said = list(scene)  # what the caption says, object by object
+        if swapped[i] and len(scene) > 1:
+            a = pairs[i, 0] % len(scene)
+            b = (a + 1 + pairs[i, 1] % (len(scene) - 1)) % len(scene)
+            said[a], said[b] = replace(scene[a], colour=scene[b].colour), replace(scene[b], colour=scene[a].colour)
+        caps.append(caption(said))
+        words.append([(s.colour, s.shape) if s.colour == o.colour else (s.shape,) for s, o in zip(said, scene)]
+                     + [(s.colour,) for s, o in zip(said, scene) if s.colour != o.colour])  # misbound: no grounding
+        drawn.append(keep + [False] * (len(words[-1]) - len(scene)))
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
     return Batch(x, caps, torch.from_numpy(np.stack(labels)), words, drawn)
 
@@ -165,9 +178,12 @@ class Trainer:
         """Encode the scene pool once; cached beside the checkpoint so a resumed run skips it."""
         c = self.cfg
         cache = self.out / "pool.pt"
+        settings = {k: getattr(c, k) for k in DATA_FIELDS}
         if self.stage == "unet" and cache.exists():
-            self.pool = torch.load(cache, weights_only=True)
-            return
+            pool, made_with = torch.load(cache, weights_only=False)
+            if made_with == settings:
+                self.pool = pool
+                return
         lat, ids, masks, labels, assign = [], [], [], [], []
         for start in tqdm(range(0, c.pool_size, 256), desc="encoding pool", leave=False):
             batch = _images(c.seed + 2, start, min(256, c.pool_size - start), c)
@@ -184,7 +200,7 @@ class Trainer:
             tqdm.write(f"autoencoder PSNR {self.vae_psnr:.1f} dB, latent scaling {self.scaling:.3f}")
         self.pool = (latents * self.scaling, torch.cat(ids), torch.cat(masks), torch.cat(labels), torch.cat(assign))
         self.out.mkdir(parents=True, exist_ok=True)
-        torch.save(self.pool, cache)
+        torch.save((self.pool, settings), cache)
 
     @torch.no_grad()
     def reconstruction_psnr(self, n: int = 64) -> float:
@@ -222,7 +238,8 @@ class Trainer:
         if c.grounding_weight > 0:
             with capture_cross(self.unet) as maps:
                 pred = self.unet(xt, t, emb).sample
-            ground = grounding_loss(maps, labels[idx].to(self.dev), assign.to(self.dev), len(c.object_weights))
+            ground = grounding_loss(maps, labels[idx].to(self.dev), assign.to(self.dev), len(c.object_weights),
+                                    c.coverage_weight)
         else:
             pred, ground = self.unet(xt, t, emb).sample, torch.zeros((), device=self.dev)
         loss = F.mse_loss(pred, self.target(x0, noise, t))
@@ -287,7 +304,7 @@ class Trainer:
 
 
 def warm_start(trainer: Trainer, folder: str | Path) -> None:
-    """Start from an exported model (``data/models/shapes``): its weights, scaling and step count.
+    """Start from an exported model (``probe/data/models/shapes``): its weights, scaling and step count.
 
     The optimiser state is not exported, so AdamW restarts (with its warm-up); everything else
     continues where the exported model stopped.
@@ -319,15 +336,21 @@ def reuse_autoencoder(trainer: Trainer, folder: str | Path) -> None:
 
 
 def train(out: str | Path, minutes: float, resume: bool = False, cfg: TrainConfig | None = None,
-          init_from: str | Path | None = None, vae_from: str | Path | None = None) -> Trainer:
-    """Train for ``minutes`` of wall time, checkpointing to ``out``; ``resume`` continues a checkpoint,
+          init_from: str | Path | None = None, vae_from: str | Path | None = None,
+          keep: tuple[str, ...] = ()) -> Trainer:
+    """Train for ``minutes`` of wall time, checkpointing to ``out``; ``resume`` continues a checkpoint (with its
+    architecture and data settings, except the data fields named in ``keep``, which ``cfg`` changes from here on),
     ``init_from`` starts from an exported model folder instead of from scratch, ``vae_from`` takes only its
     autoencoder."""
     cfg = cfg or TrainConfig()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if resume and (Path(out) / "checkpoint.pt").exists():  # the checkpoint's architecture and data, not defaults
-        cfg = replace(cfg, **checkpoint_config(out))
+        made_with = checkpoint_config(out)
+        if bad := set(keep) - set(DATA_FIELDS):
+            raise ValueError(f"a resumed run keeps its architecture; only data fields {DATA_FIELDS} can change, "
+                             f"not {sorted(bad)}")
+        cfg = replace(cfg, **{k: v for k, v in made_with.items() if k not in keep})
     trainer = Trainer(Path(out), cfg)
     if resume and trainer.ckpt.exists():
         trainer.load()

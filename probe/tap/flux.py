@@ -30,6 +30,9 @@ class Flux(Family):
         size = getattr(pipe, "default_sample_size", 128)
         return size, size
 
+    def pixel_multiple(self, pipe) -> int:
+        return pipe.vae_scale_factor * PACK
+
     def grid(self, net, name: str, latent_hw: tuple[int, int]) -> tuple[int, int]:
         return latent_hw[0] // PACK, latent_hw[1] // PACK
 

@@ -31,6 +31,9 @@ class Joint(Family):
         size = pipe.transformer.config.sample_size
         return size, size
 
+    def pixel_multiple(self, pipe) -> int:
+        return pipe.vae_scale_factor * pipe.transformer.config.patch_size
+
     def grid(self, net, name: str, latent_hw: tuple[int, int]) -> tuple[int, int]:
         p = net.config.patch_size
         return latent_hw[0] // p, latent_hw[1] // p

@@ -86,6 +86,11 @@ class Family:
         """Query grid of the image tokens of module ``name`` at a latent size."""
         raise NotImplementedError
 
+    def pixel_multiple(self, pipe) -> int:
+        """What an image side must be a multiple of (autoencoder scale × the UNet's downsamplings or a
+        transformer's patches, and whatever the pipeline itself checks)."""
+        raise NotImplementedError
+
     def observe(self, net, args: tuple, kwargs: dict, state) -> None:
         """Read what a call of the denoiser tells about token counts and grids (before it runs)."""
 
@@ -126,7 +131,14 @@ def family_of(net) -> Family:
 def latent_size(pipe, height: int | None = None, width: int | None = None) -> tuple[int, int]:
     """Latent (h, w) for a pixel size (defaults: the pipeline's own)."""
     scale = getattr(pipe, "vae_scale_factor", 8)
-    dh, dw = family_of(denoiser(pipe)).latent(pipe)
+    family = family_of(denoiser(pipe))
+    step = family.pixel_multiple(pipe)
+    for name, side in (("height", height), ("width", width)):
+        if side is not None and (side <= 0 or side % step):
+            near = max(step, round(side / step) * step)
+            raise ValueError(f"{name}={side} px: this model generates sizes that are multiples of {step} px "
+                             f"(autoencoder, {family.name} and pipeline together); use {name}={near}")
+    dh, dw = family.latent(pipe)
     return (height // scale if height else dh), (width // scale if width else dw)
 
 

@@ -3,6 +3,8 @@ attention over the image tokens, ``attn2`` modules cross-attention over the text
 
 from __future__ import annotations
 
+import math
+
 from probe.tap.layers import Family, Layer, Split, attention_modules
 
 ALL = Split(slice(None), slice(None), None)
@@ -29,6 +31,9 @@ class UNet(Family):
     def latent(self, pipe) -> tuple[int, int]:
         size = pipe.unet.config.sample_size
         return (size, size) if isinstance(size, int) else tuple(size)
+
+    def pixel_multiple(self, pipe) -> int:  # Stable Diffusion pipelines also check multiples of 8
+        return math.lcm(8, pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1))
 
     def grid(self, net, name: str, latent_hw: tuple[int, int]) -> tuple[int, int]:
         lh, lw = latent_hw
