@@ -136,9 +136,9 @@ def _print_headlines(headlines: dict) -> None:
 def cmd_figures(args) -> None:
     """Every study's figures and tables from fixed seeds (``--quick``: reduced sizes)."""
     import probe
-    from probe import experiments
+    from probe import studies
 
-    headlines = experiments.run_all(probe.load(args.model), quick=args.quick, out=args.out)
+    headlines = studies.run_all(probe.load(args.model), quick=args.quick, out=args.out)
     _print_headlines(headlines)
     print(f"\nfigures and tables in {args.out}/")
 
@@ -161,11 +161,22 @@ STUDY_ALIASES = {"edit": "editing", "self-cross": "self_cross"}  # other spellin
 
 def cmd_study(args) -> None:
     import probe
-    from probe import experiments
+    from probe import studies
 
-    sizes = {args.name: dict(_setting(item) for item in args.set)}
-    headlines = experiments.run_all(probe.load(args.model), quick=args.quick, out=args.out, only=[args.name],
-                                    sizes=sizes)
+    settings = dict(_setting(item) for item in args.set)
+    if args.judge:
+        from probe.judges import judge_from_spec
+
+        if args.name == "editing":
+            raise SystemExit("the editing study judges with the shapes world's rules; --judge is for the others")
+        settings["judge"] = judge_from_spec(args.judge, device=args.device)
+    if args.prompts:
+        if args.name not in ("guidance", "self_cross"):
+            raise SystemExit(f"--prompts applies to the guidance and self_cross studies; the {args.name} study "
+                             "draws the shapes world's scenes")
+        settings["sets"] = tuple(args.prompts)
+    headlines = studies.run_all(probe.load(args.model, device=args.device), quick=args.quick, out=args.out,
+                                only=[args.name], sizes={args.name: settings})
     _print_headlines(headlines)
 
 
@@ -273,7 +284,11 @@ def parser() -> argparse.ArgumentParser:
     st = sub.add_parser("study", help="run one study")
     st.add_argument("name", choices=["probe", "overlap", "editing", "guidance", "self_cross"],
                     type=lambda name: STUDY_ALIASES.get(name, name), help="also: edit, self-cross")
-    st.add_argument("--model", default=None)
+    st.add_argument("--model", default=None, help="built-in name, a local diffusers folder or a hub id")
+    st.add_argument("--prompts", nargs="+", default=None, metavar="SET",
+                    help="prompt sets (animals, animals_objects, objects, SSD-2, SSD-3, shapes-2 …, or a .txt file)")
+    st.add_argument("--judge", default=None, help="exact | clip[:MODEL][@THRESHOLD] | detector[:MODEL][@THRESHOLD]")
+    st.add_argument("--device", default=None, help="cuda, cpu … (default: the pipeline's own)")
     st.add_argument("--quick", action="store_true")
     st.add_argument("--out", default="figures")
     st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

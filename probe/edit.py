@@ -28,19 +28,19 @@ import itertools
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
 
 from probe.checks import step_count, text_to_image
 from probe.models import Layer, attention_layers, denoiser, latent_size, load, select_layers
 from probe.tap import Call, Consumer, Tap
 
 INJECTS = ("self", "cross", "none")
-MAX_SELF_QUERIES = 32 * 32  # FPE injects self-attention in layers with at most 32² queries
 DEFAULT_FRACTION = 0.8  # FPE injects during the first 80 % of the steps
 CROSS_TOKENS = ("all", "shared")
 PIXEL_MAX = 255.0  # PSNR on 8-bit images
@@ -86,6 +86,8 @@ class Inversion:
     latents: torch.Tensor  # (steps + 1, channels, h, w)
     timesteps: torch.Tensor  # (steps,)
     prompt: str
+    null_embeds: torch.Tensor | None = None  # (steps, tokens, width): null-text inversion's per-step unconditional
+    guidance_scale: float = 1.0  # the guidance the trajectory is consistent with (> 1 only with null_embeds)
 
     @property
     def noise(self) -> torch.Tensor:
@@ -165,7 +167,8 @@ def injected_steps(steps, num_inference_steps: int) -> list[int]:
 def injected_layers(pipe, inject: str, layers=None, height: int | None = None, width: int | None = None) -> list[Layer]:
     """The layers an injection of this kind touches.
 
-    Default: self-attention layers with at most 32² queries (FPE), or every cross-attention layer
+    Default: self-attention layers coarser than the latent (FPE's rule: Stable Diffusion's 32² and below of a 64²
+    latent), or every cross-attention layer
     (prompt-to-prompt). ``layers`` takes names, globs, ``re:`` patterns or resolutions, as
     :func:`probe.models.select_layers`, or :class:`~probe.models.Layer` objects.
     """
@@ -174,7 +177,7 @@ def injected_layers(pipe, inject: str, layers=None, height: int | None = None, w
     every = attention_layers(pipe, height, width)
     if layers is None:
         chosen = select_layers(every, None, kinds=(inject,))
-        return [la for la in chosen if la.grid[0] * la.grid[1] <= MAX_SELF_QUERIES] if inject == "self" else chosen
+        return _coarser_than_latent(chosen, latent_size(pipe, height, width)) if inject == "self" else chosen
     if isinstance(layers, Layer):
         layers = [layers]
     if isinstance(layers, (list, tuple)):
@@ -235,6 +238,9 @@ def _check_size(image: np.ndarray, size: tuple[int, int]) -> None:
 
 
 # -- DDIM inversion -----------------------------------------------------------------------------------
+
+NULL_TEXT_STEPS = 10  # Adam iterations per denoising step (Mokady et al.'s N)
+NULL_TEXT_LR = 1e-2
 
 
 def _text_conditioning(pipe, prompt: str, size: tuple[int, int]) -> tuple[torch.Tensor, dict]:
@@ -302,9 +308,23 @@ def clean_and_noise(output: torch.Tensor, latent: torch.Tensor, alpha: torch.Ten
     raise ValueError(f"unknown prediction type {prediction!r}: expected epsilon, v_prediction or sample")
 
 
-@torch.no_grad()
 def invert(pipe, image, prompt: str = "", steps: int = 50, *, height: int | None = None,
-           width: int | None = None) -> Inversion:
+           width: int | None = None, guidance_scale: float = 1.0, null_text_steps: int = NULL_TEXT_STEPS,
+           null_text_lr: float = NULL_TEXT_LR) -> Inversion:
+    """DDIM inversion of a real image (:func:`ddim_invert`); with ``guidance_scale`` > 1 also null-text inversion
+    (Mokady et al.), as Free-Prompt-Editing's code offers: per step, the unconditional embedding is optimised so
+    that classifier-free guidance at that scale walks the inverted trajectory, so an edit at the same scale starts
+    from a source it reconstructs."""
+    inversion = ddim_invert(pipe, image, prompt, steps, height=height, width=width)
+    if guidance_scale <= 1:
+        return inversion
+    return null_text_inversion(pipe, inversion, guidance_scale, null_text_steps, null_text_lr,
+                               _image_size(pipe, height, width))
+
+
+@torch.no_grad()
+def ddim_invert(pipe, image, prompt: str = "", steps: int = 50, *, height: int | None = None,
+                width: int | None = None) -> Inversion:
     """Deterministic DDIM inversion of a real image: its latent trajectory up to noise.
 
     Encodes with the VAE, then walks the generation's ᾱ levels upwards with the DDIM update
@@ -340,13 +360,64 @@ def invert(pipe, image, prompt: str = "", steps: int = 50, *, height: int | None
     return Inversion(torch.stack(trajectory[::-1]), timesteps.clone(), prompt)
 
 
+def null_text_inversion(pipe, inversion: Inversion, guidance_scale: float, inner_steps: int = NULL_TEXT_STEPS,
+                        lr: float = NULL_TEXT_LR, size: tuple[int, int] | None = None) -> Inversion:
+    """The inversion with per-step unconditional embeddings ∅ᵢ such that the guided DDIM step from ``latents[i]``
+    lands on ``latents[i + 1]`` (Adam on ‖step(∅ᵢ) − latents[i + 1]‖², ∅ᵢ starting from ∅ᵢ₋₁, the empty prompt's
+    embedding at i = 0); the guided walk then follows the image's own trajectory instead of drifting from it."""
+    pipe = load(pipe)
+    if hasattr(pipe, "text_encoder_2"):
+        raise TypeError("null-text inversion supports Stable Diffusion 1.x/2.x pipelines; on SDXL edit real images at "
+                        "guidance_scale=1 (the plain DDIM inversion is consistent with it)")
+    size = size or _image_size(pipe, None, None)
+    scheduler, net = pipe.scheduler, denoiser(pipe)
+    scheduler.set_timesteps(inversion.steps, device=inversion.latents.device)
+    timesteps, alphas = _ddim_alphas(scheduler)
+    with torch.no_grad():
+        cond, _ = _text_conditioning(pipe, inversion.prompt, size)
+        null = _text_conditioning(pipe, "", size)[0]
+    prediction = scheduler.config.prediction_type
+
+    def guided_step(latent: torch.Tensor, i: int, uncond: torch.Tensor, cond_out: torch.Tensor) -> torch.Tensor:
+        t = timesteps[i]
+        uncond_out = net(scheduler.scale_model_input(latent, t), t, encoder_hidden_states=uncond, return_dict=False)[0]
+        out = uncond_out + guidance_scale * (cond_out - uncond_out)
+        x0, eps = clean_and_noise(out.double(), latent.double(), alphas[i], prediction)
+        return (alphas[i + 1].sqrt() * x0 + (1 - alphas[i + 1]).sqrt() * eps).to(latent.dtype)
+
+    latent, found = inversion.latents[:1].clone(), []
+    for i in tqdm(range(inversion.steps), desc="null-text inversion", leave=False):
+        t, target = timesteps[i], inversion.latents[i + 1 : i + 2]
+        with torch.no_grad():
+            cond_out = net(scheduler.scale_model_input(latent, t), t, encoder_hidden_states=cond, return_dict=False)[0]
+        null = null.detach().clone().requires_grad_(True)  # a copy: Adam updates in place
+        optimiser = torch.optim.Adam([null], lr=lr)
+        with torch.enable_grad():
+            for _ in range(inner_steps):
+                loss = torch.nn.functional.mse_loss(guided_step(latent, i, null, cond_out), target)
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+        with torch.no_grad():
+            null = null.detach()
+            latent = guided_step(latent, i, null, cond_out)
+        found.append(null[0])
+    return replace(inversion, null_embeds=torch.stack(found), guidance_scale=float(guidance_scale))
+
+
 @torch.no_grad()
-def regenerate(pipe, inversion: Inversion, prompt: str | None = None, guidance_scale: float = 1.0,
+def regenerate(pipe, inversion: Inversion, prompt: str | None = None, guidance_scale: float | None = None,
                **pipeline_kwargs):
-    """Generate from an inversion's noise (default: its own prompt, no CFG), as the pipeline would."""
+    """Generate from an inversion's noise (default: its own prompt at its own guidance, with its null-text
+    embeddings where it has them), as the pipeline would."""
+    scale = inversion.guidance_scale if guidance_scale is None else guidance_scale
     noise = inversion.noise[None] / pipe.scheduler.init_noise_sigma
+    if inversion.null_embeds is not None and scale > 1:
+        pipeline_kwargs.update(negative_prompt_embeds=inversion.null_embeds[:1].clone(),
+                               callback_on_step_end=_null_text(inversion, None),
+                               callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
     return pipe(prompt=inversion.prompt if prompt is None else prompt, latents=noise,
-                num_inference_steps=inversion.steps, guidance_scale=guidance_scale, **pipeline_kwargs).images[0]
+                num_inference_steps=inversion.steps, guidance_scale=scale, **pipeline_kwargs).images[0]
 
 
 def psnr(a, b) -> float:
@@ -389,6 +460,22 @@ def _pin_source(inversion: Inversion, rows: int, user_callback: Callable | None)
         latents = outputs.get("latents", kwargs["latents"]).clone()
         latents[:rows] = inversion.latents[i + 1].to(latents)
         outputs["latents"] = latents
+        return outputs
+
+    return callback
+
+
+def _null_text(inversion: Inversion, user_callback: Callable | None) -> Callable:
+    """A ``callback_on_step_end`` that gives the next step the null-text inversion's unconditional embedding (the
+    unconditional rows of the guided batch come first)."""
+
+    def callback(pipe, i: int, t, kwargs: dict) -> dict:
+        outputs = dict(user_callback(pipe, i, t, kwargs) or {}) if user_callback is not None else {}
+        if i + 1 < inversion.steps:
+            embeds = outputs.get("prompt_embeds", kwargs["prompt_embeds"]).clone()
+            half = embeds.shape[0] // 2
+            embeds[:half] = inversion.null_embeds[i + 1].to(embeds)
+            outputs["prompt_embeds"] = embeds
         return outputs
 
     return callback
@@ -450,15 +537,29 @@ def edit(
         dtype = pipe.text_encoder.dtype if getattr(pipe, "text_encoder", None) is not None else net.dtype
         start = randn_tensor((1, net.config.in_channels, lh, lw), generator=generator, device=device, dtype=dtype)
     else:
-        inversion = image if isinstance(image, Inversion) else invert(
-            pipe, image, source_prompt, num_inference_steps, height=height, width=width)
+        if isinstance(image, Inversion):
+            inversion = image
+        else:  # consistent with the edit's guidance: null-text inversion where CFG is on (SD 1.x/2.x)
+            scale = guidance_scale if not hasattr(pipe, "text_encoder_2") else 1.0
+            if scale != guidance_scale:
+                warnings.warn("SDXL: the real image is inverted without guidance (no null-text inversion there); "
+                              "edit at guidance_scale=1 for a faithful source", RuntimeWarning, stacklevel=2)
+            inversion = invert(pipe, image, source_prompt, num_inference_steps, height=height, width=width,
+                               guidance_scale=scale)
         if inversion.steps != num_inference_steps:
             raise ValueError(f"the inversion has {inversion.steps} steps, the edit {num_inference_steps}")
+        if inversion.null_embeds is not None and inversion.guidance_scale != guidance_scale:
+            raise ValueError(f"the null-text inversion was made for guidance_scale={inversion.guidance_scale}, the "
+                             f"edit runs at {guidance_scale}: invert again at the edit's scale")
         start = inversion.noise[None] / pipe.scheduler.init_noise_sigma
         callback = _pin_source(inversion, 1, callback)
-        inputs = pipeline_kwargs.get("callback_on_step_end_tensor_inputs")
-        if inputs is not None and "latents" not in inputs:
-            pipeline_kwargs["callback_on_step_end_tensor_inputs"] = [*inputs, "latents"]
+        needed = ["latents"]
+        if inversion.null_embeds is not None and guidance_scale > 1:
+            pipeline_kwargs["negative_prompt_embeds"] = inversion.null_embeds[:1].expand(2, -1, -1).clone()
+            callback = _null_text(inversion, callback)
+            needed.append("prompt_embeds")
+        inputs = list(pipeline_kwargs.get("callback_on_step_end_tensor_inputs", ["latents"]))
+        pipeline_kwargs["callback_on_step_end_tensor_inputs"] = [*inputs, *(n for n in needed if n not in inputs)]
     if callback is not None:
         pipeline_kwargs["callback_on_step_end"] = callback
 
@@ -494,24 +595,26 @@ COLUMNS = (
 )
 
 
-def _all(layers: list[Layer]) -> list[Layer]:
+def _all(layers: list[Layer], latent: tuple[int, int]) -> list[Layer]:
     return layers
 
 
-def _at_most_32(layers: list[Layer]) -> list[Layer]:
-    return [la for la in layers if la.grid[0] * la.grid[1] <= MAX_SELF_QUERIES]
+def _coarser_than_latent(layers: list[Layer], latent: tuple[int, int]) -> list[Layer]:
+    return [la for la in layers if la.grid[0] * la.grid[1] < latent[0] * latent[1]]
 
 
-def _finest(layers: list[Layer]) -> list[Layer]:
+def _finest(layers: list[Layer], latent: tuple[int, int]) -> list[Layer]:
     most = max((la.grid[0] * la.grid[1] for la in layers), default=0)
     return [la for la in layers if la.grid[0] * la.grid[1] == most]
 
 
-# Layer sets relative to the model's own grids, so that each selects something on every model
-# (the built-in model's grids are 16, 8, 4: a fixed "64² only" would select nothing there).
-LAYER_SETS: dict[str, Callable[[list[Layer]], list[Layer]]] = {
+# Layer sets relative to the model's own grids and latent (each ``(layers, latent) → layers``), so that each selects
+# what it means on every model: FPE's set is "coarser than the latent", Stable Diffusion's ≤ 32² of a 64² latent,
+# the built-in model's 8² and 4² of a 16² latent (a fixed "≤ 32²" would be every layer there).
+FPE_LAYERS = "coarser than latent"
+LAYER_SETS: dict[str, Callable[[list[Layer], tuple[int, int]], list[Layer]]] = {
     "all": _all,
-    "<=32²": _at_most_32,
+    FPE_LAYERS: _coarser_than_latent,
     "finest grid only": _finest,
 }
 
@@ -574,6 +677,7 @@ def _rendered(source_prompt: str, seed: int, index: int, size: int) -> np.ndarra
 def _resolve_sets(pipe, layer_sets: dict, kinds: Sequence[str]) -> dict[tuple[str, str], tuple]:
     """(inject kind, set name) → layer names; sets that select nothing are skipped with a warning."""
     every = attention_layers(pipe)
+    latent = latent_size(pipe)
     resolved = {}
     for kind in kinds:
         of_kind = [la for la in every if la.kind == kind]
@@ -582,7 +686,7 @@ def _resolve_sets(pipe, layer_sets: dict, kinds: Sequence[str]) -> dict[tuple[st
                 if spec is None:
                     chosen = of_kind
                 elif callable(spec):
-                    chosen = list(spec(of_kind))
+                    chosen = list(spec(of_kind, latent))
                 else:
                     chosen = select_layers(every, spec, kinds=(kind,))
             except ValueError as err:
@@ -621,7 +725,6 @@ def study(
     fraction NaN and layer set "none". Scores: :func:`compare`.
     """
     import pandas as pd
-    from tqdm.auto import tqdm
 
     pipe = load(pipe)
     bad = set(origins) - set(ORIGINS)
@@ -648,7 +751,8 @@ def study(
     for seed, (index, (edit_name, source_prompt, target_prompt)), origin in jobs:
         image = None
         if origin == "rendered":
-            image = invert(pipe, _rendered(source_prompt, seed, index, size), source_prompt, num_inference_steps)
+            image = invert(pipe, _rendered(source_prompt, seed, index, size), source_prompt, num_inference_steps,
+                           guidance_scale=guidance_scale)  # null-text: consistent with the edit's guidance
         done: dict[tuple, dict] = {}
         for inject, fraction, set_name, names in configs:
             key = (inject, tuple(injected_steps(fraction, num_inference_steps)) if names else (), names)

@@ -78,6 +78,7 @@ class Schedule:
     aggregation_weight: float = 1.0  # ``ai_t2i``: weight of the aggregation loss
     isolation_weight: float = 1.0  # ``ai_t2i``: weight of the isolation loss
     isolation_margin: float = ISOLATION_MARGIN  # ``ai_t2i``: centre distance (fraction of the diagonal) to reach
+    isolation_form: str = "distance"  # ``ai_t2i``: "distance" (centres apart) or "cosine" (maps' cosine similarity)
 
     def alter_steps(self, n_steps: int) -> int:
         """Number of leading steps that take a gradient step (rounded half up)."""
@@ -91,9 +92,12 @@ class Schedule:
 class InitNO:
     """INITNO-style initial-noise optimisation (Guo et al., 2024): z = μ + σ·ε with μ, log σ² optimised by Adam.
 
-    Rounds of ``steps`` iterations each start from fresh noise until the objective at the first step falls below
-    ``target``; if none does, the best round's noise is optimised again for ``final_steps``. After every step the
-    KL divergence of N(μ, σ²) from N(0, 1) is pushed back under ``kl_bound`` so the latent stays a plausible sample.
+    Rounds of ``steps`` iterations each start from fresh noise until the objective at the first step is accepted;
+    if none is, the best round's noise is optimised again for ``final_steps``. Accepted: below ``target`` when one is
+    given (INITNO's absolute thresholds, set for Stable Diffusion's losses), else at most ``1 − relative`` times the
+    objective at the seed's own noise, a criterion every objective can reach whatever its scale (A&E's loss on a
+    model whose maps are spread never falls to 0.2). After every step the KL divergence of N(μ, σ²) from N(0, 1) is
+    pushed back under ``kl_bound`` so the latent stays a plausible sample.
     """
 
     rounds: int = 5
@@ -101,7 +105,8 @@ class InitNO:
     final_steps: int = 50
     lr: float = 1e-2
     adam_eps: float = 1e-3
-    target: float = 0.2
+    target: float | None = None
+    relative: float = 0.3
     kl_bound: float = 1e-3
     kl_max_iterations: int = 100  # KL-only Adam steps at most after each objective step
 
@@ -183,7 +188,7 @@ def _ai_t2i(m: GuidanceMaps) -> torch.Tensor:
     """Aggregating-and-Isolating: pull each subject's fragments together, push subjects apart, keep them excited."""
     s = m.schedule
     aggregation = aggregation_loss(m.subjects).mean(-1)
-    isolation = isolation_loss(m.subjects, margin=s.isolation_margin)
+    isolation = isolation_loss(m.subjects, margin=s.isolation_margin, form=s.isolation_form)
     return (s.aggregation_weight * aggregation + s.isolation_weight * isolation
             + s.response_weight * response(m.subjects, s.response_top_k))
 
@@ -409,20 +414,29 @@ class Guide:
     def optimise_noise(self, noise: torch.Tensor, settings: InitNO, draw: Callable[[], torch.Tensor]
                        ) -> tuple[torch.Tensor, pd.DataFrame]:
         """INITNO rounds from ``noise`` (then ``draw()`` for fresh noise); returns the noise to start from."""
+        if settings.target is None and not 0 < settings.relative < 1:
+            raise ValueError(f"InitNO.relative must lie in (0, 1), got {settings.relative}")
+        if settings.target is not None:
+            threshold = settings.target
+        else:
+            with torch.no_grad():
+                start, _ = self.evaluate(noise * self.pipe.scheduler.init_noise_sigma, 0)
+            threshold = (1 - settings.relative) * start.item()
         rows, pool = [], []
         for round_ in range(settings.rounds):
             eps = noise if round_ == 0 else draw()
-            z, loss, ok = self._optimise_round(eps, settings.steps, settings)
-            rows.append({"round": round_, "loss": loss, "reached_target": ok})
+            z, loss, ok = self._optimise_round(eps, settings.steps, settings, threshold)
+            rows.append({"round": round_, "loss": loss, "threshold": threshold, "reached_target": ok})
             if ok:
                 return z, pd.DataFrame(rows)
             pool.append((loss if math.isfinite(loss) else math.inf, round_, eps))
         _, best, eps = min(pool, key=lambda p: (p[0], p[1]))
-        z, loss, ok = self._optimise_round(eps, settings.final_steps, settings)
-        rows.append({"round": f"final (from {best})", "loss": loss, "reached_target": ok})
+        z, loss, ok = self._optimise_round(eps, settings.final_steps, settings, threshold)
+        rows.append({"round": f"final (from {best})", "loss": loss, "threshold": threshold, "reached_target": ok})
         return z, pd.DataFrame(rows)
 
-    def _optimise_round(self, eps: torch.Tensor, n_steps: int, settings: InitNO) -> tuple[torch.Tensor, float, bool]:
+    def _optimise_round(self, eps: torch.Tensor, n_steps: int, settings: InitNO, threshold: float
+                        ) -> tuple[torch.Tensor, float, bool]:
         sigma = self.pipe.scheduler.init_noise_sigma
         log_var = torch.zeros_like(eps, dtype=torch.float32, requires_grad=True)
         mu = torch.zeros_like(eps, dtype=torch.float32, requires_grad=True)
@@ -443,7 +457,7 @@ class Guide:
             if not math.isfinite(value):
                 warnings.warn("INITNO: the objective is not finite; this round stops", RuntimeWarning, stacklevel=3)
                 break
-            if value < settings.target:
+            if value <= threshold:
                 ok = True
                 break
             descend(loss)

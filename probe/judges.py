@@ -29,6 +29,7 @@ DETECTOR_MODEL = "google/owlv2-base-patch16-ensemble"
 CLIP_TEMPLATE = "a photo of a {}"
 DETECTOR_TEMPLATE = "a photo of a {}"
 DETECTION_THRESHOLD = 0.1  # OWL-ViT's usual score threshold for a detection
+CLIP_PRESENT = 0.22  # CLIP ViT-B/16 image–text cosine above which a subject counts as shown (set per model)
 PIXEL_MAX = 255
 
 
@@ -123,6 +124,12 @@ class ClipJudge:
         """Per image, the minimum over subjects of the similarity (a prompt gives its "a X and a Y" nouns)."""
         return self.similarities(images, subjects).min(axis=1)
 
+    def verdicts(self, image, subjects: str | Sequence[str], threshold: float = CLIP_PRESENT) -> list[Verdict]:
+        """One image's subjects as present / missing by their similarity against ``threshold`` (a study's judge)."""
+        scores = self.similarities(image, subjects)[0]
+        return [Verdict(word, "present" if score >= threshold else "missing", float(score), (0.0, 0.0, 1.0, 1.0))
+                for word, score in zip(_subjects(subjects), scores)]
+
 
 # -- open-vocabulary detector -----------------------------------------------------------------------------------------
 
@@ -178,3 +185,42 @@ class DetectorJudge:
         if len(pil) != 1:
             raise ValueError(f"expected one image, got {len(pil)}; use detect() for several")
         return self.detect(pil, subjects)[0]
+
+
+# -- a judge from the command line -----------------------------------------------------------------------------------
+
+
+class NamedJudge:
+    """``judge(image, prompt)`` → one verdict per subject, with a name that stays the same between runs (a study
+    keys its resumable rows on it)."""
+
+    def __init__(self, spec: str, fn):
+        self.spec, self.fn = spec, fn
+
+    def __call__(self, image, prompt: str) -> list:
+        return self.fn(image, prompt)
+
+    def __repr__(self) -> str:
+        return f"judge({self.spec})"
+
+
+def judge_from_spec(spec: str, device=None):
+    """A study's judge from ``exact`` (the shapes world), ``clip[:MODEL][@THRESHOLD]`` or ``detector[:MODEL][@T]``
+    (MODEL: a hub id or a local folder; defaults :data:`CLIP_MODEL`, :data:`DETECTOR_MODEL`)."""
+    kind, _, rest = spec.partition(":")
+    model, _, threshold = rest.partition("@")
+    if "@" in kind:
+        kind, _, threshold = kind.partition("@")
+    if kind == "exact":
+        if rest:
+            raise ValueError(f"the exact judge takes no model, got {spec!r}")
+        return shapes_judge.judge
+    if kind == "clip":
+        clip = ClipJudge(model or CLIP_MODEL, device=device)
+        cut = float(threshold) if threshold else CLIP_PRESENT
+        return NamedJudge(spec, lambda image, prompt: clip.verdicts(image, prompt, cut))
+    if kind in ("detector", "owl"):
+        detector = DetectorJudge(model or DETECTOR_MODEL, device=device,
+                                 threshold=float(threshold) if threshold else DETECTION_THRESHOLD)
+        return NamedJudge(spec, detector)
+    raise ValueError(f"unknown judge {spec!r}; give exact, clip[:MODEL][@THRESHOLD] or detector[:MODEL][@THRESHOLD]")

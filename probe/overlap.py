@@ -81,6 +81,14 @@ def soft_iou(a: torch.Tensor, b: torch.Tensor, norm: Norm = "minmax", eps: float
     return torch.minimum(a, b).sum(SPATIAL_DIMS) / torch.maximum(a, b).sum(SPATIAL_DIMS).clamp_min(eps)
 
 
+def cosine_similarity(a: torch.Tensor, b: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """Cosine of the angle between the maps as vectors over pixels (AI-T2I's overlap measure): 1 for maps of the
+    same shape whatever their scale, 0 for disjoint supports."""
+    dot = (a * b).sum(SPATIAL_DIMS)
+    norms = torch.linalg.vector_norm(a, dim=SPATIAL_DIMS) * torch.linalg.vector_norm(b, dim=SPATIAL_DIMS)
+    return dot / norms.clamp_min(eps)
+
+
 def center_of_mass(m: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """Attention-weighted mean position (..., 2) as (y, x) in pixels."""
     p = normalize(m, "sum", eps)
@@ -239,14 +247,20 @@ def aggregation_loss(
 
 
 def isolation_loss(
-    maps: torch.Tensor, margin: float = ISOLATION_MARGIN, softness: float = 0.0, eps: float = EPS
+    maps: torch.Tensor, margin: float = ISOLATION_MARGIN, softness: float = 0.0, eps: float = EPS,
+    form: Literal["distance", "cosine"] = "distance",
 ) -> torch.Tensor:
-    """AI-T2I isolation: penalise subjects (..., S, H, W) whose centres of mass are closer than ``margin``.
+    """AI-T2I isolation: penalise subjects (..., S, H, W) that sit on each other; mean over pairs, 0 for one subject.
 
-    Mean over pairs of the hinge max(0, margin - com_distance) (distances as a fraction of the diagonal), 0 for a
-    single subject. ``softness`` > 0 uses softness · softplus((margin - d) / softness), a smooth hinge that still
-    pushes slightly beyond the margin and tends to the hinge as softness → 0.
+    ``form="distance"``: the hinge max(0, margin − com_distance) on centres of mass (distances as a fraction of the
+    diagonal); ``softness`` > 0 uses softness · softplus((margin − d) / softness), a smooth hinge that still pushes
+    slightly beyond the margin. ``form="cosine"``: the cosine similarity of the two maps (the form the paper's
+    analysis is built on), which also separates subjects whose centres coincide but whose shapes differ.
     """
+    if form == "cosine":
+        return _mean_over_pairs(pairwise(lambda a, b: cosine_similarity(a, b, eps), maps))
+    if form != "distance":
+        raise ValueError(f"isolation form must be 'distance' or 'cosine', got {form!r}")
     slack = margin - pairwise(lambda a, b: com_distance(a, b, eps), maps)
     penalty = softness * F.softplus(slack / softness) if softness > 0 else slack.clamp_min(0)
     return _mean_over_pairs(penalty)

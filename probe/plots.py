@@ -80,7 +80,7 @@ def token_maps_over_steps(tree, words: list[str], group: str, sample: int = 0, m
     return fig
 
 
-# -- studies (probe.experiments) -----------------------------------------------------------------------------------
+# -- studies (probe.studies) -----------------------------------------------------------------------------------
 
 PALETTE = "colorblind"
 CHANCE_STYLE = {"color": "0.5", "linestyle": "--", "linewidth": 1}
@@ -172,7 +172,7 @@ EXAMPLE_GROUPS = {"every subject present": "all_present", "a subject missing": "
 def overlap_examples(examples):
     """Images where every subject is present, where one is missing and where the two are mixed, each with its two
     subjects' maps; a group without images is named in the figure's title instead of drawn empty.
-    ``examples``: :class:`probe.experiments.Example` objects."""
+    ``examples``: :class:`probe.studies.overlap.Example` objects."""
     found = {title: [e for e in examples if getattr(e, flag)] for title, flag in EXAMPLE_GROUPS.items()}
     groups = [(title, group) for title, group in found.items() if group] or [("no examples", [])]
     empty = [title for title, group in found.items() if not group]
@@ -197,7 +197,7 @@ def overlap_examples(examples):
     return fig
 
 
-# -- guidance, self-cross and editing studies (probe.experiments) ----------------------------------------------------
+# -- guidance, self-cross and editing studies (probe.studies) ----------------------------------------------------
 
 INITNO_LABELS = {False: "seed noise", True: "INITNO"}
 INITNO_MARKERS = {False: "o", True: "s"}
@@ -211,7 +211,7 @@ def _error(table: pd.DataFrame, value: str, low: str, high: str) -> np.ndarray:
 def outcome_rates(summary: pd.DataFrame, outcomes=("missing",), baseline: str | None = "ae"):
     """Per outcome a panel: its rate per method with the bootstrap 95% interval, seed noise vs INITNO side by side.
 
-    ``summary``: :func:`probe.experiments.outcome_summary`'s table (``{outcome}_rate``, ``_ci_low``, ``_ci_high``).
+    ``summary``: :func:`probe.studies.guidance.outcome_summary`'s table (``{outcome}_rate``, ``_ci_low``, ``_ci_high``).
     The dashed line is the ``baseline`` method's rate without INITNO.
     """
     methods = list(dict.fromkeys(summary.method))

@@ -30,7 +30,7 @@ import xarray as xr
 from scipy import stats
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross_val_predict
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -112,15 +112,25 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
     def predict(self, X) -> np.ndarray:
         return self.pipeline_.predict(np.asarray(X, np.float64))
 
-    def cross_validate(self, X, y) -> ProbeScore:
-        """Stratified k-fold out-of-fold accuracy; folds shrink to the rarest class's count (at least 2)."""
+    def cross_validate(self, X, y, groups=None) -> ProbeScore:
+        """Stratified k-fold out-of-fold accuracy; folds shrink to the rarest class's count (at least 2).
+
+        ``groups`` (e.g. each image's seed, which fixes much of its layout) keep a group's samples in one fold, so
+        the probe is scored on layouts it never saw."""
         X, y = np.asarray(X, np.float64), np.asarray(y)
         classes, counts = np.unique(y, return_counts=True)
+        if groups is not None:
+            groups = np.asarray(groups).astype(str)
+            counts = np.array([len(set(groups[y == c])) for c in classes])
         folds = int(min(self.folds, counts.min()))
         if len(classes) < 2 or folds < 2:
-            raise ValueError(f"need two classes with {MIN_PER_CLASS}+ samples each, got {dict(zip(classes, counts))}")
-        split = StratifiedKFold(folds, shuffle=True, random_state=self.random_state)
-        predicted = cross_val_predict(self._pipeline(), X, y, cv=split)
+            raise ValueError(f"need two classes with {MIN_PER_CLASS}+ samples (groups) each, got "
+                             f"{dict(zip(classes, counts))}")
+        if groups is None:
+            split = StratifiedKFold(folds, shuffle=True, random_state=self.random_state)
+        else:
+            split = StratifiedGroupKFold(folds, shuffle=True, random_state=self.random_state)
+        predicted = cross_val_predict(self._pipeline(), X, y, cv=split, groups=groups)
         correct = int((predicted == y).sum())
         low, high = wilson_interval(correct, len(y), self.confidence)
         return ProbeScore(correct / len(y), low, high, float(counts.max() / len(y)), len(y), len(classes), folds)
@@ -257,11 +267,12 @@ def _usable(y: pd.Series, min_per_class: int) -> np.ndarray:
 
 
 def probe_features(features: Features, labels: pd.DataFrame | Mapping[str, Sequence], probe: LinearProbe | None = None,
-                   min_per_class: int = MIN_PER_CLASS) -> pd.DataFrame:
+                   min_per_class: int = MIN_PER_CLASS, groups: Sequence | None = None) -> pd.DataFrame:
     """Cross-validate one probe per (feature block, target); a tidy table with one row each.
 
     ``labels``: one column per target, one row per sample (missing values and classes rarer than
     ``min_per_class`` are left out for that target). A target with fewer than two usable classes gets no rows.
+    ``groups``: one label per sample kept together in cross-validation (see :meth:`LinearProbe.cross_validate`).
     """
     probe = probe or LinearProbe()
     n = len(next(iter(features.values())))
@@ -273,7 +284,7 @@ def probe_features(features: Features, labels: pd.DataFrame | Mapping[str, Seque
         if len(np.unique(y)) < 2:
             continue
         for key, X in features.items():
-            score = probe.cross_validate(X[keep], y)
+            score = probe.cross_validate(X[keep], y, None if groups is None else np.asarray(groups)[keep])
             rows.append({**key._asdict(), "target": target, **asdict(score)})
     return pd.DataFrame(rows, columns=COLUMNS)
 

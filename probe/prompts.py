@@ -9,6 +9,7 @@ prompts (drawn from a seeded generator, the same on every machine).
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from dataclasses import dataclass
@@ -216,36 +217,55 @@ def _file_sets() -> dict[str, list[str]]:
 
 
 def shapes_prompts(n_objects: int = 2, n: int = SHAPES_SET_SIZE, seed: int = SHAPES_SEED, similar: bool = False):
-    """Prompts of the built-in shapes world, "a red circle and a blue square", drawn as the world draws scenes.
+    """``n`` distinct prompts of the built-in shapes world, "a red circle and a blue square", no noun or colour
+    repeated within a prompt (a repeated noun is one token for two objects), drawn as the world draws scenes.
 
     ``similar`` draws a confusable pair (red/orange, blue/purple, circle/ellipse) and allows two objects only.
     """
-    from probe.shapes.world import sample_attributes
+    from probe.shapes.world import SHAPES, sample_attributes
 
     if similar and n_objects != 2:
         raise ValueError(f"similar-subject prompts have two objects, got n_objects={n_objects}")
-    rows = []
-    for i in range(n):
-        pairs = sample_attributes(np.random.default_rng([seed, i]), n_objects, similar)
-        rows.append(" and ".join(f"a {colour} {shape}" for colour, shape in pairs))
-    return rows
+    if n_objects > len(SHAPES):
+        raise ValueError(f"{n_objects} objects cannot have distinct nouns: the world has {len(SHAPES)} shapes")
+    rows: dict[str, None] = {}
+    for i in itertools.count():
+        if len(rows) == n:
+            break
+        if i > 100 * n + 1000:
+            raise ValueError(f"the shapes world has fewer than {n} distinct prompts of this kind")
+        pairs = sample_attributes(np.random.default_rng([seed, i]), n_objects, similar, distinct_shapes=not similar)
+        if len({shape for _, shape in pairs}) == len(pairs):
+            rows.setdefault(" and ".join(f"a {colour} {shape}" for colour, shape in pairs))
+    return list(rows)
 
 
 def prompt_set(name: str, n: int | None = None, seed: int = SHAPES_SEED):
-    """A prompt set as a ``datasets.Dataset`` (columns ``prompt``, ``subjects``, ``attributes``, ``set``).
+    """A prompt set as a ``datasets.Dataset`` (columns ``prompt``, ``subjects``, ``attributes``, ``set``), each
+    prompt once.
 
     Names: ``animals``, ``animals_objects``, ``objects`` (Attend-and-Excite), ``SSD-2``, ``SSD-3`` (Self-Cross),
-    ``shapes-2``, ``shapes-3``, ``shapes-similar`` (built-in world; ``n`` prompts, default 64, from ``seed``).
-    ``n`` truncates the file sets.
+    ``shapes-2``, ``shapes-3``, ``shapes-similar`` (built-in world; ``n`` prompts, default 64, from ``seed``), or a
+    path to a text file with one prompt per line (subjects: its nouns as :func:`subjects_of` finds them, or written
+    after a ``|``: ``a cat and a dog | cat, dog``). ``n`` truncates the file sets.
     """
     import datasets
 
+    given: dict[str, list[str] | None] = {}
     if name in FILE_SETS:
-        prompts = _file_sets()[name][:n]
+        given = dict.fromkeys(_file_sets()[name])
     elif name in SHAPES_SETS:
         n_objects, similar = SHAPES_SETS[name]
-        prompts = shapes_prompts(n_objects, SHAPES_SET_SIZE if n is None else n, seed, similar)
+        given = dict.fromkeys(shapes_prompts(n_objects, SHAPES_SET_SIZE if n is None else n, seed, similar))
+    elif Path(name).suffix == ".txt" and Path(name).is_file():
+        for line in Path(name).read_text().splitlines():
+            prompt, _, subjects = (part.strip() for part in line.partition("|"))
+            if prompt:
+                given.setdefault(prompt, [w.strip() for w in subjects.split(",")] if subjects else None)
     else:
-        raise ValueError(f"unknown prompt set {name!r}; known: {[*FILE_SETS, *SHAPES_SETS]}")
-    rows = [{"prompt": p, "subjects": subjects_of(p), "attributes": attributes_of(p), "set": name} for p in prompts]
+        raise ValueError(f"unknown prompt set {name!r}; known: {[*FILE_SETS, *SHAPES_SETS]} or a .txt file with one "
+                         "prompt per line")
+    prompts = list(given)[:n]
+    rows = [{"prompt": p, "subjects": given[p] or subjects_of(p), "attributes": attributes_of(p), "set": name}
+            for p in prompts]
     return datasets.Dataset.from_list(rows)

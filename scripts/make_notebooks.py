@@ -10,11 +10,11 @@ ROOT = Path(__file__).resolve().parents[1] / "notebooks"
 SETUP = """import os
 
 import probe
-from probe.cli import _model_default
 
-MODEL = os.environ.get("PROBE_MODEL") or _model_default()  # the built-in shapes model when present
-STEPS = int(os.environ.get("PROBE_STEPS", "50"))            # the tests run with fewer steps
-QUICK = os.environ.get("PROBE_QUICK", "0") == "1"           # the tests run the studies at tiny sizes
+FULL = False      # True: the studies at their full size (hours on a CPU, minutes on a GPU); False: minutes here
+MODEL = "shapes"  # the built-in model; or the folder (or hub id) of your own Stable Diffusion / SDXL / SD3 / FLUX
+STEPS = int(os.environ.get("PROBE_STEPS", 50 if FULL else 20))  # denoising steps (the test suite sets fewer)
+QUICK = not FULL
 pipe = probe.load(MODEL)"""
 
 NOTEBOOKS = {
@@ -60,8 +60,8 @@ NOTEBOOKS = {
         ),
         new_code_cell(SETUP),
         new_code_cell(
-            "from probe.experiments import probe_headline, probe_study\n\n"
-            "study = probe_study(pipe, steps=STEPS, quick=QUICK)  # 500 images (24 when quick)\n"
+            "from probe.studies import probe_headline, probe_study\n\n"
+            "study = probe_study(pipe, steps=STEPS, quick=QUICK)  # 500 images with FULL (24 otherwise)\n"
             "probe_headline(study.accuracy)"
         ),
         new_markdown_cell("Layer means per grid and step bin (each row of `study.accuracy` is one probe):"),
@@ -88,8 +88,8 @@ NOTEBOOKS = {
         ),
         new_code_cell(SETUP),
         new_code_cell(
-            "from probe.experiments import overlap_headline, overlap_study\n\n"
-            "study = overlap_study(pipe, steps=STEPS, quick=QUICK)  # 400 images (16 when quick)\n"
+            "from probe.studies import overlap_headline, overlap_study\n\n"
+            "study = overlap_study(pipe, steps=STEPS, quick=QUICK)  # 400 images with FULL (16 otherwise)\n"
             "overlap_headline(study.association)"
         ),
         new_markdown_cell("AUC for \"a subject is missing\" and \"subjects mixed\" per statistic and step "
@@ -126,11 +126,12 @@ NOTEBOOKS = {
         ),
         new_markdown_cell(
             "The study: colour and shape edits of generated and of rendered (DDIM-inverted) sources, per injection, "
-            "injected fraction of the steps and layer set; the headline is FPE's setting (0.8, layers ≤ 32²)."
+            "injected fraction of the steps and layer set; the headline is FPE's setting (0.8, layers coarser than "
+            "the latent)."
         ),
         new_code_cell(
-            "from probe.experiments import edit_headline, edit_study\n\n"
-            "study = edit_study(pipe, steps=STEPS, quick=QUICK)  # 20 seeds (1 when quick)\n"
+            "from probe.studies import edit_headline, edit_study\n\n"
+            "study = edit_study(pipe, steps=STEPS, quick=QUICK)  # 20 seeds with FULL (1 otherwise)\n"
             "edit_headline(study.summary)"
         ),
         new_code_cell('study.figures["edit_success"]'),
@@ -144,7 +145,7 @@ NOTEBOOKS = {
         ),
         new_code_cell(SETUP),
         new_code_cell(
-            "from probe.experiments import NO_GUIDANCE_SCHEDULE\n"
+            "from probe.studies.guidance import NO_GUIDANCE_SCHEDULE\n"
             "from probe.guide import generate\n"
             "from probe.plots import image_row\n\n"
             'prompt, subjects = "a red circle and a blue square", ["circle", "square"]\n'
@@ -171,8 +172,9 @@ NOTEBOOKS = {
             "seeds (paired interval); the pooled row asks whether the overlap objectives, as a family, beat A&E."
         ),
         new_code_cell(
-            "from probe.experiments import guidance_headline, guidance_study\n\n"
-            "study = guidance_study(pipe, steps=STEPS, quick=QUICK)  # 600 images per method (4 when quick)\n"
+            "from probe.studies import guidance_headline, guidance_study\n\n"
+            "# with FULL: as many images as its power calculation asks (printed); 4 otherwise\n"
+            "study = guidance_study(pipe, steps=STEPS, quick=QUICK)\n"
             "guidance_headline(study.summary)"
         ),
         new_code_cell('study.figures["guidance_missing"]'),
@@ -188,7 +190,7 @@ NOTEBOOKS = {
         ),
         new_code_cell(SETUP),
         new_code_cell(
-            "from probe.experiments import NO_GUIDANCE_SCHEDULE\n"
+            "from probe.studies.guidance import NO_GUIDANCE_SCHEDULE\n"
             "from probe.guide import generate\n"
             "from probe.plots import image_row\n\n"
             'prompt, subjects = "a blue circle and a purple ellipse", ["circle", "ellipse"]\n'
@@ -199,8 +201,8 @@ NOTEBOOKS = {
             "image_row(images, prompt);"
         ),
         new_code_cell(
-            "from probe.experiments import self_cross_headline, self_cross_study\n\n"
-            "study = self_cross_study(pipe, steps=STEPS, quick=QUICK)  # 320 images per method (4 when quick)\n"
+            "from probe.studies import self_cross_headline, self_cross_study\n\n"
+            "study = self_cross_study(pipe, steps=STEPS, quick=QUICK)  # 320 images per method with FULL, else 4\n"
             "self_cross_headline(study.summary)"
         ),
         new_code_cell('study.figures["self_cross_mixing"]'),

@@ -17,13 +17,14 @@ from probe.edit import (
     decode,
     edit,
     encode,
+    injected_layers,
     invert,
     psnr,
     reconstruction_psnr,
     regenerate,
     study,
 )
-from probe.models import attention_layers
+from probe.models import Layer, attention_layers, latent_size
 from probe.shapes.world import Shape, render
 from probe.tap import Call, Consumer
 
@@ -203,6 +204,23 @@ def test_inverted_noise_regenerates_the_vae_reconstruction_far_better_than_a_ran
     assert math.isfinite(reconstruction_psnr(tiny, image, SOURCE, steps=3))
 
 
+def test_null_text_inversion_makes_guided_sampling_walk_the_images_trajectory(tiny):
+    """At guidance 5 the plain DDIM inversion's noise drifts away from the image; with null-text inversion's
+    per-step unconditional embeddings the same guided sampling lands (nearly) on the image's latent."""
+    image, scale = _circle(), 5.0
+    plain = invert(tiny, image, SOURCE, steps=8)
+    nti = invert(tiny, image, SOURCE, steps=8, guidance_scale=scale, null_text_steps=20, null_text_lr=5e-2)
+    assert nti.null_embeds.shape[0] == 8 and nti.guidance_scale == scale and torch.equal(nti.latents, plain.latents)
+    drift = (regenerate(tiny, plain, guidance_scale=scale, output_type="latent") - plain.clean).abs().mean()
+    kept = (regenerate(tiny, nti, output_type="latent") - nti.clean).abs().mean()
+    assert kept < 0.7 * drift  # what is left is the inversion's own approximation (kept even at guidance 1)
+    with pytest.raises(ValueError, match="made for guidance_scale=5.0"):
+        edit(tiny, SOURCE, "a blue circle", image=nti, num_inference_steps=8, guidance_scale=7.5)
+    edited = edit(tiny, SOURCE, "a blue circle", image=nti, num_inference_steps=8, guidance_scale=scale,
+                  output_type="latent")
+    assert torch.isfinite(edited.edited).all()
+
+
 def test_real_image_editing_pins_the_source_row_to_the_trajectory(tiny):
     inversion = invert(tiny, _circle(), SOURCE, steps=STEPS)
     inputs = []
@@ -219,9 +237,12 @@ def test_real_image_editing_pins_the_source_row_to_the_trajectory(tiny):
             assert torch.equal(batch[1], inversion.noise)  # both rows start from the inverted noise
     assert torch.equal(result.source, inversion.clean)
     assert not torch.equal(result.edited, inversion.clean)
-    # an image instead of an inversion inverts it with the source prompt
+    # an image instead of an inversion inverts it with the source prompt, null-text at the edit's guidance
     again = edit(tiny, SOURCE, "a blue circle", image=_circle(), num_inference_steps=STEPS, output_type="latent")
-    torch.testing.assert_close(again.edited, result.edited)
+    consistent = invert(tiny, _circle(), SOURCE, steps=STEPS, guidance_scale=7.5)
+    by_hand = edit(tiny, SOURCE, "a blue circle", image=consistent, num_inference_steps=STEPS, output_type="latent")
+    torch.testing.assert_close(again.edited, by_hand.edited)
+    assert not torch.allclose(again.edited, result.edited)  # the null-text embeddings changed the guided walk
 
 
 # -- errors ---------------------------------------------------------------------------------------------------
@@ -267,9 +288,15 @@ def test_compare_scores_known_edits():
 
 def test_default_layer_sets_are_relative_to_the_models_grids(tiny):
     selves = [la for la in attention_layers(tiny) if la.kind == "self"]
-    sets = {name: {la.grid for la in choose(selves)} for name, choose in LAYER_SETS.items()}
-    assert sets == {"all": {(16, 16), (8, 8)}, "<=32²": {(16, 16), (8, 8)}, "finest grid only": {(16, 16)}}
-    assert len(LAYER_SETS["finest grid only"](selves)) == 3
+    latent = latent_size(tiny)
+    assert latent == (16, 16)
+    sets = {name: {la.grid for la in choose(selves, latent)} for name, choose in LAYER_SETS.items()}
+    assert sets == {"all": {(16, 16), (8, 8)}, "coarser than latent": {(8, 8)}, "finest grid only": {(16, 16)}}
+    assert len(LAYER_SETS["finest grid only"](selves, latent)) == 3
+    # Stable Diffusion's layout: a 64² latent with 64², 32², 16², 8² grids → FPE's 32² and below
+    sd = [Layer(f"l{g}", "self", (g, g), 8) for g in (64, 32, 16, 8)]
+    assert [la.grid[0] for la in LAYER_SETS["coarser than latent"](sd, (64, 64))] == [32, 16, 8]
+    assert {la.grid for la in injected_layers(tiny, "self")} == {(8, 8)}
 
 
 def test_study_runs_and_returns_sane_columns(tiny):

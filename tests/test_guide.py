@@ -219,6 +219,17 @@ def test_initno_lowers_the_first_step_objective(tiny, latent):
     assert 0 < (z - latent).pow(2).mean() < 0.01  # the KL bound keeps it a plausible sample of the same noise
     assert rounds["round"].tolist() == [0, "final (from 0)"] and not rounds.reached_target.any()
     assert torch.equal(reached, latent)  # already below target: nothing to optimise
+    with Guide(tiny, PROMPT, SUBJECTS, "iou", steps=10) as guide:
+        with torch.no_grad():
+            start, _ = guide.evaluate(latent, 0)
+        z, rounds = guide.optimise_noise(latent, InitNO(rounds=2, steps=20, relative=0.01, lr=0.1),
+                                         draw=lambda: torch.randn_like(latent))
+        with torch.no_grad():
+            end, _ = guide.evaluate(z, 0)
+    # relative criterion: accepted once the objective is 1% below the seed's own noise's
+    assert rounds.threshold.iloc[0] == pytest.approx(0.99 * start.item())
+    assert rounds.reached_target.iloc[0] and rounds.loss.iloc[0] <= rounds.threshold.iloc[0]
+    assert end.item() == pytest.approx(rounds.loss.iloc[0], rel=1e-4) and end < start
 
 
 def test_generate_with_initno_and_on_sdxl(tiny, tiny_xl):

@@ -14,7 +14,7 @@ from transformers import (
     OwlViTProcessor,
 )
 
-from probe.judges import ClipJudge, DetectorJudge, ExactJudge
+from probe.judges import ClipJudge, DetectorJudge, ExactJudge, judge_from_spec
 from probe.models import project_tokenizer
 from probe.shapes.world import Shape, render
 
@@ -89,6 +89,15 @@ def test_clip_min_object_similarity(tiny_clip, scene, tmp_path):
     processor.save_pretrained(tmp_path)
     np.testing.assert_allclose(ClipJudge(str(tmp_path), device="cpu").similarities(images, ["cat", "dog", "frog"]),
                                sims, atol=1e-5)  # loaded by local folder
+    # as a study's judge from the command line: present where the similarity reaches the threshold
+    cut = float(np.median(sims[0]))
+    spec = f"clip:{tmp_path}@{cut}"
+    study_judge = judge_from_spec(spec, device="cpu")
+    verdicts = study_judge(scene, "a cat and a dog and a frog")
+    assert [v.status for v in verdicts] == ["present" if x >= cut else "missing" for x in sims[0]]
+    assert repr(study_judge) == f"judge({spec})"  # stable between runs: resumable study rows key on it
+    with pytest.raises(ValueError, match="unknown judge 'vlm'"):
+        judge_from_spec("vlm")
 
 
 def test_detector_scores_boxes_and_threshold(tiny_owl, scene, tmp_path):
@@ -119,3 +128,34 @@ def test_missing_judge_folder_is_a_clear_error(tmp_path):
         ClipJudge(str(tmp_path / "nope"))
     with pytest.raises(ValueError, match="pass the model's processor"):
         DetectorJudge(object())
+
+
+def test_a_study_on_a_users_model_prompts_and_judge_from_the_command_line(tiny_owl, tmp_path, capsys):
+    """`probe study guidance --model DIR --prompts FILE --judge detector:DIR@T`: the user's prompts are the ones
+    generated, the user's detector judges them, and the index's rerun command says so."""
+    import pandas as pd
+
+    from probe.cli import main
+
+    model, processor = tiny_owl
+    model.save_pretrained(tmp_path / "owl")
+    processor.save_pretrained(tmp_path / "owl")
+    probe_folder = tmp_path / "sd"
+    import probe
+
+    probe.load("tiny").save_pretrained(probe_folder)
+    prompts = tmp_path / "mine.txt"
+    prompts.write_text("a cat and a dog\na cat and a dog\na frog and a bird | frog, bird\n")  # a duplicate line
+    out = tmp_path / "study"
+    judge = f"detector:{tmp_path / 'owl'}@0.0"
+    assert main(["study", "guidance", "--model", str(probe_folder), "--prompts", str(prompts), "--judge", judge,
+                 "--out", str(out), "--set", "n_images=2", "--set", "steps=2", "--set", "seeds_per_prompt=1",
+                 "--set", "methods=('none', 'ae')", "--set", "initno=(False,)"]) == 0
+    images = pd.read_csv(out / "guidance_images.csv")
+    assert sorted(set(images.prompt)) == ["a cat and a dog", "a frog and a bird"]  # each prompt once
+    assert (images.statuses == "present,present").all()  # threshold 0: the detector finds every subject
+    index = (out / "README.md").read_text()
+    assert f"--judge {judge}" in index and f"--prompts {prompts}" in index and f"--model {probe_folder}" in index
+    assert "design:" in capsys.readouterr().out  # the power calculation is printed
+    with pytest.raises(SystemExit, match="--prompts applies to the guidance and self_cross"):
+        main(["study", "overlap", "--model", "tiny", "--prompts", str(prompts)])

@@ -268,3 +268,17 @@ def test_gradcheck() -> None:
     assert gc(self_cross_overlap, (grad_input(3, 4, 4), grad_input(3, 4, 4, seed=1)))
     assert gc(lambda m: pairwise(soft_iou, m), grad_input(3, 4, 4))
     assert gc(lambda m: find_peaks(m, k=3, suppress_radius=1).values, grad_input(5, 5))
+
+
+def test_cosine_similarity_and_the_cosine_isolation_by_hand():
+    from probe.overlap import cosine_similarity, isolation_loss
+
+    a = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    b = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    c = torch.tensor([[0.0, 0.0], [0.0, 3.0]])
+    assert float(cosine_similarity(a, b)) == pytest.approx(1 / 2**0.5)  # (1·1) / (1 · √2)
+    assert float(cosine_similarity(a, 5 * a)) == pytest.approx(1.0) and float(cosine_similarity(a, c)) == 0.0
+    three = torch.stack([a, b, c])  # pairs ab, ac, bc: 1/√2, 0, 0
+    assert float(isolation_loss(three, form="cosine")) == pytest.approx(1 / 2**0.5 / 3)
+    with pytest.raises(ValueError, match="'distance' or 'cosine'"):
+        isolation_loss(three, form="angle")

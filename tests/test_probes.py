@@ -136,3 +136,17 @@ def test_probes_on_a_real_recording_give_sane_numbers(recording):
     assert by_target.n.unique().to_dict() == {"colour": [20], "judged": [len(kept)]}
     assert table[table.target == "judged"].chance.eq(majority).all()
     assert table[table.target == "colour"].chance.eq(0.5).all()
+
+
+def test_grouped_cross_validation_never_splits_a_group():
+    """Labels carried only by a group identity: with groups kept together a probe cannot memorise them."""
+    from probe.probes import LinearProbe
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(20), 5)
+    y = np.where(groups % 2 == 0, "a", "b")  # the label is a function of the group …
+    X = rng.normal(size=(20, 40))[groups] + rng.normal(0, 0.01, (100, 40))  # … and X identifies the group only
+    plain = LinearProbe().cross_validate(X, y)
+    grouped = LinearProbe().cross_validate(X, y, groups)
+    assert plain.accuracy > 0.9  # images of a seen group leak its label across the split
+    assert grouped.accuracy < 0.8  # unseen groups: no better than the group-level signal allows

@@ -9,50 +9,41 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from probe.experiments import (
-    ALL_METRICS,
-    EDIT_KEYS,
-    GUIDANCE_SETS,
-    METRICS,
-    NO_GUIDANCE_SCHEDULE,
-    POOLED,
-    PROBE_TARGETS,
-    SELF_CROSS_METHODS,
-    STUDIES,
-    Example,
-    RealPassMaps,
-    _keep_examples,
-    auc_interval,
-    edit_headline,
-    edit_study,
-    edit_summary,
-    failure_association,
-    guidance_headline,
-    guidance_study,
-    guided_images,
-    mean_interval,
-    nearest_grid,
-    overlap_headline,
-    overlap_steps,
-    overlap_study,
-    position_bin,
-    probe_headline,
-    probe_study,
-    run_all,
-    scaled_schedule,
-    self_cross_headline,
-    self_cross_study,
-    study_command,
-    study_prompts,
-    versus_baseline,
-    weights_id,
-)
 from probe.guide import InitNO, Schedule, generate
 from probe.models import Layer, attention_layers
 from probe.probes import COLUMNS, attn_tensor
 from probe.record import record
 from probe.shapes.judge import parse_prompt
 from probe.shapes.world import COLOURS, SHAPES
+from probe.stats import cluster_sign_flip, clustered_bootstrap, holm
+from probe.studies.common import mean_interval, nearest_grid, weights_id
+from probe.studies.editing import EDIT_KEYS, edit_headline, edit_study, edit_summary
+from probe.studies.guidance import (
+    GUIDANCE_SETS,
+    NO_GUIDANCE_SCHEDULE,
+    POOLED,
+    RealPassMaps,
+    guidance_headline,
+    guidance_study,
+    guided_images,
+    overlap_steps,
+    scaled_schedule,
+    study_prompts,
+    versus_baseline,
+)
+from probe.studies.overlap import (
+    ALL_METRICS,
+    METRICS,
+    Example,
+    _keep_examples,
+    auc_interval,
+    failure_association,
+    overlap_headline,
+    overlap_study,
+)
+from probe.studies.probing import PROBE_TARGETS, position_bin, probe_headline, probe_study
+from probe.studies.report import STUDIES, run_all, study_command
+from probe.studies.self_cross import SELF_CROSS_METHODS, self_cross_headline, self_cross_study
 from probe.tap import Call
 
 STEPS = 3
@@ -88,12 +79,22 @@ def test_auc_interval_and_association_on_planted_data():
     assert auc == pytest.approx(roc_auc_score(y, scores))
     assert 0.8 < low <= auc <= high <= 1
     assert np.isnan(auc_interval(np.zeros(5, bool), np.arange(5))[0])
-    metrics = pd.DataFrame({"step": 0, "timestep": 1.0, "missing": y, "mixed": ~y,
+    metrics = pd.DataFrame({"step": 0, "timestep": 1.0, "missing": y, "mixed": ~y, "prompt": np.arange(y.size),
                             "signal": y + rng.normal(0, 0.5, y.size), "noise": rng.normal(size=y.size)})
     table = failure_association(metrics, names=["signal", "noise"], n_boot=200).set_index(["outcome", "metric"])
     assert table.loc[("missing", "signal"), "ci_low"] > 0.8 and table.loc[("mixed", "signal"), "ci_high"] < 0.2
     assert table.loc[("missing", "noise"), "ci_low"] < 0.5 < table.loc[("missing", "noise"), "ci_high"]
     assert table.loc[("missing", ALL_METRICS), "auc"] > 0.8 and (table.n_cases == 60).all()
+    # the same 120 images as 12 prompts of 10 look-alike seeds: the interval resamples prompts and widens
+    prompt_scores = np.repeat(np.where(np.arange(12) < 6, 0.0, 1.0) + rng.normal(0, 0.8, 12), 10)
+    alike = prompt_scores + rng.normal(0, 0.05, 120)
+    clustered = auc_interval(y, alike, np.repeat(np.arange(12), 10), n_boot=400)
+    plain = auc_interval(y, alike, n_boot=400)
+    assert clustered[0] == plain[0] and clustered[2] - clustered[1] > 1.5 * (plain[2] - plain[1])
+    # over several steps the chosen step's interval is Bonferroni-wide
+    steps = pd.concat([metrics.assign(step=k, timestep=float(k)) for k in range(5)])
+    table = failure_association(steps, names=["noise"], n_boot=300).query("metric == 'noise'")
+    assert ((table.ci_high_adj - table.ci_low_adj) > (table.ci_high - table.ci_low)).all()
 
 
 def test_examples_keep_the_first_of_each_outcome_once():
@@ -113,13 +114,21 @@ def test_probe_study_quick(tiny, tmp_path):
     assert len(labels) == len(COLOURS) * len(SHAPES)
     assert set(labels.colour) == set(COLOURS) and set(labels["shape"]) == set(SHAPES)
     assert list(labels.prompt) == [f"a {c} {s}" for c, s in zip(labels.colour, labels["shape"])]
-    assert list(table.columns) == COLUMNS and {"colour", "shape"} <= set(table.target) <= set(PROBE_TARGETS)
+    assert list(table.columns) == [*COLUMNS, "given_by_prompt"]
+    assert {"colour", "shape"} <= set(table.target) <= set(PROBE_TARGETS)
+    assert table.given_by_prompt.eq(table.target.isin(["colour", "shape"])).all()
     assert set(table.kind) == {"cross", "self"} and set(table.step_bin) == {"early", "middle", "late"}
     _check_intervals(table, "accuracy")
     colour = table[table.target == "colour"]
     assert (colour.chance == 1 / len(COLOURS)).all() and (colour.n == len(labels)).all()
     headline = probe_headline(table)
     assert len(headline) == table.groupby(["target", "kind", "feature"]).ngroups
+    found = labels.dropna(subset=["area"])
+    assert found.area.gt(0).all() and set(found.extent) <= {"wide", "tall", "even"}
+    if found.area.nunique() >= 3:  # terciles of the drawn areas: larger objects never in a smaller class
+        areas = found.groupby("size").area
+        assert areas.max()["small"] <= areas.min()["medium"] and areas.max()["medium"] <= areas.min()["large"]
+        assert found["size"].value_counts().max() - found["size"].value_counts().min() <= 1  # terciles
     assert (tmp_path / "probe_accuracy.png").stat().st_size > 0
 
 
@@ -220,6 +229,35 @@ def test_paired_difference_and_pooled_family_on_planted_data():
     assert table.loc["iou", "overlap_difference"] == pytest.approx(-0.3)
     rate, low, high = mean_interval(np.arange(10) < 3, n_boot=500)
     assert rate == pytest.approx(0.3) and 0 <= low < 0.3 < high <= 0.7
+    np.testing.assert_allclose(table.p_holm.to_numpy(), holm(table.p_value.to_numpy()))
+
+
+def test_comparisons_resample_prompts_and_holm_reads_the_verdict():
+    """Two seeds per prompt: the interval and the sign-flip p-value are those of whole prompts, recomputed here from
+    the per-image rows; a difference carried by few prompts does not survive Holm."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(12):
+        for seed in (0, 1):
+            base = bool(rng.random() < 0.5)
+            for method in ("ae", "iou", "kl"):
+                worse = method == "iou" and i < 3  # iou loses a subject on three prompts only
+                rows.append({"method": method, "initno": False, "prompt": f"p{i}", "seed": seed,
+                             "missing": base or worse, "soft_iou_t10": 0.3})
+    images = pd.DataFrame(rows)
+    table = versus_baseline(images, n_boot=400, pooled=()).set_index("method")
+    wide = images.pivot_table(index=["prompt", "seed"], columns="method", values="missing", aggfunc="mean")
+    diffs = wide["iou"] - wide["ae"]
+    prompts = wide.index.get_level_values("prompt")
+    mean, low, high = clustered_bootstrap(diffs.to_numpy(), prompts, 400, 0.95, 0)
+    assert table.loc["iou", ["difference", "ci_low", "ci_high"]].tolist() == pytest.approx([mean, low, high])
+    assert table.loc["iou", "p_value"] == pytest.approx(cluster_sign_flip(diffs.to_numpy(), prompts))
+    assert table.loc["iou", "n_prompts"] == 12 and table.loc["iou", "n_paired"] == 24
+    assert table.loc["kl", "p_value"] == 1.0  # no differences at all
+    assert table.loc["iou", "p_holm"] == pytest.approx(min(1.0, 2 * table.loc["iou", "p_value"]))  # Holm of two
+    expected = "more missing than ae" if table.loc["iou", "p_holm"] < 0.05 else "no clear difference from ae"
+    assert table.loc["iou", "verdict"] == expected
+    assert table.loc["kl", "difference"] == 0 and table.loc["kl", "verdict"] == "no clear difference from ae"
 
 
 def test_guidance_study_quick(tiny, tmp_path):
@@ -267,7 +305,7 @@ def test_study_prompts_take_turns_so_a_smaller_study_is_a_prefix():
 
 
 def test_guided_images_resume_from_their_store(tiny, tmp_path, monkeypatch):
-    import probe.experiments as experiments
+    import probe.studies.guidance as experiments
 
     made = []
 
@@ -347,7 +385,7 @@ def test_edit_study_quick(tiny, tmp_path):
     headline = edit_headline(summary)
     assert len(headline) == 2 * 2 * 3  # edits × origins × (self, cross, none)
     assert set(headline[headline.inject != "none"].fraction) == {0.8}
-    assert set(headline[headline.inject != "none"].layer_set) == {"<=32²"}
+    assert set(headline[headline.inject != "none"].layer_set) == {"coarser than latent"}
     assert (tmp_path / "edit_success.png").stat().st_size > 0
 
 
@@ -371,7 +409,8 @@ def test_run_all_quick_writes_every_figure_and_table(tiny, tmp_path):
     index = (tmp_path / "README.md").read_text()
     for name in STUDIES:  # each study's section: its rerun command, figures and headline numbers
         recorded = json.loads(json.dumps(sizes[name], default=str))  # as timing.csv keeps them
-        assert study_command(name, tmp_path, True, recorded) in index
+        assert study_command(name, tmp_path, True, recorded, "tiny") in index
+        assert "--quick --model tiny" in study_command(name, tmp_path, True, recorded, "tiny")
         first = pd.read_csv(tmp_path / f"headline_{name}.csv").iloc[0]
         assert "| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in first) + " |" in index
     assert all(f"({name}.png)" in index for name in figures)
@@ -387,6 +426,8 @@ def test_study_command_settings_read_back_as_given():
     from probe.cli import _setting, parser
 
     settings = {"n_images": 64, "steps": 25, "initno": (False,), "methods": ["none", "ae"]}
-    args = parser().parse_args(shlex.split(study_command("guidance", "figures", False, settings))[1:])
+    given = {**settings, "sets": ("animals", "mine.txt"), "judge": "judge(clip:./clip@0.2)"}
+    args = parser().parse_args(shlex.split(study_command("guidance", "figures", False, given, "./my-sd"))[1:])
     assert dict(_setting(item) for item in args.set) == settings
-    assert (args.name, args.out, args.quick) == ("guidance", "figures", False)
+    assert (args.name, args.out, args.quick, args.model) == ("guidance", "figures", False, "./my-sd")
+    assert (args.prompts, args.judge) == (["animals", "mine.txt"], "clip:./clip@0.2")

@@ -1,0 +1,27 @@
+"""The studies behind the figures and tables, one module per line of work; studies compute, :mod:`probe.plots` draws.
+
+- :mod:`~probe.studies.probing`: linear probes read what cross- vs self-attention encode of single-object images,
+  by layer and step (Free-Prompt-Editing's probing argument).
+- :mod:`~probe.studies.overlap`: how the subjects' maps overlap, step by step, and how well each overlap statistic
+  predicts that the judge finds a subject missing or mixed (Marioriyad et al.'s entity-missing argument).
+- :mod:`~probe.studies.editing`: self- vs cross-attention injection editing (:func:`probe.edit.study`), aggregated.
+- :mod:`~probe.studies.guidance`: the causal test: does guidance that lowers overlap lower entity missing, beyond
+  Attend-and-Excite? :mod:`~probe.studies.self_cross`: does Self-Cross guidance lower mixing on similar subjects?
+- :mod:`~probe.studies.report`: every study, every figure and table, from fixed seeds, and their index.
+
+Statistics (clustered bootstrap, paired tests, Holm, power) live in :mod:`probe.stats`; the maths of maps and
+overlap in :mod:`probe.maps` / :mod:`probe.overlap`. Every study uses fixed seeds, records in chunks and reduces each
+chunk to what it keeps, so memory does not grow with the number of images; ``quick=True`` shrinks every size. The
+shapes-world judge is the default; any callable ``judge(image, prompt)`` returning per-subject objects with
+``.status`` (and ``.detection.mask`` for positions) can replace it (:func:`probe.judges.judge_from_spec`).
+"""
+
+from probe.studies.editing import edit_headline, edit_study
+from probe.studies.guidance import guidance_headline, guidance_study
+from probe.studies.overlap import overlap_headline, overlap_study
+from probe.studies.probing import probe_headline, probe_study
+from probe.studies.report import STUDIES, run_all
+from probe.studies.self_cross import self_cross_headline, self_cross_study
+
+__all__ = ["STUDIES", "edit_headline", "edit_study", "guidance_headline", "guidance_study", "overlap_headline",
+           "overlap_study", "probe_headline", "probe_study", "run_all", "self_cross_headline", "self_cross_study"]

@@ -1,0 +1,197 @@
+"""What every study shares: constants, chunked recording, the judge's verdict, resumable per-image rows."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from probe.models import BUILTIN, attention_layers
+from probe.shapes.judge import detect
+from probe.shapes.judge import judge as exact_judge
+from probe.stats import clustered_bootstrap
+
+CHUNK = 16  # samples recorded and reduced at a time
+TARGET_GRID = 16  # the overlap study measures at the cross-attention grid closest to this
+BOOTSTRAPS = 1000
+CONFIDENCE = 0.95
+QUICK_BOOTSTRAPS = 200
+DPI = 130
+TABLE_FLOAT_FORMAT = "%.6g"  # six significant digits: exact enough for every statistic, and the per-image-per-step
+QUICK_STEPS = 20  # denoising steps of every quick study (fewer when the caller asks for fewer)
+
+
+Subject = Literal["noun", "colour", "phrase"]
+Judge = Callable[[np.ndarray, str], list]
+
+# tables of a full-size study stay a few MB instead of twice that with 17-digit floats
+
+
+# -- shared helpers ------------------------------------------------------------------------------------------------
+
+
+def subject_word(colour: str, shape: str, subject: Subject = "noun") -> str:
+    """The words whose map stands for a subject: its noun (default), its colour word, or both."""
+    return {"noun": shape, "colour": colour, "phrase": f"{colour} {shape}"}[subject]
+
+
+def _chunks(prompts: Sequence[str], seeds: Sequence[int], size: int = CHUNK):
+    """(prompts, seeds) pieces whose product (what ``record`` generates) has at most ``size`` samples."""
+    if len(seeds) >= size:
+        for prompt in prompts:
+            for start in range(0, len(seeds), size):
+                yield [prompt], list(seeds[start : start + size])
+    else:
+        per = max(1, size // len(seeds))
+        for start in range(0, len(prompts), per):
+            yield list(prompts[start : start + per]), list(seeds)
+
+
+def _save(figures: dict, out: str | Path | None) -> dict[str, Path]:
+    if out is None:
+        return {}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, fig in figures.items():
+        paths[name] = out / f"{name}.png"
+        fig.savefig(paths[name], dpi=DPI)
+    return paths
+
+
+def _store(out: str | Path | None, table: str) -> Path | None:
+    """Where a long study keeps its per-image rows as it goes (:class:`ImageRows`): its own table in ``out``."""
+    return None if out is None else Path(out) / f"{table}.csv"
+
+
+def _samples(tree) -> tuple[list[str], list[int], np.ndarray]:
+    images = tree["images"]
+    return [str(p) for p in images["prompt"].values], [int(s) for s in images["seed"].values], images["image"].values
+
+
+def nearest_grid(pipe, target: int = TARGET_GRID) -> int:
+    """The cross-attention grid (height) closest to ``target``; the larger one on a tie."""
+    grids = {layer.grid[0] for layer in attention_layers(pipe) if layer.kind == "cross"}
+    return min(grids, key=lambda g: (abs(g - target), -g))
+
+
+def judged(image: np.ndarray, prompt: str, judge: Judge = exact_judge) -> dict:
+    """The judge's verdict on one image, and two quality proxies.
+
+    ``quality``: mean judge confidence (template fit × shape margin × colour purity, 0–1) of the objects the judge
+    tied to the prompt's subjects; NaN where it tied none. ``precision``: the share of the objects found in the
+    image that stand for some subject (1 − the share of stray objects); only with the exact judge, else NaN.
+    """
+    detections = detect(image) if judge is exact_judge else None
+    statuses = judge(image, prompt) if detections is None else exact_judge(image, prompt, detections=detections)
+    names = [s.status for s in statuses]
+    found = [s.detection for s in statuses if s.status != "missing" and getattr(s, "detection", None) is not None]
+    used = {id(d) for d in found}
+    return {
+        "statuses": ",".join(names), "n_subjects": len(names), "missing": "missing" in names,
+        "n_missing": names.count("missing"), "mixed": "mixed" in names, "n_mixed": names.count("mixed"),
+        "all_present": all(n == "present" for n in names),
+        "quality": float(np.mean([d.confidence for d in found])) if found else math.nan,
+        "precision": len(used) / len(detections) if detections else math.nan,
+    }
+
+
+def weights_id(pipe) -> str:
+    """A short hash of every weight of the pipeline's modules (sums taken on their device): two pipelines with the
+    same id make the same images, whatever folder or step count they were loaded from."""
+    import hashlib
+
+    sums = [torch.stack([p.detach().double().sum(), p.detach().double().square().sum()]).cpu()
+            for _, module in sorted(pipe.components.items()) if isinstance(module, torch.nn.Module)
+            for p in module.parameters()]
+    return hashlib.sha1(torch.cat(sums).numpy().tobytes()).hexdigest()[:12]
+
+
+def settings_id(**settings) -> str:
+    """A short hash of the settings that decide an image's row (model weights, steps, schedule, judge, …)."""
+    import hashlib
+
+    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=repr).encode()).hexdigest()[:12]
+
+
+class ImageRows:
+    """The per-image rows of a long study, kept in a CSV as they are made, so that a stopped run resumes.
+
+    Rows whose ``settings_id`` matches are reused by key (prompt, seed, method, initno); new rows are written out
+    every :data:`FLUSH_SECONDS` and at the end, the current run's rows first, in job order, then any other rows
+    made with the same settings (from a larger run), which are kept. Rows of other settings are dropped.
+    ``path=None`` keeps nothing on disk."""
+
+    FLUSH_SECONDS = 30.0
+
+    def __init__(self, path: str | Path | None, settings: str, order: Sequence[tuple] = ()):
+        self.path, self.settings = (Path(path) if path is not None else None), settings
+        self.rows: dict[tuple, dict] = {}
+        if self.path is not None and self.path.is_file():
+            table = pd.read_csv(self.path, dtype={"settings_id": str})
+            if "settings_id" in table:
+                for row in table[table.settings_id == settings].to_dict("records"):
+                    self.rows[self.key(row)] = row
+        self.order, self.unsaved, self.saved_at = list(order), False, time.monotonic()
+
+    @staticmethod
+    def key(row: dict) -> tuple:
+        return str(row["prompt"]), int(row["seed"]), str(row["method"]), bool(row["initno"])
+
+    def get(self, key: tuple) -> dict | None:
+        return self.rows.get(key)
+
+    def add(self, row: dict) -> None:
+        self.rows[self.key(row)] = {**row, "settings_id": self.settings}
+        self.unsaved = True
+        if time.monotonic() - self.saved_at > self.FLUSH_SECONDS:
+            self.save()
+
+    def save(self) -> None:
+        if self.path is None or not self.unsaved:
+            return
+        ordered = [k for k in self.order if k in self.rows]
+        first = set(ordered)  # once, not per row: a full-size table has thousands of rows
+        ordered += [k for k in self.rows if k not in first]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".partial")
+        pd.DataFrame([self.rows[k] for k in ordered]).to_csv(partial, index=False, float_format=TABLE_FLOAT_FORMAT)
+        partial.replace(self.path)  # never a half-written table, even when stopped mid-write
+        self.unsaved, self.saved_at = False, time.monotonic()
+
+
+def mean_interval(values, clusters=None, n_boot: int = BOOTSTRAPS, confidence: float = CONFIDENCE, seed: int = 0
+                  ) -> tuple[float, float, float]:
+    """Mean of ``values`` (a rate for booleans, a paired difference for differences) and its percentile bootstrap
+    interval, whole ``clusters`` (prompts) resampled (default: each value its own); NaN for no values. Rounded to
+    12 decimals, so an exact zero difference does not print as -1.7e-18 or -0."""
+    values = np.asarray(values, np.float64)
+    if values.size == 0:
+        return math.nan, math.nan, math.nan
+    clusters = np.arange(values.size) if clusters is None else np.asarray(clusters)
+    found = clustered_bootstrap(values, clusters, n_boot, confidence, seed)
+    return tuple(round(float(v), 12) + 0.0 for v in found)  # + 0.0: no "-0"
+
+
+def model_label(pipe) -> str:
+    """Which model a study ran on: its folder (relative to the project when inside it) and, for a model this
+    project trained, its UNet step count, so that figures made at different times say what they stand on."""
+    source = str(getattr(pipe, "name_or_path", "") or "")
+    if not source:
+        return "a pipeline built in memory"
+    path = BUILTIN.get(source, Path(source))
+    try:
+        shown = str(path.resolve().relative_to(Path(__file__).resolve().parents[1]))
+    except ValueError:
+        shown = source
+    record = path / "training.json"
+    if record.is_file():
+        return f"{shown} ({json.loads(record.read_text())['unet_steps']:,} UNet steps)"
+    return shown

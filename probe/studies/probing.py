@@ -1,0 +1,148 @@
+"""Linear probes of what cross- and self-attention encode (Free-Prompt-Editing's probing argument)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from probe import plots
+from probe.models import attention_layers, load
+from probe.probes import (
+    LinearProbe,
+    concat_features,
+    probe_features,
+    step_bins,
+    subject_features,
+)
+from probe.record import record
+from probe.shapes.evaluate import HELD_OUT_SEED, STEPS
+from probe.shapes.judge import judge as exact_judge
+from probe.shapes.judge import parse_prompt
+from probe.shapes.world import COLOURS, SHAPES
+from probe.studies.common import CHUNK, Judge, Subject, _chunks, _samples, _save, subject_word
+
+PROBE_SEED = HELD_OUT_SEED + 20_000  # seeds of the probe study's images (shared by all prompts)
+SELF_MAX_GRID = 16  # self-attention is recorded only at grids up to this (memory grows as grid⁴)
+STEPS_PER_BIN = 2  # probe study: steps kept at the centre of each of early / middle / late
+POSITION_BINS = 3  # object centre binned into a 3×3 grid of the image
+ROW_NAMES = ("top", "middle", "bottom")
+COLUMN_NAMES = ("left", "centre", "right")
+QUICK_PROBE_IMAGES = 24  # every colour × shape, one seed
+PROBE_TARGETS = ("colour", "shape", "position", "size", "extent", "judge_colour", "judge_shape")
+PROMPT_GIVEN = ("colour", "shape")  # targets the prompt's own words give away: a control for token identity, not
+# evidence of what a map encodes. The others are what the judge measured of the object actually drawn.
+SIZE_NAMES = ("small", "medium", "large")  # terciles of the drawn objects' areas in the study
+WIDE, TALL = 0.8, 1.25  # bounding-box height / width below / above which an object is "wide" / "tall"
+
+
+
+@dataclass
+class ProbeStudy:
+    """``labels``: one row per image; ``accuracy``: the probe table (:func:`probe.probes.probe_features`)."""
+
+    labels: pd.DataFrame
+    accuracy: pd.DataFrame
+    figures: dict = field(default_factory=dict)
+    paths: dict[str, Path] = field(default_factory=dict)
+
+
+def probe_layers(pipe, self_max_grid: int = SELF_MAX_GRID) -> list[str]:
+    """Every cross-attention layer, and the self-attention layers whose grid is at most ``self_max_grid``."""
+    return [layer.name for layer in attention_layers(pipe)
+            if layer.kind == "cross" or max(layer.grid) <= self_max_grid]
+
+
+def position_bin(mask: np.ndarray, bins: int = POSITION_BINS) -> str:
+    """Where an object's centre lies in a 3×3 grid of the image: "top-left" … "middle-centre" … "bottom-right"."""
+    rows, cols = np.nonzero(mask)
+    height, width = mask.shape
+    row = min(int((rows.mean() + 0.5) * bins / height), bins - 1)  # pixel centres sit at index + 0.5
+    col = min(int((cols.mean() + 0.5) * bins / width), bins - 1)
+    return f"{ROW_NAMES[row]}-{COLUMN_NAMES[col]}"
+
+
+def extent(mask: np.ndarray) -> str:
+    """"wide", "tall" or "even": the drawn object's bounding-box height over width."""
+    rows, cols = np.nonzero(mask)
+    ratio = (rows.max() - rows.min() + 1) / (cols.max() - cols.min() + 1)
+    return "wide" if ratio < WIDE else "tall" if ratio > TALL else "even"
+
+
+def object_labels(image: np.ndarray, prompt: str, judge: Judge = exact_judge) -> dict:
+    """Labels of a single-object image: colour and shape asked for, and, where the judge found the subject
+    (any status but missing), the colour, shape, position bin, area (pixels) and extent of what it found."""
+    colour, shape = parse_prompt(prompt)[0]
+    status = judge(image, prompt)[0]
+    found = status.detection if status.status != "missing" else None
+    return {"colour": colour, "shape": shape, "status": status.status,
+            "judge_colour": found.colour if found is not None else None,
+            "judge_shape": found.shape if found is not None else None,
+            "position": position_bin(found.mask) if found is not None else None,
+            "area": int(found.mask.sum()) if found is not None else None,
+            "extent": extent(found.mask) if found is not None else None}
+
+
+def size_terciles(area: pd.Series) -> pd.Series:
+    """Each found object's area as small / medium / large, by the terciles of the study's areas."""
+    known = area.dropna()
+    if known.nunique() < len(SIZE_NAMES):
+        return pd.Series([None] * len(area), index=area.index, dtype=object)
+    cut = pd.qcut(known.rank(method="first"), len(SIZE_NAMES), labels=SIZE_NAMES)
+    return cut.astype(object).reindex(area.index)
+
+
+def probe_study(pipe, n_images: int = 500, steps: int = STEPS, quick: bool = False, out: str | Path | None = None,
+                subject: Subject = "noun", judge: Judge = exact_judge, progress: bool = True) -> ProbeStudy:
+    """Probe colour, shape and position from cross vs self maps of single-object images, by layer and step.
+
+    Prompts are "a {colour} {shape}" for every colour × shape, each with the same ``ceil(n_images / 24)`` seeds
+    (so positions, drawn by the seed, are independent of colour and shape). Colour and shape labels are what the
+    prompt asked for (:data:`PROMPT_GIVEN`: a noun's map "knows" its own noun, so these measure token identity);
+    ``position``, ``size``, ``extent``, ``judge_colour`` and ``judge_shape`` are what the judge found of the object
+    drawn (only images where it found the subject), which the prompt does not give away. Cross-validation keeps each
+    seed's images in one fold (a seed fixes much of the layout). Steps: two at the centre of each of early / middle /
+    late (one when ``quick``). ``quick`` also caps the images at 24 and probes only the layer means.
+    """
+    pipe = load(pipe)
+    n_images = min(n_images, QUICK_PROBE_IMAGES) if quick else n_images
+    prompts = [f"a {c} {s}" for c in COLOURS for s in SHAPES]
+    seeds = [PROBE_SEED + i for i in range(max(1, math.ceil(n_images / len(prompts))))]
+    bins = step_bins(steps, per_bin=1 if quick else STEPS_PER_BIN)
+    keep = sorted({s for steps_ in bins.values() for s in steps_})
+    layers = probe_layers(pipe)
+    parts, rows = [], []
+    chunks = list(_chunks(prompts, seeds))
+    for chunk_prompts, chunk_seeds in tqdm(chunks, desc="probe study", disable=not progress):
+        tree = record(pipe, chunk_prompts, seeds=chunk_seeds, steps=steps, layers=layers, keep_steps=keep,
+                      batch_size=CHUNK, progress=False)
+        chunk_prompts_, chunk_seeds_, images = _samples(tree)
+        words = [subject_word(*parse_prompt(p)[0], subject) for p in chunk_prompts_]
+        parts.append(subject_features(tree, words, bins, per_layer=not quick))
+        rows += [{"prompt": p, "seed": s, **object_labels(im, p, judge)}
+                 for p, s, im in zip(chunk_prompts_, chunk_seeds_, images)]
+    labels = pd.DataFrame(rows)
+    labels["size"] = size_terciles(labels.area)
+    accuracy = probe_features(concat_features(parts), labels[list(PROBE_TARGETS)], LinearProbe(),
+                              groups=labels.seed.to_numpy() if labels.seed.nunique() >= 2 else None)
+    accuracy["given_by_prompt"] = accuracy.target.isin(PROMPT_GIVEN)
+    figures = {"probe_accuracy": plots.probe_accuracy(accuracy)}
+    return ProbeStudy(labels, accuracy, figures, _save(figures, out))
+
+
+def probe_headline(accuracy: pd.DataFrame) -> pd.DataFrame:
+    """Per target and feature: the best block (resolution, layer, step bin) with its accuracy and chance.
+
+    The best of many blocks is an optimistic estimate (selection over blocks); read it next to its interval.
+    """
+    if accuracy.empty:
+        return accuracy
+    accuracy = accuracy.assign(given_by_prompt=accuracy.target.isin(PROMPT_GIVEN))
+    best = accuracy.loc[accuracy.groupby(["target", "kind", "feature"]).accuracy.idxmax()]
+    columns = ["target", "given_by_prompt", "kind", "feature", "accuracy", "ci_low", "ci_high", "chance",
+               "resolution", "layer", "step_bin", "n"]
+    return best[columns].sort_values(["target", "kind", "feature"]).reset_index(drop=True)

@@ -1,0 +1,169 @@
+"""Every study at once: figures, tables and the index that says what each ran on and how to rerun it."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from probe.models import BUILTIN, load
+from probe.studies.common import QUICK_STEPS, TABLE_FLOAT_FORMAT, model_label
+from probe.studies.editing import edit_headline, edit_study
+from probe.studies.guidance import guidance_headline, guidance_study
+from probe.studies.overlap import overlap_headline, overlap_study
+from probe.studies.probing import probe_headline, probe_study
+from probe.studies.self_cross import self_cross_headline, self_cross_study
+
+STUDIES = ("probe", "overlap", "editing", "guidance", "self_cross")
+STUDY_TITLES = {
+    "probe": "Linear probes: what cross- and self-attention encode",
+    "overlap": "Overlap between the subjects' maps vs entity missing and mixing",
+    "editing": "Tuning-free editing: self- vs cross-attention injection",
+    "guidance": "Guidance: does lowering overlap lower entity missing?",
+    "self_cross": "Self-Cross guidance on similar subjects: mixing",
+}
+STUDY_FIGURES = {
+    "probe": ("probe_accuracy",),
+    "overlap": ("overlap_auc", "overlap_examples"),
+    "editing": ("edit_success",),
+    "guidance": ("guidance_missing", "guidance_overlap_vs_missing"),
+    "self_cross": ("self_cross_mixing",),
+}
+
+
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    """A pipe table; floats to three significant digits."""
+    def cell(value) -> str:
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def study_command(study: str, out: str | Path, quick: bool, settings: dict, model: str | None = None) -> str:
+    """The ``probe study`` command line that reruns one study with the same settings (and ``model``, where it is
+    not the built-in one)."""
+    parts = ["probe study", study, "--out", str(out)] + (["--quick"] if quick else [])
+    if model and model not in ("shapes", str(BUILTIN["shapes"])):
+        parts += ["--model", model]
+    for key, value in settings.items():
+        if key == "model":
+            parts += ["--model", str(value)]
+        elif key == "judge":  # a judge given as --judge SPEC (probe.judges.judge_from_spec); kept as judge(SPEC)
+            parts += ["--judge", re.sub(r"^judge\((.*)\)$", r"\1", str(value))]
+        elif key == "sets":
+            parts += ["--prompts", *(value if isinstance(value, (list, tuple)) else [value])]
+        else:
+            parts += ["--set", f'"{key}={value!r}"' if isinstance(value, (tuple, list, str)) else f"{key}={value}"]
+    return " ".join(parts)
+
+
+def _text(row, name: str) -> str | None:
+    value = getattr(row, name, None)
+    return value if isinstance(value, str) and value else None
+
+
+def write_index(out: str | Path) -> Path:
+    """``out/README.md``: each study present in ``timing.csv``, what it ran on, its rerun command, figures and
+    headline table, all read back from the files the studies wrote (so it never disagrees with them)."""
+    out = Path(out)
+    timing = pd.read_csv(out / "timing.csv")
+    parts = ["# Figures and tables of the studies", "",
+             "Written by `probe figures` / `probe study` from the tables beside this file. `probe figures` reruns "
+             "every study at full size (hours on a CPU), `probe figures --quick` at reduced sizes; each section "
+             "gives the command that reruns that study as it was run here."]
+    for row in timing.itertuples(index=False):
+        settings = json.loads(row.settings) if isinstance(row.settings, str) and row.settings else {}
+        model = getattr(row, "model", None)
+        model = model if isinstance(model, str) else "not recorded"
+        parts += ["", f"## {STUDY_TITLES[row.study]}", "",
+                  f"Model: {model}. Sizes: the {'quick' if row.quick else 'full'} defaults"
+                  + (", with " + ", ".join(f"{k}={v!r}" for k, v in settings.items()) if settings else "")
+                  + f". {row.seconds / 60:.1f} min on this machine.", "",
+                  f"```\n{study_command(row.study, out, bool(row.quick), settings, _text(row, 'model_path'))}\n```", ""]
+        parts += [f"![{name}]({name}.png)" for name in STUDY_FIGURES[row.study] if (out / f"{name}.png").exists()]
+        headline = out / f"headline_{row.study}.csv"
+        if headline.exists():
+            parts += ["", _markdown(pd.read_csv(headline))]
+    path = out / "README.md"
+    path.write_text("\n".join(parts) + "\n")
+    return path
+
+
+def _write_tables(tables: dict[str, pd.DataFrame], out: Path) -> None:
+    for name, table in tables.items():
+        table.to_csv(out / f"{name}.csv", index=False, float_format=TABLE_FLOAT_FORMAT)
+
+
+def run_all(pipe, quick: bool = False, out: str | Path = "figures", sizes: dict[str, dict] | None = None,
+            progress: bool = True, only: Sequence[str] | None = None) -> dict[str, pd.DataFrame]:
+    """Every study from its fixed seeds; every figure (PNG) and table (CSV) into ``out``; the headline tables.
+
+    Studies: linear probes, overlap vs missing, editing, guidance, self-cross mixing; ``README.md`` indexes them
+    (:func:`write_index`). ``quick`` runs each at its quick size with :data:`QUICK_STEPS` steps. ``sizes``: per
+    study (a name of :data:`STUDIES`), keyword arguments that override its defaults, e.g.
+    ``{"guidance": {"n_images": 2, "steps": 3}}``. ``only``: run just these studies (earlier rows of ``timing.csv``
+    for the other studies are kept). Returns the headline table of each study and ``timing`` (seconds per study,
+    counting the images an earlier run made where a study resumed; its ``quick`` flag and ``sizes`` overrides),
+    which are written as ``headline_<study>.csv`` and ``timing.csv``.
+    """
+    pipe = load(pipe)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = dict(sizes or {})
+    unknown = (set(sizes) | set(only or ())) - set(STUDIES)
+    if unknown:
+        raise ValueError(f"unknown studies {sorted(unknown)}; known: {list(STUDIES)}")
+
+    def kwargs(name: str) -> dict:
+        return {"quick": quick, "out": out, "progress": progress, **({"steps": QUICK_STEPS} if quick else {}),
+                **sizes.get(name, {})}
+
+    headlines, timing = {}, []
+    for name in [s for s in STUDIES if only is None or s in only]:
+        start = time.perf_counter()
+        if name == "probe":
+            study = probe_study(pipe, **kwargs(name))
+            tables = {"probe_labels": study.labels, "probe_accuracy": study.accuracy}
+            headlines[name] = probe_headline(study.accuracy)
+        elif name == "overlap":
+            study = overlap_study(pipe, **kwargs(name))
+            tables = {"overlap_metrics": study.metrics, "overlap_association": study.association}
+            headlines[name] = overlap_headline(study.association)
+        elif name == "editing":
+            study = edit_study(pipe, **kwargs(name))
+            tables = {"edit_results": study.results, "edit_summary": study.summary}
+            headlines[name] = edit_headline(study.summary)
+        elif name == "guidance":
+            study = guidance_study(pipe, **kwargs(name))
+            tables = {"guidance_summary": study.summary, "guidance_versus_ae": study.versus_ae}  # images: stored
+            headlines[name] = guidance_headline(study.summary)
+        else:
+            study = self_cross_study(pipe, **kwargs(name))
+            tables = {"self_cross_summary": study.summary}  # images: stored as they were made
+            headlines[name] = self_cross_headline(study.summary)
+        _write_tables({**tables, f"headline_{name}": headlines[name]}, out)
+        plt.close("all")
+        reused = getattr(study, "images", pd.DataFrame()).attrs.get("reused_seconds", 0.0)  # earlier runs' images
+        timing.append({"study": name, "seconds": time.perf_counter() - start + reused, "quick": quick,
+                       "settings": json.dumps(sizes.get(name, {}), default=str), "model": model_label(pipe),
+                       "model_path": str(getattr(pipe, "name_or_path", "") or "")})
+    headlines["timing"] = pd.DataFrame(timing)
+    earlier = out / "timing.csv"
+    if only is not None and earlier.exists():  # keep the other studies' rows of an earlier run
+        kept = pd.read_csv(earlier)
+        kept = kept[~kept.study.isin(headlines["timing"].study)]
+        order = {name: i for i, name in enumerate(STUDIES)}
+        merged = pd.concat([kept, headlines["timing"]], ignore_index=True)
+        headlines["timing"] = merged.sort_values("study", key=lambda c: c.map(order)).reset_index(drop=True)
+    _write_tables({"timing": headlines["timing"]}, out)
+    write_index(out)
+    return headlines
