@@ -354,7 +354,8 @@ def _append_zarr(path: Path, groups: dict[str, xr.Dataset], attrs: dict, first: 
         xr.Dataset(attrs=attrs).to_zarr(path, mode="w", consolidated=False)
     for group, ds in groups.items():
         if first:
-            chunks = {"attn": {"chunks": (1, *ds["attn"].shape[1:])}} if "attn" in ds else {}
+            # one chunk per (sample, step): a viewer moving through steps reads only the step it shows
+            chunks = {"attn": {"chunks": (1, 1, *ds["attn"].shape[2:])}} if "attn" in ds else {}
             ds.to_zarr(path, group=group, mode="a", encoding=chunks, consolidated=False)
         else:
             ds.to_zarr(path, group=group, append_dim="sample", consolidated=False)

@@ -145,9 +145,9 @@ NOTEBOOKS = {
         ),
         new_code_cell(SETUP),
         new_code_cell(
-            "from probe.studies.guidance import NO_GUIDANCE_SCHEDULE\n"
             "from probe.guide import generate\n"
-            "from probe.plots import image_row\n\n"
+            "from probe.plots import image_row\n"
+            "from probe.studies.guidance import NO_GUIDANCE_SCHEDULE\n\n"
             'prompt, subjects = "a red circle and a blue square", ["circle", "square"]\n'
             "runs = {method: generate(pipe, prompt, subjects=subjects, objective=method, seed=0, steps=STEPS,\n"
             '                         progress=False) for method in ("ae", "iou")}\n'
@@ -190,9 +190,9 @@ NOTEBOOKS = {
         ),
         new_code_cell(SETUP),
         new_code_cell(
-            "from probe.studies.guidance import NO_GUIDANCE_SCHEDULE\n"
             "from probe.guide import generate\n"
-            "from probe.plots import image_row\n\n"
+            "from probe.plots import image_row\n"
+            "from probe.studies.guidance import NO_GUIDANCE_SCHEDULE\n\n"
             'prompt, subjects = "a blue circle and a purple ellipse", ["circle", "ellipse"]\n'
             'methods = {"none": ("ae", NO_GUIDANCE_SCHEDULE), "ae": ("ae", None), "self_cross": ("self_cross", None)}\n'
             "images = {method: generate(pipe, prompt, subjects=subjects, objective=objective, schedule=schedule,\n"
