@@ -21,6 +21,7 @@ logging.getLogger("transformers.utils.import_utils").addFilter(_NoImageProcessor
 from probe.explore import explore  # noqa: E402
 from probe.models import load  # noqa: E402
 from probe.record import estimate, open_recording, record, save  # noqa: E402
+from probe.sweeps import sweep as sweep  # noqa: E402
 from probe.tap import Consumer, Tap  # noqa: E402
 
 __all__ = ["Consumer", "Tap", "estimate", "explore", "load", "open_recording", "record", "save", "__version__"]

@@ -202,6 +202,25 @@ def cmd_evaluate_shapes(args) -> None:
         print(f"wrote the model card {folder / 'README.md'}")
 
 
+def cmd_sweep(args) -> None:
+    """Run or resume a sweep; ``--processes N`` splits it across N processes under ``accelerate launch``."""
+    from probe import sweeps
+
+    kwargs = dict(model=args.model, prompts=args.prompt, seeds=args.seed, methods=args.method, out=args.out,
+                  targets=args.target, subjects=args.subjects, steps=args.steps, guidance_scale=args.guidance,
+                  kinds=tuple(args.kinds), layers=args.layers, heads=args.heads, edit_steps=args.edit_steps,
+                  height=args.height, width=args.width)
+    sweeps.items(args.prompt, args.seed, args.method, targets=args.target, subjects=args.subjects)  # errors first
+    if args.processes > 1 and not sweeps.launched():
+        raise SystemExit(sweeps.launch(args.processes, threads=args.threads, **kwargs))
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    shard = tuple(int(v) for v in args.shard.split("/")) if args.shard else None
+    print(sweeps.sweep(**kwargs, shard=shard, device=args.device).summary())
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="probe", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -304,6 +323,30 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--pilot", action="store_true", help="the short read of a training run: teacher-forced "
                    "localisation and unguided missing / mixing")
     e.set_defaults(func=cmd_evaluate_shapes)
+
+    sw = sub.add_parser("sweep", help="prompts × seeds × methods into one store, split across processes, resumable")
+    sw.add_argument("--model", default=None, help="built-in name, folder or hub id")
+    sw.add_argument("--prompt", nargs="+", required=True)
+    sw.add_argument("--seed", nargs="+", type=int, default=[0])
+    sw.add_argument("--method", nargs="+", default=["record"],
+                    help="record, guide:<objective> (none, ae, iou, …) or edit:<inject> (self, cross, none)")
+    sw.add_argument("--target", nargs="+", default=None, help="edit methods: one target prompt per --prompt")
+    sw.add_argument("--subjects", nargs="+", default=None,
+                    help="guide methods: comma-separated words per --prompt (default: the prompt's nouns)")
+    sw.add_argument("--steps", type=int, default=50)
+    sw.add_argument("--guidance", type=float, default=7.5)
+    sw.add_argument("--kinds", nargs="+", default=["cross", "self"], choices=["cross", "self"])
+    sw.add_argument("--layers", nargs="+", default=None, help="names, globs, re:patterns or resolutions")
+    sw.add_argument("--heads", default="mean", help="'mean' or 'all'")
+    sw.add_argument("--edit-steps", type=float, default=0.8, help="edit methods: fraction of steps injected")
+    sw.add_argument("--height", type=int, default=None)
+    sw.add_argument("--width", type=int, default=None)
+    sw.add_argument("--processes", type=int, default=1, help="split across this many processes (accelerate launch)")
+    sw.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    sw.add_argument("--shard", default=None, metavar="I/N", help="run share I of N without a process group")
+    sw.add_argument("--device", default=None)
+    sw.add_argument("--out", required=True, help="output folder (maps.zarr, rows/, done/); run again to resume")
+    sw.set_defaults(func=cmd_sweep)
     return p
 
 
