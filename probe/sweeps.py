@@ -60,6 +60,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
+from probe.checks import room_for
 from probe.models import load
 from probe.record import Plan, Recorder, _datasets, _to_uint8, plan
 from probe.tap import Tap
@@ -352,10 +353,12 @@ def _lay_out(out: Path, ctx: _Context, faults: _Faults) -> None:
     store = out / MAPS
     _remove_stale_layouts(out)
     if not store.exists():
+        groups = ctx.layout()
+        room_for(store, sum(int(v.nbytes) for ds in groups.values() for v in ds.data_vars.values()))
         tmp = out / f"{MAPS}.layout-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         try:
             xr.Dataset(attrs=ctx.attrs).to_zarr(tmp, mode="w", consolidated=False)
-            for group, ds in ctx.layout().items():
+            for group, ds in groups.items():
                 var = "attn" if "attn" in ds else "image"
                 encoding = {var: {"chunks": _chunks(ds[var])}}
                 ds.to_zarr(tmp, group=group, mode="a", compute=False, consolidated=False, encoding=encoding)

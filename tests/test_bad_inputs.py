@@ -153,3 +153,14 @@ def test_interrupted_write_keeps_the_old_recording(tiny, tmp_path, monkeypatch):
     after = probe.open_recording(out)
     assert set(after["cross"].children) == set(before)
     assert all(after[f"cross/{g}"].sizes["sample"] == 1 for g in before)
+
+
+def test_a_sweep_larger_than_the_free_disk_is_refused_before_it_starts(tiny, tmp_path, monkeypatch):
+    from probe import sweeps
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=10))
+    with pytest.raises(OSError, match="needs an estimated .* MB but .* MB free"):
+        sweeps.sweep(tiny, [PROMPT], seeds=[0, 1], out=tmp_path / "s", steps=2, kinds=("cross",), shard=(0, 1),
+                     progress=False)
+    assert not (tmp_path / "s" / "maps.zarr").exists()
