@@ -163,7 +163,7 @@ def table(s: Settings, r: dict) -> str:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="auto", choices=["auto", "shapes", "sd15", "tiny"],
-                   help="auto (default): the built-in shapes model if probe/data/models/shapes exists, else sd15 "
+                   help="auto (default): the built-in shapes model if data/models/shapes exists, else sd15 "
                         "(Stable Diffusion 1.5's architecture with random weights); tiny: the test model")
     p.add_argument("--steps", type=int, help="denoising steps (default: 4 on CPU, 50 on CUDA)")
     p.add_argument("--latent", type=int, help="sd15 latent side (default: 32 on CPU, 64 on CUDA)")

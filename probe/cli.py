@@ -265,7 +265,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="training folder (checkpoints)")
     t.add_argument("--minutes", type=float, required=True)
     t.add_argument("--resume", action="store_true")
-    t.add_argument("--init-from", default=None, help="start from an exported model folder (probe/data/models/shapes)")
+    t.add_argument("--init-from", default=None, help="start from an exported model folder (data/models/shapes)")
     t.add_argument("--vae-from", default=None, help="take this exported model's autoencoder instead of training one")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a busy machine)")
     t.add_argument("--cooldown", type=float, default=0.0,

@@ -21,13 +21,12 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from probe._assets import tokenizer_files
+from probe._assets import DATA, tokenizer_files
 from probe.tap.layers import Layer, attention_layers, denoiser, latent_size, select_layers
 
 __all__ = ["BUILTIN", "SCHEDULERS", "TINY", "Layer", "attention_layers", "denoiser", "latent_size", "load",
            "select_layers", "tiny_flux", "tiny_pipeline", "tiny_sd3"]
 
-DATA = Path(__file__).resolve().parent / "data"  # ships in the package (a wheel carries it)
 BUILTIN = {"shapes": DATA / "models" / "shapes"}
 TINY_SEED = 0
 

@@ -3,7 +3,7 @@
 Prompt sets come as ``datasets.Dataset`` with the columns ``prompt``, ``subjects`` (the nouns guidance and the
 judges act on), ``attributes`` (each subject's adjective, "" if none) and ``set``: Attend-and-Excite's animal–animal,
 animal–object and object–object sets, the Self-Cross paper's similar-subject sets SSD-2 / SSD-3 (all read from
-``probe/data/prompts/ssd_prompts.json``) and the built-in shapes world's two-object, three-object and similar-subject
+``data/prompts/ssd_prompts.json``) and the built-in shapes world's two-object, three-object and similar-subject
 prompts (drawn from a seeded generator, the same on every machine).
 """
 
@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-PROMPT_FILE = Path(__file__).resolve().parent / "data" / "prompts" / "ssd_prompts.json"
+from probe._assets import DATA
+
+PROMPT_FILE = DATA / "prompts" / "ssd_prompts.json"
 FILE_SETS = ("animals", "animals_objects", "objects", "SSD-2", "SSD-3")
 SHAPES_SETS = {"shapes-2": (2, False), "shapes-3": (3, False), "shapes-similar": (2, True)}  # (objects, similar)
 SHAPES_SET_SIZE = 64  # prompts per shapes set unless asked otherwise
@@ -212,7 +214,7 @@ def subject_indices(tokenizer, prompt: str, subjects: list[str]) -> list[list[in
 @cache
 def _file_sets() -> dict[str, list[str]]:
     if not PROMPT_FILE.exists():
-        raise FileNotFoundError(f"prompt file {PROMPT_FILE} is missing; it ships with the package (probe/data/)")
+        raise FileNotFoundError(f"prompt file {PROMPT_FILE} is missing; it ships with the package (data/)")
     return json.loads(PROMPT_FILE.read_text())
 
 

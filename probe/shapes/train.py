@@ -304,7 +304,7 @@ class Trainer:
 
 
 def warm_start(trainer: Trainer, folder: str | Path) -> None:
-    """Start from an exported model (``probe/data/models/shapes``): its weights, scaling and step count.
+    """Start from an exported model (``data/models/shapes``): its weights, scaling and step count.
 
     The optimiser state is not exported, so AdamW restarts (with its warm-up); everything else
     continues where the exported model stopped.

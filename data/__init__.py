@@ -1,0 +1,1 @@
+"""The built-in model and the prompt sets, installed with probe as ``probe.data``."""
