@@ -9,9 +9,11 @@ results (``tests/test_lazy.py`` analyses a store 4× its memory limit in the sam
 >>> stats = lazy.overlap("runs/sweep/maps.zarr")           # lazy xr.Dataset (sample, step, pair | subject)
 >>> table = lazy.overlap_table("runs/sweep/maps.zarr", step=-1, workers=2)   # computed, one row per sample × pair
 
-Statistics are those of the overlap study (:func:`probe.experiments.pair_metrics`): the subjects' layer-and-head
-mean cross-attention maps (``maps``), their Attend-and-Excite view (token softmax up to the end token, Gaussian
-smoothing) and, where the store has the same grid's self-attention, the Otsu-aggregated self-attention maps.
+Statistics are :mod:`probe.overlap`'s on the subjects' raw maps (the overlap study,
+:func:`probe.studies.overlap.pair_metrics`, takes centre distance and KL on min-max maps instead): the subjects'
+layer-and-head mean cross-attention maps (``maps``), their Attend-and-Excite view (token softmax up to the end
+token, Gaussian smoothing) and, where the store has the same grid's self-attention, the Otsu-aggregated
+self-attention maps.
 """
 
 from __future__ import annotations

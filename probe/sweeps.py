@@ -210,14 +210,6 @@ def _check_items(pipe, todo: list[Item]) -> None:
 # -- the store -------------------------------------------------------------------------------------------------------
 
 
-def _weights_id(pipe) -> str:
-    """A short hash of every weight of the pipeline (as :func:`probe.experiments.weights_id`)."""
-    sums = [torch.stack([p.detach().double().sum(), p.detach().double().square().sum()]).cpu()
-            for _, module in sorted(pipe.components.items()) if isinstance(module, torch.nn.Module)
-            for p in module.parameters()]
-    return hashlib.sha1(torch.cat(sums).numpy().tobytes()).hexdigest()[:12]
-
-
 def _jsonable(value):
     return json.loads(json.dumps(value, default=lambda v: list(v) if isinstance(v, (tuple, set)) else repr(v)))
 
@@ -451,7 +443,8 @@ def _fsync(path: Path) -> None:
 
 # -- running items ---------------------------------------------------------------------------------------------------
 
-NO_GUIDANCE_SCHEDULE_FIELDS = {"alter_fraction": 0.0, "thresholds": {}}  # probe.experiments' NO_GUIDANCE_SCHEDULE
+# the fields of probe.studies.guidance.NO_GUIDANCE_SCHEDULE, set on the sweep's own schedule
+NO_GUIDANCE_SCHEDULE_FIELDS = {"alter_fraction": 0.0, "thresholds": {}}
 
 
 def _run(ctx: _Context, item: Item) -> tuple[dict[str, np.ndarray], np.ndarray, dict]:
@@ -621,6 +614,7 @@ def sweep(
     layouts = {p: (sweep_plan.tokens[i], sweep_plan.positions[i], sweep_plan.encoders[i])
                for i, p in enumerate(texts)}
     from probe.pipelines import set_schedule
+    from probe.studies.common import weights_id
 
     timesteps = [float(t) for t in set_schedule(pipe, steps, *sweep_plan.image_hw)]
     uses = {it.kind for it in todo}
@@ -629,7 +623,7 @@ def sweep(
         "seeds": list(dict.fromkeys(it.seed for it in todo)), "methods": list(dict.fromkeys(it.method for it in todo)),
         "targets": {it.prompt: it.target for it in todo if it.target},
         "subjects": {it.prompt: list(it.subjects) for it in todo if it.subjects},
-        "weights": _weights_id(pipe), "steps": steps, "guidance_scale": guidance_scale, "kinds": list(kinds),
+        "weights": weights_id(pipe), "steps": steps, "guidance_scale": guidance_scale, "kinds": list(kinds),
         "layers": layers, "heads": heads, "keep_steps": keep_steps, "image_size": list(sweep_plan.image_hw),
         "edit_steps": edit_steps if "edit" in uses else None,
         "schedule": asdict(schedule or Schedule()) if "guide" in uses else None,
