@@ -29,13 +29,10 @@ import xarray as xr
 from probe.maps import aggregate_self_attention, resize, token_map
 from probe.overlap import (
     center_of_mass,
-    com_distance,
-    compactness,
     intensity,
-    kl_divergence,
     pair_indices,
+    pair_overlap,
     self_cross_overlap,
-    soft_iou,
     spread,
 )
 from probe.prompts import subjects_of, token_indices
@@ -312,9 +309,9 @@ def _statistics(subjects: list[tuple[str, list[int]]], maps: torch.Tensor, self_
         a, b = maps[i], maps[j]
         cross_self = (float(self_cross_overlap(maps[[i, j]], aggregated[[i, j]])) if aggregated is not None
                       else math.nan)
-        rows.append({"a": words[i], "b": words[j], "soft_iou": float(soft_iou(a, b)),
-                     "com_distance": float(com_distance(a, b)), "kl_sym": float(kl_divergence(a, b, "sym")),
-                     "compactness": float(compactness(a, b)), "self_cross": cross_self})
+        overlap = pair_overlap(a, b)
+        rows.append({"a": words[i], "b": words[j], **{k: float(overlap[k]) for k in PAIR_COLUMNS[2:-1]},
+                     "self_cross": cross_self})
     centres = center_of_mass(maps) if len(subjects) else torch.zeros(0, 2)
     own = [{"subject": w, "tokens": ix, "intensity": float(intensity(maps[k])), "spread": float(spread(maps[k])),
             "com_y": float(centres[k, 0]), "com_x": float(centres[k, 1])} for k, (w, ix) in enumerate(subjects)]

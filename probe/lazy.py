@@ -9,8 +9,8 @@ results (``tests/test_lazy.py`` analyses a store 4× its memory limit in the sam
 >>> stats = lazy.overlap("runs/sweep/maps.zarr")           # lazy xr.Dataset (sample, step, pair | subject)
 >>> table = lazy.overlap_table("runs/sweep/maps.zarr", step=-1, workers=2)   # computed, one row per sample × pair
 
-Statistics are :mod:`probe.overlap`'s on the subjects' raw maps (the overlap study,
-:func:`probe.studies.overlap.pair_metrics`, takes centre distance and KL on min-max maps instead): the subjects'
+Statistics are :mod:`probe.overlap`'s, pairs by :func:`probe.overlap.pair_overlap` as the overlap study reads them
+(centre distance and KL on min-max maps), on the subjects'
 layer-and-head mean cross-attention maps (``maps``), their Attend-and-Excite view (token softmax up to the end
 token, Gaussian smoothing) and, where the store has the same grid's self-attention, the Otsu-aggregated
 self-attention maps.
@@ -31,13 +31,10 @@ from probe.maps import aggregate_self_attention, gaussian_smooth, token_map, tok
 from probe.overlap import (
     ae_response,
     aggregation_loss,
-    com_distance,
-    compactness,
     intensity,
-    kl_divergence,
     pair_indices,
+    pair_overlap,
     self_cross_overlap,
-    soft_iou,
     spread,
 )
 from probe.prompts import subjects_of, word_occurrences
@@ -174,7 +171,8 @@ def _pair_stats(m: torch.Tensor, aggregated: torch.Tensor | None) -> torch.Tenso
     """(…, subject, y, x) maps (and their aggregated self-attention) → (…, pair, pair stat)."""
     first, second = (list(side) for side in zip(*pair_indices(m.shape[-3]))) if m.shape[-3] > 1 else ([], [])
     a, b = m[..., first, :, :], m[..., second, :, :]
-    values = [soft_iou(a, b), com_distance(a, b), kl_divergence(a, b, "sym"), compactness(a, b)]
+    overlap = pair_overlap(a, b)
+    values = [overlap[name] for name in PAIR_STATS[:-1]]
     if aggregated is not None:
         pair = torch.stack([a, b], -3)  # (…, pair, 2, y, x): self_cross of each pair on its own
         pair_self = torch.stack([aggregated[..., first, :, :], aggregated[..., second, :, :]], -3)

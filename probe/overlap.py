@@ -187,6 +187,23 @@ def self_cross_overlap(
     return _mean_over_pairs(overlap(self_maps, cross_maps) + overlap(cross_maps, self_maps))
 
 
+PAIR_OVERLAP = ("soft_iou", "cosine", "com_distance", "kl_sym", "compactness")
+"""The statistics of :func:`pair_overlap`, in its order."""
+
+
+def pair_overlap(a: torch.Tensor, b: torch.Tensor, eps: float = EPS) -> dict[str, torch.Tensor]:
+    """How two subjects' raw maps (..., H, W) overlap and sit apart: the one definition every reader uses.
+
+    Centre-of-mass distance and KL are taken on min-max normalised maps (background 0, as the overlap paper reads
+    them): on raw maps a flat floor of attention pulls every centre to the middle and dominates the divergence.
+    Soft IoU min-max normalises on its own; cosine similarity and compactness see the raw maps.
+    """
+    fa, fb = normalize(a, "minmax", eps), normalize(b, "minmax", eps)
+    return {"soft_iou": soft_iou(a, b, eps=eps), "cosine": cosine_similarity(a, b, eps),
+            "com_distance": com_distance(fa, fb, eps), "kl_sym": kl_divergence(fa, fb, "sym", eps),
+            "compactness": compactness(a, b, eps)}
+
+
 class Peaks(NamedTuple):
     """Peaks of maps (..., H, W), strongest first: ``values`` (..., k) differentiable, ``positions`` (..., k, 2)
     long (y, x), ``valid`` (..., k) bool. Missing peaks have value 0 and the main peak's position."""

@@ -12,7 +12,7 @@ from PIL import Image
 
 import probe
 from probe.explore import ALL, Controls, Explorer, ViewModel
-from probe.maps import aggregate_self_attention, resize
+from probe.maps import aggregate_self_attention, normalize, resize
 from probe.overlap import (
     center_of_mass,
     com_distance,
@@ -142,8 +142,9 @@ def test_statistics_are_probe_overlaps_of_the_shown_maps(heads_tree):
     row = ex.view.pairs.iloc[0]
     assert (row.a, row.b) == ("circle", "square")
     _close(row.soft_iou, soft_iou(a, b))
-    _close(row.com_distance, com_distance(a, b))
-    _close(row.kl_sym, kl_divergence(a, b, "sym"))
+    fa, fb = normalize(a, "minmax"), normalize(b, "minmax")  # centres and KL without the floor
+    _close(row.com_distance, com_distance(fa, fb))
+    _close(row.kl_sym, kl_divergence(fa, fb, "sym"))
     _close(row.compactness, compactness(a, b))
     _close(row.self_cross, self_cross_overlap(maps, aggregate_self_attention(maps, own[None])))
     subjects = ex.view.subject_stats.set_index("subject")

@@ -18,6 +18,7 @@ from probe.overlap import (
     isolation_loss,
     kl_divergence,
     pair_indices,
+    pair_overlap,
     pairwise,
     self_cross_overlap,
     soft_iou,
@@ -76,6 +77,20 @@ def test_kl_divergence_hand_values() -> None:
         assert kl_divergence(same, 2 * same, direction).item() == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError):
         kl_divergence(a, b, "up")  # type: ignore[arg-type]
+
+
+def test_pair_overlap_reads_centres_and_kl_without_the_floor() -> None:
+    # two corner peaks of 1 on a flat floor of 0.1 (4x5 map, diagonal 5): raw centres sit near the middle
+    a, b = hot((0, 0, 1.0)) + 0.1, hot((3, 4, 1.0)) + 0.1
+    stats = pair_overlap(a, b)
+    assert com_distance(a, b).item() < 0.5  # the floor pulls both centres inwards
+    assert stats["com_distance"].item() == pytest.approx(1.0)  # min-max: the peaks alone, corner to corner
+    # min-max maps are one-hot: KL = log(1 / eps) each way, exactly as kl_divergence of the one-hot maps
+    assert stats["kl_sym"].item() == pytest.approx(kl_divergence(hot((0, 0, 1.0)), hot((3, 4, 1.0)), "sym").item())
+    assert stats["soft_iou"].item() == pytest.approx(0.0, abs=1e-9)
+    # cosine and compactness on the raw maps: a·b = 0.1·2·1.1 + 18·0.01 = 0.4, |a|² = 1.21 + 19·0.01 = 1.4
+    assert stats["cosine"].item() == pytest.approx(0.4 / 1.4)
+    assert stats["compactness"].item() == pytest.approx(compactness(a, b).item())
 
 
 # ---- position and shape -------------------------------------------------------------------------------------------

@@ -16,18 +16,14 @@ from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
 from tqdm.auto import tqdm
 
 from probe import plots
-from probe.maps import aggregate_self_attention, gaussian_smooth, normalize, token_map, token_softmax
+from probe.maps import aggregate_self_attention, gaussian_smooth, token_map, token_softmax
 from probe.models import load
 from probe.overlap import (
     ae_response,
     aggregation_loss,
-    com_distance,
-    compactness,
-    cosine_similarity,
     intensity,
-    kl_divergence,
+    pair_overlap,
     self_cross_overlap,
-    soft_iou,
     spread,
 )
 from probe.probes import (
@@ -118,21 +114,13 @@ def pair_metrics(maps: torch.Tensor, self_maps: torch.Tensor, ae_maps: torch.Ten
 
     ``maps``: cross-attention; ``self_maps``: Otsu-aggregated self-attention; ``ae_maps``: token-softmaxed and
     smoothed cross-attention (Attend-and-Excite's view). Suffix ``_a`` / ``_b``: first / second subject of the
-    prompt; ``_min`` / ``_max``: the weaker subject, which is the one that goes missing. Centre-of-mass distance and
-    KL are taken on min-max normalised maps (background 0, as the overlap paper reads them): on raw maps a flat
-    floor of attention dominates both.
+    prompt; ``_min`` / ``_max``: the weaker subject, which is the one that goes missing. The pair's overlap is
+    :func:`probe.overlap.pair_overlap` (centre-of-mass distance and KL on min-max normalised maps).
     """
-    a, b = maps[..., 0, :, :], maps[..., 1, :, :]
-    floorless = normalize(maps, "minmax")  # a map's flat floor would pull its centre of mass to the middle
-    fa, fb = floorless[..., 0, :, :], floorless[..., 1, :, :]
     own = {"intensity": intensity(maps), "spread": spread(maps), "ae": ae_response(ae_maps),
            "aggregation": aggregation_loss(maps)}
     return {
-        "soft_iou": soft_iou(a, b),
-        "cosine": cosine_similarity(a, b),
-        "com_distance": com_distance(fa, fb),
-        "kl_sym": kl_divergence(fa, fb, "sym"),
-        "compactness": compactness(a, b),
+        **pair_overlap(maps[..., 0, :, :], maps[..., 1, :, :]),
         "self_cross": self_cross_overlap(maps, self_maps),
         "intensity_min": own["intensity"].amin(-1),
         "spread_max": own["spread"].amax(-1),
