@@ -1,14 +1,14 @@
 """Write the classroom lab's notebooks under notebooks/lab/ from the cell lists below (outputs stay empty).
 
 The exercises' questions come from ``probe.lab.EXERCISES``, so a notebook and its checker never disagree about what
-is asked. The first code cell follows scripts/make_notebooks.py's SETUP: ``FULL = False`` sizes, ``MODEL``, and
-``STEPS`` from ``PROBE_STEPS`` where the test suite sets it.
+is asked. The first code cell is scripts/notebook_cells.py's, as the other notebooks'.
 """
 
 from pathlib import Path
 
 import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from nbformat.v4 import new_code_cell, new_markdown_cell
+from notebook_cells import setup_cell, write_notebooks
 
 from probe.lab import EXERCISES
 
@@ -17,16 +17,9 @@ ROOT = Path(__file__).resolve().parents[1] / "notebooks" / "lab"
 
 def setup(full_size: str, seeds: str) -> str:
     """The first code cell: the sizes a teacher may change, then the model."""
-    return f"""import os
-
-import probe
-from probe import lab
-
-FULL = False      # True: {full_size}; False: the classroom size (minutes on a laptop CPU)
-MODEL = "shapes"  # the built-in model (the exercises read its 16×16 cross-attention)
-STEPS = int(os.environ.get("PROBE_STEPS", 50 if FULL else 20))  # denoising steps (the test suite sets fewer)
-SEEDS = {seeds}
-pipe = probe.load(MODEL)"""
+    return setup_cell(f"{full_size}; False: the classroom size (minutes on a laptop CPU)",
+                      "the built-in model (the exercises read its 16×16 cross-attention)",
+                      imports="from probe import lab", after=f"SEEDS = {seeds}")
 
 
 HOW = ("**Exercises.** Write your answer (a value or a small function) where it says `# your code` and run the "
@@ -234,14 +227,7 @@ NOTEBOOKS = {
 
 
 def main() -> None:
-    ROOT.mkdir(parents=True, exist_ok=True)
-    for name, cells in NOTEBOOKS.items():
-        for number, cell in enumerate(cells):
-            cell.id = f"lab{name[0]}-{number:02d}"  # stable ids: regenerating changes only what changed
-        nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
-                                                                "language": "python"}})
-        nbformat.write(nb, ROOT / name)
-        print(f"wrote notebooks/lab/{name}")
+    write_notebooks(ROOT, NOTEBOOKS, lambda name: f"lab{name[0]}")
 
 
 if __name__ == "__main__":

@@ -2,20 +2,15 @@
 
 from pathlib import Path
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from nbformat.v4 import new_code_cell, new_markdown_cell
+from notebook_cells import setup_cell, write_notebooks
 
 ROOT = Path(__file__).resolve().parents[1] / "notebooks"
 
-SETUP = """import os
-
-import probe
-
-FULL = False      # True: the studies at their full size (hours on a CPU, minutes on a GPU); False: minutes here
-MODEL = "shapes"  # the built-in model; or the folder (or hub id) of your own Stable Diffusion / SDXL / SD3 / FLUX
-STEPS = int(os.environ.get("PROBE_STEPS", 50 if FULL else 20))  # denoising steps (the test suite sets fewer)
-QUICK = not FULL
-pipe = probe.load(MODEL)"""
+SETUP = setup_cell(
+    "the studies at their full size (hours on a CPU, minutes on a GPU); False: minutes here",
+    "the built-in model; or the folder (or hub id) of your own Stable Diffusion / SDXL / SD3 / FLUX",
+    after="QUICK = not FULL")
 
 NOTEBOOKS = {
     "01_record_attention.ipynb": [
@@ -211,14 +206,7 @@ NOTEBOOKS = {
 
 
 def main() -> None:
-    ROOT.mkdir(exist_ok=True)
-    for name, cells in NOTEBOOKS.items():
-        for number, cell in enumerate(cells):
-            cell.id = f"{Path(name).stem[:2]}-{number:02d}"  # stable ids: regenerating changes only what changed
-        nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
-                                                                "language": "python"}})
-        nbformat.write(nb, ROOT / name)
-        print(f"wrote notebooks/{name}")
+    write_notebooks(ROOT, NOTEBOOKS, lambda name: Path(name).stem[:2])
 
 
 if __name__ == "__main__":
