@@ -1,4 +1,4 @@
-"""Tuning-free editing by attention injection (Free-Prompt-Editing, CVPR'24), its baselines, DDIM inversion.
+"""Tuning-free editing by attention injection (Free-Prompt-Editing, CVPR'24) and its baselines.
 
 FPE's claim: self-attention carries *where/shape*, cross-attention carries *what*. So replacing
 only the target's self-attention probabilities with the source's keeps the source's layout and
@@ -14,9 +14,12 @@ How it runs, without a copied denoising loop:
   probabilities onto the target's rows of the conditional half, in the chosen layers and steps.
   Other consumers can run in the same tap before or after it (``edit(before=…, after=…)``), so a
   recorder or a test sees the probabilities before or after injection.
-- Real images: :func:`invert` runs deterministic DDIM inversion; :func:`edit` then starts both rows
-  from the inverted noise and pins the source row to the inversion's trajectory after every step
-  through the pipeline's own ``callback_on_step_end``.
+- Real images: :func:`probe.inversion.invert` inverts the image (DDIM, null-text or flow-matching);
+  :func:`edit` then starts both rows from the inverted noise and pins the source row to the
+  inversion's trajectory after every step through the pipeline's own ``callback_on_step_end``.
+- Every family the tap knows: UNets (their self-attention layers coarser than the latent by default) and
+  the diffusion transformers SD3 and FLUX, where ``self`` is the image→image block of the joint softmax
+  and every block works at one grid (so the default is every block).
 
 :func:`study` sweeps injection kind, injected fraction of steps and layer set on the built-in
 shapes world and scores each edit with the exact judge.
@@ -28,22 +31,21 @@ import itertools
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
-from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from probe.checks import step_count, text_to_image
+from probe.inversion import Inversion, _image_size, _null_text, _to_uint8, invert
 from probe.models import Layer, attention_layers, denoiser, latent_size, load, select_layers
-from probe.tap import Call, Consumer, Tap
+from probe.pipelines import initial_noise, noise_sigma
+from probe.tap import Call, Consumer, Tap, family_of
 
 INJECTS = ("self", "cross", "none")
 DEFAULT_FRACTION = 0.8  # FPE injects during the first 80 % of the steps
 CROSS_TOKENS = ("all", "shared")
-PIXEL_MAX = 255.0  # PSNR on 8-bit images
 
 
 # -- settings ---------------------------------------------------------------------------------------
@@ -72,34 +74,6 @@ class EditResult:
     source: object
     edited: object
     settings: EditSettings
-
-
-@dataclass
-class Inversion:
-    """A DDIM inversion trajectory, in the order the generation visits it.
-
-    ``latents[i]`` is the denoiser's input at generation step ``i`` (timestep ``timesteps[i]``);
-    ``latents[-1]`` is the encoded image itself. So ``latents[0]`` is the inverted noise and
-    ``latents[i + 1]`` is where step ``i`` should land.
-    """
-
-    latents: torch.Tensor  # (steps + 1, channels, h, w)
-    timesteps: torch.Tensor  # (steps,)
-    prompt: str
-    null_embeds: torch.Tensor | None = None  # (steps, tokens, width): null-text inversion's per-step unconditional
-    guidance_scale: float = 1.0  # the guidance the trajectory is consistent with (> 1 only with null_embeds)
-
-    @property
-    def noise(self) -> torch.Tensor:
-        return self.latents[0]
-
-    @property
-    def clean(self) -> torch.Tensor:
-        return self.latents[-1]
-
-    @property
-    def steps(self) -> int:
-        return len(self.timesteps)
 
 
 # -- the injector -------------------------------------------------------------------------------------
@@ -212,243 +186,6 @@ def _cross_key_mask(pipe, source_prompt: str, target_prompt: str, cross_tokens: 
     return torch.tensor(padded[0]) == torch.tensor(padded[1])
 
 
-def _image_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
-    lh, lw = latent_size(pipe, height, width)
-    scale = getattr(pipe, "vae_scale_factor", 8)
-    return lh * scale, lw * scale
-
-
-def _as_pixels(image) -> np.ndarray:
-    """H×W×3 float32 in 0–1 from a PIL image or a numpy array (uint8, or float in 0–1)."""
-    if hasattr(image, "convert"):
-        image = image.convert("RGB")
-    array = np.asarray(image)
-    if array.ndim != 3 or array.shape[2] < 3:
-        raise ValueError(f"expected an H×W×3 image (PIL or numpy), got shape {array.shape}")
-    array = array[..., :3]
-    return array.astype(np.float32) / PIXEL_MAX if np.issubdtype(array.dtype, np.integer) else array.astype(np.float32)
-
-
-def _check_size(image: np.ndarray, size: tuple[int, int]) -> None:
-    if tuple(image.shape[:2]) != size:
-        raise ValueError(
-            f"the image is {image.shape[0]}×{image.shape[1]} px but the pipeline works at {size[0]}×{size[1]} px; "
-            "resize the image or pass height=/width= that match it"
-        )
-
-
-# -- DDIM inversion -----------------------------------------------------------------------------------
-
-NULL_TEXT_STEPS = 10  # Adam iterations per denoising step (Mokady et al.'s N)
-NULL_TEXT_LR = 1e-2
-
-
-def _text_conditioning(pipe, prompt: str, size: tuple[int, int]) -> tuple[torch.Tensor, dict]:
-    """Conditional text embeddings (no CFG) and the extra denoiser kwargs (SDXL's added conditions)."""
-    device = pipe._execution_device
-    if hasattr(pipe, "text_encoder_2"):  # SDXL: two encoders, pooled embeddings and size conditions
-        embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
-                                                  do_classifier_free_guidance=False)
-        projection = (int(pooled.shape[-1]) if pipe.text_encoder_2 is None
-                      else pipe.text_encoder_2.config.projection_dim)
-        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype,
-                                          text_encoder_projection_dim=projection).to(device)
-        return embeds, {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
-    if not hasattr(pipe, "encode_prompt"):
-        raise TypeError(f"invert supports Stable Diffusion (1.x/2.x, XL) pipelines, not {type(pipe).__name__}")
-    embeds, _ = pipe.encode_prompt(prompt, device, 1, False)
-    return embeds, {}
-
-
-def _ddim_alphas(scheduler: DDIMScheduler) -> tuple[torch.Tensor, torch.Tensor]:
-    """Timesteps and ᾱ at every level of the generation: ``alphas[i]`` at timestep i, ``alphas[-1]`` at the end.
-
-    The end level is the one DDIM's last step lands on (``final_alpha_cumprod`` where the previous
-    timestep is negative), so inversion walks exactly the levels the generation walks back.
-    """
-    timesteps = scheduler.timesteps
-    stride = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    levels = [scheduler.alphas_cumprod[int(t)] for t in timesteps]
-    last = int(timesteps[-1]) - stride
-    levels.append(scheduler.alphas_cumprod[last] if last >= 0 else scheduler.final_alpha_cumprod)
-    return timesteps, torch.stack([torch.as_tensor(a, dtype=torch.float64) for a in levels])
-
-
-@torch.no_grad()
-def encode(pipe, image, height: int | None = None, width: int | None = None) -> torch.Tensor:
-    """The image's VAE latent (latent_dist.mean × scaling_factor), shape (channels, h, w)."""
-    pixels = _as_pixels(image)
-    _check_size(pixels, _image_size(pipe, height, width))
-    vae = pipe.vae
-    x = torch.from_numpy(pixels).permute(2, 0, 1)[None].to(pipe._execution_device, vae.dtype) * 2 - 1
-    return (vae.encode(x).latent_dist.mean * vae.config.scaling_factor)[0]
-
-
-@torch.no_grad()
-def decode(pipe, latent: torch.Tensor) -> np.ndarray:
-    """A latent (channels, h, w) as a uint8 H×W×3 image, as the pipeline decodes."""
-    x = pipe.vae.decode(latent[None].to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
-    return _to_uint8(pipe.image_processor.postprocess(x, output_type="np")[0])
-
-
-def clean_and_noise(output: torch.Tensor, latent: torch.Tensor, alpha: torch.Tensor,
-                    prediction: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The clean latent x̂₀ and the noise ε̂ that a model output implies for ``latent`` at level ᾱ = ``alpha``.
-
-    ε-prediction: ε̂ = output; v-prediction: x̂₀ = √ᾱ·x − √(1−ᾱ)·v and ε̂ = √(1−ᾱ)·x + √ᾱ·v; "sample":
-    x̂₀ = output. In every case x = √ᾱ·x̂₀ + √(1−ᾱ)·ε̂, the relation DDIM's update keeps.
-    """
-    keep, drop = alpha.sqrt(), (1 - alpha).sqrt()
-    if prediction == "epsilon":
-        return (latent - drop * output) / keep, output
-    if prediction == "v_prediction":
-        return keep * latent - drop * output, drop * latent + keep * output
-    if prediction == "sample":
-        return output, (latent - keep * output) / drop
-    raise ValueError(f"unknown prediction type {prediction!r}: expected epsilon, v_prediction or sample")
-
-
-def invert(pipe, image, prompt: str = "", steps: int = 50, *, height: int | None = None,
-           width: int | None = None, guidance_scale: float = 1.0, null_text_steps: int = NULL_TEXT_STEPS,
-           null_text_lr: float = NULL_TEXT_LR) -> Inversion:
-    """DDIM inversion of a real image (:func:`ddim_invert`); with ``guidance_scale`` > 1 also null-text inversion
-    (Mokady et al.), as Free-Prompt-Editing's code offers: per step, the unconditional embedding is optimised so
-    that classifier-free guidance at that scale walks the inverted trajectory, so an edit at the same scale starts
-    from a source it reconstructs."""
-    inversion = ddim_invert(pipe, image, prompt, steps, height=height, width=width)
-    if guidance_scale <= 1:
-        return inversion
-    return null_text_inversion(pipe, inversion, guidance_scale, null_text_steps, null_text_lr,
-                               _image_size(pipe, height, width))
-
-
-@torch.no_grad()
-def ddim_invert(pipe, image, prompt: str = "", steps: int = 50, *, height: int | None = None,
-                width: int | None = None) -> Inversion:
-    """Deterministic DDIM inversion of a real image: its latent trajectory up to noise.
-
-    Encodes with the VAE, then walks the generation's ᾱ levels upwards with the DDIM update
-    x_next = √ᾱ_next·x̂₀ + √(1−ᾱ_next)·ε̂, x̂₀ and ε̂ from the UNet's conditional prediction (no CFG) for
-    the current latent at the next timestep (:func:`clean_and_noise`, any prediction type): the usual
-    approximation, as diffusers' DDIMInverseScheduler and null-text inversion make. Needs the pipeline's
-    scheduler to be DDIM, so that the generation walks back the same path.
-    """
-    pipe = load(pipe)
-    scheduler = pipe.scheduler
-    if not isinstance(scheduler, DDIMScheduler):
-        raise TypeError(
-            f"DDIM inversion needs a DDIM scheduler, the pipeline has {type(scheduler).__name__}; set "
-            "pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config) first"
-        )
-    steps = step_count(steps)
-    size = _image_size(pipe, height, width)
-    latent = encode(pipe, image, *size)[None]
-    device = latent.device
-    embeds, extra = _text_conditioning(pipe, prompt, size)
-    scheduler.set_timesteps(steps, device=device)
-    timesteps, alphas = _ddim_alphas(scheduler)
-    net = denoiser(pipe)
-    trajectory = [latent[0]]
-    for i in reversed(range(steps)):
-        t = timesteps[i]
-        model_input = scheduler.scale_model_input(latent, t)
-        output = net(model_input, t, encoder_hidden_states=embeds, return_dict=False, **extra)[0]
-        a_now, a_next = alphas[i + 1], alphas[i]
-        x0, eps = clean_and_noise(output.double(), latent.double(), a_now, scheduler.config.prediction_type)
-        latent = (a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps).to(latent.dtype)
-        trajectory.append(latent[0])
-    return Inversion(torch.stack(trajectory[::-1]), timesteps.clone(), prompt)
-
-
-def null_text_inversion(pipe, inversion: Inversion, guidance_scale: float, inner_steps: int = NULL_TEXT_STEPS,
-                        lr: float = NULL_TEXT_LR, size: tuple[int, int] | None = None) -> Inversion:
-    """The inversion with per-step unconditional embeddings ∅ᵢ such that the guided DDIM step from ``latents[i]``
-    lands on ``latents[i + 1]`` (Adam on ‖step(∅ᵢ) − latents[i + 1]‖², ∅ᵢ starting from ∅ᵢ₋₁, the empty prompt's
-    embedding at i = 0); the guided walk then follows the image's own trajectory instead of drifting from it."""
-    pipe = load(pipe)
-    if hasattr(pipe, "text_encoder_2"):
-        raise TypeError("null-text inversion supports Stable Diffusion 1.x/2.x pipelines; on SDXL edit real images at "
-                        "guidance_scale=1 (the plain DDIM inversion is consistent with it)")
-    size = size or _image_size(pipe, None, None)
-    scheduler, net = pipe.scheduler, denoiser(pipe)
-    scheduler.set_timesteps(inversion.steps, device=inversion.latents.device)
-    timesteps, alphas = _ddim_alphas(scheduler)
-    with torch.no_grad():
-        cond, _ = _text_conditioning(pipe, inversion.prompt, size)
-        null = _text_conditioning(pipe, "", size)[0]
-    prediction = scheduler.config.prediction_type
-
-    def guided_step(latent: torch.Tensor, i: int, uncond: torch.Tensor, cond_out: torch.Tensor) -> torch.Tensor:
-        t = timesteps[i]
-        uncond_out = net(scheduler.scale_model_input(latent, t), t, encoder_hidden_states=uncond, return_dict=False)[0]
-        out = uncond_out + guidance_scale * (cond_out - uncond_out)
-        x0, eps = clean_and_noise(out.double(), latent.double(), alphas[i], prediction)
-        return (alphas[i + 1].sqrt() * x0 + (1 - alphas[i + 1]).sqrt() * eps).to(latent.dtype)
-
-    latent, found = inversion.latents[:1].clone(), []
-    for i in tqdm(range(inversion.steps), desc="null-text inversion", leave=False):
-        t, target = timesteps[i], inversion.latents[i + 1 : i + 2]
-        with torch.no_grad():
-            cond_out = net(scheduler.scale_model_input(latent, t), t, encoder_hidden_states=cond, return_dict=False)[0]
-        null = null.detach().clone().requires_grad_(True)  # a copy: Adam updates in place
-        optimiser = torch.optim.Adam([null], lr=lr)
-        with torch.enable_grad():
-            for _ in range(inner_steps):
-                loss = torch.nn.functional.mse_loss(guided_step(latent, i, null, cond_out), target)
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-        with torch.no_grad():
-            null = null.detach()
-            latent = guided_step(latent, i, null, cond_out)
-        found.append(null[0])
-    return replace(inversion, null_embeds=torch.stack(found), guidance_scale=float(guidance_scale))
-
-
-@torch.no_grad()
-def regenerate(pipe, inversion: Inversion, prompt: str | None = None, guidance_scale: float | None = None,
-               **pipeline_kwargs):
-    """Generate from an inversion's noise (default: its own prompt at its own guidance, with its null-text
-    embeddings where it has them), as the pipeline would."""
-    scale = inversion.guidance_scale if guidance_scale is None else guidance_scale
-    noise = inversion.noise[None] / pipe.scheduler.init_noise_sigma
-    if inversion.null_embeds is not None and scale > 1:
-        pipeline_kwargs.update(negative_prompt_embeds=inversion.null_embeds[:1].clone(),
-                               callback_on_step_end=_null_text(inversion, None),
-                               callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
-    return pipe(prompt=inversion.prompt if prompt is None else prompt, latents=noise,
-                num_inference_steps=inversion.steps, guidance_scale=scale, **pipeline_kwargs).images[0]
-
-
-def psnr(a, b) -> float:
-    """Peak signal-to-noise ratio in dB of two images (uint8, or floats in 0–1)."""
-    x, y = _as_pixels(a) * PIXEL_MAX, _as_pixels(b) * PIXEL_MAX
-    mse = float(np.mean((x.astype(np.float64) - y.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(PIXEL_MAX**2 / mse)
-
-
-def reconstruction_psnr(pipe, image, prompt: str, steps: int = 50) -> float:
-    """PSNR (dB) of the image against inverting it and regenerating it with the same prompt (guidance 1).
-
-    The number a model card reports for "how well does a real image survive inversion": the VAE's
-    own loss plus the DDIM inversion's drift.
-    """
-    pipe = load(pipe)
-    pixels = _as_pixels(image)
-    height, width = pixels.shape[:2]
-    inversion = invert(pipe, image, prompt, steps, height=height, width=width)
-    regenerated = regenerate(pipe, inversion, output_type="np", height=height, width=width)
-    return psnr(_to_uint8(pixels), _to_uint8(regenerated))
-
-
-def _to_uint8(image) -> np.ndarray:
-    """As diffusers' ``numpy_to_pil``: round(x·255) for floats in 0–1; PIL and uint8 pass through."""
-    array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
-    if np.issubdtype(array.dtype, np.integer):
-        return array.astype(np.uint8)
-    return (array * PIXEL_MAX).round().clip(0, PIXEL_MAX).astype(np.uint8)
-
-
 # -- editing ------------------------------------------------------------------------------------------
 
 
@@ -460,22 +197,6 @@ def _pin_source(inversion: Inversion, rows: int, user_callback: Callable | None)
         latents = outputs.get("latents", kwargs["latents"]).clone()
         latents[:rows] = inversion.latents[i + 1].to(latents)
         outputs["latents"] = latents
-        return outputs
-
-    return callback
-
-
-def _null_text(inversion: Inversion, user_callback: Callable | None) -> Callable:
-    """A ``callback_on_step_end`` that gives the next step the null-text inversion's unconditional embedding (the
-    unconditional rows of the guided batch come first)."""
-
-    def callback(pipe, i: int, t, kwargs: dict) -> dict:
-        outputs = dict(user_callback(pipe, i, t, kwargs) or {}) if user_callback is not None else {}
-        if i + 1 < inversion.steps:
-            embeds = outputs.get("prompt_embeds", kwargs["prompt_embeds"]).clone()
-            half = embeds.shape[0] // 2
-            embeds[:half] = inversion.null_embeds[i + 1].to(embeds)
-            outputs["prompt_embeds"] = embeds
         return outputs
 
     return callback
@@ -532,26 +253,26 @@ def edit(
     device, net = pipe._execution_device, denoiser(pipe)
     callback = pipeline_kwargs.pop("callback_on_step_end", None)
     if image is None:
-        lh, lw = latent_size(pipe, height, width)
-        generator = torch.Generator(device).manual_seed(int(seed))
-        dtype = pipe.text_encoder.dtype if getattr(pipe, "text_encoder", None) is not None else net.dtype
-        start = randn_tensor((1, net.config.in_channels, lh, lw), generator=generator, device=device, dtype=dtype)
+        start = initial_noise(pipe, torch.Generator(device).manual_seed(int(seed)), height, width)
     else:
+        family = family_of(net).name
+        embedded = family == "flux" and net.config.guidance_embeds  # FLUX's guidance is an input, not CFG
         if isinstance(image, Inversion):
             inversion = image
         else:  # consistent with the edit's guidance: null-text inversion where CFG is on (SD 1.x/2.x)
-            scale = guidance_scale if not hasattr(pipe, "text_encoder_2") else 1.0
+            scale = 1.0 if hasattr(pipe, "text_encoder_2") or family == "sd3" else guidance_scale
             if scale != guidance_scale:
-                warnings.warn("SDXL: the real image is inverted without guidance (no null-text inversion there); "
-                              "edit at guidance_scale=1 for a faithful source", RuntimeWarning, stacklevel=2)
+                warnings.warn(f"{type(pipe).__name__}: the real image is inverted without classifier-free guidance "
+                              "(no null-text inversion there); edit at guidance_scale=1 for a faithful source",
+                              RuntimeWarning, stacklevel=2)
             inversion = invert(pipe, image, source_prompt, num_inference_steps, height=height, width=width,
                                guidance_scale=scale)
         if inversion.steps != num_inference_steps:
             raise ValueError(f"the inversion has {inversion.steps} steps, the edit {num_inference_steps}")
-        if inversion.null_embeds is not None and inversion.guidance_scale != guidance_scale:
-            raise ValueError(f"the null-text inversion was made for guidance_scale={inversion.guidance_scale}, the "
+        if (inversion.null_embeds is not None or embedded) and inversion.guidance_scale != guidance_scale:
+            raise ValueError(f"the inversion was made for guidance_scale={inversion.guidance_scale}, the "
                              f"edit runs at {guidance_scale}: invert again at the edit's scale")
-        start = inversion.noise[None] / pipe.scheduler.init_noise_sigma
+        start = inversion.noise[None] / noise_sigma(pipe)
         callback = _pin_source(inversion, 1, callback)
         needed = ["latents"]
         if inversion.null_embeds is not None and guidance_scale > 1:

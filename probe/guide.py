@@ -50,7 +50,7 @@ from probe.overlap import (
     self_cross_overlap,
     soft_iou,
 )
-from probe.pipelines import conditioned, initial_noise, set_schedule
+from probe.pipelines import conditioned, initial_noise, noise_sigma, set_schedule
 from probe.prompts import subject_indices, text_keys_tokenizer, word_positions
 from probe.tap import Call, Consumer, Tap
 
@@ -420,7 +420,7 @@ class Guide:
             threshold = settings.target
         else:
             with torch.no_grad():
-                start, _ = self.evaluate(noise * self.pipe.scheduler.init_noise_sigma, 0)
+                start, _ = self.evaluate(noise * noise_sigma(self.pipe), 0)
             threshold = (1 - settings.relative) * start.item()
         rows, pool = [], []
         for round_ in range(settings.rounds):
@@ -437,7 +437,7 @@ class Guide:
 
     def _optimise_round(self, eps: torch.Tensor, n_steps: int, settings: InitNO, threshold: float
                         ) -> tuple[torch.Tensor, float, bool]:
-        sigma = self.pipe.scheduler.init_noise_sigma
+        sigma = noise_sigma(self.pipe)
         log_var = torch.zeros_like(eps, dtype=torch.float32, requires_grad=True)
         mu = torch.zeros_like(eps, dtype=torch.float32, requires_grad=True)
         optimiser = torch.optim.Adam([log_var, mu], lr=settings.lr, eps=settings.adam_eps)
@@ -537,7 +537,7 @@ def generate(pipe, prompt: str, *, subjects: Sequence[str], objective: Objective
                 raise ValueError(f"init_noise must be None, 'initno', an InitNO or a tensor, not {init_noise!r}")
             with torch.enable_grad():
                 noise, init_history = guide.optimise_noise(noise, settings, draw)
-        sigma = getattr(pipe.scheduler, "init_noise_sigma", 1.0)
+        sigma = noise_sigma(pipe)
         n_steps = len(guide.timesteps)
         rows: list[dict] = []
         final: dict[str, torch.Tensor] = {}

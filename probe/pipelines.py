@@ -12,10 +12,13 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from probe.tap import denoiser, family_of, latent_size
 
+FLUX_GUIDANCE = 3.5  # FluxPipeline's default embedded guidance
 
-def conditioned(pipe, prompt: str, height: int, width: int, max_sequence_length: int | None = None
-                ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``f(latents, t)``: the denoiser's output on the conditional branch of ``prompt``, as the pipeline calls it."""
+
+def conditioned(pipe, prompt: str, height: int, width: int, max_sequence_length: int | None = None,
+                guidance: float = FLUX_GUIDANCE) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``f(latents, t)``: the denoiser's output on the conditional branch of ``prompt``, as the pipeline calls it
+    (``guidance``: FLUX's embedded guidance, for transformers trained with it)."""
     net, device = denoiser(pipe), pipe._execution_device
     family = family_of(net).name
     seq = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
@@ -33,10 +36,10 @@ def conditioned(pipe, prompt: str, height: int, width: int, max_sequence_length:
             scale = pipe.vae_scale_factor
             image_ids = pipe._prepare_latent_image_ids(1, height // scale // 2, width // scale // 2, device,
                                                        embeds.dtype)
-            guidance = (torch.full((1,), 3.5, device=device) if net.config.guidance_embeds else None)
+            embedded = torch.full((1,), guidance, device=device) if net.config.guidance_embeds else None
 
             def call(latents, t):
-                return net(hidden_states=latents, timestep=(t / 1000).expand(latents.shape[0]), guidance=guidance,
+                return net(hidden_states=latents, timestep=(t / 1000).expand(latents.shape[0]), guidance=embedded,
                            pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
                            img_ids=image_ids, return_dict=False)[0]
             return call
@@ -54,6 +57,11 @@ def conditioned(pipe, prompt: str, height: int, width: int, max_sequence_length:
         model_input = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
         return net(model_input, t, encoder_hidden_states=embeds, return_dict=False, **extra)[0]
     return call
+
+
+def noise_sigma(pipe) -> float:
+    """The scheduler's initial noise scale (1 for flow matching, which has no ``init_noise_sigma``)."""
+    return float(getattr(pipe.scheduler, "init_noise_sigma", 1.0))
 
 
 def set_schedule(pipe, steps: int, height: int, width: int) -> torch.Tensor:
