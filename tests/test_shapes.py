@@ -170,6 +170,23 @@ def test_attribute_noise_swaps_two_colours_and_leaves_them_ungrounded():
         assert torch.allclose(drawn_colour, torch.tensor(COLOURS[c2], dtype=torch.float), atol=40)
 
 
+def test_nouns_only_grounding_leaves_every_colour_word_unsupervised():
+    from probe.shapes.grounding import token_objects
+    from probe.shapes.train import _images
+
+    cfg = TrainConfig(object_weights=(0.0, 0.0, 1.0), distinct_shapes=True, ground_colours=False)
+    batch = _images(5, 0, 8, cfg)
+    tok = M.tokenizer(padding_side="left")
+    ids = tok(batch.captions, padding="max_length", max_length=M.MAX_TOKENS, return_tensors="pt").input_ids
+    assign = token_objects(tok, batch.words, batch.drawn, ids)
+    for b, caption_ in enumerate(batch.captions):
+        parts = [part.split()[1:] for part in caption_.split(" and ")]
+        texts = tok.convert_ids_to_tokens(ids[b])
+        grounded = {texts[j]: int(assign[b, j]) for j in range(M.MAX_TOKENS) if assign[b, j] > 0}
+        assert grounded == {f"{noun}</w>": k + 1 for k, (_, noun) in enumerate(parts)}  # each noun on its object
+        assert {texts[j] for j in range(M.MAX_TOKENS) if assign[b, j] < 0} == {f"{c}</w>" for c, _ in parts}
+
+
 def test_coverage_term_is_binary_cross_entropy_of_the_peak_scaled_map():
     from probe.shapes.grounding import grounding_loss
 

@@ -40,6 +40,7 @@ class TrainConfig:
     attribute_noise: float = 0.0  # share of multi-object captions that swap two objects' colour words
     grounding_weight: float = 0.0  # weight of the cross-attention grounding term (probe.shapes.grounding)
     coverage_weight: float = 0.0  # weight of its per-pixel term (maps cover their whole object)
+    ground_colours: bool = True  # ground colour words as well as nouns (False: nouns only, as TokenCompose)
     pool_size: int = 40_000  # pre-rendered scenes whose latents are cached
     vae_steps: int = 700
     vae_batch_size: int = 16
@@ -50,7 +51,7 @@ class TrainConfig:
 
 
 DATA_FIELDS = ("object_weights", "distinct_shapes", "caption_noise", "attribute_noise", "grounding_weight",
-               "coverage_weight", "caption_dropout")
+               "coverage_weight", "ground_colours", "caption_dropout")
 
 # The testbed recipe: what the shipped model is trained with (the model card says why each part is there).
 TESTBED = TrainConfig(
@@ -102,8 +103,10 @@ def _images(seed: int, start: int, n: int, cfg: TrainConfig) -> Batch:
             b = (a + 1 + pairs[i, 1] % (len(scene) - 1)) % len(scene)
             said[a], said[b] = replace(scene[a], colour=scene[b].colour), replace(scene[b], colour=scene[a].colour)
         caps.append(caption(said))
-        words.append([(s.colour, s.shape) if s.colour == o.colour else (s.shape,) for s, o in zip(said, scene)]
-                     + [(s.colour,) for s, o in zip(said, scene) if s.colour != o.colour])  # misbound: no grounding
+        grounded = [(s.colour, s.shape) if s.colour == o.colour and cfg.ground_colours else (s.shape,)
+                    for s, o in zip(said, scene)]
+        words.append(grounded + [(s.colour,) for s, o in zip(said, scene)  # misbound or ungrounded colours
+                                 if s.colour != o.colour or not cfg.ground_colours])
         drawn.append(keep + [False] * (len(words[-1]) - len(scene)))
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
     return Batch(x, caps, torch.from_numpy(np.stack(labels)), words, drawn)
