@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from probe.checks import step_count, text_to_image
-from probe.inversion import Inversion, _image_size, _null_text, _to_uint8, invert
+from probe.inversion import Inversion, _image_size, _null_text, _to_uint8, inversion_guidance, invert
 from probe.models import Layer, attention_layers, denoiser, latent_size, load, select_layers
 from probe.pipelines import initial_noise, noise_sigma
 from probe.tap import Call, Consumer, Tap, family_of
@@ -260,7 +260,7 @@ def edit(
         if isinstance(image, Inversion):
             inversion = image
         else:  # consistent with the edit's guidance: null-text inversion where CFG is on (SD 1.x/2.x)
-            scale = 1.0 if hasattr(pipe, "text_encoder_2") or family == "sd3" else guidance_scale
+            scale = inversion_guidance(pipe, guidance_scale)
             if scale != guidance_scale:
                 warnings.warn(f"{type(pipe).__name__}: the real image is inverted without classifier-free guidance "
                               "(no null-text inversion there); edit at guidance_scale=1 for a faithful source",
@@ -470,18 +470,18 @@ def study(
     jobs = list(itertools.product(range(n_seeds), enumerate(edits), origins))
     bar = tqdm(total=len(jobs) * len(configs), desc="edit study", disable=not progress)
     for seed, (index, (edit_name, source_prompt, target_prompt)), origin in jobs:
-        image = None
-        if origin == "rendered":
+        image, scale = None, guidance_scale
+        if origin == "rendered":  # edited at the guidance its inversion is consistent with (null-text where it can)
+            scale = inversion_guidance(pipe, guidance_scale)
             image = invert(pipe, _rendered(source_prompt, seed, index, size), source_prompt, num_inference_steps,
-                           guidance_scale=guidance_scale)  # null-text: consistent with the edit's guidance
+                           guidance_scale=scale)
         done: dict[tuple, dict] = {}
         for inject, fraction, set_name, names in configs:
             key = (inject, tuple(injected_steps(fraction, num_inference_steps)) if names else (), names)
             if key not in done:
                 result = edit(pipe, source_prompt, target_prompt, seed=seed, inject=inject, layers=list(names) or None,
                               steps=0.0 if math.isnan(fraction) else fraction, image=image,
-                              num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                              output_type="np")
+                              num_inference_steps=num_inference_steps, guidance_scale=scale, output_type="np")
                 done[key] = compare(_to_uint8(result.source), _to_uint8(result.edited), source_prompt, target_prompt)
             rows.append({
                 "edit": edit_name, "origin": origin, "seed": seed, "source_prompt": source_prompt,

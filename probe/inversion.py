@@ -169,6 +169,15 @@ def clean_and_noise(output: torch.Tensor, latent: torch.Tensor, alpha: torch.Ten
     raise ValueError(f"unknown prediction type {prediction!r}: expected epsilon, v_prediction or sample")
 
 
+def inversion_guidance(pipe, guidance_scale: float) -> float:
+    """The guidance an inversion of this pipeline can be consistent with, for an edit at ``guidance_scale``: the
+    same where null-text inversion exists (SD 1.x/2.x) or where guidance is an input of the denoiser (FLUX), 1
+    (no classifier-free guidance) for SDXL and SD3."""
+    family = _family(pipe)
+    without_cfg = family == "sd3" or (family == "unet" and hasattr(pipe, "text_encoder_2"))  # SD3, SDXL
+    return 1.0 if without_cfg else float(guidance_scale)
+
+
 def invert(pipe, image, prompt: str = "", steps: int = 50, *, height: int | None = None,
            width: int | None = None, guidance_scale: float = 1.0, null_text_steps: int = NULL_TEXT_STEPS,
            null_text_lr: float = NULL_TEXT_LR) -> Inversion:
