@@ -143,10 +143,12 @@ class _Intercept:
             keys = self.split.text_keys if call.layer.kind == "cross" else self.split.image_keys
             if keys is None:
                 continue
-            scores = (query[..., rows, :].float() @ key[..., keys, :].float().transpose(-1, -2)) * scale
+            # in place and with the scale on q (queries × dim, not queries × keys): the block is as large as the
+            # attention itself, so every extra pass over it costs as much as a kernel
+            scores = (query[..., rows, :].float() * scale) @ key[..., keys, :].float().transpose(-1, -2)
             if mask is not None:
-                scores = scores + mask.float().expand(*query.shape[:2], -1, -1)[..., rows, keys]
-            block = torch.exp(scores - lse[..., rows, None].float()).to(query.dtype)
+                scores += mask.float().expand(*query.shape[:2], -1, -1)[..., rows, keys]
+            block = scores.sub_(lse[..., rows, None].float()).exp_().to(query.dtype)
             for consumer in consumers:
                 if consumer.on_probs(call, block) is not None:
                     raise TapError(f"{type(consumer).__name__} returned replaced probabilities without declaring "
