@@ -35,7 +35,7 @@ def cmd_record(args) -> None:
     tree = probe.record(
         probe.load(args.model, device=args.device, scheduler=args.scheduler), args.prompt, seeds=args.seed,
         steps=args.steps, guidance_scale=args.guidance, kinds=tuple(args.kinds), layers=args.layers,
-        heads=_heads(args.heads),
+        heads=_heads(args.heads), self_keys=args.self_keys, self_queries=_points(args.self_query),
         out=args.out, max_bytes=args.max_mb * 1e6 if args.max_mb else None, batch_size=args.batch_size,
     )
     print(_summary(tree))
@@ -46,6 +46,16 @@ def _heads(value: str):
     """``mean``, ``all`` or comma-separated indices (``0,3``); anything else is left for the check to explain."""
     parts = value.split(",")
     return [int(h) for h in parts] if all(h.strip().isdigit() for h in parts) else value
+
+
+def _points(values: list[str] | None):
+    """``--self-query 0.5,0.25`` pairs as (y, x) floats; anything else is left for the check to explain."""
+    if not values:
+        return None
+    try:
+        return [tuple(float(v) for v in value.split(",")) for value in values]
+    except ValueError:
+        return values
 
 
 def cmd_info(args) -> None:
@@ -234,6 +244,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--kinds", nargs="+", default=["cross", "self"], choices=["cross", "self"])
     r.add_argument("--layers", nargs="+", default=None, help="names, globs, re:patterns or resolutions")
     r.add_argument("--heads", default="mean", help="'mean', 'all' or indices such as 0,3")
+    r.add_argument("--self-keys", type=int, default=None, metavar="SIDE",
+                   help="sum self-attention keys onto a SIDE×SIDE grid (affordable maps at FLUX sizes)")
+    r.add_argument("--self-query", action="append", default=None, metavar="Y,X",
+                   help="record self-attention of this query point only (fractions of the image; repeatable)")
     r.add_argument("--scheduler", default=None, help="ddim, euler, euler-a, heun, dpm++, dpm++-karras, unipc … "
                    "or a diffusers scheduler class name (default: the model's own)")
     r.add_argument("--batch-size", type=int, default=1)

@@ -36,6 +36,7 @@ from probe.overlap import (
     spread,
 )
 from probe.prompts import subjects_of, token_indices
+from probe.record import full_self
 
 ALL = "all"
 MEAN = "mean"
@@ -118,6 +119,8 @@ class ViewModel:
 
     def __init__(self, tree: xr.DataTree):
         self.tree = tree
+        for g in tree["self"].children if "self" in tree.children else ():
+            full_self(tree[f"self/{g}"].ds, "the explorer")
         self.cross_groups = _groups(tree, "cross")
         self.self_groups = _groups(tree, "self")
         if not self.cross_groups:

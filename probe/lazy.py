@@ -38,6 +38,7 @@ from probe.overlap import (
     spread,
 )
 from probe.prompts import subjects_of, word_occurrences
+from probe.record import full_self
 
 PAIR_STATS = ("soft_iou", "com_distance", "kl_sym", "compactness", "self_cross")
 SUBJECT_STATS = ("intensity", "spread", "aggregation", "ae")
@@ -283,7 +284,8 @@ def overlap(source, subjects: Subjects = None, *, group: str | None = None, self
     if self_group == "auto":
         candidate = group.replace("cross/", "self/", 1)
         self_group = candidate if "self" in tree.children and candidate.split("/")[1] in tree["self"].children else None
-    self_attn = _select_steps(_dataset(tree[self_group]), step)["attn"] if self_group is not None else None
+    self_attn = (_select_steps(full_self(_dataset(tree[self_group]), "the overlap analysis"), step)["attn"]
+                 if self_group is not None else None)
     tokens = subject_tokens(ds, subjects)
     if not compute:
         packed = _packed(ds["attn"], tokens, self_attn)

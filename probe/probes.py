@@ -36,6 +36,7 @@ from sklearn.preprocessing import StandardScaler
 
 from probe.maps import aggregate_self_attention, token_map
 from probe.prompts import token_indices
+from probe.record import full_self
 
 FOLDS = 5
 C = 0.1  # inverse L2 strength: standardised maps have hundreds of correlated pixels, studies a few hundred samples
@@ -235,6 +236,7 @@ def subject_features(tree, words: str | Sequence[str], bins: int | Mapping[str, 
     if "self" not in kinds:
         return out
     for group in self_groups:
+        full_self(tree["self"][group].ds, "the self-attention probes")
         attn, ds = attn_tensor(tree["self"][group])  # (sample, step, layer, y, x, ky, kx)
         _add_blocks(out, "self", "mean", ds, attn.mean((3, 4)), bins, per_layer)
         cross = subject_maps.get(int(ds.sizes["y"]))

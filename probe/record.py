@@ -43,6 +43,18 @@ class Plan:
     heads: str | list[int]
     image_hw: tuple[int, int]
     encoders: list[list[str]]  # per sample and token: which text encoder ("clip", "t5")
+    self_keys: int | None = None  # self-attention keys summed onto a self_keys² grid (None: every key)
+    self_queries: tuple[tuple[float, float], ...] | None = None  # only these query points (fractions y, x)
+
+    def key_grid(self, layer: Layer) -> tuple[int, int]:
+        """The self-attention key grid kept for a layer: its own, or pooled to ``self_keys`` per side."""
+        h, w = layer.grid
+        return (h, w) if self.self_keys is None or self.self_keys >= max(h, w) else (self.self_keys, self.self_keys)
+
+    def query_cells(self, layer: Layer) -> list[tuple[int, int]]:
+        """The query cells of ``self_queries`` on a layer's grid (a point's cell at that resolution)."""
+        h, w = layer.grid
+        return [(min(int(fy * h), h - 1), min(int(fx * w), w - 1)) for fy, fx in self.self_queries or ()]
 
     def head_count(self, layer: Layer) -> int | None:
         if self.heads == "mean":
@@ -50,12 +62,13 @@ class Plan:
         return layer.heads if self.heads == "all" else len(self.heads)
 
     def group_shape(self, group: str) -> tuple[int, ...]:
-        """Per-sample shape of a group's ``attn``: (step, layer, [head], y, x, token | ky, kx)."""
+        """Per-sample shape of a group's ``attn``: (step, layer, [head], y, x | point, token | ky, kx)."""
         layers = self.groups[group]
-        h, w = layers[0].grid
         heads = self.head_count(layers[0])
-        keys = (self.n_tokens,) if layers[0].kind == "cross" else (h, w)
-        return (len(self.steps), len(layers), *((heads,) if heads else ()), h, w, *keys)
+        cross = layers[0].kind == "cross"
+        keys = (self.n_tokens,) if cross else self.key_grid(layers[0])
+        queries = layers[0].grid if cross or self.self_queries is None else (len(self.self_queries),)
+        return (len(self.steps), len(layers), *((heads,) if heads else ()), *queries, *keys)
 
     def group_bytes(self) -> dict[str, int]:
         per = {g: int(np.prod(self.group_shape(g))) * BYTES_PER_VALUE * len(self.samples) for g in self.groups}
@@ -97,6 +110,8 @@ def plan(
     height: int | None = None,
     width: int | None = None,
     max_sequence_length: int | None = None,
+    self_keys: int | None = None,
+    self_queries=None,
 ) -> Plan:
     """Validate a recording's request and describe it (no generation)."""
     pipe = load(pipe)
@@ -123,10 +138,34 @@ def plan(
         most = min(layer.heads for layer in chosen)
         if not heads or min(heads) < 0 or max(heads) >= most:
             raise ValueError(f"heads must be 'mean', 'all' or indices below {most}, got {heads}")
+    self_keys, self_queries = _self_scope(self_keys, self_queries, [la for la in chosen if la.kind == "self"])
     lh, lw = latent_size(pipe, height, width)
     scale = getattr(pipe, "vae_scale_factor", 8)
     return Plan(samples, tokens, positions, max(map(len, tokens)), groups, kept, heads, (lh * scale, lw * scale),
-                encoders)
+                encoders, self_keys, self_queries)
+
+
+def _self_scope(self_keys, self_queries, layers: list[Layer]):
+    """Check the affordable forms of self-attention: keys pooled to a grid that divides every finer layer's grid,
+    query points given as (y, x) fractions of the image in [0, 1)."""
+    if self_keys is not None:
+        if isinstance(self_keys, bool) or not isinstance(self_keys, int) or self_keys < 1:
+            raise ValueError(f"self_keys is the side of the pooled key grid (an int ≥ 1, e.g. 16), got {self_keys!r}")
+        bad = sorted({la.grid for la in layers if max(la.grid) > self_keys
+                      and (la.grid[0] % self_keys or la.grid[1] % self_keys)})
+        if bad:
+            raise ValueError(f"self_keys={self_keys} does not divide the self-attention grids {bad}; pick a divisor "
+                             "of them (keys are summed over whole cells)")
+    if self_queries is not None:
+        try:
+            points = tuple((float(y), float(x)) for y, x in self_queries)
+        except (TypeError, ValueError) as err:
+            raise ValueError("self_queries takes (y, x) pairs, fractions of the image height and width in [0, 1), "
+                             f"e.g. [(0.5, 0.25)]; got {self_queries!r}") from err
+        if not points or not all(0 <= v < 1 for point in points for v in point):
+            raise ValueError(f"self_queries must be one or more (y, x) fractions in [0, 1), got {self_queries!r}")
+        self_queries = points
+    return self_keys, self_queries
 
 
 def estimate(pipe, prompts, *, seeds, **kwargs) -> int:
@@ -184,7 +223,13 @@ class Recorder(Consumer):
             x = x.masked_fill(pad, float("nan"))
             x = x.reshape(*x.shape[:-2], h, w, x.shape[-1])
         else:
-            x = x.reshape(*x.shape[:-2], h, w, h, w)
+            if self.plan.self_queries is not None:  # only the chosen query cells, before anything is copied
+                x = x[..., [qy * w + qx for qy, qx in self.plan.query_cells(call.layer)], :]
+            keys = x.reshape(*x.shape[:-1], h, w)
+            kh, kw = self.plan.key_grid(call.layer)
+            if (kh, kw) != (h, w):  # each pooled key cell holds the attention mass of the keys inside it
+                keys = keys.reshape(*keys.shape[:-2], kh, h // kh, kw, w // kw).sum((-3, -1))
+            x = keys if self.plan.self_queries is not None else keys.reshape(*x.shape[:-2], h, w, kh, kw)
         self.buffers[group][:, self.step_pos[call.step], i] = x.to(torch.float16)
         return None
 
@@ -202,17 +247,22 @@ def _datasets(plan: Plan, batch: slice, arrays: dict[str, np.ndarray], images: n
     for group, layers in plan.groups.items():
         h, w = layers[0].grid
         heads = ["head"] if plan.head_count(layers[0]) else []
-        keys = ["token"] if layers[0].kind == "cross" else ["ky", "kx"]
-        dims = ["sample", "step", "layer", *heads, "y", "x", *keys]
+        cross = layers[0].kind == "cross"
+        keys = ["token"] if cross else ["ky", "kx"]
+        points = not cross and plan.self_queries is not None
+        dims = ["sample", "step", "layer", *heads, *(["point"] if points else ["y", "x"]), *keys]
         coords = {
             **sample,
             "step": plan.steps,
             "timestep": ("step", [float(timesteps[s]) for s in plan.steps]),
             "layer": np.array([layer.name for layer in layers], dtype=object),
             "block": ("layer", np.array([layer.block for layer in layers], dtype=object)),
-            "y": np.arange(h),
-            "x": np.arange(w),
+            **({} if points else {"y": np.arange(h), "x": np.arange(w)}),
         }
+        if points:
+            cells = plan.query_cells(layers[0])
+            coords.update(point=np.arange(len(cells)), query_y=("point", [c[0] for c in cells]),
+                          query_x=("point", [c[1] for c in cells]))
         if heads:
             coords["head"] = np.arange(layers[0].heads) if plan.heads == "all" else plan.heads
         if layers[0].kind == "cross":
@@ -223,8 +273,10 @@ def _datasets(plan: Plan, batch: slice, arrays: dict[str, np.ndarray], images: n
                 encoders = [e + [""] * (plan.n_tokens - len(e)) for e in plan.encoders[batch]]
                 coords["encoder"] = (("sample", "token"), np.array(encoders, dtype=object))
         else:
-            coords["ky"], coords["kx"] = np.arange(h), np.arange(w)
-        out[group] = xr.Dataset({"attn": (dims, arrays[group])}, coords=coords)
+            kh, kw = plan.key_grid(layers[0])
+            coords["ky"], coords["kx"] = np.arange(kh), np.arange(kw)
+        attrs = {} if cross else {"keys_pooled": int((kh, kw) != (h, w)), "query_points": int(points)}
+        out[group] = xr.Dataset({"attn": (dims, arrays[group])}, coords=coords, attrs=attrs)
     out["images"] = xr.Dataset({"image": (("sample", "iy", "ix", "channel"), images)}, coords=sample)
     return out
 
@@ -274,6 +326,8 @@ def record(
     batch_size: int = 1,
     keep_padding: bool = False,
     progress: bool = True,
+    self_keys: int | None = None,
+    self_queries=None,
     **pipeline_kwargs,
 ) -> xr.DataTree:
     """Generate every (prompt, seed) sample and record its attention maps.
@@ -282,13 +336,18 @@ def record(
     :func:`probe.models.select_layers`). ``heads``: ``"mean"``, ``"all"`` or a list of indices.
     ``keep_steps``: step indices to keep (default all). ``out``: a ``.zarr`` path written batch by
     batch (the tree returned then reads lazily from it) or a ``.nc`` path written at the end.
+    Self-attention at a size one can afford (a FLUX layer's image→image map is 4,096² per head and step):
+    ``self_keys=16`` sums each query's attention onto a 16×16 grid of key cells (rows still sum to their mass),
+    ``self_queries=[(0.5, 0.25), …]`` keeps only those query points ((y, x) fractions of the image; dims
+    ``point``, ``ky``, ``kx`` with the cell of each point in ``query_y``, ``query_x``). Both reduce on the device.
     Other keywords (height, width, negative_prompt …) go to the pipeline call.
     """
     pipe = load(pipe)
     height, width = pipeline_kwargs.get("height"), pipeline_kwargs.get("width")
     p = plan(pipe, prompts, seeds=seeds, steps=steps, kinds=kinds, layers=layers, heads=heads,
              keep_steps=keep_steps, keep_padding=keep_padding, height=height, width=width,
-             max_sequence_length=pipeline_kwargs.get("max_sequence_length"))
+             max_sequence_length=pipeline_kwargs.get("max_sequence_length"), self_keys=self_keys,
+             self_queries=self_queries)
     if max_bytes is not None and p.nbytes > max_bytes:
         parts = ", ".join(f"{g}: {b / 1e6:.1f} MB" for g, b in sorted(p.group_bytes().items(), key=lambda kv: -kv[1]))
         raise MemoryError(
@@ -371,6 +430,18 @@ def save(tree: xr.DataTree, path: str | Path) -> Path:
     else:
         raise ValueError(f"save to a .zarr or .nc path, got {path}")
     return path
+
+
+def full_self(ds: xr.Dataset, reader: str) -> xr.Dataset:
+    """A self-attention group that holds every query and every key, or a clear error for a reader that needs that
+    (a recording made with ``self_keys`` or ``self_queries`` keeps less)."""
+    kept = [what for what, flag in (("pooled keys", ds.attrs.get("keys_pooled")),
+                                    ("chosen query points", ds.attrs.get("query_points") or "point" in ds.dims))
+            if flag]
+    if kept:
+        raise ValueError(f"{reader} needs full self-attention maps, but this recording kept {' and '.join(kept)} "
+                         "(self_keys= / self_queries=); record again without them for this use")
+    return ds
 
 
 def open_recording(path: str | Path) -> xr.DataTree:

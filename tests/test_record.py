@@ -126,6 +126,41 @@ def test_heads_all_and_subset(tiny):
     np.testing.assert_allclose(full.astype(float).mean("head").values, mean.values.astype(float), atol=1e-3)
 
 
+def test_pooled_keys_and_query_points_are_the_full_maps_reduced(tiny, tmp_path):
+    kw = {"seeds": [1], "steps": 2, "kinds": ("self",), "heads": "all", "progress": False}
+    full = probe.record(tiny, "a red circle", **kw)
+    pooled = probe.record(tiny, "a red circle", self_keys=4, **kw)
+    points = [(0.5, 0.25), (0.0, 0.99)]
+    queried = probe.record(tiny, "a red circle", self_queries=points, self_keys=4, **kw)
+    for group in full["self"].children:
+        attn = full[f"self/{group}"]["attn"]
+        h = attn.sizes["y"]
+        side = min(4, h)
+        blocks = attn.values.reshape(*attn.shape[:-2], side, h // side, side, h // side)
+        expected = blocks.astype(np.float32).sum((-3, -1))  # the mass of each 4×4 cell of keys (16² → 4², 8² → 4²)
+        np.testing.assert_allclose(pooled[f"self/{group}"]["attn"].values, expected, atol=2e-3, rtol=1e-2)
+        got = queried[f"self/{group}"]
+        cells = [(int(fy * h), int(fx * h)) for fy, fx in points]
+        assert list(zip(got["query_y"].values, got["query_x"].values)) == cells
+        for i, (y, x) in enumerate(cells):
+            np.testing.assert_allclose(got["attn"].isel(point=i).values, expected[..., y, x, :, :], atol=2e-3,
+                                       rtol=1e-2)
+        assert got["attn"].dims == ("sample", "step", "layer", "head", "point", "ky", "kx")
+    estimate = probe.estimate(tiny, "a red circle", self_queries=points, self_keys=4,
+                              **{k: v for k, v in kw.items() if k != "progress"})
+    assert estimate == sum(queried[f"self/{g}"]["attn"].size * 2 for g in queried["self"].children) + queried[
+        "images"]["image"].size  # float16 maps, uint8 pixels
+    path = tmp_path / "points.zarr"
+    probe.record(tiny, "a red circle", self_queries=points, out=path, **kw)
+    with pytest.raises(ValueError, match="needs full self-attention maps.*chosen query points"):
+        probe.explore(probe.open_recording(path))
+    for bad, match in (({"self_keys": 3}, "does not divide"), ({"self_keys": 0}, "an int ≥ 1"),
+                       ({"self_queries": [(0.5, 1.0)]}, r"fractions in \[0, 1\)"),
+                       ({"self_queries": [0.5]}, "takes \\(y, x\\) pairs")):
+        with pytest.raises(ValueError, match=match):
+            probe.record(tiny, "a red circle", **kw, **bad)
+
+
 def test_zarr_stream_and_netcdf_round_trips(tiny, tmp_path):
     kwargs = dict(seeds=[0, 1, 2], steps=2, layers=[16], batch_size=2, progress=False)
     memory = probe.record(tiny, ["a cat", "a red circle"], **kwargs)
