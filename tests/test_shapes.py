@@ -143,6 +143,17 @@ def test_caption_noise_names_an_object_the_image_lacks():
         assert words[0][1] != words[1][1]  # distinct nouns
 
 
+def test_caption_noise_per_scene_size():
+    from probe.shapes.train import _images
+
+    cfg = TrainConfig(object_weights=(0.0, 0.5, 0.5), caption_noise=(0.0, 0.0, 1.0), distinct_shapes=True)
+    batch = _images(3, 0, 24, cfg)
+    sizes = {len(drawn) for drawn in batch.drawn}
+    assert sizes == {2, 3}
+    for drawn in batch.drawn:  # two-object captions are all true, three-object ones all name an absent object
+        assert drawn.count(False) == (1 if len(drawn) == 3 else 0)
+
+
 def test_attribute_noise_swaps_two_colours_and_leaves_them_ungrounded():
     from probe.shapes.train import _images
 

@@ -36,7 +36,8 @@ class TrainConfig:
     caption_dropout: float = 0.1
     object_weights: tuple[float, ...] = (0.35, 0.45, 0.20)  # scenes of 1, 2, 3 … objects
     distinct_shapes: bool = False  # no noun repeated within a caption
-    caption_noise: float = 0.0  # share of multi-object captions that name one object the image lacks
+    caption_noise: float | tuple[float, ...] = 0.0  # share of multi-object captions that name one object the image
+    # lacks; a tuple gives it per scene size (1, 2, 3 … objects), as web captions of busier scenes name more
     attribute_noise: float = 0.0  # share of multi-object captions that swap two objects' colour words
     grounding_weight: float = 0.0  # weight of the cross-attention grounding term (probe.shapes.grounding)
     coverage_weight: float = 0.0  # weight of its per-pixel term (maps cover their whole object)
@@ -83,7 +84,8 @@ def _images(seed: int, start: int, n: int, cfg: TrainConfig) -> Batch:
     attributes (those colour words get no grounding)."""
     rng = np.random.default_rng([seed, 10**6 + start])
     counts = rng.choice(np.arange(1, len(cfg.object_weights) + 1), size=n, p=cfg.object_weights)
-    noisy = rng.random(n) < cfg.caption_noise
+    by_size = np.broadcast_to(np.asarray(cfg.caption_noise, float), (len(cfg.object_weights),))
+    noisy = rng.random(n) < by_size[counts - 1]
     dropped = rng.integers(0, 1 << 30, n)
     swapped = rng.random(n) < cfg.attribute_noise if cfg.attribute_noise else np.zeros(n, bool)
     pairs = rng.integers(0, 1 << 30, (n, 2))
