@@ -128,6 +128,22 @@ def test_single_object_rates_match_a_recount_and_reach_the_card():
     assert f"| {rates['correct']:.1%} |" in card.split("## Measured")[1]
 
 
+def test_positive_control_is_the_guidance_study_of_ae_against_none(tiny, tmp_path):
+    import pandas as pd
+
+    from probe.shapes import evaluate
+
+    control = evaluate.positive_control(tiny, n_images=2, out=tmp_path, progress=False, steps=3)
+    rows = pd.read_csv(tmp_path / "guidance_images.csv")
+    assert set(rows.method) == {"none", "ae"} and control["pairs"] == len(rows) // 2
+    wide = rows.pivot_table(index=["prompt", "seed"], columns="method", values="missing")
+    assert control["missing_difference"] == pytest.approx((wide["ae"] - wide["none"]).mean())
+    assert control["missing_ae"] == pytest.approx(rows[rows.method == "ae"].missing.mean())
+    assert control["ae_loss_start_median"] == pytest.approx(rows[rows.method == "ae"].loss_start.median())
+    low, high = control["missing_difference_ci"]
+    assert low <= control["missing_difference"] <= high
+
+
 # -- the testbed recipe: caption noise, grounding, left padding -------------------------------------------------------
 
 

@@ -259,6 +259,13 @@ SAMPLER_TEXT = {  # the card's words for each prediction type (see probe.shapes.
 MASK_TEXT = " with the attention mask passed (use_attention_mask)"
 
 
+def _shares(noise) -> str:
+    """A caption-noise setting in words: one share, or one per scene size."""
+    if isinstance(noise, (list, tuple)):
+        return " / ".join(f"{v:.0%}" for v in noise) + " (scenes of 1 / 2 / … objects)"
+    return f"{noise:.0%}"
+
+
 def write_card(folder, metrics: dict, training: dict) -> str:
     """The model card (markdown): how the model is built and trained, what it measures against its targets, and the
     folder's ``HISTORY.md`` (what was tried, measured when it was tried) when there is one."""
@@ -285,6 +292,17 @@ def write_card(folder, metrics: dict, training: dict) -> str:
             rows.append((f"{k} objects, unguided: any subject mixed ≥ 15%", m["any_mixed"], 0.15))
     status = "\n".join(f"| {name} | {f'{value:.2f}' if bar < 0 else f'{value:.1%}'} | "
                        f"{'yes' if value >= abs(bar) else 'no'} |" for name, value, bar in rows)
+    if "positive_control" in metrics:
+        c = metrics["positive_control"]
+        low, high = c["missing_difference_ci"]
+        met = c["missing_difference"] <= -0.05 and high < 0 and c["pairs"] >= 300
+        status += (f"\n| positive control: A&E lowers missing ≥ 5 points, 95% CI below 0, ≥ 300 pairs | "
+                   f"{c['missing_difference'] * 100:+.1f} points [{low * 100:+.1f}, {high * 100:+.1f}] "
+                   f"({c['missing_none']:.1%} → {c['missing_ae']:.1%}, {c['pairs']} pairs of {c['prompts']} "
+                   f"prompts, p = {c['p_value']:.3f}) | {'yes' if met else 'no'} |"
+                   f"\n| A&E's loss falls during guidance (median first → last guided step) | "
+                   f"{c['ae_loss_start_median']:.3f} → {c['ae_loss_end_median']:.3f} | "
+                   f"{'yes' if c['ae_loss_end_median'] < c['ae_loss_start_median'] else 'no'} |")
     if "reference_seconds_per_image" in metrics:
         reference = metrics["reference_seconds_per_image"]
         ratio = speed / reference
@@ -299,7 +317,9 @@ def write_card(folder, metrics: dict, training: dict) -> str:
     recipe = (f"scenes of 1–{len(data.get('object_weights', (0, 0, 0)))} objects in shares "
               f"{', '.join(f'{w:.0%}' for w in data.get('object_weights', ()))}"
               f"{', no noun repeated within a caption' if data.get('distinct_shapes') else ''}; "
-              f"{data.get('caption_noise', 0):.0%} of multi-object captions name one object the image lacks; "
+              f"{_shares(data.get('caption_noise', 0))} of multi-object captions name one object the image lacks; "
+              f"{data.get('attribute_noise', 0):.0%} swap two objects' colour words; grounding of "
+              f"{'colour words and nouns' if data.get('ground_colours', True) else 'nouns only'}, "
               f"{data.get('caption_dropout', 0.1):.0%} empty captions; cross-attention grounding weight "
               f"{data.get('grounding_weight', 0)}") if data else "scenes of 1–3 objects, 10% empty captions"
     return f"""# The built-in shapes model
@@ -356,47 +376,24 @@ Reproduce: `probe evaluate-shapes --model {folder} --card`.
 """
 
 
-def positive_control(pipe, n_prompts: int = 100, seeds_per_prompt: int = 3, steps: int = 25,
-                     progress: bool = True):
-    """Attend-and-Excite (its default schedule, the softmax over the prompt's words) against no guidance on the
-    same (prompt, seed): two- and three-object prompts with distinct nouns, held out. Returns the summary (missing
-    rates, the paired difference with an interval clustered by prompt, the A&E loss at its first and last step)
-    and the per-image table it is computed from."""
-    import pandas as pd
+def positive_control(pipe, n_images: int = 300, out=None, progress: bool = True, steps: int = STEPS) -> dict:
+    """Attend-and-Excite against no guidance: the guidance study (:mod:`probe.studies.guidance`) with those two
+    methods only, on its two- and three-object sets with distinct nouns, paired by (prompt, seed), 50 steps, A&E's
+    schedule and its softmax over the prompt's words. The paired difference in missing rate (A&E − none) has an
+    interval resampling prompts and a sign-flip p-value over prompts; A&E's loss at its first and last step shows
+    that the guidance acted. ``out`` keeps the per-image rows (and resumes a stopped run)."""
+    from probe.studies.guidance import guidance_study
 
-    from probe.guide import Schedule, generate
-    from probe.prompts import subjects_of
-    from probe.stats import clustered_bootstrap
-
-    half = n_prompts // 2
-    prompts = (two_object_prompts(half, HELD_OUT_SEED + 5, objects=2, distinct_shapes=True)
-               + two_object_prompts(n_prompts - half, HELD_OUT_SEED + 5, objects=3, distinct_shapes=True))
-    methods = {"none": Schedule(alter_fraction=0.0, thresholds={}), "ae": Schedule()}
-    rows = []
-    jobs = [(p, HELD_OUT_SEED + 80_000 + j, m) for p in prompts for j in range(seeds_per_prompt) for m in methods]
-    for prompt, seed, method in tqdm(jobs, desc="A&E control", disable=not progress):
-        out = generate(pipe, prompt, subjects=subjects_of(prompt), objective="ae", seed=seed,
-                       schedule=methods[method], steps=steps, output_type="np", progress=False)
-        image = (np.asarray(out.images[0]) * 255).round().astype(np.uint8)
-        status = [s.status for s in judge(image, prompt)]
-        history = out.history
-        rows.append({"prompt": prompt, "seed": seed, "method": method, "objects": prompt.count(" and ") + 1,
-                     "missing": "missing" in status, "mixed": "mixed" in status,
-                     "all_present": all(s == "present" for s in status),
-                     "loss_start": float(history.initial_loss.iloc[0]) if len(history) else float("nan"),
-                     "loss_end": float(history.loss.iloc[-1]) if len(history) else float("nan")})
-    table = pd.DataFrame(rows)
-    wide = table.pivot_table(index=["prompt", "seed"], columns="method", values=["missing", "mixed"]).reset_index()
-    diff = (wide["missing"]["ae"] - wide["missing"]["none"]).to_numpy(float)
-    mean, low, high = clustered_bootstrap(diff, wide["prompt"])
-    mixed = clustered_bootstrap((wide["mixed"]["ae"] - wide["mixed"]["none"]).to_numpy(float), wide["prompt"])
-    ae = table[table.method == "ae"]
-    summary = {
-        "pairs": len(wide), "prompts": len(prompts), "steps": steps,
-        "missing_none": float(table[table.method == "none"].missing.mean()), "missing_ae": float(ae.missing.mean()),
-        "missing_difference": mean, "missing_difference_ci": [low, high],
-        "mixed_none": float(table[table.method == "none"].mixed.mean()), "mixed_ae": float(ae.mixed.mean()),
-        "mixed_difference": mixed[0], "mixed_difference_ci": [mixed[1], mixed[2]],
-        "ae_loss_start_median": float(ae.loss_start.median()), "ae_loss_end_median": float(ae.loss_end.median()),
+    study = guidance_study(pipe, n_images=n_images, steps=steps, methods=("none", "ae"), initno=(False,), out=out,
+                           progress=progress)
+    rates = study.summary.set_index("method")
+    versus = study.versus_ae.set_index("method").loc["none"]  # none − ae, so A&E's effect is its negative
+    return {
+        "pairs": int(versus.n_paired), "prompts": int(versus.n_prompts), "steps": steps,
+        "missing_none": float(rates.loc["none", "missing_rate"]), "missing_ae": float(rates.loc["ae", "missing_rate"]),
+        "missing_difference": -float(versus.difference),
+        "missing_difference_ci": [-float(versus.ci_high), -float(versus.ci_low)], "p_value": float(versus.p_value),
+        "mixed_none": float(rates.loc["none", "mixed_rate"]), "mixed_ae": float(rates.loc["ae", "mixed_rate"]),
+        "ae_loss_start_median": float(rates.loc["ae", "loss_start_median"]),
+        "ae_loss_end_median": float(rates.loc["ae", "loss_end_median"]),
     }
-    return summary, table
