@@ -243,7 +243,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", nargs="+", type=int, default=[0])
     r.add_argument("--steps", type=int, default=50)
     r.add_argument("--guidance", type=float, default=7.5)
-    r.add_argument("--kinds", nargs="+", default=["cross", "self"], choices=["cross", "self"])
+    r.add_argument("--kinds", nargs="+", default=["cross", "self"],
+                   choices=["cross", "self", "text_image", "text_text"],
+                   help="image queries on text (cross) or image (self) keys; on SD3 / FLUX also text queries on "
+                        "image (text_image) or text (text_text) keys")
     r.add_argument("--layers", nargs="+", default=None, help="names, globs, re:patterns or resolutions")
     r.add_argument("--heads", default="mean", help="'mean', 'all' or indices such as 0,3")
     r.add_argument("--self-keys", type=int, default=None, metavar="SIDE",

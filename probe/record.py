@@ -25,6 +25,7 @@ from probe.checks import disk_full, head_choice, room_for, step_count, text_to_i
 from probe.models import Layer, attention_layers, latent_size, load, select_layers
 from probe.prompts import TextLayout, text_layout
 from probe.tap import Call, Consumer, Tap, TapError
+from probe.tap.layers import TEXT_QUERIES
 
 BYTES_PER_VALUE = 2  # float16 storage
 PIXEL_BYTES = 1
@@ -62,13 +63,26 @@ class Plan:
         return layer.heads if self.heads == "all" else len(self.heads)
 
     def group_shape(self, group: str) -> tuple[int, ...]:
-        """Per-sample shape of a group's ``attn``: (step, layer, [head], y, x | point, token | ky, kx)."""
+        """Per-sample shape of a group's ``attn``: (step, layer, [head], queries, keys) with queries y, x (image),
+        point (chosen self-attention queries) or token (text), keys token, ky, kx (self) or y, x (text_image)."""
         layers = self.groups[group]
         heads = self.head_count(layers[0])
-        cross = layers[0].kind == "cross"
-        keys = (self.n_tokens,) if cross else self.key_grid(layers[0])
-        queries = layers[0].grid if cross or self.self_queries is None else (len(self.self_queries),)
+        kind = layers[0].kind
+        queries = {"cross": layers[0].grid, "self": layers[0].grid if self.self_queries is None
+                   else (len(self.self_queries),)}.get(kind, (self.n_tokens,))
+        keys = {"cross": (self.n_tokens,), "self": self.key_grid(layers[0]), "text_image": layers[0].grid,
+                "text_text": (self.n_tokens,)}[kind]
         return (len(self.steps), len(layers), *((heads,) if heads else ()), *queries, *keys)
+
+    def dims(self, group: str) -> tuple[str, ...]:
+        """The dims of a group's ``attn`` (as :meth:`group_shape`), sample first."""
+        layers = self.groups[group]
+        kind = layers[0].kind
+        heads = ("head",) if self.head_count(layers[0]) else ()
+        queries = (("point",) if kind == "self" and self.self_queries is not None
+                   else ("token",) if kind in TEXT_QUERIES else ("y", "x"))
+        keys = {"cross": ("token",), "self": ("ky", "kx"), "text_image": ("y", "x"), "text_text": ("key_token",)}
+        return ("sample", "step", "layer", *heads, *queries, *keys[kind])
 
     def group_bytes(self) -> dict[str, int]:
         per = {g: int(np.prod(self.group_shape(g))) * BYTES_PER_VALUE * len(self.samples) for g in self.groups}
@@ -216,13 +230,16 @@ class Recorder(Consumer):
         elif self.plan.heads != "all":
             x = x[:, self.plan.heads]
         h, w = call.layer.grid
-        if call.layer.kind == "cross":
-            index = self.positions.view(self.n, *([1] * (x.ndim - 2)), -1).expand(*x.shape[:-1], -1)
-            x = x.gather(-1, index)
-            pad = self.padding.view(self.n, *([1] * (x.ndim - 2)), -1)
-            x = x.masked_fill(pad, float("nan"))
+        kind = call.layer.kind
+        if kind in TEXT_QUERIES:  # the recorded tokens' rows, padding rows NaN
+            x = self._tokens(x.transpose(-1, -2)).transpose(-1, -2)
+        if kind in ("cross", "text_text"):
+            x = self._tokens(x)
+        if kind == "cross":
             x = x.reshape(*x.shape[:-2], h, w, x.shape[-1])
-        else:
+        elif kind == "text_image":
+            x = x.reshape(*x.shape[:-1], h, w)
+        elif kind == "self":
             if self.plan.self_queries is not None:  # only the chosen query cells, before anything is copied
                 x = x[..., [qy * w + qx for qy, qx in self.plan.query_cells(call.layer)], :]
             keys = x.reshape(*x.shape[:-1], h, w)
@@ -232,6 +249,12 @@ class Recorder(Consumer):
             x = keys if self.plan.self_queries is not None else keys.reshape(*x.shape[:-2], h, w, kh, kw)
         self.buffers[group][:, self.step_pos[call.step], i] = x.to(torch.float16)
         return None
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The recorded tokens' columns of (n, …, text slots): each sample's own positions, padding NaN."""
+        index = self.positions.view(self.n, *([1] * (x.ndim - 2)), -1).expand(*x.shape[:-1], -1)
+        pad = self.padding.view(self.n, *([1] * (x.ndim - 2)), -1)
+        return x.gather(-1, index).masked_fill(pad, float("nan"))
 
     def to_host(self) -> dict[str, np.ndarray]:
         return {g: b.cpu().numpy() for g, b in self.buffers.items()}
@@ -246,18 +269,17 @@ def _datasets(plan: Plan, batch: slice, arrays: dict[str, np.ndarray], images: n
     out = {}
     for group, layers in plan.groups.items():
         h, w = layers[0].grid
-        heads = ["head"] if plan.head_count(layers[0]) else []
-        cross = layers[0].kind == "cross"
-        keys = ["token"] if cross else ["ky", "kx"]
-        points = not cross and plan.self_queries is not None
-        dims = ["sample", "step", "layer", *heads, *(["point"] if points else ["y", "x"]), *keys]
+        heads = plan.head_count(layers[0])
+        kind = layers[0].kind
+        dims = plan.dims(group)
+        points = "point" in dims
         coords = {
             **sample,
             "step": plan.steps,
             "timestep": ("step", [float(timesteps[s]) for s in plan.steps]),
             "layer": np.array([layer.name for layer in layers], dtype=object),
             "block": ("layer", np.array([layer.block for layer in layers], dtype=object)),
-            **({} if points else {"y": np.arange(h), "x": np.arange(w)}),
+            **({"y": np.arange(h), "x": np.arange(w)} if "y" in dims else {}),
         }
         if points:
             cells = plan.query_cells(layers[0])
@@ -265,17 +287,20 @@ def _datasets(plan: Plan, batch: slice, arrays: dict[str, np.ndarray], images: n
                           query_x=("point", [c[1] for c in cells]))
         if heads:
             coords["head"] = np.arange(layers[0].heads) if plan.heads == "all" else plan.heads
-        if layers[0].kind == "cross":
+        if kind != "self":
             texts = [t + [""] * (plan.n_tokens - len(t)) for t in plan.tokens[batch]]
             coords["token"] = np.arange(plan.n_tokens)
             coords["token_text"] = (("sample", "token"), np.array(texts, dtype=object))
             if len({e for es in plan.encoders for e in es}) > 1:
                 encoders = [e + [""] * (plan.n_tokens - len(e)) for e in plan.encoders[batch]]
                 coords["encoder"] = (("sample", "token"), np.array(encoders, dtype=object))
+            if kind == "text_text":
+                coords["key_token"] = np.arange(plan.n_tokens)
+            attrs = {}
         else:
             kh, kw = plan.key_grid(layers[0])
             coords["ky"], coords["kx"] = np.arange(kh), np.arange(kw)
-        attrs = {} if cross else {"keys_pooled": int((kh, kw) != (h, w)), "query_points": int(points)}
+            attrs = {"keys_pooled": int((kh, kw) != (h, w)), "query_points": int(points)}
         out[group] = xr.Dataset({"attn": (dims, arrays[group])}, coords=coords, attrs=attrs)
     out["images"] = xr.Dataset({"image": (("sample", "iy", "ix", "channel"), images)}, coords=sample)
     return out

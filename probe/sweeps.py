@@ -240,10 +240,8 @@ class _Context:
     def group_dims(self) -> dict[str, tuple[str, tuple[str, ...]]]:
         """Store group → (variable, its dims), the recording's schema."""
         out = {}
-        for group, layers in self.plan.groups.items():
-            heads = ("head",) if self.plan.head_count(layers[0]) else ()
-            keys = ("token",) if layers[0].kind == "cross" else ("ky", "kx")
-            out[group] = ("attn", ("sample", "step", "layer", *heads, "y", "x", *keys))
+        for group in self.plan.groups:
+            out[group] = ("attn", self.plan.dims(group))
         out["images"] = ("image", ("sample", "iy", "ix", "channel"))
         return out
 

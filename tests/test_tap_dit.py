@@ -77,11 +77,13 @@ def test_views_equal_an_independent_softmax_of_what_the_model_scores(dit):
             image, text = slice(0, n_image), slice(n_image, None)
         else:
             image, text = slice(n_text, None), slice(0, n_text)
+        blocks = {"cross": (image, text), "self": (image, image),
+                  "text_image": (text, image), "text_text": (text, text)}
         for kind, pass_, view in got:
             assert pass_ == ("cfg" if name == "tiny-sd3" else "cond")
-            expected = probs[..., image, image if kind == "self" else text]
-            assert (view - expected).abs().max() < 2e-3, (module, kind)
-        assert {kind for kind, _, _ in got} == ({"self"} if module.endswith("attn2") else {"cross", "self"})
+            rows, keys = blocks[kind] if not module.endswith("attn2") else (slice(None), slice(None))
+            assert (view - probs[..., rows, keys]).abs().max() < 2e-3, (module, kind)
+        assert {kind for kind, _, _ in got} == ({"self"} if module.endswith("attn2") else set(blocks))
 
 
     np.testing.assert_allclose(plain, tapped, atol=1e-5)
@@ -104,6 +106,44 @@ def test_record_on_a_transformer_matches_the_plain_pipeline(dit):
     assert np.all(np.nansum(row, -1) <= 1 + 2e-3) and np.all(np.nansum(row, -1) > 0)
     self_rows = tree["self/res8"]["attn"].isel(sample=0, step=1, layer=0).values.reshape(64, 64)
     assert np.all(self_rows.sum(-1) <= 1 + 2e-3)
+
+
+def test_text_query_relations_are_recorded_per_token(dit):
+    """text→image and text→text: each recorded token's row is the tap's view of that token's query, head mean."""
+    name, pipe = dit
+    kinds = ("cross", "text_image", "text_text")
+    views = Views()
+    with Tap(pipe, [views]), torch.no_grad():
+        _run(pipe)
+    tree = probe.record(pipe, PROMPT, seeds=[0], steps=2, kinds=kinds, keep_steps=[0], progress=False,
+                        max_sequence_length=MAX_SEQ)
+    text_image, text_text = tree["text_image/res8"], tree["text_text/res8"]
+    assert text_image["attn"].dims == ("sample", "step", "layer", "token", "y", "x")
+    assert text_text["attn"].dims == ("sample", "step", "layer", "token", "key_token")
+    texts = [str(t) for t in text_image.token_text.values[0]]
+    assert texts == [str(t) for t in tree["cross/res8"].token_text.values[0]]
+    positions = probe.prompts.text_layout(pipe, PROMPT, max_sequence_length=MAX_SEQ).positions
+    seen = {(key, pass_): probs for key, pass_, probs in views.seen}
+    rows = 1 if name == "tiny-sd3" else 0  # the conditional half of SD3's CFG batch
+    for layer in text_image.layer.values:
+        block = seen[(str(layer), "text_image"), "cfg" if rows else "cond"][rows].float().mean(0)  # (text, image)
+        expected = block[positions].reshape(len(positions), 8, 8)
+        got = torch.from_numpy(text_image["attn"].sel(layer=layer).values[0, 0, : len(positions)].astype("float32"))
+        torch.testing.assert_close(got, expected, atol=2e-3, rtol=1e-2)
+        square = seen[(str(layer), "text_text"), "cfg" if rows else "cond"][rows].float().mean(0)
+        expected = square[positions][:, positions]
+        got = torch.from_numpy(text_text["attn"].sel(layer=layer).values[0, 0, : len(positions), : len(positions)]
+                               .astype("float32"))
+        torch.testing.assert_close(got, expected, atol=2e-3, rtol=1e-2)
+    if len(texts) > len(positions):  # padding slots of a shorter prompt are NaN, as for cross-attention
+        assert np.isnan(text_text["attn"].values[0, 0, :, len(positions):]).all()
+
+
+def test_text_query_kinds_are_refused_where_text_never_queries(tiny):
+    with pytest.raises(ValueError, match="no attention layers of kinds"):
+        probe.record(tiny, PROMPT, seeds=[0], steps=1, kinds=("text_image",), progress=False)
+    with pytest.raises(ValueError, match="unknown attention kinds"):
+        probe.record(tiny, PROMPT, seeds=[0], steps=1, kinds=("image_text",), progress=False)
 
 
 # -- guidance on transformers ------------------------------------------------------------------------------------------

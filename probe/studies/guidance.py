@@ -185,7 +185,7 @@ def guided_images(pipe, prompts: Sequence[dict], seeds: Sequence[int], configs: 
     if subject not in ("noun", "colour"):
         raise ValueError(f"subject must be 'noun' or 'colour' for guidance (one word per subject), not {subject!r}")
     grid = nearest_grid(pipe)
-    layers = [layer for layer in attention_layers(pipe) if layer.grid[0] == grid]
+    layers = [layer for layer in attention_layers(pipe) if layer.grid[0] == grid and layer.kind in ("cross", "self")]
     height, width = next(layer.grid for layer in layers if layer.kind == "cross")
     read_at = overlap_steps(steps)
     schedule = scaled_schedule(steps, schedule)

@@ -138,10 +138,9 @@ class _Intercept:
         scale = query.shape[-1] ** -0.5 if scale is None else scale
         if mask is not None and mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, float("-inf"))
-        rows = self.split.image_queries
         for call, consumers in self.calls:
-            keys = self.split.text_keys if call.layer.kind == "cross" else self.split.image_keys
-            if keys is None:
+            rows, keys = self.split.block(call.layer.kind)
+            if rows is None or keys is None:
                 continue
             # in place and with the scale on q (queries × dim, not queries × keys): the block is as large as the
             # attention itself, so every extra pass over it costs as much as a kernel

@@ -6,7 +6,7 @@ length is read from the transformer's own call."""
 
 from __future__ import annotations
 
-from probe.tap.layers import Family, Split, attention_modules, unknown_modules
+from probe.tap.layers import TEXT_QUERIES, Family, Split, attention_modules, unknown_modules
 
 PACK = 2  # FLUX packs 2×2 latent pixels into one token
 
@@ -20,7 +20,7 @@ class Flux(Family):
         return isinstance(net, FluxTransformer2DModel)
 
     def modules(self, net) -> dict[str, tuple[str, ...]]:
-        found = {name: ("cross", "self") for name in attention_modules(net)
+        found = {name: ("cross", "self", *TEXT_QUERIES) for name in attention_modules(net)
                  if name.startswith(("transformer_blocks.", "single_transformer_blocks.")) and name.endswith(".attn")}
         if len(found) != len(attention_modules(net)):
             raise TypeError(f"attention modules the FLUX family does not know: {unknown_modules(net, set(found))}")
@@ -49,7 +49,7 @@ class Flux(Family):
             n_text = encoder_hidden_states.shape[1]
         else:  # single stream: hidden_states is already [text; image]
             n_text = state.text_tokens
-        return Split(slice(n_text, None), slice(n_text, None), slice(0, n_text))
+        return Split(slice(n_text, None), slice(n_text, None), slice(0, n_text), slice(0, n_text))
 
     def runtime_grid(self, layer, hidden_states, state) -> tuple[int, int]:
         return state.image_grid or layer.grid

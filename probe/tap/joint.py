@@ -5,7 +5,7 @@ instance with ``attn``, so nothing per layer is kept on a processor)."""
 
 from __future__ import annotations
 
-from probe.tap.layers import Family, Split, attention_modules, unknown_modules
+from probe.tap.layers import TEXT_QUERIES, Family, Split, attention_modules, unknown_modules
 
 
 class Joint(Family):
@@ -20,7 +20,7 @@ class Joint(Family):
         found = {}
         for name, module in attention_modules(net).items():
             if name.endswith(".attn"):
-                found[name] = ("cross", "self") if module.add_k_proj is not None else ("self",)
+                found[name] = ("cross", "self", *TEXT_QUERIES) if module.add_k_proj is not None else ("self",)
             elif name.endswith(".attn2"):
                 found[name] = ("self",)
         if len(found) != len(attention_modules(net)):
@@ -46,7 +46,7 @@ class Joint(Family):
         n_image = hidden_states.shape[1]
         if encoder_hidden_states is None:
             return Split(slice(None), slice(None), None)
-        return Split(slice(0, n_image), slice(0, n_image), slice(n_image, None))
+        return Split(slice(0, n_image), slice(0, n_image), slice(n_image, None), slice(n_image, None))
 
     def runtime_grid(self, layer, hidden_states, state) -> tuple[int, int]:
         p = state.net.config.patch_size

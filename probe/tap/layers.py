@@ -15,7 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
-KINDS = ("cross", "self")
+KINDS = ("cross", "self", "text_image", "text_text")
+"""What a layer's probabilities relate: ``cross`` image queries on text keys, ``self`` image queries on image keys;
+on joint-attention transformers (SD3, FLUX) also ``text_image`` (text queries on image keys) and ``text_text``
+(text queries on text keys), all blocks of one softmax."""
+TEXT_QUERIES = ("text_image", "text_text")  # the kinds whose queries are text tokens
+IMAGE_KEYS = ("self", "text_image")  # the kinds whose keys are image tokens
 
 
 @dataclass(frozen=True)
@@ -39,30 +44,37 @@ class Layer:
     @property
     def group(self) -> str:
         """The recording group: ``cross/res16`` (``res16x24`` for non-square grids)."""
-        h, w = self.grid
+        h, w = self.grid  # of the image tokens (the keys of text_image)
         return f"{self.kind}/res{h}" if h == w else f"{self.kind}/res{h}x{w}"
 
 
 @dataclass(frozen=True)
 class Split:
-    """Where image and text tokens sit in one softmax: the rows of image queries and the key columns of each."""
+    """Where image and text tokens sit in one softmax: the rows of image (and text) queries and the key columns of
+    each."""
 
     image_queries: slice
     image_keys: slice | None
     text_keys: slice | None
+    text_queries: slice | None = None  # joint attention only: text tokens query too
+
+    def block(self, kind: str) -> tuple[slice | None, slice | None]:
+        """(query rows, key columns) of a kind's block (None where this softmax has no such tokens)."""
+        rows = self.text_queries if kind in TEXT_QUERIES else self.image_queries
+        return rows, self.image_keys if kind in IMAGE_KEYS else self.text_keys
 
     def view(self, probs: torch.Tensor, kind: str) -> torch.Tensor | None:
-        """``cross`` (image queries on text keys) or ``self`` (on image keys) of (batch, heads, queries, keys)."""
-        keys = self.text_keys if kind == "cross" else self.image_keys
-        return None if keys is None else probs[..., self.image_queries, keys]
+        """The ``kind`` block (see :data:`KINDS`) of (batch, heads, queries, keys)."""
+        rows, keys = self.block(kind)
+        return None if rows is None or keys is None else probs[..., rows, keys]
 
     def write(self, probs: torch.Tensor, kind: str, block: torch.Tensor) -> torch.Tensor:
         """``probs`` with the ``kind`` block replaced (a copy, never in place)."""
-        keys = self.text_keys if kind == "cross" else self.image_keys
-        if (self.image_queries, keys) == (slice(None), slice(None)):
+        rows, keys = self.block(kind)
+        if (rows, keys) == (slice(None), slice(None)):
             return block
         out = probs.clone()
-        out[..., self.image_queries, keys] = block
+        out[..., rows, keys] = block
         return out
 
 
@@ -162,7 +174,7 @@ def select_layers(layers: list[Layer], patterns=None, kinds=KINDS) -> list[Layer
     a regular expression (``re:...``) or a resolution (``16`` = every 16×16 layer)."""
     bad = set(kinds) - set(KINDS)
     if bad:
-        raise ValueError(f"unknown attention kinds {sorted(bad)}; expected 'cross' and/or 'self'")
+        raise ValueError(f"unknown attention kinds {sorted(bad)}; expected some of {KINDS}")
     chosen = [layer for layer in layers if layer.kind in kinds]
     if patterns is None:
         return chosen
