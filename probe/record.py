@@ -192,6 +192,7 @@ class Recorder(Consumer):
 
     def __init__(self, plan: Plan, batch: slice, device: torch.device, steps: int):
         self.plan, self.device, self.steps = plan, device, steps
+        self.mean_heads = plan.heads == "mean"
         self.n = batch.stop - batch.start
         self.step_pos = {s: i for i, s in enumerate(plan.steps)}
         self.where: dict[tuple[str, str], tuple[str, int]] = {}

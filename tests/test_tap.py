@@ -258,3 +258,46 @@ def test_a_denoiser_without_attention_is_refused():
 def test_unknown_model_path_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="works offline"):
         probe.load(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("mean_heads", [False, True])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+def test_the_read_only_path_equals_an_explicit_softmax_with_masks(mean_heads, mask_kind):
+    """The fused kernel's output plus exp(q·kᵀ·s + mask − lse) for the wanted block, head by head or whole, equal
+    softmax(q·kᵀ·s + mask) of the same q and k, and the kernel's output is plain SDPA's."""
+    from probe.tap.core import _Intercept, attention_probs
+    from probe.tap.layers import Layer, Split
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 12, 8), torch.randn(2, 3, 10, 8), torch.randn(2, 3, 10, 8)
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(2, 1, 12, 10) > 0.3
+        mask[..., 0] = True  # every query keeps a key
+    elif mask_kind == "float":
+        mask = torch.randn(2, 1, 12, 10)
+
+    class Read(Consumer):
+        def __init__(self):
+            self.mean_heads, self.seen = mean_heads, None
+
+        def wants(self, call):
+            return True
+
+        def on_probs(self, call, probs):
+            self.seen = probs
+
+    reader = Read()
+    call = Call(Layer("m", "cross", (3, 4), 3), 0, 1.0, "cond", 2)
+    intercept = _Intercept(None, [(call, [reader])], Split(slice(None), None, slice(2, 9)))
+    with torch.no_grad():
+        out = intercept.sdpa(q, k, v, attn_mask=mask, scale=0.3)
+    expected = attention_probs(q, k, mask, 0.3)
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                                                      scale=0.3))
+    block = expected[..., 2:9]
+    if mean_heads:  # head by head where the fused kernel ran (a float mask or none), all heads where it did not
+        assert reader.seen.shape[1] == (3 if mask_kind == "bool" else 1)
+        torch.testing.assert_close(reader.seen.mean(1), block.mean(1))
+    else:
+        torch.testing.assert_close(reader.seen, block)

@@ -68,6 +68,7 @@ class Consumer:
     ``replaces = True``; read-only consumers let the tap keep the fused attention kernel."""
 
     replaces = False
+    mean_heads = False  # True: it reads only the mean over heads; the tap may hand it (batch, 1, queries, keys)
 
     def wants(self, call: Call) -> bool:
         return False
@@ -144,10 +145,17 @@ class _Intercept:
                 continue
             # in place and with the scale on q (queries × dim, not queries × keys): the block is as large as the
             # attention itself, so every extra pass over it costs as much as a kernel
-            scores = (query[..., rows, :].float() * scale) @ key[..., keys, :].float().transpose(-1, -2)
-            if mask is not None:
-                scores += mask.float().expand(*query.shape[:2], -1, -1)[..., rows, keys]
-            block = scores.sub_(lse[..., rows, None].float()).exp_().to(query.dtype)
+            q, k = query[..., rows, :].float() * scale, key[..., keys, :].float()
+            m = None if mask is None else mask.float().expand(*query.shape[:2], -1, -1)[..., rows, keys]
+            floor = lse[..., rows, None].float()
+            if all(c.mean_heads for c in consumers):  # one head at a time, summed: the block stays in cache
+                total = None
+                for h in range(q.shape[1]):
+                    head = _exp_scores(q[:, h], k[:, h], None if m is None else m[:, h], floor[:, h])
+                    total = head if total is None else total.add_(head)
+                block = (total / q.shape[1])[:, None].to(query.dtype)
+            else:
+                block = _exp_scores(q, k, m, floor).to(query.dtype)
             for consumer in consumers:
                 if consumer.on_probs(call, block) is not None:
                     raise TapError(f"{type(consumer).__name__} returned replaced probabilities without declaring "
@@ -179,6 +187,15 @@ class _Intercept:
 
 
 _REAL_SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+def _exp_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, floor: torch.Tensor) -> torch.Tensor:
+    """exp(q·kᵀ + mask − logsumexp) (q already scaled): the bias added inside the matmul, exp in place."""
+    lead, n_q, n_k = q.shape[:-2], q.shape[-2], k.shape[-2]
+    bias = -floor if mask is None else mask - floor  # (…, queries, 1 | keys)
+    bias = bias.expand(*lead, *bias.shape[-2:]).reshape(-1, *bias.shape[-2:])
+    scores = torch.baddbmm(bias, q.reshape(-1, n_q, q.shape[-1]), k.reshape(-1, n_k, k.shape[-1]).transpose(-1, -2))
+    return scores.exp_().view(*lead, n_q, n_k)
 
 
 def _fused_with_lse(query, key, value, mask, scale):
