@@ -146,6 +146,56 @@ def test_text_query_kinds_are_refused_where_text_never_queries(tiny):
         probe.record(tiny, PROMPT, seeds=[0], steps=1, kinds=("image_text",), progress=False)
 
 
+def _flux2():
+    """A tiny random FLUX.2 transformer (double- and single-stream blocks) and a pipeline-like holder for the tap."""
+    from types import SimpleNamespace
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+
+    torch.manual_seed(0)
+    net = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                  timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+    pipe = SimpleNamespace(transformer=net.eval(), scheduler=FlowMatchEulerDiscreteScheduler(), vae_scale_factor=8,
+                           default_sample_size=16)
+    ids = torch.cartesian_prod(torch.arange(1), torch.arange(8), torch.arange(8), torch.arange(1))[None]
+    text_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(6))[None]
+    inputs = {"hidden_states": torch.randn(1, 64, 16), "encoder_hidden_states": torch.randn(1, 6, 32),
+              "timestep": torch.tensor([0.5]), "img_ids": ids, "txt_ids": text_ids, "return_dict": False}
+    return pipe, inputs
+
+
+def test_flux2_views_equal_an_independent_softmax_and_the_output_is_untouched():
+    pipe, inputs = _flux2()
+    spied, real = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        spied.append((query.detach().clone(), key.detach().clone(), scale))
+        return real(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+
+    torch.nn.functional.scaled_dot_product_attention = spy
+    try:
+        with torch.no_grad():
+            plain = pipe.transformer(**inputs)[0]
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = real
+    views = Views()
+    with Tap(pipe, [views]) as tap, torch.no_grad(), tap.pass_("cond", 0):
+        tapped = pipe.transformer(**inputs)[0]
+    torch.testing.assert_close(tapped, plain, atol=1e-5, rtol=1e-5)
+    assert len(spied) == 2 and len(views.seen) == 8  # two modules × four relations
+    text, image = slice(0, 6), slice(6, None)  # FLUX.2 puts text first, like FLUX.1
+    blocks = {"cross": (image, text), "self": (image, image), "text_image": (text, image), "text_text": (text, text)}
+    for i, ((module, kind), _, view) in enumerate(views.seen):
+        q, k, scale = spied[i // 4]
+        probs = torch.softmax(q @ k.transpose(-1, -2) * (scale or q.shape[-1] ** -0.5), dim=-1)
+        rows, keys = blocks[kind]
+        assert (view - probs[..., rows, keys]).abs().max() < 2e-3, (module, kind)
+    with pytest.raises(probe.tap.TapError, match="reference-image tokens"), Tap(pipe, [views]) as tap:
+        with tap.pass_("cond", 0):
+            pipe.transformer(**inputs, num_ref_tokens=4)
+
+
 # -- guidance on transformers ------------------------------------------------------------------------------------------
 
 ETA = 0.01
