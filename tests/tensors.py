@@ -1,4 +1,4 @@
-"""Small float64 inputs shared by the tests of probe.maps and probe.overlap."""
+"""Small float64 inputs shared by the tests of probe.maps and probe.overlap, and the guidance tests' descent check."""
 
 import torch
 
@@ -12,3 +12,20 @@ def rand(*shape: int, seed: int = 0, dtype: torch.dtype = F64) -> torch.Tensor:
 
 def grad_input(*shape: int, seed: int = 0) -> torch.Tensor:
     return rand(*shape, seed=seed).requires_grad_()
+
+
+ETA = 0.01  # length of the descent check's gradient step on the latent
+FIRST_ORDER_SHARE = 0.25  # the step must give at least this share of the decrease the gradient predicts
+
+
+def assert_a_small_step_descends(guide, latent: torch.Tensor, grid: tuple[int, int]) -> None:
+    """A normalised gradient step of length ETA on the latent lowers the guide's objective at step 0 by at least
+    FIRST_ORDER_SHARE of the first-order prediction ETA·|∇|; the subjects' maps have the expected grid."""
+    z = latent.detach().clone().requires_grad_(True)
+    before, maps = guide.evaluate(z, 0)
+    (grad,) = torch.autograd.grad(before, [z])
+    with torch.no_grad():
+        after, _ = guide.evaluate(z - ETA * grad / grad.norm(), 0)
+    assert maps.subjects.shape[-2:] == grid
+    assert torch.isfinite(grad).all() and grad.norm() > 0
+    assert before - after > FIRST_ORDER_SHARE * ETA * grad.norm()
