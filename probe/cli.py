@@ -36,6 +36,7 @@ def cmd_record(args) -> None:
         probe.load(args.model, device=args.device, scheduler=args.scheduler), args.prompt, seeds=args.seed,
         steps=args.steps, guidance_scale=args.guidance, kinds=tuple(args.kinds), layers=args.layers,
         heads=_heads(args.heads), self_keys=args.self_keys, self_queries=_points(args.self_query),
+        self_store=args.self_store,
         out=args.out, max_bytes=args.max_mb * 1e6 if args.max_mb else None, batch_size=args.batch_size,
     )
     print(_summary(tree))
@@ -251,6 +252,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--heads", default="mean", help="'mean', 'all' or indices such as 0,3")
     r.add_argument("--self-keys", type=int, default=None, metavar="SIDE",
                    help="sum self-attention keys onto a SIDE×SIDE grid (affordable maps at FLUX sizes)")
+    r.add_argument("--self-store", default="maps", choices=["maps", "qk"],
+                   help="qk: keep self-attention's q and k (UNets; maps made on read by probe.lazy.self_from_qk)")
     r.add_argument("--self-query", action="append", default=None, metavar="Y,X",
                    help="record self-attention of this query point only (fractions of the image; repeatable)")
     r.add_argument("--scheduler", default=None, help="ddim, euler, euler-a, heun, dpm++, dpm++-karras, unipc … "

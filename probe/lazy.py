@@ -332,6 +332,37 @@ def overlap_table(source, subjects: Subjects = None, *, group: str | None = None
     return frame
 
 
+def _maps_from_qk(q: np.ndarray, k: np.ndarray, scale: np.ndarray, *, mean: bool) -> np.ndarray:
+    """softmax(q·kᵀ·scale) of blocks (…, head, y, x, dim) and (…, head, ky, kx, dim) → (…, [head], y, x, ky, kx)."""
+    qt, kt = torch.from_numpy(np.asarray(q, np.float32)), torch.from_numpy(np.asarray(k, np.float32))
+    *lead, heads, h, w, dim = qt.shape
+    s = torch.from_numpy(np.broadcast_to(np.asarray(scale, np.float32), lead).copy()).reshape(*lead, 1, 1, 1)
+    probs = ((qt.reshape(*lead, heads, h * w, dim) * s) @ kt.reshape(*lead, heads, -1, dim).transpose(-1, -2))
+    probs = probs.softmax(-1)
+    probs = probs.mean(-3) if mean else probs
+    return probs.reshape(*probs.shape[:-2], h, w, *kt.shape[-3:-1]).numpy()
+
+
+def self_from_qk(group, heads: str = "mean") -> xr.DataArray:
+    """The self-attention maps of a group recorded with ``self_store="qk"``: softmax(q·kᵀ·scale) made on read,
+    lazily (one dask task per chunk of samples and steps), as a ``self`` group's ``attn`` (sample, step, layer,
+    [head], y, x, ky, kx) in float32. ``heads``: "mean" (the default) or "all"."""
+    ds = _dataset(group)
+    if "q" not in ds.data_vars:
+        raise ValueError("this group holds maps, not q and k (it was recorded with self_store='maps')")
+    if heads not in ("mean", "all"):
+        raise ValueError(f"heads must be 'mean' or 'all', got {heads!r}")
+    core = ["head", "y", "x", "dim"]
+    q = ds["q"].chunk({d: -1 for d in core}) if ds["q"].chunks else ds["q"]
+    k = ds["k"].chunk({d: -1 for d in ("head", "ky", "kx", "dim")}) if ds["k"].chunks else ds["k"]
+    out_core = (["head"] if heads == "all" else []) + ["y", "x", "ky", "kx"]
+    return xr.apply_ufunc(
+        _maps_from_qk, q, k, ds["scale"], input_core_dims=[core, ["head", "ky", "kx", "dim"], []],
+        output_core_dims=[out_core], kwargs={"mean": heads == "mean"}, dask="parallelized",
+        output_dtypes=[np.float32], dask_gufunc_kwargs={"allow_rechunk": False},
+    ).transpose("sample", "step", "layer", *out_core).rename("attn")
+
+
 def synthetic_store(path: str | Path, samples: int, like: xr.DataTree, seed: int = 0) -> int:
     """Write a store with ``like``'s layout (a recording: its groups, dims, coordinates, one sample per chunk) but
     ``samples`` samples of random maps normalised like attention; its size on disk in bytes.

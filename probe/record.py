@@ -22,9 +22,9 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from probe.checks import disk_full, head_choice, room_for, step_count, text_to_image
-from probe.models import Layer, attention_layers, latent_size, load, select_layers
+from probe.models import Layer, attention_layers, denoiser, latent_size, load, select_layers
 from probe.prompts import TextLayout, text_layout
-from probe.tap import Call, Consumer, Tap, TapError
+from probe.tap import Call, Consumer, Tap, TapError, family_of
 from probe.tap.layers import TEXT_QUERIES
 
 BYTES_PER_VALUE = 2  # float16 storage
@@ -46,6 +46,11 @@ class Plan:
     encoders: list[list[str]]  # per sample and token: which text encoder ("clip", "t5")
     self_keys: int | None = None  # self-attention keys summed onto a self_keys² grid (None: every key)
     self_queries: tuple[tuple[float, float], ...] | None = None  # only these query points (fractions y, x)
+    qk: dict[str, tuple[int, int]] | None = None  # self groups stored as q and k: group → (heads, head dim)
+    qk_scale: dict[str, float] | None = None  # layer name → the scale its scores use
+
+    def is_qk(self, group: str) -> bool:
+        return self.qk is not None and group in self.qk
 
     def key_grid(self, layer: Layer) -> tuple[int, int]:
         """The self-attention key grid kept for a layer: its own, or pooled to ``self_keys`` per side."""
@@ -84,8 +89,14 @@ class Plan:
         keys = {"cross": ("token",), "self": ("ky", "kx"), "text_image": ("y", "x"), "text_text": ("key_token",)}
         return ("sample", "step", "layer", *heads, *queries, *keys[kind])
 
+    def qk_shape(self, group: str) -> tuple[int, ...]:
+        """Per-sample shape of a q/k group's ``q`` and of its ``k``: (step, layer, head, y | ky, x | kx, dim)."""
+        heads, dim = self.qk[group]
+        return (len(self.steps), len(self.groups[group]), heads, *self.groups[group][0].grid, dim)
+
     def group_bytes(self) -> dict[str, int]:
-        per = {g: int(np.prod(self.group_shape(g))) * BYTES_PER_VALUE * len(self.samples) for g in self.groups}
+        per = {g: (2 * int(np.prod(self.qk_shape(g))) if self.is_qk(g) else int(np.prod(self.group_shape(g))))
+               * BYTES_PER_VALUE * len(self.samples) for g in self.groups}
         per["images"] = self.image_hw[0] * self.image_hw[1] * 3 * PIXEL_BYTES * len(self.samples)
         return per
 
@@ -126,6 +137,7 @@ def plan(
     max_sequence_length: int | None = None,
     self_keys: int | None = None,
     self_queries=None,
+    self_store: str = "maps",
 ) -> Plan:
     """Validate a recording's request and describe it (no generation)."""
     pipe = load(pipe)
@@ -155,8 +167,40 @@ def plan(
     self_keys, self_queries = _self_scope(self_keys, self_queries, [la for la in chosen if la.kind == "self"])
     lh, lw = latent_size(pipe, height, width)
     scale = getattr(pipe, "vae_scale_factor", 8)
+    qk, qk_scale = _qk_store(pipe, self_store, groups, self_keys, self_queries)
     return Plan(samples, tokens, positions, max(map(len, tokens)), groups, kept, heads, (lh * scale, lw * scale),
-                encoders, self_keys, self_queries)
+                encoders, self_keys, self_queries, qk, qk_scale)
+
+
+def _qk_store(pipe, self_store: str, groups: dict[str, list[Layer]], self_keys, self_queries):
+    """For ``self_store="qk"``: each self group's (heads, head dim) and each layer's score scale; checks that the
+    maps can be rebuilt from q and k alone (a UNet's self-attention: every key is an image token, no mask)."""
+    if self_store not in ("maps", "qk"):
+        raise ValueError(f"self_store must be 'maps' or 'qk', got {self_store!r}")
+    if self_store == "maps":
+        return None, None
+    net = denoiser(pipe)
+    if family_of(net).name != "unet":
+        raise ValueError("self_store='qk' records a UNet's self-attention; a joint softmax (SD3, FLUX) normalises "
+                         "over the text keys too, so record its maps (self_store='maps')")
+    if self_keys is not None or self_queries is not None:
+        raise ValueError("self_store='qk' keeps every query and key (maps are made on read); drop self_keys / "
+                         "self_queries, or record maps")
+    qk, scales = {}, {}
+    for group, layers in groups.items():
+        if layers[0].kind != "self":
+            continue
+        shapes = set()
+        for layer in layers:
+            module = net.get_submodule(layer.name)
+            shapes.add((module.heads, module.to_q.out_features // module.heads))
+            scales[layer.name] = float(module.scale)
+        if len(shapes) > 1:
+            raise ValueError(f"the layers of {group} have different head shapes {sorted(shapes)}; record them apart")
+        qk[group] = shapes.pop()
+    if not qk:
+        raise ValueError("self_store='qk' needs self-attention layers among the recorded kinds")
+    return qk, scales
 
 
 def _self_scope(self_keys, self_queries, layers: list[Layer]):
@@ -200,6 +244,11 @@ class Recorder(Consumer):
         for group, layers in plan.groups.items():
             for i, layer in enumerate(layers):
                 self.where[layer.key] = (group, i)
+            if plan.is_qk(group):
+                for part in ("q", "k"):
+                    self.buffers[f"{group}/{part}"] = torch.full((self.n, *plan.qk_shape(group)), float("nan"),
+                                                                 dtype=torch.float16, device=device)
+                continue
             self.buffers[group] = torch.full(
                 (self.n, *plan.group_shape(group)), float("nan"), dtype=torch.float16, device=device
             )
@@ -251,6 +300,18 @@ class Recorder(Consumer):
         self.buffers[group][:, self.step_pos[call.step], i] = x.to(torch.float16)
         return None
 
+    def reads_qk(self, call: Call) -> bool:
+        return self.plan.is_qk(call.layer.group)
+
+    @torch.no_grad()
+    def on_qk(self, call: Call, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
+        group, i = self.where[call.layer.key]
+        h, w = call.layer.grid
+        for part, x in (("q", query), ("k", key)):
+            x = call.conditional(x.detach())  # (n, heads, tokens, dim)
+            self.buffers[f"{group}/{part}"][:, self.step_pos[call.step], i] = (
+                x.reshape(*x.shape[:2], h, w, x.shape[-1]).to(torch.float16))
+
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         """The recorded tokens' columns of (n, …, text slots): each sample's own positions, padding NaN."""
         index = self.positions.view(self.n, *([1] * (x.ndim - 2)), -1).expand(*x.shape[:-1], -1)
@@ -270,6 +331,9 @@ def _datasets(plan: Plan, batch: slice, arrays: dict[str, np.ndarray], images: n
     out = {}
     for group, layers in plan.groups.items():
         h, w = layers[0].grid
+        if plan.is_qk(group):
+            out[group] = _qk_dataset(plan, group, arrays, sample, timesteps)
+            continue
         heads = plan.head_count(layers[0])
         kind = layers[0].kind
         dims = plan.dims(group)
@@ -305,6 +369,24 @@ def _datasets(plan: Plan, batch: slice, arrays: dict[str, np.ndarray], images: n
         out[group] = xr.Dataset({"attn": (dims, arrays[group])}, coords=coords, attrs=attrs)
     out["images"] = xr.Dataset({"image": (("sample", "iy", "ix", "channel"), images)}, coords=sample)
     return out
+
+
+def _qk_dataset(plan: Plan, group: str, arrays: dict[str, np.ndarray], sample: dict, timesteps) -> xr.Dataset:
+    """A self group stored as the q and k its scores are made of (:func:`probe.lazy.self_from_qk` makes the maps)."""
+    layers = plan.groups[group]
+    h, w = layers[0].grid
+    heads, dim = plan.qk[group]
+    coords = {**sample, "step": plan.steps, "timestep": ("step", [float(timesteps[s]) for s in plan.steps]),
+              "layer": np.array([layer.name for layer in layers], dtype=object),
+              "block": ("layer", np.array([layer.block for layer in layers], dtype=object)),
+              "scale": ("layer", [plan.qk_scale[layer.name] for layer in layers]),
+              "head": np.arange(heads), "y": np.arange(h), "x": np.arange(w), "ky": np.arange(h), "kx": np.arange(w),
+              "dim": np.arange(dim)}
+    lead = ("sample", "step", "layer", "head")
+    return xr.Dataset({"q": ((*lead, "y", "x", "dim"), arrays[f"{group}/q"]),
+                       "k": ((*lead, "ky", "kx", "dim"), arrays[f"{group}/k"])}, coords=coords,
+                      attrs={"self_store": "qk", "heads": plan.heads if isinstance(plan.heads, str)
+                             else ",".join(map(str, plan.heads))})
 
 
 def _attrs(pipe, steps: int, guidance_scale: float, plan: Plan, kwargs: dict) -> dict:
@@ -354,6 +436,7 @@ def record(
     progress: bool = True,
     self_keys: int | None = None,
     self_queries=None,
+    self_store: str = "maps",
     **pipeline_kwargs,
 ) -> xr.DataTree:
     """Generate every (prompt, seed) sample and record its attention maps.
@@ -366,6 +449,9 @@ def record(
     ``self_keys=16`` sums each query's attention onto a 16×16 grid of key cells (rows still sum to their mass),
     ``self_queries=[(0.5, 0.25), …]`` keeps only those query points ((y, x) fractions of the image; dims
     ``point``, ``ky``, ``kx`` with the cell of each point in ``query_y``, ``query_x``). Both reduce on the device.
+    ``self_store="qk"`` (UNets) keeps a self layer's q and k as the model scores them instead of its maps
+    (h·w·2·dim values per head instead of (h·w)²: 50× smaller per head at Stable Diffusion's 64², and no extra
+    arithmetic while generating); :func:`probe.lazy.self_from_qk` makes the maps on read, lazily.
     Other keywords (height, width, negative_prompt …) go to the pipeline call.
     """
     pipe = load(pipe)
@@ -373,7 +459,7 @@ def record(
     p = plan(pipe, prompts, seeds=seeds, steps=steps, kinds=kinds, layers=layers, heads=heads,
              keep_steps=keep_steps, keep_padding=keep_padding, height=height, width=width,
              max_sequence_length=pipeline_kwargs.get("max_sequence_length"), self_keys=self_keys,
-             self_queries=self_queries)
+             self_queries=self_queries, self_store=self_store)
     if max_bytes is not None and p.nbytes > max_bytes:
         parts = ", ".join(f"{g}: {b / 1e6:.1f} MB" for g, b in sorted(p.group_bytes().items(), key=lambda kv: -kv[1]))
         raise MemoryError(
@@ -440,7 +526,7 @@ def _append_zarr(path: Path, groups: dict[str, xr.Dataset], attrs: dict, first: 
     for group, ds in groups.items():
         if first:
             # one chunk per (sample, step): a viewer moving through steps reads only the step it shows
-            chunks = {"attn": {"chunks": (1, 1, *ds["attn"].shape[2:])}} if "attn" in ds else {}
+            chunks = {v: {"chunks": (1, 1, *ds[v].shape[2:])} for v in ("attn", "q", "k") if v in ds}
             ds.to_zarr(path, group=group, mode="a", encoding=chunks, consolidated=False)
         else:
             ds.to_zarr(path, group=group, append_dim="sample", consolidated=False)
@@ -461,6 +547,9 @@ def save(tree: xr.DataTree, path: str | Path) -> Path:
 def full_self(ds: xr.Dataset, reader: str) -> xr.Dataset:
     """A self-attention group that holds every query and every key, or a clear error for a reader that needs that
     (a recording made with ``self_keys`` or ``self_queries`` keeps less)."""
+    if "q" in ds.data_vars:
+        raise ValueError(f"{reader} needs self-attention maps, and this group holds the q and k they are made of "
+                         "(self_store='qk'): make them with probe.lazy.self_from_qk(group) first")
     kept = [what for what, flag in (("pooled keys", ds.attrs.get("keys_pooled")),
                                     ("chosen query points", ds.attrs.get("query_points") or "point" in ds.dims))
             if flag]

@@ -161,6 +161,38 @@ def test_pooled_keys_and_query_points_are_the_full_maps_reduced(tiny, tmp_path):
             probe.record(tiny, "a red circle", **kw, **bad)
 
 
+def test_a_qk_store_makes_the_recorded_maps_on_read(tiny, tmp_path):
+    from probe import lazy
+
+    kw = {"seeds": [0, 1], "steps": 2, "kinds": ("cross", "self"), "progress": False}
+    maps = probe.record(tiny, "a red circle", **kw)
+    path = tmp_path / "qk.zarr"
+    qk = probe.record(tiny, "a red circle", self_store="qk", out=path, **kw)
+    np.testing.assert_array_equal(qk["images"]["image"].values, maps["images"]["image"].values)
+    xr.testing.assert_identical(qk["cross/res16"].ds.load(), maps["cross/res16"].ds.load())
+    stored = 0
+    for group in maps["self"].children:
+        made = lazy.self_from_qk(qk[f"self/{group}"])
+        assert made.chunks is not None and made.dims == maps[f"self/{group}"]["attn"].dims
+        np.testing.assert_allclose(made.values, maps[f"self/{group}"]["attn"].values.astype(np.float32), atol=2e-3)
+        ds = qk[f"self/{group}"].ds
+        stored += (ds["q"].size + ds["k"].size) * 2
+        heads = lazy.self_from_qk(ds, heads="all").isel(sample=0, step=1, layer=0).values
+        np.testing.assert_allclose(heads.sum((-2, -1)), 1, atol=1e-5)  # every head's rows are probabilities
+        np.testing.assert_allclose(heads.mean(0), made.isel(sample=0, step=1, layer=0).values, atol=1e-6)
+    q16 = qk["self/res16"]["q"]
+    assert q16.sizes["head"] * q16.sizes["dim"] * 2 < 256  # 16²: q and k per query are smaller than a map row
+    estimate = probe.estimate(tiny, "a red circle", self_store="qk", **{k: v for k, v in kw.items() if k != "progress"})
+    cross = sum(qk[f"cross/{g}"]["attn"].size * 2 for g in qk["cross"].children)
+    assert estimate == stored + cross + qk["images"]["image"].size
+    with pytest.raises(ValueError, match="self_store='qk'"):
+        probe.explore(probe.open_recording(path))
+    with pytest.raises(ValueError, match="drop self_keys"):
+        probe.record(tiny, "a red circle", self_store="qk", self_keys=4, **kw)
+    with pytest.raises(ValueError, match="'maps' or 'qk'"):
+        probe.record(tiny, "a red circle", self_store="q", **kw)
+
+
 def test_zarr_stream_and_netcdf_round_trips(tiny, tmp_path):
     kwargs = dict(seeds=[0, 1, 2], steps=2, layers=[16], batch_size=2, progress=False)
     memory = probe.record(tiny, ["a cat", "a red circle"], **kwargs)

@@ -77,6 +77,13 @@ class Consumer:
         """``probs``: (batch, heads, image queries, keys) of the call's layer kind. Return a replacement or None."""
         return None
 
+    def reads_qk(self, call: Call) -> bool:
+        """True where this consumer wants the scores' inputs (:meth:`on_qk`) instead of the probabilities."""
+        return False
+
+    def on_qk(self, call: Call, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
+        """q of the call's query rows and all keys, (batch, heads, tokens, dim), as the model scores them."""
+
     def on_step(self, step: int, timestep: float) -> None:
         """Called when the pipeline's loop reaches a new step."""
 
@@ -113,16 +120,31 @@ class _Intercept:
     branch) go to the real functions."""
 
     def __init__(self, attn, calls: list[tuple[Call, list[Consumer]]], split):
-        self.attn, self.calls, self.split = attn, calls, split
+        self.attn, self.split = attn, split
+        self.calls = [(call, probs) for call, cs in calls if (probs := [c for c in cs if not c.reads_qk(call)])]
+        self.qk_calls = [(call, qk) for call, cs in calls if (qk := [c for c in cs if c.reads_qk(call)])]
         self.fired = False
+
+    def hand_qk(self, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
+        """q of the call's query rows and every key, (batch, heads, tokens, dim), to consumers that read q and k."""
+        for call, consumers in self.qk_calls:
+            rows, _ = self.split.block(call.layer.kind)
+            for consumer in consumers:
+                consumer.on_qk(call, query[..., rows, :], key, scale)
 
     def sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         if self.fired:
             return _REAL_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                               scale=scale, enable_gqa=enable_gqa)
         if is_causal or dropout_p or enable_gqa:
-            raise TapError(f"{self.calls[0][0].layer.name}: causal, dropout or grouped-query attention is not "
-                           "something the tap computes explicitly")
+            raise TapError(f"{(self.calls or self.qk_calls)[0][0].layer.name}: causal, dropout or grouped-query "
+                           "attention is not something the tap computes explicitly")
+        if self.qk_calls and attn_mask is not None:
+            raise TapError(f"{self.qk_calls[0][0].layer.name}: a masked softmax cannot be rebuilt from q and k alone")
+        self.hand_qk(query, key, query.shape[-1] ** -0.5 if scale is None else scale)
+        if not self.calls:  # q and k were all that was wanted: the kernel runs as it would have
+            self.fired = True
+            return _REAL_SDPA(query, key, value, scale=scale)
         read_only = not any(c.replaces for _, consumers in self.calls for c in consumers)
         if read_only and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)):
             fused = _fused_with_lse(query, key, value, attn_mask, scale)
@@ -165,8 +187,16 @@ class _Intercept:
         """``Attention.get_attention_scores``: (batch·heads, queries, keys) probabilities."""
         if self.fired:
             return type(self.attn).get_attention_scores(self.attn, query, key, attention_mask)
-        probs = type(self.attn).get_attention_scores(self.attn, query, key, attention_mask)
         heads = self.attn.heads
+        if self.qk_calls:
+            if attention_mask is not None:
+                raise TapError(f"{self.qk_calls[0][0].layer.name}: a masked softmax cannot be rebuilt from q and k")
+            self.hand_qk(query.view(-1, heads, *query.shape[1:]), key.view(-1, heads, *key.shape[1:]),
+                         self.attn.scale)
+        probs = type(self.attn).get_attention_scores(self.attn, query, key, attention_mask)
+        if not self.calls:
+            self.fired = True
+            return probs
         shaped = probs.view(-1, heads, *probs.shape[1:])
         return self.consume(shaped).reshape(probs.shape)
 
