@@ -68,19 +68,18 @@ class Plan:
         return layer.heads if self.heads == "all" else len(self.heads)
 
     def group_shape(self, group: str) -> tuple[int, ...]:
-        """Per-sample shape of a group's ``attn``: (step, layer, [head], queries, keys) with queries y, x (image),
-        point (chosen self-attention queries) or token (text), keys token, ky, kx (self) or y, x (text_image)."""
-        layers = self.groups[group]
-        heads = self.head_count(layers[0])
-        kind = layers[0].kind
-        queries = {"cross": layers[0].grid, "self": layers[0].grid if self.self_queries is None
-                   else (len(self.self_queries),)}.get(kind, (self.n_tokens,))
-        keys = {"cross": (self.n_tokens,), "self": self.key_grid(layers[0]), "text_image": layers[0].grid,
-                "text_text": (self.n_tokens,)}[kind]
-        return (len(self.steps), len(layers), *((heads,) if heads else ()), *queries, *keys)
+        """Per-sample shape of a group's ``attn``, in the order of :meth:`dims` (sample dropped)."""
+        layer = self.groups[group][0]
+        (h, w), (kh, kw) = layer.grid, self.key_grid(layer) if layer.kind == "self" else layer.grid
+        size = {"step": len(self.steps), "layer": len(self.groups[group]), "head": self.head_count(layer),
+                "point": len(self.self_queries or ()), "token": self.n_tokens, "key_token": self.n_tokens,
+                "y": h, "x": w, "ky": kh, "kx": kw}
+        return tuple(size[d] for d in self.dims(group)[1:])
 
     def dims(self, group: str) -> tuple[str, ...]:
-        """The dims of a group's ``attn`` (as :meth:`group_shape`), sample first."""
+        """The dims of a group's ``attn``, sample first: (sample, step, layer, [head], queries, keys) with queries
+        y, x (image), point (chosen self-attention queries) or token (text), keys token, ky, kx (self) or y, x
+        (text_image)."""
         layers = self.groups[group]
         kind = layers[0].kind
         heads = ("head",) if self.head_count(layers[0]) else ()
@@ -322,6 +321,13 @@ class Recorder(Consumer):
         return {g: b.cpu().numpy() for g, b in self.buffers.items()}
 
 
+def _step_and_layer_coords(plan: Plan, layers: list[Layer], sample: dict, timesteps) -> dict:
+    """The coordinates every group shares: the samples, the kept steps with their timesteps, the layers."""
+    return {**sample, "step": plan.steps, "timestep": ("step", [float(timesteps[s]) for s in plan.steps]),
+            "layer": np.array([layer.name for layer in layers], dtype=object),
+            "block": ("layer", np.array([layer.block for layer in layers], dtype=object))}
+
+
 def _datasets(plan: Plan, batch: slice, arrays: dict[str, np.ndarray], images: np.ndarray, timesteps) -> dict:
     """One batch as a dict group → xr.Dataset, with the coordinates of DESIGN's schema."""
     index = np.arange(batch.start, batch.stop)
@@ -338,14 +344,8 @@ def _datasets(plan: Plan, batch: slice, arrays: dict[str, np.ndarray], images: n
         kind = layers[0].kind
         dims = plan.dims(group)
         points = "point" in dims
-        coords = {
-            **sample,
-            "step": plan.steps,
-            "timestep": ("step", [float(timesteps[s]) for s in plan.steps]),
-            "layer": np.array([layer.name for layer in layers], dtype=object),
-            "block": ("layer", np.array([layer.block for layer in layers], dtype=object)),
-            **({"y": np.arange(h), "x": np.arange(w)} if "y" in dims else {}),
-        }
+        coords = {**_step_and_layer_coords(plan, layers, sample, timesteps),
+                  **({"y": np.arange(h), "x": np.arange(w)} if "y" in dims else {})}
         if points:
             cells = plan.query_cells(layers[0])
             coords.update(point=np.arange(len(cells)), query_y=("point", [c[0] for c in cells]),
@@ -376,9 +376,7 @@ def _qk_dataset(plan: Plan, group: str, arrays: dict[str, np.ndarray], sample: d
     layers = plan.groups[group]
     h, w = layers[0].grid
     heads, dim = plan.qk[group]
-    coords = {**sample, "step": plan.steps, "timestep": ("step", [float(timesteps[s]) for s in plan.steps]),
-              "layer": np.array([layer.name for layer in layers], dtype=object),
-              "block": ("layer", np.array([layer.block for layer in layers], dtype=object)),
+    coords = {**_step_and_layer_coords(plan, layers, sample, timesteps),
               "scale": ("layer", [plan.qk_scale[layer.name] for layer in layers]),
               "head": np.arange(heads), "y": np.arange(h), "x": np.arange(w), "ky": np.arange(h), "kx": np.arange(w),
               "dim": np.arange(dim)}

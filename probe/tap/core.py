@@ -125,8 +125,10 @@ class _Intercept:
         self.qk_calls = [(call, qk) for call, cs in calls if (qk := [c for c in cs if c.reads_qk(call)])]
         self.fired = False
 
-    def hand_qk(self, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
+    def hand_qk(self, query: torch.Tensor, key: torch.Tensor, scale: float, mask) -> None:
         """q of the call's query rows and every key, (batch, heads, tokens, dim), to consumers that read q and k."""
+        if self.qk_calls and mask is not None:
+            raise TapError(f"{self.qk_calls[0][0].layer.name}: a masked softmax cannot be rebuilt from q and k alone")
         for call, consumers in self.qk_calls:
             rows, _ = self.split.block(call.layer.kind)
             for consumer in consumers:
@@ -139,9 +141,7 @@ class _Intercept:
         if is_causal or dropout_p or enable_gqa:
             raise TapError(f"{(self.calls or self.qk_calls)[0][0].layer.name}: causal, dropout or grouped-query "
                            "attention is not something the tap computes explicitly")
-        if self.qk_calls and attn_mask is not None:
-            raise TapError(f"{self.qk_calls[0][0].layer.name}: a masked softmax cannot be rebuilt from q and k alone")
-        self.hand_qk(query, key, query.shape[-1] ** -0.5 if scale is None else scale)
+        self.hand_qk(query, key, query.shape[-1] ** -0.5 if scale is None else scale, attn_mask)
         if not self.calls:  # q and k were all that was wanted: the kernel runs as it would have
             self.fired = True
             return _REAL_SDPA(query, key, value, scale=scale)
@@ -165,9 +165,9 @@ class _Intercept:
             rows, keys = self.split.block(call.layer.kind)
             if rows is None or keys is None:
                 continue
-            # in place and with the scale on q (queries × dim, not queries × keys): the block is as large as the
-            # attention itself, so every extra pass over it costs as much as a kernel
-            q, k = query[..., rows, :].float() * scale, key[..., keys, :].float()
+            # in place and with the scale and log₂e on q (queries × dim, not queries × keys): the block is as large
+            # as the attention itself, so every extra pass over it costs as much as a kernel
+            q, k = query[..., rows, :].float() * (scale * LOG2E), key[..., keys, :].float()
             m = None if mask is None else mask.float().expand(*query.shape[:2], -1, -1)[..., rows, keys]
             floor = lse[..., rows, None].float()
             if all(c.mean_heads for c in consumers):  # one head at a time, summed: the block stays in cache
@@ -189,10 +189,8 @@ class _Intercept:
             return type(self.attn).get_attention_scores(self.attn, query, key, attention_mask)
         heads = self.attn.heads
         if self.qk_calls:
-            if attention_mask is not None:
-                raise TapError(f"{self.qk_calls[0][0].layer.name}: a masked softmax cannot be rebuilt from q and k")
             self.hand_qk(query.view(-1, heads, *query.shape[1:]), key.view(-1, heads, *key.shape[1:]),
-                         self.attn.scale)
+                         self.attn.scale, attention_mask)
         probs = type(self.attn).get_attention_scores(self.attn, query, key, attention_mask)
         if not self.calls:
             self.fired = True
@@ -223,12 +221,12 @@ LOG2E = 1.4426950408889634
 
 
 def _exp_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, floor: torch.Tensor) -> torch.Tensor:
-    """exp(q·kᵀ + mask − logsumexp) (q already scaled) as 2^(log₂e·(…)): the bias added inside the matmul and
-    exp2 in place (about 2.5× faster than exp on a CPU), log₂e folded into q and the bias."""
+    """exp(q·kᵀ·scale + mask − logsumexp) as 2^(…·log₂e), ``q`` already multiplied by scale·log₂e: the bias added
+    inside the matmul and exp2 in place (about 2.5× faster than exp on a CPU)."""
     lead, n_q, n_k = q.shape[:-2], q.shape[-2], k.shape[-2]
     bias = (-floor if mask is None else mask - floor) * LOG2E  # (…, queries, 1 | keys)
     bias = bias.expand(*lead, *bias.shape[-2:]).reshape(-1, *bias.shape[-2:])
-    scores = torch.baddbmm(bias, (q * LOG2E).reshape(-1, n_q, q.shape[-1]),
+    scores = torch.baddbmm(bias, q.reshape(-1, n_q, q.shape[-1]),
                            k.reshape(-1, n_k, k.shape[-1]).transpose(-1, -2))
     return torch.exp2_(scores).view(*lead, n_q, n_k)
 
