@@ -30,13 +30,14 @@ from probe.shapes.world import Shape, render
 ROOT = Path(__file__).resolve().parents[1]
 LAB = ROOT / "notebooks" / "lab"
 TWO, THREE = "a red circle and a blue square", "a red ellipse and a green triangle and a yellow square"
-STEPS = 8  # enough for the two-object images to come out both ways (all present, mixed)
+STEPS = 8
+SEEDS = [0, 1, 2, 8]  # the built-in model at 8 steps: the two-object prompt loses its circle on three, not on seed 8
 
 
 @pytest.fixture(scope="module")
 def tree():
-    """Two prompts × four seeds, every kind: the two-object images split into all present and mixed."""
-    return probe.record(probe.load("shapes"), [TWO, THREE], seeds=[0, 1, 2, 3], steps=STEPS, progress=False)
+    """Two prompts × four seeds, every kind: the two-object images come out both ways (all present, not)."""
+    return probe.record(probe.load("shapes"), [TWO, THREE], seeds=SEEDS, steps=STEPS, progress=False)
 
 
 def _status(result):

@@ -182,14 +182,14 @@ def test_attribute_noise_swaps_two_colours_and_leaves_them_ungrounded():
         # the image holds each noun in the other one's colour: pixel colour under object k is the swapped colour
         if c1 == c2:
             continue
-        assert words == [(s1,), (s2,), (c1,), (c2,)] and drawn == [True, True, False, False]
+        assert words == [(s1,), (s2,), (c1,), (c2,)] and drawn == [True, True, None, None]
         ids = tok([caption_], padding="max_length", max_length=M.MAX_TOKENS, return_tensors="pt").input_ids
-        from probe.shapes.grounding import token_objects
+        from probe.shapes.grounding import UNSUPERVISED, token_objects
 
         assign = token_objects(tok, [words], [drawn], ids)[0]
         texts = tok.convert_ids_to_tokens(ids[0])
         assert {texts[j] for j in range(M.MAX_TOKENS) if assign[j] > 0} == {f"{s1}</w>", f"{s2}</w>"}
-        assert {texts[j] for j in range(M.MAX_TOKENS) if assign[j] < 0} == {f"{c1}</w>", f"{c2}</w>"}
+        assert {texts[j] for j in range(M.MAX_TOKENS) if assign[j] == UNSUPERVISED} == {f"{c1}</w>", f"{c2}</w>"}
         from probe.shapes.world import COLOURS
 
         rgb = ((image.permute(1, 2, 0) + 1) * 127.5).round()
@@ -249,7 +249,7 @@ def test_own_mass_and_grounding_loss_by_hand():
 
 
 def test_token_objects_find_words_where_left_padding_puts_them():
-    from probe.shapes.grounding import token_objects
+    from probe.shapes.grounding import ABSENT, token_objects
 
     tok = M.tokenizer(padding_side="left")
     ids = tok(["a red circle and a blue square"], padding="max_length", max_length=M.MAX_TOKENS,
@@ -257,7 +257,7 @@ def test_token_objects_find_words_where_left_padding_puts_them():
     assign = token_objects(tok, [[("red", "circle"), ("blue", "square")]], [[True, False]], ids)
     words = tok.convert_ids_to_tokens(ids[0])
     assert {words[j] for j in range(M.MAX_TOKENS) if assign[0, j] == 1} == {"red</w>", "circle</w>"}
-    assert {words[j] for j in range(M.MAX_TOKENS) if assign[0, j] == -1} == {"blue</w>", "square</w>"}
+    assert {words[j] for j in range(M.MAX_TOKENS) if assign[0, j] == ABSENT} == {"blue</w>", "square</w>"}
     assert assign[0, : M.MAX_TOKENS - 9].eq(0).all()  # the padding, before the start token
 
 
@@ -285,3 +285,30 @@ def test_the_testbed_recipe_trains_resumes_with_its_data_and_exports_a_masked_le
     image = pipe("a red circle", num_inference_steps=2, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+
+
+def test_absent_term_is_the_squared_object_mass_of_a_named_but_absent_word():
+    from probe.shapes.grounding import ABSENT, grounding_loss
+
+    labels = torch.zeros(1, 16, 16, dtype=torch.long)
+    labels[:, :8] = 1  # object 1 fills the top half
+    absent = torch.zeros(1, 256, 1)
+    absent[:, 96:160] = 1 / 64  # a quarter of the grid: half of it on the object, half on the background
+    loss = grounding_loss([absent], labels, torch.tensor([[ABSENT]]), 1, absent=2.0)
+    assert float(loss) == pytest.approx(2.0 * 0.5 ** 2)
+    assert float(grounding_loss([absent], labels, torch.tensor([[ABSENT]]), 1)) == 0.0  # weight 0: no term
+
+
+def test_colour_grounding_share_grounds_colour_words_in_that_share_of_captions():
+    from probe.shapes.grounding import token_objects
+    from probe.shapes.train import _images
+
+    cfg = TrainConfig(object_weights=(0.0, 1.0), distinct_shapes=True, ground_colours=0.5)
+    batch = _images(3, 0, 400, cfg)
+    tok = M.tokenizer(padding_side="left")
+    ids = tok(batch.captions, padding="max_length", max_length=M.MAX_TOKENS, return_tensors="pt").input_ids
+    assign = token_objects(tok, batch.words, batch.drawn, ids)
+    grounded_per_caption = (assign > 0).sum(1)  # 2 nouns, plus 2 colour words where colours are grounded
+    assert set(grounded_per_caption.tolist()) <= {2, 4}
+    share = float((grounded_per_caption == 4).float().mean())
+    assert 0.43 < share < 0.57  # 400 Bernoulli(0.5) draws: ± 3.5 standard errors

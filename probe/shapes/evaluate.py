@@ -259,6 +259,10 @@ SAMPLER_TEXT = {  # the card's words for each prediction type (see probe.shapes.
 MASK_TEXT = " with the attention mask passed (use_attention_mask)"
 
 
+def _absent(weight: float) -> str:
+    return (f"the words of a named-but-absent object kept off every object (weight {weight}); " if weight else "")
+
+
 def _shares(noise) -> str:
     """A caption-noise setting in words: one share, or one per scene size."""
     if isinstance(noise, (list, tuple)):
@@ -319,7 +323,8 @@ def write_card(folder, metrics: dict, training: dict) -> str:
               f"{', no noun repeated within a caption' if data.get('distinct_shapes') else ''}; "
               f"{_shares(data.get('caption_noise', 0))} of multi-object captions name one object the image lacks; "
               f"{data.get('attribute_noise', 0):.0%} swap two objects' colour words; grounding of "
-              f"{'colour words and nouns' if data.get('ground_colours', True) else 'nouns only'}, "
+              f"nouns, and colour words in {float(data.get('ground_colours', 1.0)):.0%} of captions; "
+              f"{_absent(data.get('absent_weight', 0))}"
               f"{data.get('caption_dropout', 0.1):.0%} empty captions; cross-attention grounding weight "
               f"{data.get('grounding_weight', 0)}") if data else "scenes of 1–3 objects, 10% empty captions"
     return f"""# The built-in shapes model

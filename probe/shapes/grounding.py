@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from probe.tap import attention_probs
 
 GRIDS = (16, 8)  # attention grids (side) at which grounding is trained and read
+UNSUPERVISED, ABSENT = -1, -2  # token_objects' codes beside k+1 (object k) and 0 (no object word)
 
 
 class CrossCapture:
@@ -65,10 +66,11 @@ def grid_masks(labels: torch.Tensor, objects: int, side: int) -> torch.Tensor:
     return (share >= 0.5).float().flatten(2).transpose(1, 2)
 
 
-def token_objects(tokenizer, words: list[list[tuple[str, ...]]], drawn: list[list[bool]],
+def token_objects(tokenizer, words: list[list[tuple[str, ...]]], drawn: list[list[bool | None]],
                   ids: torch.Tensor) -> torch.Tensor:
     """(batch, tokens) int8: k+1 where a token is one of ``words[b][k]`` (object k's colour word, noun…) and
-    the image holds object k, −1 where the caption names an object the image lacks (no supervision), else 0.
+    the image holds object k (``drawn`` True), :data:`ABSENT` where the caption names an object the image lacks
+    (False), :data:`UNSUPERVISED` for words whose grounding is unknown (None), else 0. Later entries win.
 
     Positions come from the tokenizer's own ids (left padding moves them with the caption's length).
     """
@@ -83,7 +85,7 @@ def token_objects(tokenizer, words: list[list[tuple[str, ...]]], drawn: list[lis
                     raise ValueError(f"{word!r} is not one token of the shapes tokenizer")
                 for j, t in enumerate(row):
                     if t == token:
-                        out[b, j] = k + 1 if here else -1
+                        out[b, j] = k + 1 if here else ABSENT if here is False else UNSUPERVISED
     return out
 
 
@@ -99,24 +101,30 @@ def own_mass(maps: torch.Tensor, masks: torch.Tensor, assign: torch.Tensor) -> t
 
 
 def grounding_loss(maps: list[torch.Tensor], labels: torch.Tensor, assign: torch.Tensor, objects: int,
-                   coverage: float = 0.0) -> torch.Tensor:
+                   coverage: float = 0.0, absent: float = 0.0) -> torch.Tensor:
     """Mean over the grids in :data:`GRIDS` and supervised tokens of (1 − own mass)², plus ``coverage`` × the
     per-pixel binary cross-entropy between each map (scaled to peak 1) and its object's mask, TokenCompose's two
-    terms: the first puts a word's mass on its object, the second spreads it over all of the object."""
-    supervised = assign > 0
+    terms: the first puts a word's mass on its object, the second spreads it over all of the object. ``absent`` ×
+    (mass on any object)² for the words of objects the caption names and the image lacks: a weak word map then
+    means a missing object, the premise of Attend-and-Excite."""
+    supervised, missing = assign > 0, assign == ABSENT
     losses = []
     for m in maps:
         side = round(m.shape[1] ** 0.5)
-        if side not in GRIDS or not supervised.any():
+        if side not in GRIDS or not (supervised.any() or (absent and missing.any())):
             continue
         masks = grid_masks(labels, objects, side)
-        loss = ((1 - own_mass(m, masks, assign)) ** 2)[supervised].mean()
+        loss = ((1 - own_mass(m, masks, assign)) ** 2)[supervised].mean() if supervised.any() else m.new_zeros(())
+        if absent and missing.any():
+            spread = m / m.sum(1, keepdim=True).clamp_min(1e-12)
+            on_objects = torch.einsum("bqt,bq->bt", spread, masks.amax(-1))
+            loss = loss + absent * (on_objects ** 2)[missing].mean()
         if coverage:
             onehot = F.one_hot(assign.long().clamp(0, objects), objects + 1)[..., 1:].float()
             target = torch.einsum("bqk,btk->bqt", masks, onehot)
             peak = (m / m.amax(1, keepdim=True).clamp_min(1e-12)).clamp(1e-6, 1 - 1e-6)
             pixel = F.binary_cross_entropy(peak, target, reduction="none").mean(1)
-            loss = loss + coverage * pixel[supervised].mean()
+            loss = loss + coverage * pixel[supervised].mean() if supervised.any() else loss
         losses.append(loss)
     return torch.stack(losses).mean() if losses else maps[0].new_zeros(())
 

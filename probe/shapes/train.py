@@ -41,7 +41,9 @@ class TrainConfig:
     attribute_noise: float = 0.0  # share of multi-object captions that swap two objects' colour words
     grounding_weight: float = 0.0  # weight of the cross-attention grounding term (probe.shapes.grounding)
     coverage_weight: float = 0.0  # weight of its per-pixel term (maps cover their whole object)
-    ground_colours: bool = True  # ground colour words as well as nouns (False: nouns only, as TokenCompose)
+    ground_colours: float = 1.0  # share of captions whose colour words are grounded as well as their nouns
+    # (0: nouns only, as TokenCompose; between: colour words bind partly through the text encoder alone)
+    absent_weight: float = 0.0  # weight of the term that puts a named-but-absent object's words off every object
     pool_size: int = 40_000  # pre-rendered scenes whose latents are cached
     vae_steps: int = 700
     vae_batch_size: int = 16
@@ -52,7 +54,7 @@ class TrainConfig:
 
 
 DATA_FIELDS = ("object_weights", "distinct_shapes", "caption_noise", "attribute_noise", "grounding_weight",
-               "coverage_weight", "ground_colours", "caption_dropout")
+               "coverage_weight", "ground_colours", "absent_weight", "caption_dropout")
 
 # The testbed recipe: what the shipped model is trained with (the model card says why each part is there).
 TESTBED = TrainConfig(
@@ -75,14 +77,15 @@ class Batch:
     captions: list[str]
     labels: torch.Tensor  # (n, H, W) uint8: 0 background, k = the caption's k-th object
     words: list[list[tuple[str, str]]]  # (colour, shape) per caption object
-    drawn: list[list[bool]]  # whether the image holds each caption object
+    drawn: list[list[bool | None]]  # whether the image holds each entry of ``words`` (None: not supervised)
 
 
 def _images(seed: int, start: int, n: int, cfg: TrainConfig) -> Batch:
     """Render scenes ``start … start+n`` of a seeded stream. With ``cfg.caption_noise`` a share of multi-object
     scenes leave one captioned object out of the image, as web captions name what a photo lacks; with
     ``cfg.attribute_noise`` a share of captions give two objects each other's colour, as web captions misbind
-    attributes (those colour words get no grounding)."""
+    attributes (those colour words get no grounding); ``cfg.ground_colours`` is the share of captions whose colour
+    words are grounded."""
     rng = np.random.default_rng([seed, 10**6 + start])
     counts = rng.choice(np.arange(1, len(cfg.object_weights) + 1), size=n, p=cfg.object_weights)
     by_size = np.broadcast_to(np.asarray(cfg.caption_noise, float), (len(cfg.object_weights),))
@@ -90,6 +93,7 @@ def _images(seed: int, start: int, n: int, cfg: TrainConfig) -> Batch:
     dropped = rng.integers(0, 1 << 30, n)
     swapped = rng.random(n) < cfg.attribute_noise if cfg.attribute_noise else np.zeros(n, bool)
     pairs = rng.integers(0, 1 << 30, (n, 2))
+    colours_grounded = rng.random(n) < float(cfg.ground_colours)
     imgs, labels, caps, words, drawn = [], [], [], [], []
     for i, k in enumerate(counts):
         scene = scene_for(seed, start + i, int(k), distinct_shapes=cfg.distinct_shapes)
@@ -106,11 +110,11 @@ def _images(seed: int, start: int, n: int, cfg: TrainConfig) -> Batch:
             b = (a + 1 + pairs[i, 1] % (len(scene) - 1)) % len(scene)
             said[a], said[b] = replace(scene[a], colour=scene[b].colour), replace(scene[b], colour=scene[a].colour)
         caps.append(caption(said))
-        grounded = [(s.colour, s.shape) if s.colour == o.colour and cfg.ground_colours else (s.shape,)
+        grounded = [(s.colour, s.shape) if s.colour == o.colour and colours_grounded[i] else (s.shape,)
                     for s, o in zip(said, scene)]
         words.append(grounded + [(s.colour,) for s, o in zip(said, scene)  # misbound or ungrounded colours
-                                 if s.colour != o.colour or not cfg.ground_colours])
-        drawn.append(keep + [False] * (len(words[-1]) - len(scene)))
+                                 if s.colour != o.colour or not colours_grounded[i]])
+        drawn.append(keep + [None] * (len(words[-1]) - len(scene)))
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
     return Batch(x, caps, torch.from_numpy(np.stack(labels)), words, drawn)
 
@@ -245,7 +249,7 @@ class Trainer:
             with capture_cross(self.unet) as maps:
                 pred = self.unet(xt, t, emb).sample
             ground = grounding_loss(maps, labels[idx].to(self.dev), assign.to(self.dev), len(c.object_weights),
-                                    c.coverage_weight)
+                                    c.coverage_weight, c.absent_weight)
         else:
             pred, ground = self.unet(xt, t, emb).sample, torch.zeros((), device=self.dev)
         loss = F.mse_loss(pred, self.target(x0, noise, t))
