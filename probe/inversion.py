@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from probe.checks import step_count
 from probe.models import denoiser, latent_size, load
-from probe.pipelines import conditioned, noise_sigma, set_schedule
+from probe.pipelines import conditioned, noise_sigma, set_schedule, unet_conditioning
 from probe.tap import family_of
 
 PIXEL_MAX = 255.0  # PSNR on 8-bit images
@@ -85,23 +85,6 @@ def _check_size(image: np.ndarray, size: tuple[int, int]) -> None:
 
 NULL_TEXT_STEPS = 10  # Adam iterations per denoising step (Mokady et al.'s N)
 NULL_TEXT_LR = 1e-2
-
-
-def _text_conditioning(pipe, prompt: str, size: tuple[int, int]) -> tuple[torch.Tensor, dict]:
-    """Conditional text embeddings (no CFG) and the extra denoiser kwargs (SDXL's added conditions)."""
-    device = pipe._execution_device
-    if hasattr(pipe, "text_encoder_2"):  # SDXL: two encoders, pooled embeddings and size conditions
-        embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
-                                                  do_classifier_free_guidance=False)
-        projection = (int(pooled.shape[-1]) if pipe.text_encoder_2 is None
-                      else pipe.text_encoder_2.config.projection_dim)
-        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype,
-                                          text_encoder_projection_dim=projection).to(device)
-        return embeds, {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
-    if not hasattr(pipe, "encode_prompt"):
-        raise TypeError(f"invert supports Stable Diffusion (1.x/2.x, XL) pipelines, not {type(pipe).__name__}")
-    embeds, _ = pipe.encode_prompt(prompt, device, 1, False)
-    return embeds, {}
 
 
 def _ddim_alphas(scheduler: DDIMScheduler) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,7 +239,7 @@ def ddim_invert(pipe, image, prompt: str = "", steps: int = 50, *, height: int |
     size = _image_size(pipe, height, width)
     latent = encode(pipe, image, *size)[None]
     device = latent.device
-    embeds, extra = _text_conditioning(pipe, prompt, size)
+    embeds, extra = unet_conditioning(pipe, prompt, *size)
     scheduler.set_timesteps(steps, device=device)
     timesteps, alphas = _ddim_alphas(scheduler)
     net = denoiser(pipe)
@@ -286,8 +269,8 @@ def null_text_inversion(pipe, inversion: Inversion, guidance_scale: float, inner
     scheduler.set_timesteps(inversion.steps, device=inversion.latents.device)
     timesteps, alphas = _ddim_alphas(scheduler)
     with torch.no_grad():
-        cond, _ = _text_conditioning(pipe, inversion.prompt, size)
-        null = _text_conditioning(pipe, "", size)[0]
+        cond, _ = unet_conditioning(pipe, inversion.prompt, *size)
+        null = unet_conditioning(pipe, "", *size)[0]
     prediction = scheduler.config.prediction_type
 
     def guided_step(latent: torch.Tensor, i: int, uncond: torch.Tensor, cond_out: torch.Tensor) -> torch.Tensor:

@@ -46,20 +46,28 @@ def conditioned(pipe, prompt: str, height: int, width: int, max_sequence_length:
                            pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
                            img_ids=image_ids, return_dict=False)[0]
             return call
-        if hasattr(pipe, "text_encoder_2"):  # SDXL: pooled text embeddings and size ids as well
-            embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, do_classifier_free_guidance=False)
-            proj = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 else int(pooled.shape[-1])
-            ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), embeds.dtype, proj).to(device)
-            extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}}
-        else:
-            embeds, _ = pipe.encode_prompt(prompt, device, 1, False)
-            extra = {}
+        embeds, extra = unet_conditioning(pipe, prompt, height, width)
 
     def call(latents, t):
         scheduler = pipe.scheduler
         model_input = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
         return net(model_input, t, encoder_hidden_states=embeds, return_dict=False, **extra)[0]
     return call
+
+
+def unet_conditioning(pipe, prompt: str, height: int, width: int) -> tuple[torch.Tensor, dict]:
+    """A UNet pipeline's conditional text embeddings (no CFG) and its extra denoiser kwargs (SDXL's pooled
+    embeddings and size ids)."""
+    device = pipe._execution_device
+    if hasattr(pipe, "text_encoder_2"):
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, do_classifier_free_guidance=False)
+        proj = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 else int(pooled.shape[-1])
+        ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), embeds.dtype, proj).to(device)
+        return embeds, {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}}
+    if not hasattr(pipe, "encode_prompt"):
+        raise TypeError(f"{type(pipe).__name__} has no encode_prompt: a Stable Diffusion (1.x/2.x, XL) pipeline "
+                        "is needed here")
+    return pipe.encode_prompt(prompt, device, 1, False)[0], {}
 
 
 def noise_sigma(pipe) -> float:

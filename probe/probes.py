@@ -120,6 +120,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         the probe is scored on layouts it never saw."""
         X, y = np.asarray(X, np.float64), np.asarray(y)
         classes, counts = np.unique(y, return_counts=True)
+        chance = float(counts.max() / len(y))  # the majority class's share of the samples
         if groups is not None:
             groups = np.asarray(groups).astype(str)
             counts = np.array([len(set(groups[y == c])) for c in classes])
@@ -134,7 +135,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         predicted = cross_val_predict(self._pipeline(), X, y, cv=split, groups=groups)
         correct = int((predicted == y).sum())
         low, high = wilson_interval(correct, len(y), self.confidence)
-        return ProbeScore(correct / len(y), low, high, float(counts.max() / len(y)), len(y), len(classes), folds)
+        return ProbeScore(correct / len(y), low, high, chance, len(y), len(classes), folds)
 
 
 # -- features from a recording -------------------------------------------------------------------------------------

@@ -150,3 +150,4 @@ def test_grouped_cross_validation_never_splits_a_group():
     grouped = LinearProbe().cross_validate(X, y, groups)
     assert plain.accuracy > 0.9  # images of a seen group leak its label across the split
     assert grouped.accuracy < 0.8  # unseen groups: no better than the group-level signal allows
+    assert plain.chance == grouped.chance == 0.5  # the majority class's share of samples, whether grouped or not
