@@ -199,14 +199,14 @@ def cmd_evaluate_shapes(args) -> None:
 
     pipe = probe.load(args.model)
     if args.pilot:
-        print(json.dumps(evaluate.pilot(pipe), indent=1))
-        return
-    reference = probe.load(args.reference) if args.reference else None
-    metrics = evaluate.evaluate_model(pipe, quick=args.quick, reference=reference)
-    if args.control:
+        metrics = evaluate.pilot(pipe)
+    else:
+        reference = probe.load(args.reference) if args.reference else None
+        metrics = evaluate.evaluate_model(pipe, quick=args.quick, reference=reference)
+    if args.control:  # a pilot is read with the control too: the control is what a design can break
         metrics["positive_control"] = evaluate.positive_control(pipe, args.control, out=args.control_out)
     print(json.dumps(metrics, indent=1))
-    if args.card:
+    if args.card and not args.pilot:
         folder = Path(args.model if Path(args.model).is_dir() else probe.models.BUILTIN[args.model])
         training = json.loads((folder / "training.json").read_text())
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
