@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from probe.models import BUILTIN, load
+from probe.studies.answers import ANSWERS
 from probe.studies.common import QUICK_STEPS, TABLE_FLOAT_FORMAT, model_label
 from probe.studies.editing import edit_headline, edit_study
 from probe.studies.guidance import guidance_headline, guidance_study
@@ -72,8 +73,9 @@ def _text(row, name: str) -> str | None:
 
 
 def write_index(out: str | Path) -> Path:
-    """``out/README.md``: each study present in ``timing.csv``, what it ran on, its rerun command, figures and
-    headline table, all read back from the files the studies wrote (so it never disagrees with them)."""
+    """``out/README.md``: each study present in ``timing.csv``, what it ran on, its rerun command, figures, its
+    answer in one sentence (:mod:`probe.studies.answers`) and headline table, all read back from the files the
+    studies wrote (so it never disagrees with them)."""
     out = Path(out)
     timing = pd.read_csv(out / "timing.csv")
     parts = ["# Figures and tables of the studies", "",
@@ -92,7 +94,10 @@ def write_index(out: str | Path) -> Path:
         parts += [f"![{name}]({name}.png)" for name in STUDY_FIGURES[row.study] if (out / f"{name}.png").exists()]
         headline = out / f"headline_{row.study}.csv"
         if headline.exists():
-            parts += ["", _markdown(pd.read_csv(headline))]
+            table = pd.read_csv(headline)
+            if len(table):
+                parts += ["", f"**Answer.** {ANSWERS[row.study](table)}"]
+            parts += ["", _markdown(table)]
     path = out / "README.md"
     path.write_text("\n".join(parts) + "\n")
     return path

@@ -1,0 +1,144 @@
+"""Each study's answer in one sentence, read from its headline table, so that it never disagrees with the numbers
+and is written whatever the numbers say (a null result, a failed manipulation check, a control not met)."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from probe.studies.guidance import BASELINE, POOLED
+
+LAYOUT_TARGETS = ("position", "extent", "size", "judge_shape")  # where and shape: what FPE says self-attention holds
+
+
+def _points(value: float) -> str:
+    return f"{100 * value:+.1f} points"
+
+
+def _interval(low: float, high: float) -> str:
+    return f"[{100 * low:+.1f}, {100 * high:+.1f}]"
+
+
+def _clear(low: float, high: float) -> bool:
+    return low > 0 or high < 0
+
+
+def _p(value) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f", Holm p = {value:.3g}"
+
+
+def _row(table: pd.DataFrame, **match) -> pd.Series | None:
+    rows = table
+    for key, value in match.items():
+        rows = rows[rows[key] == value]
+    return rows.iloc[0] if len(rows) else None
+
+
+def _without_initno(headline: pd.DataFrame) -> pd.DataFrame:
+    """The rows without INITNO where there are any (the comparisons a reader meets first)."""
+    if "initno" not in headline:
+        return headline
+    plain = headline[~headline.initno.astype(str).str.lower().eq("true")]
+    return plain if len(plain) else headline
+
+
+def guidance_answer(headline: pd.DataFrame) -> str:
+    """The positive control (A&E vs none), then the pooled overlap methods vs A&E on missing and mixing, with their
+    manipulation check (how often the objective fell, how far the maps moved from unguided generation by the end)."""
+    table = _without_initno(headline)
+    none, pooled = _row(table, method="none"), _row(table, method=POOLED)
+    parts = []
+    if none is not None and not math.isnan(none[f"diff_vs_{BASELINE}"]):
+        effect, low, high = -none[f"diff_vs_{BASELINE}"], -none.diff_ci_high, -none.diff_ci_low
+        held = high < 0
+        parts.append(f"Attend-and-Excite changed missing by {_points(effect)} {_interval(low, high)} against no "
+                     f"guidance ({int(none.n)} pairs{_p(none.get('p_holm'))}): the positive control "
+                     f"{'holds' if held else 'is not met at this size'}")
+    if pooled is not None:
+        missing = (f"missing by {_points(pooled[f'diff_vs_{BASELINE}'])} "
+                   f"{_interval(pooled.diff_ci_low, pooled.diff_ci_high)}{_p(pooled.get('p_holm'))}")
+        mixing = (f"mixing by {_points(pooled[f'mixed_diff_vs_{BASELINE}'])} "
+                  f"{_interval(pooled.mixed_diff_ci_low, pooled.mixed_diff_ci_high)}{_p(pooled.get('mixed_p_holm'))}")
+        check = ""
+        if "loss_fell" in pooled and not math.isnan(pooled.loss_fell):
+            check = (f"; their objective fell in {pooled.loss_fell:.0%} of images and soft IoU at the end moved "
+                     f"{pooled.iou_end_vs_none:+.3f} from unguided generation")
+        lowered = _clear(pooled.diff_ci_low, pooled.diff_ci_high) and pooled[f"diff_vs_{BASELINE}"] < 0
+        parts.append(f"the overlap-lowering methods, pooled, changed {missing} and {mixing} against A&E{check}; "
+                     f"so lowering overlap {'lowered' if lowered else 'did not clearly lower'} entity missing "
+                     "beyond Attend-and-Excite")
+    return ("; ".join(parts) + ".") if parts else "No comparison with Attend-and-Excite was run."
+
+
+def self_cross_answer(headline: pd.DataFrame) -> str:
+    """Self-Cross vs A&E on mixing of similar subjects, with its manipulation check."""
+    row = _row(headline, method="self_cross")
+    if row is None or math.isnan(row[f"mixed_diff_vs_{BASELINE}"]):
+        return "Self-Cross was not compared with Attend-and-Excite."
+    diff, low, high = row[f"mixed_diff_vs_{BASELINE}"], row.mixed_diff_ci_low, row.mixed_diff_ci_high
+    fell = row.get("loss_fell", float("nan"))
+    check = (f"; its loss fell in {fell:.0%} of images (median {row.loss_start_median:.3f} → "
+             f"{row.loss_end_median:.3f})" if not math.isnan(fell) else "")
+    failed = not math.isnan(fell) and fell < 0.5
+    verdict = ("so the guidance did not act and the comparison says nothing about the method" if failed
+               else "a clear difference" if _clear(low, high) else "no clear difference")
+    return (f"Self-Cross changed mixing of similar subjects by {_points(diff)} {_interval(low, high)} against "
+            f"Attend-and-Excite ({int(row.n)} pairs{_p(row.get('mixed_p_holm'))}){check}: {verdict}.")
+
+
+def probe_answer(headline: pd.DataFrame) -> str:
+    """FPE's claim on targets the prompt does not give away: does self-attention carry where and shape better than
+    cross-attention? Per layout target, the best probe of each kind; "better" needs disjoint Wilson intervals."""
+    targets = [t for t in LAYOUT_TARGETS if t in set(headline.target)]
+    if not targets:
+        return "No layout target was probed."
+    verdicts = []
+    for target in targets:
+        rows = headline[headline.target == target]
+        best = {kind: rows[rows.kind == kind].sort_values("accuracy").iloc[-1] for kind in ("self", "cross")
+                if (rows.kind == kind).any()}
+        if len(best) < 2:
+            continue
+        s, c = best["self"], best["cross"]
+        word = "better" if s.ci_low > c.ci_high else "worse" if s.ci_high < c.ci_low else "as well (intervals overlap)"
+        verdicts.append((target, word, s.accuracy, c.accuracy))
+    better = sum(w == "better" for _, w, _, _ in verdicts)
+    listed = "; ".join(f"{t}: self {s:.2f} vs cross {c:.2f}, {w}" for t, w, s, c in verdicts)
+    return (f"Self-attention carries where and shape better than cross-attention on {better} of {len(verdicts)} "
+            f"targets the prompt does not give away ({listed}), so FPE's claim is "
+            f"{'confirmed' if better == len(verdicts) else 'partly confirmed' if better else 'not confirmed'} "
+            "on this model.")
+
+
+def overlap_answer(headline: pd.DataFrame) -> str:
+    """Per outcome, the statistic whose last-step AUC is furthest from 0.5 with an interval that excludes 0.5."""
+    parts = []
+    for outcome, rows in headline.groupby("outcome", sort=False):
+        rows = rows.dropna(subset=["auc_last"])
+        rows = rows[(rows.ci_low_last > 0.5) | (rows.ci_high_last < 0.5)]
+        cases = int(headline[headline.outcome == outcome].n_cases.max())
+        if rows.empty:
+            parts.append(f"no statistic separates {outcome} images ({cases} cases)")
+            continue
+        best = rows.loc[(rows.auc_last - 0.5).abs().idxmax()]
+        parts.append(f"{best.metric} separates {outcome} images best (AUC {best.auc_last:.2f} "
+                     f"[{best.ci_low_last:.2f}, {best.ci_high_last:.2f}] at the last step, {cases} cases)")
+    return ("At the last step " + "; ".join(parts) + ".") if parts else "No outcome was measured."
+
+
+def editing_answer(headline: pd.DataFrame) -> str:
+    """Per edit, whether injecting self-attention kept the source's layout better than no injection (IoU)."""
+    parts = []
+    for row in headline[headline.inject == "self"].itertuples(index=False):
+        if math.isnan(row.iou_vs_none):
+            continue
+        clear = _clear(row.iou_vs_none_ci_low, row.iou_vs_none_ci_high)
+        parts.append(f"{row.edit} edits of {row.origin} images: IoU with the source {row.iou_vs_none:+.3f} "
+                     f"[{row.iou_vs_none_ci_low:+.3f}, {row.iou_vs_none_ci_high:+.3f}] against no injection"
+                     f"{'' if clear else ' (no clear difference)'}, success {row.success_rate:.0%}")
+    return ("Self-attention injection: " + "; ".join(parts) + ".") if parts else "No self-attention edit was run."
+
+
+ANSWERS = {"probe": probe_answer, "overlap": overlap_answer, "editing": editing_answer, "guidance": guidance_answer,
+           "self_cross": self_cross_answer}
