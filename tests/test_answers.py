@@ -12,7 +12,7 @@ def _guidance_row(method, diff, low, high, mixed=NAN, mixed_low=NAN, mixed_high=
     return {"method": method, "initno": False, "n": 300, "diff_vs_ae": diff, "diff_ci_low": low, "diff_ci_high": high,
             "p_holm": extra.pop("p_holm", NAN), "mixed_diff_vs_ae": mixed, "mixed_diff_ci_low": mixed_low,
             "mixed_diff_ci_high": mixed_high, "mixed_p_holm": NAN, "loss_fell": extra.pop("loss_fell", NAN),
-            "iou_end_vs_none": extra.pop("iou_end_vs_none", NAN)}
+            "iou_t10_vs_none": extra.pop("iou_t10_vs_none", NAN), "iou_end_vs_none": extra.pop("iou_end_vs_none", NAN)}
 
 
 def test_guidance_answer_turns_none_minus_ae_into_the_control_effect_and_reads_the_pooled_row():
@@ -20,15 +20,18 @@ def test_guidance_answer_turns_none_minus_ae_into_the_control_effect_and_reads_t
         _guidance_row("none", 0.08, 0.04, 0.12, p_holm=0.001),  # none misses 8 points more than A&E
         _guidance_row("ae", NAN, NAN, NAN),
         _guidance_row("overlap methods (pooled)", 0.01, -0.02, 0.04, 0.05, 0.01, 0.09, loss_fell=0.9,
-                      iou_end_vs_none=-0.04),
+                      iou_t10_vs_none=-0.08, iou_end_vs_none=-0.04),
     ])
     answer = guidance_answer(table)
     assert "changed missing by -8.0 points [-12.0, -4.0] against no guidance (300 pairs, Holm p = 0.001)" in answer
     assert "the positive control holds" in answer
     assert "missing by +1.0 points [-2.0, +4.0]" in answer and "mixing by +5.0 points [+1.0, +9.0]" in answer
-    assert "fell in 90% of images" in answer and "moved -0.040" in answer and "did not clearly lower" in answer
+    assert "fell in 90% of images" in answer and "-0.080 at step 10 and -0.040 at the end" in answer
+    assert "did not clearly change entity missing" in answer
     table.loc[0, ["diff_vs_ae", "diff_ci_low", "diff_ci_high"]] = [0.03, -0.01, 0.07]  # interval reaches zero
     assert "is not met at this size" in guidance_answer(table)
+    table.loc[2, ["diff_vs_ae", "diff_ci_low", "diff_ci_high"]] = [0.2, 0.15, 0.29]  # pooled: clearly more missing
+    assert "raised entity missing relative to Attend-and-Excite" in guidance_answer(table)
 
 
 def test_self_cross_answer_says_a_guidance_that_did_not_act_tells_nothing():
