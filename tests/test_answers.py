@@ -54,3 +54,15 @@ def test_probe_answer_needs_disjoint_intervals_for_better():
     answer = probe_answer(table)
     assert "on 1 of 2 targets" in answer and "position: self 0.90 vs cross 0.70, better" in answer
     assert "size: self 0.60 vs cross 0.62, as well" in answer and "partly confirmed" in answer
+
+
+def test_editing_answer_gives_both_injections_against_no_injection():
+    from probe.studies.answers import editing_answer
+
+    def row(inject, diff, low, high, success):
+        return {"edit": "colour", "origin": "generated", "inject": inject, "iou_vs_none": diff,
+                "iou_vs_none_ci_low": low, "iou_vs_none_ci_high": high, "success_rate": success}
+    answer = editing_answer(pd.DataFrame([row("none", NAN, NAN, NAN, 1.0), row("self", 0.001, -0.006, 0.01, 1.0),
+                                          row("cross", 0.42, 0.25, 0.61, 0.95)]))
+    assert "self +0.001 [-0.006, +0.010] (no clear difference), success 100%" in answer
+    assert "cross +0.420 [+0.250, +0.610], success 95%" in answer

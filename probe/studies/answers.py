@@ -129,16 +129,22 @@ def overlap_answer(headline: pd.DataFrame) -> str:
 
 
 def editing_answer(headline: pd.DataFrame) -> str:
-    """Per edit, whether injecting self-attention kept the source's layout better than no injection (IoU)."""
+    """Per edit and image origin, how much of the source object's mask self- and cross-attention injection kept
+    beyond no injection (IoU difference, paired interval), and the self edit's success rate."""
     parts = []
-    for row in headline[headline.inject == "self"].itertuples(index=False):
-        if math.isnan(row.iou_vs_none):
-            continue
-        clear = _clear(row.iou_vs_none_ci_low, row.iou_vs_none_ci_high)
-        parts.append(f"{row.edit} edits of {row.origin} images: IoU with the source {row.iou_vs_none:+.3f} "
-                     f"[{row.iou_vs_none_ci_low:+.3f}, {row.iou_vs_none_ci_high:+.3f}] against no injection"
-                     f"{'' if clear else ' (no clear difference)'}, success {row.success_rate:.0%}")
-    return ("Self-attention injection: " + "; ".join(parts) + ".") if parts else "No self-attention edit was run."
+    for (edit, origin), rows in headline.groupby(["edit", "origin"], sort=False):
+        said = []
+        for row in rows[rows.inject.isin(["self", "cross"])].itertuples(index=False):
+            if math.isnan(row.iou_vs_none):
+                continue
+            clear = _clear(row.iou_vs_none_ci_low, row.iou_vs_none_ci_high)
+            said.append(f"{row.inject} {row.iou_vs_none:+.3f} [{row.iou_vs_none_ci_low:+.3f}, "
+                        f"{row.iou_vs_none_ci_high:+.3f}]{'' if clear else ' (no clear difference)'}, "
+                        f"success {row.success_rate:.0%}")
+        if said:
+            parts.append(f"{edit} edits of {origin} images: " + ", ".join(said))
+    return ("Mask IoU with the source beyond no injection: " + "; ".join(parts) + ".") if parts else \
+        "No attention-injection edit was run."
 
 
 ANSWERS = {"probe": probe_answer, "overlap": overlap_answer, "editing": editing_answer, "guidance": guidance_answer,
