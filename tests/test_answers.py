@@ -31,7 +31,9 @@ def test_guidance_answer_turns_none_minus_ae_into_the_control_effect_and_reads_t
     table.loc[0, ["diff_vs_ae", "diff_ci_low", "diff_ci_high"]] = [0.03, -0.01, 0.07]  # interval reaches zero
     assert "is not met at this size" in guidance_answer(table)
     table.loc[2, ["diff_vs_ae", "diff_ci_low", "diff_ci_high"]] = [0.2, 0.15, 0.29]  # pooled: clearly more missing
-    assert "raised entity missing relative to Attend-and-Excite" in guidance_answer(table)
+    assert "so guidance that lowers overlap raised entity missing relative to" in guidance_answer(table)
+    table.loc[2, "loss_fell"] = 0.44  # the objective mostly did not fall: the manipulation check fails
+    assert "does not test whether lower overlap lowers missing" in guidance_answer(table)
 
 
 def test_self_cross_answer_says_a_guidance_that_did_not_act_tells_nothing():

@@ -67,8 +67,12 @@ def guidance_answer(headline: pd.DataFrame) -> str:
                      "unguided generation")
         effect = ("did not clearly change" if not _clear(pooled.diff_ci_low, pooled.diff_ci_high)
                   else "lowered" if pooled[f"diff_vs_{BASELINE}"] < 0 else "raised")
+        acted = "loss_fell" not in pooled or math.isnan(pooled.loss_fell) or pooled.loss_fell >= 0.5
+        conclusion = (f"so guidance that lowers overlap {effect} entity missing relative to Attend-and-Excite" if acted
+                      else f"the guidance {effect} entity missing relative to Attend-and-Excite, but as it did not "
+                      "lower its objective in most images this does not test whether lower overlap lowers missing")
         parts.append(f"the overlap-lowering methods, pooled, changed {missing} and {mixing} against A&E{check}; "
-                     f"so guidance that lowers overlap {effect} entity missing relative to Attend-and-Excite")
+                     + conclusion)
     return ("; ".join(parts) + ".") if parts else "No comparison with Attend-and-Excite was run."
 
 
