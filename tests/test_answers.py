@@ -10,6 +10,7 @@ NAN = float("nan")
 
 def _guidance_row(method, diff, low, high, mixed=NAN, mixed_low=NAN, mixed_high=NAN, **extra):
     return {"method": method, "initno": False, "n": 300, "diff_vs_ae": diff, "diff_ci_low": low, "diff_ci_high": high,
+            "verdict": extra.pop("verdict", "no clear difference from ae"),
             "p_holm": extra.pop("p_holm", NAN), "mixed_diff_vs_ae": mixed, "mixed_diff_ci_low": mixed_low,
             "mixed_diff_ci_high": mixed_high, "mixed_p_holm": NAN, "loss_fell": extra.pop("loss_fell", NAN),
             "iou_t10_vs_none": extra.pop("iou_t10_vs_none", NAN), "iou_end_vs_none": extra.pop("iou_end_vs_none", NAN)}
@@ -17,7 +18,7 @@ def _guidance_row(method, diff, low, high, mixed=NAN, mixed_low=NAN, mixed_high=
 
 def test_guidance_answer_turns_none_minus_ae_into_the_control_effect_and_reads_the_pooled_row():
     table = pd.DataFrame([
-        _guidance_row("none", 0.08, 0.04, 0.12, p_holm=0.001),  # none misses 8 points more than A&E
+        _guidance_row("none", 0.08, 0.04, 0.12, p_holm=0.001, verdict="more missing than ae"),  # none misses more
         _guidance_row("ae", NAN, NAN, NAN),
         _guidance_row("overlap methods (pooled)", 0.01, -0.02, 0.04, 0.05, 0.01, 0.09, loss_fell=0.9,
                       iou_t10_vs_none=-0.08, iou_end_vs_none=-0.04),
@@ -28,9 +29,11 @@ def test_guidance_answer_turns_none_minus_ae_into_the_control_effect_and_reads_t
     assert "missing by +1.0 points [-2.0, +4.0]" in answer and "mixing by +5.0 points [+1.0, +9.0]" in answer
     assert "fell in 90% of images" in answer and "-0.080 at step 10 and -0.040 at the end" in answer
     assert "did not clearly change entity missing" in answer
-    table.loc[0, ["diff_vs_ae", "diff_ci_low", "diff_ci_high"]] = [0.03, -0.01, 0.07]  # interval reaches zero
+    table.loc[0, ["diff_vs_ae", "diff_ci_low", "diff_ci_high", "verdict"]] = [0.03, -0.01, 0.07,
+                                                                          "no clear difference from ae"]
     assert "is not met at this size" in guidance_answer(table)
-    table.loc[2, ["diff_vs_ae", "diff_ci_low", "diff_ci_high"]] = [0.2, 0.15, 0.29]  # pooled: clearly more missing
+    table.loc[2, ["diff_vs_ae", "diff_ci_low", "diff_ci_high", "verdict"]] = [0.2, 0.15, 0.29,
+                                                                          "more missing than ae"]  # Holm: more
     assert "so guidance that lowers overlap raised entity missing relative to" in guidance_answer(table)
     table.loc[2, "loss_fell"] = 0.44  # the objective mostly did not fall: the manipulation check fails
     assert "does not test whether lower overlap lowers missing" in guidance_answer(table)
@@ -39,11 +42,13 @@ def test_guidance_answer_turns_none_minus_ae_into_the_control_effect_and_reads_t
 def test_self_cross_answer_says_a_guidance_that_did_not_act_tells_nothing():
     row = {"method": "self_cross", "n": 130, "mixed_diff_vs_ae": 0.054, "mixed_diff_ci_low": 0.008,
            "mixed_diff_ci_high": 0.1, "mixed_p_holm": 0.127, "loss_fell": 0.16, "loss_start_median": 0.947,
-           "loss_end_median": 0.995}
+           "loss_end_median": 0.995, "mixed_verdict": "no clear difference from ae"}
     answer = self_cross_answer(pd.DataFrame([row]))
     assert "+5.4 points [+0.8, +10.0]" in answer and "fell in 16% of images" in answer
     assert "did not act" in answer
-    assert "a clear difference" in self_cross_answer(pd.DataFrame([{**row, "loss_fell": 0.9}]))
+    acted = {**row, "loss_fell": 0.9}  # the verdict is the study's Holm-corrected one, not the raw interval's
+    assert "it did not clearly change mixing" in self_cross_answer(pd.DataFrame([acted]))
+    assert "it raised mixing" in self_cross_answer(pd.DataFrame([{**acted, "mixed_verdict": "more mixed than ae"}]))
 
 
 def test_probe_answer_needs_disjoint_intervals_for_better():

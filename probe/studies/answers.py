@@ -43,15 +43,28 @@ def _without_initno(headline: pd.DataFrame) -> pd.DataFrame:
     return plain if len(plain) else headline
 
 
+def _acted(row: pd.Series) -> bool:
+    """The manipulation check: the guided objective fell in at least half of the images (unknown counts as acted)."""
+    fell = row.get("loss_fell", float("nan"))
+    return bool(math.isnan(fell) or fell >= 0.5)
+
+
+def _direction(verdict: str) -> str:
+    """A study's Holm-corrected verdict ("less missing than ae", "no clear difference from ae") as a verb."""
+    return "lowered" if verdict.startswith("less") else "raised" if verdict.startswith("more") else \
+        "did not clearly change"
+
+
 def guidance_answer(headline: pd.DataFrame) -> str:
     """The positive control (A&E vs none), then the pooled overlap methods vs A&E on missing and mixing, with their
-    manipulation check (how often the objective fell, how far the maps moved from unguided generation by the end)."""
+    manipulation check (how often the objective fell, how far the maps moved from unguided generation); directions
+    are the study's Holm-corrected verdicts."""
     table = _without_initno(headline)
     none, pooled = _row(table, method="none"), _row(table, method=POOLED)
     parts = []
     if none is not None and not math.isnan(none[f"diff_vs_{BASELINE}"]):
         effect, low, high = -none[f"diff_vs_{BASELINE}"], -none.diff_ci_high, -none.diff_ci_low
-        held = high < 0
+        held = str(none.verdict).startswith("more")  # no guidance misses more than A&E
         parts.append(f"Attend-and-Excite changed missing by {_points(effect)} {_interval(low, high)} against no "
                      f"guidance ({int(none.n)} pairs{_p(none.get('p_holm'))}): the positive control "
                      f"{'holds' if held else 'is not met at this size'}")
@@ -61,15 +74,14 @@ def guidance_answer(headline: pd.DataFrame) -> str:
         mixing = (f"mixing by {_points(pooled[f'mixed_diff_vs_{BASELINE}'])} "
                   f"{_interval(pooled.mixed_diff_ci_low, pooled.mixed_diff_ci_high)}{_p(pooled.get('mixed_p_holm'))}")
         check = ""
-        if "loss_fell" in pooled and not math.isnan(pooled.loss_fell):
+        if not math.isnan(pooled.get("loss_fell", float("nan"))):
             check = (f"; their objective fell in {pooled.loss_fell:.0%} of images and soft IoU moved "
                      f"{pooled.iou_t10_vs_none:+.3f} at step 10 and {pooled.iou_end_vs_none:+.3f} at the end from "
                      "unguided generation")
-        effect = ("did not clearly change" if not _clear(pooled.diff_ci_low, pooled.diff_ci_high)
-                  else "lowered" if pooled[f"diff_vs_{BASELINE}"] < 0 else "raised")
-        acted = "loss_fell" not in pooled or math.isnan(pooled.loss_fell) or pooled.loss_fell >= 0.5
-        conclusion = (f"so guidance that lowers overlap {effect} entity missing relative to Attend-and-Excite" if acted
-                      else f"the guidance {effect} entity missing relative to Attend-and-Excite, but as it did not "
+        effect = _direction(str(pooled.verdict))
+        conclusion = (f"so guidance that lowers overlap {effect} entity missing relative to Attend-and-Excite"
+                      if _acted(pooled) else
+                      f"the guidance {effect} entity missing relative to Attend-and-Excite, but as it did not "
                       "lower its objective in most images this does not test whether lower overlap lowers missing")
         parts.append(f"the overlap-lowering methods, pooled, changed {missing} and {mixing} against A&E{check}; "
                      + conclusion)
@@ -77,7 +89,8 @@ def guidance_answer(headline: pd.DataFrame) -> str:
 
 
 def self_cross_answer(headline: pd.DataFrame) -> str:
-    """Self-Cross vs A&E on mixing of similar subjects, with its manipulation check."""
+    """Self-Cross vs A&E on mixing of similar subjects (the study's Holm-corrected verdict), with its manipulation
+    check."""
     row = _row(headline, method="self_cross")
     if row is None or math.isnan(row[f"mixed_diff_vs_{BASELINE}"]):
         return "Self-Cross was not compared with Attend-and-Excite."
@@ -85,9 +98,8 @@ def self_cross_answer(headline: pd.DataFrame) -> str:
     fell = row.get("loss_fell", float("nan"))
     check = (f"; its loss fell in {fell:.0%} of images (median {row.loss_start_median:.3f} → "
              f"{row.loss_end_median:.3f})" if not math.isnan(fell) else "")
-    failed = not math.isnan(fell) and fell < 0.5
-    verdict = ("so the guidance did not act and the comparison says nothing about the method" if failed
-               else "a clear difference" if _clear(low, high) else "no clear difference")
+    verdict = (f"it {_direction(str(row.mixed_verdict))} mixing" if _acted(row) else
+               "so the guidance did not act and the comparison says nothing about the method")
     return (f"Self-Cross changed mixing of similar subjects by {_points(diff)} {_interval(low, high)} against "
             f"Attend-and-Excite ({int(row.n)} pairs{_p(row.get('mixed_p_holm'))}){check}: {verdict}.")
 
