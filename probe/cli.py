@@ -197,6 +197,9 @@ def cmd_evaluate_shapes(args) -> None:
     import probe
     from probe.shapes import evaluate
 
+    if args.pilot and args.card:
+        raise SystemExit("--card writes the model card from the full evaluation; --pilot is the short read: "
+                         "pass one of them")
     pipe = probe.load(args.model)
     if args.pilot:
         metrics = evaluate.pilot(pipe)
@@ -206,7 +209,7 @@ def cmd_evaluate_shapes(args) -> None:
     if args.control:  # a pilot is read with the control too: the control is what a design can break
         metrics["positive_control"] = evaluate.positive_control(pipe, args.control, out=args.control_out)
     print(json.dumps(metrics, indent=1))
-    if args.card and not args.pilot:
+    if args.card:
         folder = Path(args.model if Path(args.model).is_dir() else probe.models.BUILTIN[args.model])
         training = json.loads((folder / "training.json").read_text())
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))

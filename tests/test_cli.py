@@ -1,6 +1,7 @@
 """The command line, end to end on the tiny model."""
 
 import numpy as np
+import pytest
 
 import probe
 from probe.cli import main, parser
@@ -66,3 +67,8 @@ def test_study_runs_one_study(tmp_path, capsys):
     assert "KEY=VALUE" in capsys.readouterr().err
     assert parser().parse_args(["study", "edit"]).name == "editing"
     assert parser().parse_args(["study", "self-cross"]).name == "self_cross"
+
+
+def test_evaluate_shapes_refuses_a_card_from_a_pilot_read():
+    with pytest.raises(SystemExit, match="pass one of them"):
+        main(["evaluate-shapes", "--model", "tiny", "--pilot", "--card"])

@@ -108,23 +108,28 @@ def grounding_loss(maps: list[torch.Tensor], labels: torch.Tensor, assign: torch
     (mass on any object)² for the words of objects the caption names and the image lacks: a weak word map then
     means a missing object, the premise of Attend-and-Excite."""
     supervised, missing = assign > 0, assign == ABSENT
+    any_supervised, any_missing = bool(supervised.any()), bool(absent) and bool(missing.any())  # once, not per map
+    if not (any_supervised or any_missing):
+        return maps[0].new_zeros(())
     losses = []
     for m in maps:
         side = round(m.shape[1] ** 0.5)
-        if side not in GRIDS or not (supervised.any() or (absent and missing.any())):
+        if side not in GRIDS:
             continue
         masks = grid_masks(labels, objects, side)
-        loss = ((1 - own_mass(m, masks, assign)) ** 2)[supervised].mean() if supervised.any() else m.new_zeros(())
-        if absent and missing.any():
+        loss = m.new_zeros(())
+        if any_supervised:
+            loss = loss + ((1 - own_mass(m, masks, assign)) ** 2)[supervised].mean()
+        if any_missing:
             spread = m / m.sum(1, keepdim=True).clamp_min(1e-12)
             on_objects = torch.einsum("bqt,bq->bt", spread, masks.amax(-1))
             loss = loss + absent * (on_objects ** 2)[missing].mean()
-        if coverage:
+        if coverage and any_supervised:
             onehot = F.one_hot(assign.long().clamp(0, objects), objects + 1)[..., 1:].float()
             target = torch.einsum("bqk,btk->bqt", masks, onehot)
             peak = (m / m.amax(1, keepdim=True).clamp_min(1e-12)).clamp(1e-6, 1 - 1e-6)
             pixel = F.binary_cross_entropy(peak, target, reduction="none").mean(1)
-            loss = loss + coverage * pixel[supervised].mean() if supervised.any() else loss
+            loss = loss + coverage * pixel[supervised].mean()
         losses.append(loss)
     return torch.stack(losses).mean() if losses else maps[0].new_zeros(())
 
