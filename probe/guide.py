@@ -501,6 +501,14 @@ class GuideResult:
     history: pd.DataFrame
     init_history: pd.DataFrame | None = None  # INITNO rounds, when asked for
 
+    @property
+    def objective_span(self) -> tuple[float, float]:
+        """The objective before guidance first moved the latent (step 0's loss before refinement) and at the last
+        guided step: what a manipulation check compares (NaN, NaN when nothing was guided)."""
+        if self.history.empty:
+            return math.nan, math.nan
+        return float(self.history.initial_loss.iloc[0]), float(self.history.loss.iloc[-1])
+
 
 def generate(pipe, prompt: str, *, subjects: Sequence[str], objective: ObjectiveSpec = "ae", seed: int,
              schedule: Schedule | None = None, init_noise: str | InitNO | torch.Tensor | None = None,

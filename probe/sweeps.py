@@ -441,7 +441,7 @@ def _fsync(path: Path) -> None:
 
 # -- running items ---------------------------------------------------------------------------------------------------
 
-# the fields of probe.studies.guidance.NO_GUIDANCE_SCHEDULE, set on the sweep's own schedule
+# the fields of probe.studies.guided.NO_GUIDANCE_SCHEDULE, set on the sweep's own schedule
 NO_GUIDANCE_SCHEDULE_FIELDS = {"alter_fraction": 0.0, "thresholds": {}}
 
 
@@ -471,9 +471,9 @@ def _run(ctx: _Context, item: Item) -> tuple[dict[str, np.ndarray], np.ndarray, 
                           schedule=schedule, steps=ctx.steps, guidance_scale=ctx.guidance_scale, output_type="np",
                           progress=False, consumers=[recorder], **size)
         history = result.history
-        extra = {"subjects": ",".join(item.subjects), "guided_steps": len(history),
-                 "loss_start": float(history.loss.iloc[0]) if len(history) else float("nan"),
-                 "loss_end": float(history.loss.iloc[-1]) if len(history) else float("nan")}
+        start, end = result.objective_span
+        extra = {"subjects": ",".join(item.subjects), "guided_steps": len(history), "loss_start": start,
+                 "loss_end": end}
         return recorder.to_host(), _to_uint8(np.asarray(result.images)), extra
     with Tap(pipe, [recorder], **size):
         result = pipe(prompt=[item.prompt], generator=[torch.Generator(device).manual_seed(item.seed)],

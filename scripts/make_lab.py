@@ -156,7 +156,7 @@ NOTEBOOKS = {
             "from probe.guide import generate\n"
             "from probe.plots import image_row\n"
             "from probe.prompts import subjects_of\n"
-            "from probe.studies.guidance import NO_GUIDANCE_SCHEDULE, scaled_schedule\n\n"
+            "from probe.studies.guided import NO_GUIDANCE_SCHEDULE, scaled_schedule\n\n"
             'prompt = "a red circle and a blue square"\n'
             "subjects = subjects_of(prompt)\n"
             "unguided = {s: generate(pipe, prompt, subjects=subjects, seed=s, steps=STEPS,\n"

@@ -142,7 +142,7 @@ NOTEBOOKS = {
         new_code_cell(
             "from probe.guide import generate\n"
             "from probe.plots import image_row\n"
-            "from probe.studies.guidance import NO_GUIDANCE_SCHEDULE\n\n"
+            "from probe.studies.guided import NO_GUIDANCE_SCHEDULE\n\n"
             'prompt, subjects = "a red circle and a blue square", ["circle", "square"]\n'
             "runs = {method: generate(pipe, prompt, subjects=subjects, objective=method, seed=0, steps=STEPS,\n"
             '                         progress=False) for method in ("ae", "iou")}\n'
@@ -187,7 +187,7 @@ NOTEBOOKS = {
         new_code_cell(
             "from probe.guide import generate\n"
             "from probe.plots import image_row\n"
-            "from probe.studies.guidance import NO_GUIDANCE_SCHEDULE\n\n"
+            "from probe.studies.guided import NO_GUIDANCE_SCHEDULE\n\n"
             'prompt, subjects = "a blue circle and a purple ellipse", ["circle", "ellipse"]\n'
             'methods = {"none": ("ae", NO_GUIDANCE_SCHEDULE), "ae": ("ae", None), "self_cross": ("self_cross", None)}\n'
             "images = {method: generate(pipe, prompt, subjects=subjects, objective=objective, schedule=schedule,\n"

@@ -18,18 +18,17 @@ from probe.shapes.world import COLOURS, SHAPES
 from probe.stats import cluster_sign_flip, clustered_bootstrap, holm
 from probe.studies.common import mean_interval, nearest_grid, weights_id
 from probe.studies.editing import EDIT_KEYS, edit_headline, edit_study, edit_summary
-from probe.studies.guidance import (
-    GUIDANCE_SETS,
+from probe.studies.guidance import GUIDANCE_SETS, POOLED, guidance_headline, guidance_study, versus_baseline
+from probe.studies.guided import (
     NO_GUIDANCE_SCHEDULE,
-    POOLED,
     RealPassMaps,
-    guidance_headline,
-    guidance_study,
+    calibrate_steps,
+    chosen_steps,
     guided_images,
     overlap_steps,
+    pilot_prompts,
     scaled_schedule,
     study_prompts,
-    versus_baseline,
 )
 from probe.studies.overlap import (
     ALL_METRICS,
@@ -293,9 +292,39 @@ def test_guidance_study_quick(tiny, tmp_path):
     for key in versus.index:  # mixing is compared with A&E on the same images, like missing
         assert by_config.loc[key, "mixed_diff_vs_ae"] == pytest.approx(
             by_config.mixed_rate[key] - by_config.mixed_rate["ae", key[1]])
+    steps = summary.set_index(["method", "initno"]).step_size
+    assert steps["ae"].eq(CHEAP.scale_factor).all() and steps["none"].isna().all()
+    assert steps["iou"].eq(chosen_steps(study.step_sizes)["iou"]).all()  # calibrated on pilot prompts
+    assert set(study.step_sizes.method) == {"iou"} and not set(study.step_sizes.scale_factor) - {20.0, 0.2}
     assert len(guidance_headline(summary)) == len(summary)
     for name in ("guidance_missing", "guidance_overlap_vs_missing"):
         assert (tmp_path / f"{name}.png").stat().st_size > 0
+
+
+def test_step_calibration_pairs_each_candidate_with_unguided_images(tiny):
+    """The calibration's soft-IoU change is recomputed from separately generated images at each step size; the
+    chosen step is the one that lowers it most; pilot prompts are the sets' next prompts, never the study's."""
+    study = study_prompts(GUIDANCE_SETS, 2, 1)
+    pilot = pilot_prompts(GUIDANCE_SETS, study, 1)
+    assert [p["set"] for p in pilot] == list(GUIDANCE_SETS)
+    assert not {p["prompt"] for p in pilot} & {p["prompt"] for p in study}
+    assert pilot == study_prompts(GUIDANCE_SETS, 4, 1)[2:]
+    options = {"steps": STEPS, "schedule": CHEAP}
+    table = calibrate_steps(tiny, ["none", "ae", "iou"], pilot, [0], candidates=(20.0, 0.2), progress=False,
+                            **options)
+    assert list(table.method) == ["iou", "iou"] and list(table.scale_factor) == [20.0, 0.2]  # A&E keeps its step
+    plain = guided_images(tiny, pilot, [0], [("none", False)], progress=False, **options)
+    for row in table.itertuples():
+        guided = guided_images(tiny, pilot, [0], [("iou", False)], progress=False, step_sizes={"iou": row.scale_factor},
+                               **options)
+        for at in ("t10", "end"):
+            expected = (guided[f"soft_iou_{at}"] - plain[f"soft_iou_{at}"]).mean()
+            assert getattr(row, f"iou_{at}_vs_none") == pytest.approx(expected, abs=1e-6)
+        assert row.loss_fell == pytest.approx((guided.loss_end < guided.loss_start).mean())
+    best = table.loc[table.iou_t10_vs_none.idxmin()]
+    assert table.chosen.sum() == 1 and chosen_steps(table) == {"iou": best.scale_factor}
+    with pytest.raises(ValueError, match="do not run"):
+        guided_images(tiny, pilot, [0], [("none", False)], progress=False, step_sizes={"iou": 1.0}, **options)
 
 
 def test_study_prompts_take_turns_so_a_smaller_study_is_a_prefix():
@@ -305,7 +334,7 @@ def test_study_prompts_take_turns_so_a_smaller_study_is_a_prefix():
 
 
 def test_guided_images_resume_from_their_store(tiny, tmp_path, monkeypatch):
-    import probe.studies.guidance as experiments
+    import probe.studies.guided as experiments
 
     made = []
 
@@ -425,7 +454,7 @@ def test_study_command_settings_read_back_as_given():
 
     from probe.cli import _setting, parser
 
-    settings = {"n_images": 64, "steps": 25, "initno": (False,), "methods": ["none", "ae"]}
+    settings = {"n_images": 64, "steps": 25, "initno": (False,), "methods": ["none", "ae"], "step_sizes": {"iou": 0.2}}
     given = {**settings, "sets": ("animals", "mine.txt"), "judge": "judge(clip:./clip@0.2)"}
     args = parser().parse_args(shlex.split(study_command("guidance", "figures", False, given, "./my-sd"))[1:])
     assert dict(_setting(item) for item in args.set) == settings

@@ -7,7 +7,8 @@ import math
 
 import pandas as pd
 
-from probe.studies.guidance import BASELINE, POOLED
+from probe.studies.guidance import POOLED
+from probe.studies.guided import BASELINE
 
 LAYOUT_TARGETS = ("position", "extent", "size", "judge_shape")  # where and shape: what FPE says self-attention holds
 

@@ -63,7 +63,7 @@ def study_command(study: str, out: str | Path, quick: bool, settings: dict, mode
         elif key == "sets":
             parts += ["--prompts", *(value if isinstance(value, (list, tuple)) else [value])]
         else:
-            parts += ["--set", f'"{key}={value!r}"' if isinstance(value, (tuple, list, str)) else f"{key}={value}"]
+            parts += ["--set", f'"{key}={value!r}"' if isinstance(value, (tuple, list, str, dict)) else f"{key}={value}"]
     return " ".join(parts)
 
 
@@ -149,11 +149,12 @@ def run_all(pipe, quick: bool = False, out: str | Path = "figures", sizes: dict[
             headlines[name] = edit_headline(study.summary)
         elif name == "guidance":
             study = guidance_study(pipe, **kwargs(name))
-            tables = {"guidance_summary": study.summary, "guidance_versus_ae": study.versus_ae}  # images: stored
+            tables = {"guidance_summary": study.summary, "guidance_versus_ae": study.versus_ae,  # images: stored
+                      "guidance_step_sizes": study.step_sizes}
             headlines[name] = guidance_headline(study.summary)
         else:
             study = self_cross_study(pipe, **kwargs(name))
-            tables = {"self_cross_summary": study.summary}  # images: stored as they were made
+            tables = {"self_cross_summary": study.summary, "self_cross_step_sizes": study.step_sizes}  # images: stored
             headlines[name] = self_cross_headline(study.summary)
         _write_tables({**tables, f"headline_{name}": headlines[name]}, out)
         plt.close("all")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,16 +15,20 @@ from probe.shapes.evaluate import GUIDANCE, HELD_OUT_SEED, STEPS
 from probe.shapes.judge import judge as exact_judge
 from probe.studies.common import BOOTSTRAPS, QUICK_BOOTSTRAPS, QUICK_STEPS, Judge, Subject, _save, _store
 from probe.studies.guidance import (
-    BASELINE,
     GUIDANCE_SEEDS_PER_PROMPT,
-    NO_GUIDANCE,
     QUICK_SCHEDULE,
-    _configurations,
     _with_versus,
-    guided_images,
     outcome_summary,
-    study_prompts,
     versus_baseline,
+)
+from probe.studies.guided import (
+    BASELINE,
+    NO_GUIDANCE,
+    configurations,
+    guided_images,
+    study_prompts,
+    study_steps,
+    with_step_sizes,
 )
 
 SELF_CROSS_SEED = HELD_OUT_SEED + 50_000  # seeds of the self-cross study's images
@@ -41,6 +45,7 @@ class SelfCrossStudy:
 
     images: pd.DataFrame
     summary: pd.DataFrame
+    step_sizes: pd.DataFrame  # the step-size calibration (empty where the step sizes were given)
     figures: dict = field(default_factory=dict)
     paths: dict[str, Path] = field(default_factory=dict)
 
@@ -50,7 +55,8 @@ def self_cross_study(pipe, n_images: int = SELF_CROSS_IMAGES, steps: int = STEPS
                      progress: bool = True, *, seeds_per_prompt: int = GUIDANCE_SEEDS_PER_PROMPT,
                      sets: Sequence[str] = (SIMILAR_SET,),
                      subject: Subject = "noun", judge: Judge = exact_judge,
-                     guidance_scale: float = GUIDANCE, schedule: Schedule | None = None) -> SelfCrossStudy:
+                     guidance_scale: float = GUIDANCE, schedule: Schedule | None = None,
+                     step_sizes: Mapping[str, float] | None = None) -> SelfCrossStudy:
     """Subject mixing on similar subjects (Self-Cross guidance's claim): "a red circle and an orange ellipse".
 
     Prompts of ``sets`` (default ``shapes-similar``; SSD-2 / SSD-3 on a real model) × seeds, each method without
@@ -58,6 +64,7 @@ def self_cross_study(pipe, n_images: int = SELF_CROSS_IMAGES, steps: int = STEPS
     or swapped attributes) and with any subject missing, each with an interval over prompts, and the paired
     difference of the mixing rate from A&E (Holm over the methods). ``quick``: at most 4
     images (4 prompts, one seed), at most 20 steps, at most 5 refinement iterations, 200 bootstrap resamples.
+    Step sizes as in :func:`guidance_study` (calibrated on pilot prompts unless ``step_sizes`` gives them).
     With ``out``, resumable like :func:`guidance_study` (rows in ``out/self_cross_images.csv``).
     """
     pipe = load(pipe)
@@ -67,21 +74,25 @@ def self_cross_study(pipe, n_images: int = SELF_CROSS_IMAGES, steps: int = STEPS
     n_boot = QUICK_BOOTSTRAPS if quick else BOOTSTRAPS
     prompts = study_prompts(sets, n_images, seeds_per_prompt)
     seeds = [SELF_CROSS_SEED + i for i in range(seeds_per_prompt)]
-    images = guided_images(pipe, prompts, seeds, _configurations(methods, (False,)), steps=steps,
-                           guidance_scale=guidance_scale, subject=subject, judge=judge, schedule=schedule,
-                           progress=progress, desc="self-cross study", store=_store(out, "self_cross_images"))
+    options = {"guidance_scale": guidance_scale, "subject": subject, "judge": judge, "schedule": schedule}
+    sizes, calibration = study_steps(pipe, methods, sets, prompts, seeds, steps=steps, step_sizes=step_sizes,
+                                     quick=quick, progress=progress, **options)
+    images = guided_images(pipe, prompts, seeds, configurations(methods, (False,)), steps=steps, step_sizes=sizes,
+                           progress=progress, desc="self-cross study", store=_store(out, "self_cross_images"),
+                           **options)
     summary = outcome_summary(images, ("mixed", "missing"), pooled=(), n_boot=n_boot)
     summary = _with_versus(summary, versus_baseline(images, "mixed", pooled=(), n_boot=n_boot), "mixed_")
+    summary = with_step_sizes(summary, sizes, schedule)
     figures = {"self_cross_mixing": plots.outcome_rates(summary, ("mixed", "missing"), baseline=BASELINE)}
-    return SelfCrossStudy(images, summary, figures, _save(figures, out))
+    return SelfCrossStudy(images, summary, calibration, figures, _save(figures, out))
 
 
 def self_cross_headline(summary: pd.DataFrame) -> pd.DataFrame:
     """Per method, least mixing first: mixing and missing rates (CIs), mixing minus A&E's (paired CI), overlap."""
     columns = ["method", "n", "mixed_rate", "mixed_ci_low", "mixed_ci_high", "missing_rate", "missing_ci_low",
                "missing_ci_high", f"mixed_diff_vs_{BASELINE}", "mixed_diff_ci_low", "mixed_diff_ci_high",
-               "mixed_p_holm", "mixed_verdict", "loss_start_median", "loss_end_median", "loss_fell", "iou_t10_vs_none",
-               "iou_end_vs_none", "soft_iou_t10", "self_cross_t10", "quality", "seconds_per_image"]
+               "mixed_p_holm", "mixed_verdict", "loss_start_median", "loss_end_median", "loss_fell", "step_size",
+               "iou_t10_vs_none", "iou_end_vs_none", "soft_iou_t10", "self_cross_t10", "quality", "seconds_per_image"]
     if summary.empty:
         return pd.DataFrame(columns=columns)
     return summary[columns].sort_values(["mixed_rate", "method"], kind="stable").reset_index(drop=True)

@@ -1,0 +1,297 @@
+"""Guided images measured alike for every method: the engine of the guidance and Self-Cross studies.
+
+Each (prompt, seed, method) image is generated through :func:`probe.guide.generate`, judged, and its subjects'
+overlap read from the real denoising pass at step 10 (of 50) and at the end; :func:`calibrate_steps` chooses each
+objective's step size on pilot prompts the study does not use, so that a method is compared at a step that moves
+its maps the way it intends.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from probe.guide import OBJECTIVES, InitNO, Schedule, generate
+from probe.maps import aggregate_self_attention, gaussian_smooth, token_map, token_softmax
+from probe.models import attention_layers
+from probe.overlap import pair_indices
+from probe.prompts import prompt_set, prompt_tokens, subject_indices
+from probe.shapes.evaluate import GUIDANCE
+from probe.shapes.judge import judge as exact_judge
+from probe.studies.common import ImageRows, Judge, Subject, judged, nearest_grid, settings_id, weights_id
+from probe.studies.overlap import METRICS, pair_metrics
+from probe.tap import Call, Consumer
+
+NO_GUIDANCE = "none"  # plain generation through the same code path (tap, callback, noise), nothing guided
+BASELINE = "ae"  # Attend-and-Excite: what the overlap-lowering methods must beat
+NO_GUIDANCE_SCHEDULE = Schedule(alter_fraction=0.0, thresholds={})  # the guide never moves the latent
+
+
+EARLY_STEP, REFERENCE_STEPS = 10, 50  # overlap is read at step 10 of 50 (scaled to other step counts) and at the end
+
+
+def overlap_steps(steps: int) -> dict[str, int]:
+    """Where the guidance studies read overlap: step 10 of 50 scaled to ``steps`` (``t10``), and the last step."""
+    early = min(max(round(EARLY_STEP / REFERENCE_STEPS * steps), 0), steps - 1)
+    return {"t10": early, "end": steps - 1}
+
+
+def scaled_schedule(steps: int, base: Schedule | None = None) -> Schedule:
+    """Attend-and-Excite's schedule with its refinement steps (0, 10, 20 of 50) moved to the same share of ``steps``.
+
+    The gradient steps already scale (first half of the steps). Two refinements that land on one step keep the first
+    (the stricter) threshold. At 50 steps this is the schedule itself.
+    """
+    base = base or Schedule()
+    thresholds: dict[int, float] = {}
+    for step, threshold in sorted(base.thresholds.items()):
+        scaled = round(step / REFERENCE_STEPS * steps)
+        if scaled < steps:
+            thresholds.setdefault(scaled, threshold)
+    return replace(base, thresholds=thresholds)
+
+
+class RealPassMaps(Consumer):
+    """Layer-and-head mean cross- and self-attention of the chosen layers at the chosen steps, from the pipeline's
+    real denoising pass only, never from guidance's own passes.
+
+    The tap tells the pass: the pipeline's own (``cfg``: its conditional half; ``cond`` without guidance) counts,
+    guidance's own evaluations do not. ``maps[step][kind]``: (queries, keys) means.
+    """
+
+    def __init__(self, layers: Sequence, steps: Sequence[int]):
+        self.keys = {layer.key for layer in layers}
+        self.steps = frozenset(steps)
+        self._passes: dict[int, tuple[dict, dict]] = {}  # step → (sums, counts)
+
+    def wants(self, call: Call) -> bool:
+        return call.pass_ in ("cfg", "cond") and call.layer.key in self.keys and call.step in self.steps
+
+    def on_probs(self, call: Call, probs: torch.Tensor) -> None:
+        sums, counts = self._passes.setdefault(call.step, ({}, {}))
+        kind = call.layer.kind
+        summed = call.conditional(probs).detach().float().sum(1)[0]  # heads summed: (queries, keys) of one image
+        sums[kind] = summed if kind not in sums else sums[kind] + summed
+        counts[kind] = counts.get(kind, 0) + probs.shape[1]
+
+    @property
+    def maps(self) -> dict[int, dict[str, torch.Tensor]]:
+        return {step: {kind: sums[kind] / counts[kind] for kind in sums}
+                for step, (sums, counts) in sorted(self._passes.items())}
+
+
+def subject_metrics(cross: torch.Tensor, self_attention: torch.Tensor, indices: Sequence[Sequence[int]],
+                    end: int) -> dict[str, float]:
+    """The overlap study's statistics (:func:`pair_metrics`) of two or more subjects in one image.
+
+    ``cross`` (H, W, T) and ``self_attention`` (H, W, H·W): layer-and-head means; ``indices``: each subject's token
+    positions; ``end``: the end token's position. Every pair of subjects is measured; pair statistics are averaged
+    over pairs, ``*_min`` take the minimum and ``*_max`` the maximum over pairs (the weakest subject, the most
+    scattered one). ``intensity_mean``: the mean over subjects of each subject's mean map value.
+    """
+    if len(indices) < 2:
+        raise ValueError(f"overlap needs at least two subjects, got {len(indices)}")
+    maps = torch.stack([token_map(cross, ix) for ix in indices], -3)
+    ae_maps = gaussian_smooth(torch.stack([token_map(token_softmax(cross, last=end), ix) for ix in indices], -3))
+    self_maps = aggregate_self_attention(maps, self_attention[None])
+    first, second = (list(side) for side in zip(*pair_indices(len(indices))))
+
+    def pairs(m: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m[first], m[second]], -3)  # (pairs, 2, H, W)
+
+    values = pair_metrics(pairs(maps), pairs(self_maps), pairs(ae_maps))
+    out = {}
+    for name in METRICS:
+        reduce = torch.amin if name.endswith("_min") else torch.amax if name.endswith("_max") else torch.mean
+        out[name] = float(reduce(values[name]))
+    out["intensity_mean"] = float((values["intensity_a"] + values["intensity_b"]).mean() / 2)
+    return out
+
+
+def study_prompts(sets: Sequence[str], n_images: int, seeds_per_prompt: int) -> list[dict]:
+    """``ceil(n_images / (sets × seeds))`` prompts of each set (the first ones of the set): set, prompt, subjects.
+
+    The sets take turns (first prompt of each set, then the second, …), so that a study stopped part-way has
+    covered every set alike, and a smaller study's prompts come first in a larger one's."""
+    per_set = max(1, math.ceil(n_images / (len(sets) * seeds_per_prompt)))
+    columns = []
+    for name in sets:
+        data = prompt_set(name, per_set)
+        columns.append([{"set": name, "prompt": p, "nouns": list(s), "colours": list(a)}
+                        for p, s, a in zip(data["prompt"], data["subjects"], data["attributes"])])
+    return [row for turn in itertools.zip_longest(*columns) for row in turn if row is not None]
+
+
+def configurations(methods: Sequence[str], initno: Sequence[bool]) -> list[tuple[str, bool]]:
+    """(method, initno) pairs; "none" runs without INITNO only (there is no objective to optimise the noise for)."""
+    unknown = [m for m in methods if m != NO_GUIDANCE and m not in OBJECTIVES]
+    if unknown:
+        raise ValueError(f"unknown guidance methods {unknown}; known: {[NO_GUIDANCE, *OBJECTIVES]}")
+    configs = [(m, bool(i)) for m in methods for i in dict.fromkeys(initno) if not (m == NO_GUIDANCE and i)]
+    if not configs:
+        raise ValueError(f"nothing to run: methods {list(methods)} with initno {list(initno)}")
+    return configs
+
+
+def guided_images(pipe, prompts: Sequence[dict], seeds: Sequence[int], configs: Sequence[tuple[str, bool]], *,
+                  steps: int, guidance_scale: float = GUIDANCE, subject: Subject = "noun",
+                  judge: Judge = exact_judge, schedule: Schedule | None = None,
+                  initno_settings: InitNO | None = None, step_sizes: Mapping[str, float] | None = None,
+                  progress: bool = True, desc: str = "guidance", store: str | Path | None = None) -> pd.DataFrame:
+    """One row per (prompt, seed, method, initno): judge's verdict, overlap at ``t10`` and at the end, seconds.
+
+    Every configuration runs through :func:`probe.guide.generate` (``none`` with a schedule that never moves the
+    latent); the images of one (prompt, seed) are made back to back so that a busy machine slows all methods alike.
+    Overlap: the layer-and-head mean attention of the real pass at the cross-attention grid closest to 16×16
+    (:class:`RealPassMaps`), measured with :func:`subject_metrics`. ``subject``: "noun" or "colour" words.
+    ``schedule``: the guidance schedule at 50 steps (default: Attend-and-Excite's), scaled by :func:`scaled_schedule`;
+    ``step_sizes``: its ``scale_factor`` per method (:func:`calibrate_steps`), the schedule's own for the others.
+    ``store``: a CSV (:class:`ImageRows`) that keeps the rows as they are made: a stopped run started again with
+    the same settings and weights skips the images it already has.
+    """
+    if subject not in ("noun", "colour"):
+        raise ValueError(f"subject must be 'noun' or 'colour' for guidance (one word per subject), not {subject!r}")
+    grid = nearest_grid(pipe)
+    layers = [layer for layer in attention_layers(pipe) if layer.grid[0] == grid and layer.kind in ("cross", "self")]
+    height, width = next(layer.grid for layer in layers if layer.kind == "cross")
+    read_at = overlap_steps(steps)
+    schedule = scaled_schedule(steps, schedule)
+    settings = initno_settings or InitNO()
+    step_sizes = dict(step_sizes or {})
+    unknown = sorted(set(step_sizes) - {method for method, _ in configs})
+    if unknown:
+        raise ValueError(f"step_sizes names methods that do not run: {unknown}")
+    schedules = {method: replace(schedule, scale_factor=float(step_sizes[method])) if method in step_sizes
+                 else schedule for method, _ in configs}
+    jobs = [(p, s, c) for p in prompts for s in seeds for c in configs]
+    keys = [(item["prompt"], seed, method, initno) for item, seed, (method, initno) in jobs]
+    rows = ImageRows(store, settings_id(weights=weights_id(pipe), steps=steps, guidance_scale=guidance_scale,
+                                        subject=subject, schedule=asdict(schedule), step_sizes=step_sizes,
+                                        initno=asdict(settings),
+                                        judge=getattr(judge, "__qualname__", repr(judge))), keys)
+    todo = [(job, key) for job, key in zip(jobs, keys) if rows.get(key) is None]
+    reused_seconds = sum(float(rows.get(key)["seconds"]) for key in keys if rows.get(key) is not None)
+    if progress and len(todo) < len(jobs):
+        print(f"{desc}: {len(jobs) - len(todo)} of {len(jobs)} images already in {store}")
+    for (item, seed, (method, initno)), _ in tqdm(todo, desc=desc, disable=not progress):
+        words = item["nouns"] if subject == "noun" else item["colours"]
+        capture = RealPassMaps(layers, set(read_at.values()))
+        start = time.perf_counter()
+        result = generate(pipe, item["prompt"], subjects=words, objective=BASELINE if method == NO_GUIDANCE else method,
+                          seed=seed, schedule=NO_GUIDANCE_SCHEDULE if method == NO_GUIDANCE else schedules[method],
+                          init_noise=settings if initno else None, steps=steps, guidance_scale=guidance_scale,
+                          output_type="np", progress=False, consumers=[capture])
+        seconds = time.perf_counter() - start
+        image = (np.asarray(result.images[0]) * 255).round().clip(0, 255).astype(np.uint8)
+        tokens = prompt_tokens(pipe, item["prompt"])
+        indices = subject_indices(pipe, item["prompt"], words)
+        maps = capture.maps
+        loss_start, loss_end = result.objective_span
+        row = {"method": method, "initno": initno, "set": item["set"], "prompt": item["prompt"], "seed": seed,
+               **judged(image, item["prompt"], judge), "seconds": seconds, "loss_start": loss_start,
+               "loss_end": loss_end}
+        for label, step in read_at.items():
+            found = maps.get(step)
+            if found is None or set(found) != {"cross", "self"}:
+                raise RuntimeError(f"no real-pass attention at step {step} of {steps}; was the tap bypassed?")
+            cross, selfattn = (found[kind].reshape(height, width, -1) for kind in ("cross", "self"))
+            values = subject_metrics(cross, selfattn, indices, len(tokens) - 1)
+            row.update({f"{name}_{label}": value for name, value in values.items()})
+        rows.add(row)
+    rows.save()
+    frame = pd.DataFrame([rows.get(key) for key in keys])
+    frame.attrs.update({"steps": steps, "t10_step": read_at["t10"], "end_step": read_at["end"], "grid": grid,
+                        "reused_seconds": reused_seconds})
+    return frame
+
+
+
+STEP_CANDIDATES = (20.0, 5.0, 1.0, 0.2, 0.05)  # A&E's step (20) and smaller: overlap losses have larger gradients
+CALIBRATION_PROMPTS = 6  # pilot prompts per set, taken after the study's own
+QUICK_STEP_CANDIDATES = (20.0, 0.2)
+PUBLISHED_STEPS = (BASELINE,)  # methods kept at their paper's step: the positive control is the published A&E
+
+
+def pilot_prompts(sets: Sequence[str], study: Sequence[dict], per_set: int = CALIBRATION_PROMPTS) -> list[dict]:
+    """``per_set`` prompts of each set that the study does not use (the ones that follow its own)."""
+    used = {item["prompt"] for item in study}
+    per_study = max(sum(item["set"] == name for item in study) for name in sets)
+    wider = study_prompts(sets, (per_study + per_set) * len(sets), 1)
+    return [item for item in wider if item["prompt"] not in used]
+
+
+def calibrate_steps(pipe, methods: Sequence[str], prompts: Sequence[dict], seeds: Sequence[int], *, steps: int,
+                    candidates: Sequence[float] = STEP_CANDIDATES, keep: Sequence[str] = PUBLISHED_STEPS,
+                    progress: bool = True, **options) -> pd.DataFrame:
+    """Each guided method's step size (``Schedule.scale_factor``), chosen on pilot prompts before the study.
+
+    A&E's step suits A&E's loss; a loss with larger gradients overshoots at it (on the built-in model the IoU
+    loss at A&E's step *raises* soft IoU at step 10 while its own value falls). For every candidate, each method's
+    pilot images are paired with unguided ones on the same (prompt, seed): ``iou_t10_vs_none`` / ``iou_end_vs_none``
+    (the manipulation the studies ask for), ``loss_fell`` (share of images whose objective fell), missing and mixing.
+    ``chosen`` marks, per method, the candidate that lowers soft IoU at step 10 most (the larger step on a tie);
+    methods in ``keep`` run at the schedule's own step and are not calibrated. ``options``: as :func:`guided_images`
+    (schedule, judge, guidance_scale, subject, initno_settings).
+    """
+    tuned = [m for m in dict.fromkeys(methods) if m != NO_GUIDANCE and m not in keep]
+    columns = ["method", "scale_factor", "n", "loss_fell", "iou_t10_vs_none", "iou_end_vs_none", "missing", "mixed",
+               "chosen"]
+    if not tuned:
+        return pd.DataFrame(columns=columns)
+    plain = guided_images(pipe, prompts, seeds, [(NO_GUIDANCE, False)], steps=steps, progress=False, **options)
+    plain = plain.set_index(["prompt", "seed"])
+    rows = []
+    for scale in tqdm(candidates, desc="step sizes", disable=not progress):
+        images = guided_images(pipe, prompts, seeds, [(m, False) for m in tuned], steps=steps, progress=False,
+                               step_sizes=dict.fromkeys(tuned, float(scale)), **options)
+        for method, frame in images.groupby("method", sort=False):
+            paired = frame.join(plain[["soft_iou_t10", "soft_iou_end"]], on=["prompt", "seed"], rsuffix="_none")
+            rows.append({"method": method, "scale_factor": float(scale), "n": len(frame),
+                         "loss_fell": float((frame.loss_end < frame.loss_start).mean()),
+                         "iou_t10_vs_none": float((paired.soft_iou_t10 - paired.soft_iou_t10_none).mean()),
+                         "iou_end_vs_none": float((paired.soft_iou_end - paired.soft_iou_end_none).mean()),
+                         "missing": float(frame.missing.mean()), "mixed": float(frame.mixed.mean())})
+    table = pd.DataFrame(rows)
+    best = table.sort_values(["iou_t10_vs_none", "scale_factor"], ascending=[True, False]).groupby("method").head(1)
+    table["chosen"] = table.index.isin(best.index)
+    return table[columns]
+
+
+def chosen_steps(calibration: pd.DataFrame) -> dict[str, float]:
+    """{method: scale_factor} of :func:`calibrate_steps`' chosen rows."""
+    chosen = calibration[calibration.chosen.astype(bool)]
+    return dict(zip(chosen.method, chosen.scale_factor.astype(float)))
+
+
+def study_steps(pipe, methods: Sequence[str], sets: Sequence[str], prompts: Sequence[dict], seeds: Sequence[int], *,
+                steps: int, step_sizes: Mapping[str, float] | None, quick: bool, progress: bool = True,
+                **options) -> tuple[dict[str, float], pd.DataFrame]:
+    """The step sizes a study runs at: ``step_sizes`` where given, else :func:`calibrate_steps` on pilot prompts
+    (:func:`pilot_prompts`: one per set when ``quick``) at the study's first seed. Returns them and the
+    calibration table (empty where they were given)."""
+    if step_sizes is not None:
+        return {m: float(v) for m, v in step_sizes.items()}, pd.DataFrame()
+    pilot = pilot_prompts(sets, prompts, 1 if quick else CALIBRATION_PROMPTS)
+    table = calibrate_steps(pipe, methods, pilot, list(seeds)[:1], steps=steps, progress=progress,
+                            candidates=QUICK_STEP_CANDIDATES if quick else STEP_CANDIDATES, **options)
+    chosen = chosen_steps(table)
+    if progress and chosen:
+        print("step sizes chosen on", len(pilot), "pilot prompts:", ", ".join(f"{m} {v:g}" for m, v in chosen.items()),
+              f"(pass step_sizes={chosen!r} to skip the calibration)")
+    return chosen, table
+
+
+def with_step_sizes(summary: pd.DataFrame, sizes: Mapping[str, float], schedule: Schedule | None) -> pd.DataFrame:
+    """``summary`` with each method's ``step_size`` (``Schedule.scale_factor``; NaN unguided and pooled)."""
+    default = (schedule or Schedule()).scale_factor
+    step = [float(sizes.get(m, default)) if m in OBJECTIVES else math.nan for m in summary.method]
+    return summary.assign(step_size=step)
