@@ -37,6 +37,8 @@ def test_guidance_answer_turns_none_minus_ae_into_the_control_effect_and_reads_t
     assert "so guidance that lowers overlap raised entity missing relative to" in guidance_answer(table)
     table.loc[2, "loss_fell"] = 0.44  # the objective mostly did not fall: the manipulation check fails
     assert "does not test whether lower overlap lowers missing" in guidance_answer(table)
+    table.loc[2, ["loss_fell", "iou_t10_vs_none"]] = [0.9, 0.05]  # it fell, but overlap rose: fails as well
+    assert "does not test whether lower overlap lowers missing" in guidance_answer(table)
 
 
 def test_self_cross_answer_says_a_guidance_that_did_not_act_tells_nothing():
@@ -49,6 +51,11 @@ def test_self_cross_answer_says_a_guidance_that_did_not_act_tells_nothing():
     acted = {**row, "loss_fell": 0.9}  # the verdict is the study's Holm-corrected one, not the raw interval's
     assert "it did not clearly change mixing" in self_cross_answer(pd.DataFrame([acted]))
     assert "it raised mixing" in self_cross_answer(pd.DataFrame([{**acted, "mixed_verdict": "more mixed than ae"}]))
+    both = self_cross_answer(pd.DataFrame([{**acted, "initno": False},
+                                           {**acted, "initno": True, "mixed_diff_vs_ae": -0.1,
+                                            "mixed_verdict": "less mixed than ae"}]))  # one clause per initno
+    assert both.startswith("Without INITNO, Self-Cross changed mixing") and "; with INITNO, " in both
+    assert "-10.0 points" in both and "it lowered mixing" in both
 
 
 def test_probe_answer_needs_disjoint_intervals_for_better():

@@ -375,13 +375,19 @@ def test_self_cross_study_quick(tiny, tmp_path):
     study = self_cross_study(tiny, n_images=2, steps=STEPS, quick=True, out=tmp_path, judge=_parity_judge,
                              schedule=CHEAP, progress=False)
     images, summary = study.images, study.summary
-    assert len(images) == 2 * len(SELF_CROSS_METHODS) and set(images.set) == {"shapes-similar"}
-    assert not images.initno.any() and images.quality.isna().all()  # the stand-in judge has no detections
-    assert list(summary.method) == list(SELF_CROSS_METHODS)
+    configs = {(m, i) for m in SELF_CROSS_METHODS for i in (False, True) if not (m == "none" and i)}
+    assert set(zip(images.method, images.initno)) == configs  # with and without INITNO, as in Self-Cross's paper
+    assert len(images) == 2 * len(configs) and set(images.set) == {"shapes-similar"}
+    assert images.quality.isna().all()  # the stand-in judge has no detections
+    assert set(zip(summary.method, summary.initno)) == configs
+    mixed = summary.set_index(["method", "initno"])
+    for initno in (False, True):  # each compared with A&E at the same initno
+        assert mixed.loc[("self_cross", initno), "mixed_diff_vs_ae"] == pytest.approx(
+            mixed.loc[("self_cross", initno), "mixed_rate"] - mixed.loc[("ae", initno), "mixed_rate"])
     _check_rates(summary, "mixed")
     _check_rates(summary, "missing")
     headline = self_cross_headline(summary)
-    assert len(headline) == len(SELF_CROSS_METHODS) and "mixed_diff_vs_ae" in headline
+    assert len(headline) == len(configs) and "mixed_diff_vs_ae" in headline
     assert (tmp_path / "self_cross_mixing.png").stat().st_size > 0
 
 

@@ -44,10 +44,11 @@ def _without_initno(headline: pd.DataFrame) -> pd.DataFrame:
     return plain if len(plain) else headline
 
 
-def _acted(row: pd.Series) -> bool:
-    """The manipulation check: the guided objective fell in at least half of the images (unknown counts as acted)."""
-    fell = row.get("loss_fell", float("nan"))
-    return bool(math.isnan(fell) or fell >= 0.5)
+def _acted(row: pd.Series, lowers_overlap: bool = True) -> bool:
+    """The manipulation check: the guided objective fell in at least half of the images and, for a method meant to
+    lower overlap, soft IoU at step 10 ended below unguided generation's (unknown counts as acted)."""
+    fell, moved = row.get("loss_fell", float("nan")), row.get("iou_t10_vs_none", float("nan"))
+    return bool((math.isnan(fell) or fell >= 0.5) and (not lowers_overlap or math.isnan(moved) or moved < 0))
 
 
 def _direction(verdict: str) -> str:
@@ -83,7 +84,8 @@ def guidance_answer(headline: pd.DataFrame) -> str:
         conclusion = (f"so guidance that lowers overlap {effect} entity missing relative to Attend-and-Excite"
                       if _acted(pooled) else
                       f"the guidance {effect} entity missing relative to Attend-and-Excite, but as it did not "
-                      "lower its objective in most images this does not test whether lower overlap lowers missing")
+                      "lower its objective in most images, or did not lower overlap, this does not test whether "
+                      "lower overlap lowers missing")
         parts.append(f"the overlap-lowering methods, pooled, changed {missing} and {mixing} against A&E{check}; "
                      + conclusion)
     return ("; ".join(parts) + ".") if parts else "No comparison with Attend-and-Excite was run."
@@ -92,17 +94,25 @@ def guidance_answer(headline: pd.DataFrame) -> str:
 def self_cross_answer(headline: pd.DataFrame) -> str:
     """Self-Cross vs A&E on mixing of similar subjects (the study's Holm-corrected verdict), with its manipulation
     check."""
-    row = _row(headline, method="self_cross")
-    if row is None or math.isnan(row[f"mixed_diff_vs_{BASELINE}"]):
+    rows = headline[headline.method == "self_cross"] if "method" in headline else headline.iloc[:0]
+    parts = []
+    for _, row in rows.iterrows():
+        if math.isnan(row[f"mixed_diff_vs_{BASELINE}"]):
+            continue
+        diff, low, high = row[f"mixed_diff_vs_{BASELINE}"], row.mixed_diff_ci_low, row.mixed_diff_ci_high
+        fell = row.get("loss_fell", float("nan"))
+        check = (f"; its loss fell in {fell:.0%} of images (median {row.loss_start_median:.3f} → "
+                 f"{row.loss_end_median:.3f})" if not math.isnan(fell) else "")
+        verdict = (f"it {_direction(str(row.mixed_verdict))} mixing" if _acted(row) else
+                   "the guidance did not act, so the comparison says nothing about the method")
+        with_initno = str(row.get("initno", False)).lower() == "true"
+        parts.append(f"{'with' if with_initno else 'without'} INITNO, Self-Cross changed mixing of similar subjects "
+                     f"by {_points(diff)} {_interval(low, high)} against Attend-and-Excite ({int(row.n)} pairs"
+                     f"{_p(row.get('mixed_p_holm'))}){check}: {verdict}")
+    if not parts:
         return "Self-Cross was not compared with Attend-and-Excite."
-    diff, low, high = row[f"mixed_diff_vs_{BASELINE}"], row.mixed_diff_ci_low, row.mixed_diff_ci_high
-    fell = row.get("loss_fell", float("nan"))
-    check = (f"; its loss fell in {fell:.0%} of images (median {row.loss_start_median:.3f} → "
-             f"{row.loss_end_median:.3f})" if not math.isnan(fell) else "")
-    verdict = (f"it {_direction(str(row.mixed_verdict))} mixing" if _acted(row) else
-               "so the guidance did not act and the comparison says nothing about the method")
-    return (f"Self-Cross changed mixing of similar subjects by {_points(diff)} {_interval(low, high)} against "
-            f"Attend-and-Excite ({int(row.n)} pairs{_p(row.get('mixed_p_holm'))}){check}: {verdict}.")
+    text = "; ".join(parts)
+    return text[0].upper() + text[1:] + "."
 
 
 def probe_answer(headline: pd.DataFrame) -> str:

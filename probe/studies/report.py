@@ -63,7 +63,8 @@ def study_command(study: str, out: str | Path, quick: bool, settings: dict, mode
         elif key == "sets":
             parts += ["--prompts", *(value if isinstance(value, (list, tuple)) else [value])]
         else:
-            parts += ["--set", f'"{key}={value!r}"' if isinstance(value, (tuple, list, str, dict)) else f"{key}={value}"]
+            quoted = isinstance(value, (tuple, list, str, dict))
+            parts += ["--set", f'"{key}={value!r}"' if quoted else f"{key}={value}"]
     return " ".join(parts)
 
 

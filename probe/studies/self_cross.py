@@ -9,13 +9,14 @@ from pathlib import Path
 import pandas as pd
 
 from probe import plots
-from probe.guide import Schedule
+from probe.guide import InitNO, Schedule
 from probe.models import load
 from probe.shapes.evaluate import GUIDANCE, HELD_OUT_SEED, STEPS
 from probe.shapes.judge import judge as exact_judge
 from probe.studies.common import BOOTSTRAPS, QUICK_BOOTSTRAPS, QUICK_STEPS, Judge, Subject, _save, _store
 from probe.studies.guidance import (
     GUIDANCE_SEEDS_PER_PROMPT,
+    QUICK_INITNO,
     QUICK_SCHEDULE,
     _with_versus,
     outcome_summary,
@@ -56,30 +57,33 @@ def self_cross_study(pipe, n_images: int = SELF_CROSS_IMAGES, steps: int = STEPS
                      sets: Sequence[str] = (SIMILAR_SET,),
                      subject: Subject = "noun", judge: Judge = exact_judge,
                      guidance_scale: float = GUIDANCE, schedule: Schedule | None = None,
-                     step_sizes: Mapping[str, float] | None = None) -> SelfCrossStudy:
+                     step_sizes: Mapping[str, float] | None = None, initno: Sequence[bool] = (False, True),
+                     initno_settings: InitNO | None = None) -> SelfCrossStudy:
     """Subject mixing on similar subjects (Self-Cross guidance's claim): "a red circle and an orange ellipse".
 
     Prompts of ``sets`` (default ``shapes-similar``; SSD-2 / SSD-3 on a real model) × seeds, each method without
-    INITNO, through :func:`guided_images`. Per method: the rate of images with any subject judged "mixed" (a blend
+    and with INITNO (Self-Cross's paper runs on INITNO's initial-noise optimisation; ``none`` without only),
+    through :func:`guided_images`. Per (method, initno): the rate of images with any subject judged "mixed" (a blend
     or swapped attributes) and with any subject missing, each with an interval over prompts, and the paired
-    difference of the mixing rate from A&E (Holm over the methods). ``quick``: at most 4
-    images (4 prompts, one seed), at most 20 steps, at most 5 refinement iterations, 200 bootstrap resamples.
+    difference of the mixing rate from A&E at the same ``initno`` (Holm over the methods). ``quick``: at most 4
+    images (4 prompts, one seed), at most 20 steps, at most 5 refinement iterations, a short INITNO, 200
+    bootstrap resamples.
     Step sizes as in :func:`guidance_study` (calibrated on pilot prompts unless ``step_sizes`` gives them).
     With ``out``, resumable like :func:`guidance_study` (rows in ``out/self_cross_images.csv``).
     """
     pipe = load(pipe)
     if quick:
         n_images, seeds_per_prompt, steps = min(n_images, QUICK_SELF_CROSS_IMAGES), 1, min(steps, QUICK_STEPS)
-        schedule = schedule or QUICK_SCHEDULE
+        schedule, initno_settings = schedule or QUICK_SCHEDULE, initno_settings or QUICK_INITNO
     n_boot = QUICK_BOOTSTRAPS if quick else BOOTSTRAPS
     prompts = study_prompts(sets, n_images, seeds_per_prompt)
     seeds = [SELF_CROSS_SEED + i for i in range(seeds_per_prompt)]
     options = {"guidance_scale": guidance_scale, "subject": subject, "judge": judge, "schedule": schedule}
     sizes, calibration = study_steps(pipe, methods, sets, prompts, seeds, steps=steps, step_sizes=step_sizes,
                                      quick=quick, progress=progress, **options)
-    images = guided_images(pipe, prompts, seeds, configurations(methods, (False,)), steps=steps, step_sizes=sizes,
-                           progress=progress, desc="self-cross study", store=_store(out, "self_cross_images"),
-                           **options)
+    images = guided_images(pipe, prompts, seeds, configurations(methods, initno), steps=steps, step_sizes=sizes,
+                           initno_settings=initno_settings, progress=progress, desc="self-cross study",
+                           store=_store(out, "self_cross_images"), **options)
     summary = outcome_summary(images, ("mixed", "missing"), pooled=(), n_boot=n_boot)
     summary = _with_versus(summary, versus_baseline(images, "mixed", pooled=(), n_boot=n_boot), "mixed_")
     summary = with_step_sizes(summary, sizes, schedule)
@@ -88,11 +92,13 @@ def self_cross_study(pipe, n_images: int = SELF_CROSS_IMAGES, steps: int = STEPS
 
 
 def self_cross_headline(summary: pd.DataFrame) -> pd.DataFrame:
-    """Per method, least mixing first: mixing and missing rates (CIs), mixing minus A&E's (paired CI), overlap."""
-    columns = ["method", "n", "mixed_rate", "mixed_ci_low", "mixed_ci_high", "missing_rate", "missing_ci_low",
-               "missing_ci_high", f"mixed_diff_vs_{BASELINE}", "mixed_diff_ci_low", "mixed_diff_ci_high",
-               "mixed_p_holm", "mixed_verdict", "loss_start_median", "loss_end_median", "loss_fell", "step_size",
-               "iou_t10_vs_none", "iou_end_vs_none", "soft_iou_t10", "self_cross_t10", "quality", "seconds_per_image"]
+    """Per (method, initno), least mixing first: mixing and missing rates (CIs), mixing minus A&E's (paired CI),
+    the manipulation check, overlap."""
+    columns = ["method", "initno", "n", "mixed_rate", "mixed_ci_low", "mixed_ci_high", "missing_rate",
+               "missing_ci_low", "missing_ci_high", f"mixed_diff_vs_{BASELINE}", "mixed_diff_ci_low",
+               "mixed_diff_ci_high", "mixed_p_holm", "mixed_verdict", "loss_start_median", "loss_end_median",
+               "loss_fell", "step_size", "iou_t10_vs_none", "iou_end_vs_none", "soft_iou_t10", "self_cross_t10",
+               "quality", "seconds_per_image"]
     if summary.empty:
         return pd.DataFrame(columns=columns)
     return summary[columns].sort_values(["mixed_rate", "method"], kind="stable").reset_index(drop=True)
