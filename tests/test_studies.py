@@ -356,8 +356,11 @@ def test_guided_images_resume_from_their_store(tiny, tmp_path, monkeypatch):
     assert both.attrs["reused_seconds"] == pytest.approx(first.seconds.sum(), rel=1e-5)
     again = guided_images(tiny, prompts[:1], [0], configs, **settings)  # a smaller run keeps the larger run's rows
     assert len(made) == 4 and len(again) == 2 and len(pd.read_csv(store)) == 4
+    guided_images(tiny, prompts[:1], [0], configs, **{**settings, "step_sizes": {"ae": 0.5}})  # another step:
+    assert len(made) == 5 and made[-1] == (prompts[0]["prompt"], 0)  # only the guided image is made again
+    assert sorted(pd.read_csv(store).step_size.dropna()) == [0.5, CHEAP.scale_factor]  # the other prompt's kept
     guided_images(tiny, prompts[:1], [0], configs, **{**settings, "steps": STEPS + 1})  # other settings: made anew
-    assert len(made) == 6 and len(pd.read_csv(store)) == 2
+    assert len(made) == 7 and len(pd.read_csv(store)) == 2
 
 
 def test_weights_id_changes_with_any_weight(tiny):

@@ -156,7 +156,8 @@ def guided_images(pipe, prompts: Sequence[dict], seeds: Sequence[int], configs: 
     ``schedule``: the guidance schedule at 50 steps (default: Attend-and-Excite's), scaled by :func:`scaled_schedule`;
     ``step_sizes``: its ``scale_factor`` per method (:func:`calibrate_steps`), the schedule's own for the others.
     ``store``: a CSV (:class:`ImageRows`) that keeps the rows as they are made: a stopped run started again with
-    the same settings and weights skips the images it already has.
+    the same settings and weights skips the images it already has (a guided method's only where they were made at
+    its step size, so runs with other methods or other step sizes share one table).
     """
     if subject not in ("noun", "colour"):
         raise ValueError(f"subject must be 'noun' or 'colour' for guidance (one word per subject), not {subject!r}")
@@ -175,11 +176,17 @@ def guided_images(pipe, prompts: Sequence[dict], seeds: Sequence[int], configs: 
     jobs = [(p, s, c) for p in prompts for s in seeds for c in configs]
     keys = [(item["prompt"], seed, method, initno) for item, seed, (method, initno) in jobs]
     rows = ImageRows(store, settings_id(weights=weights_id(pipe), steps=steps, guidance_scale=guidance_scale,
-                                        subject=subject, schedule=asdict(schedule), step_sizes=step_sizes,
-                                        initno=asdict(settings),
+                                        subject=subject, schedule=asdict(schedule), initno=asdict(settings),
                                         judge=getattr(judge, "__qualname__", repr(judge))), keys)
-    todo = [(job, key) for job, key in zip(jobs, keys) if rows.get(key) is None]
-    reused_seconds = sum(float(rows.get(key)["seconds"]) for key in keys if rows.get(key) is not None)
+    step_of = {m: math.nan if m == NO_GUIDANCE else sched.scale_factor for m, sched in schedules.items()}
+
+    def reusable(key: tuple) -> bool:  # a stored row counts only if it was made at this run's step for its method
+        row = rows.get(key)
+        return row is not None and (key[2] == NO_GUIDANCE or math.isclose(float(row.get("step_size", math.nan)),
+                                                                           step_of[key[2]]))
+
+    todo = [(job, key) for job, key in zip(jobs, keys) if not reusable(key)]
+    reused_seconds = sum(float(rows.get(key)["seconds"]) for key in keys if reusable(key))
     if progress and len(todo) < len(jobs):
         print(f"{desc}: {len(jobs) - len(todo)} of {len(jobs)} images already in {store}")
     for (item, seed, (method, initno)), _ in tqdm(todo, desc=desc, disable=not progress):
@@ -197,8 +204,8 @@ def guided_images(pipe, prompts: Sequence[dict], seeds: Sequence[int], configs: 
         maps = capture.maps
         loss_start, loss_end = result.objective_span
         row = {"method": method, "initno": initno, "set": item["set"], "prompt": item["prompt"], "seed": seed,
-               **judged(image, item["prompt"], judge), "seconds": seconds, "loss_start": loss_start,
-               "loss_end": loss_end}
+               **judged(image, item["prompt"], judge), "seconds": seconds, "step_size": step_of[method],
+               "loss_start": loss_start, "loss_end": loss_end}
         for label, step in read_at.items():
             found = maps.get(step)
             if found is None or set(found) != {"cross", "self"}:
