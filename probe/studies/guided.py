@@ -223,7 +223,7 @@ def guided_images(pipe, prompts: Sequence[dict], seeds: Sequence[int], configs: 
 
 
 STEP_CANDIDATES = (20.0, 5.0, 1.0, 0.2, 0.05)  # A&E's step (20) and smaller: overlap losses have larger gradients
-CALIBRATION_PROMPTS = 6  # pilot prompts per set, taken after the study's own
+CALIBRATION_PROMPTS = 4  # pilot prompts per set, taken after the study's own
 QUICK_STEP_CANDIDATES = (20.0, 0.2)
 PUBLISHED_STEPS = (BASELINE,)  # methods kept at their paper's step: the positive control is the published A&E
 
