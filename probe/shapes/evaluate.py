@@ -310,12 +310,14 @@ def write_card(folder, metrics: dict, training: dict) -> str:
     if "reference_seconds_per_image" in metrics:
         reference = metrics["reference_seconds_per_image"]
         ratio = speed / reference
-        status += (f"\n| one image at 50 steps ≤ 1.25× the first built-in model, side by side | {ratio:.2f}× "
+        status += (f"\n| one image at 50 steps ≤ 1.25× the reference model (HISTORY), side by side | {ratio:.2f}× "
                    f"({speed:.2f} s vs {reference:.2f} s) | {'yes' if ratio <= 1.25 else 'no'} |")
     if "weights_mb" in metrics:
         mb = metrics["weights_mb"]
         status += f"\n| weights ≤ 30 MB | {mb:.1f} MB | {'yes' if mb <= 30 else 'no'} |"
     heads = arch["attention_head_dim"]
+    control = metrics.get("positive_control")
+    reproduce = "" if control is None else f" --control {control['pairs']} --control-seeds {control.get('seeds', 5)}"
     history = Path(folder) / "HISTORY.md"
     history = history.read_text() if history.exists() else ""
     recipe = (f"scenes of 1–{len(data.get('object_weights', (0, 0, 0)))} objects in shares "
@@ -377,24 +379,27 @@ subjects are both present; mass = share of the map's attention on the word's own
 ![samples](samples.png)
 
 {history}
-Reproduce: `probe evaluate-shapes --model {folder} --card`.
+Reproduce: `probe evaluate-shapes --model {folder} --card{reproduce}`.
 """
 
 
-def positive_control(pipe, n_images: int = 300, out=None, progress: bool = True, steps: int = STEPS) -> dict:
+def positive_control(pipe, n_images: int = 300, out=None, progress: bool = True, steps: int = STEPS,
+                     seeds_per_prompt: int = 1) -> dict:
     """Attend-and-Excite against no guidance: the guidance study (:mod:`probe.studies.guidance`) with those two
     methods only, on its two- and three-object sets with distinct nouns, paired by (prompt, seed), 50 steps, A&E's
-    schedule and its softmax over the prompt's words. The paired difference in missing rate (A&E − none) has an
-    interval resampling prompts and a sign-flip p-value over prompts; A&E's loss at its first and last step shows
-    that the guidance acted. ``out`` keeps the per-image rows (and resumes a stopped run)."""
+    schedule and its softmax over the prompt's words. One seed per prompt by default: the same number of pairs
+    spread over more prompts gives a narrower interval, as one prompt's seeds fail together. The paired difference
+    in missing rate (A&E − none) has an interval resampling prompts and a sign-flip p-value over prompts; A&E's loss
+    before guidance and at its last step shows that the guidance acted. ``out`` keeps the per-image rows (and
+    resumes a stopped run)."""
     from probe.studies.guidance import guidance_study
 
     study = guidance_study(pipe, n_images=n_images, steps=steps, methods=("none", "ae"), initno=(False,), out=out,
-                           progress=progress)
+                           progress=progress, seeds_per_prompt=seeds_per_prompt)
     rates = study.summary.set_index("method")
     versus = study.versus_ae.set_index("method").loc["none"]  # none − ae, so A&E's effect is its negative
     return {
-        "pairs": int(versus.n_paired), "prompts": int(versus.n_prompts), "steps": steps,
+        "pairs": int(versus.n_paired), "prompts": int(versus.n_prompts), "seeds": seeds_per_prompt, "steps": steps,
         "missing_none": float(rates.loc["none", "missing_rate"]), "missing_ae": float(rates.loc["ae", "missing_rate"]),
         "missing_difference": -float(versus.difference),
         "missing_difference_ci": [-float(versus.ci_high), -float(versus.ci_low)], "p_value": float(versus.p_value),
