@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAB = ROOT / "notebooks" / "lab"
 TWO, THREE = "a red circle and a blue square", "a red ellipse and a green triangle and a yellow square"
 STEPS = 8
-SEEDS = [0, 1, 2, 8]  # the built-in model at 8 steps: the two-object prompt loses its circle on three, not on seed 8
+SEEDS = [0, 2, 5, 8]  # the built-in model at 8 steps: the two-object prompt misses a subject on 0 and 8, mixes on 2
 
 
 @pytest.fixture(scope="module")

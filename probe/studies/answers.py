@@ -14,7 +14,7 @@ LAYOUT_TARGETS = ("position", "extent", "size", "judge_shape")  # where and shap
 
 
 def _points(value: float) -> str:
-    return f"{100 * value:+.1f} points"
+    return f"{100 * value + 0.0:+.1f} points" if round(100 * value, 1) else "+0.0 points"  # never "-0.0"
 
 
 def _interval(low: float, high: float) -> str:
