@@ -14,7 +14,7 @@ LAYOUT_TARGETS = ("position", "extent", "size", "judge_shape")  # where and shap
 
 
 def _points(value: float) -> str:
-    return f"{100 * value + 0.0:+.1f} points" if round(100 * value, 1) else "+0.0 points"  # never "-0.0"
+    return f"{round(100 * value, 1) + 0.0:+.1f} points"  # + 0.0 turns −0.0 into 0.0
 
 
 def _interval(low: float, high: float) -> str:
@@ -44,11 +44,11 @@ def _without_initno(headline: pd.DataFrame) -> pd.DataFrame:
     return plain if len(plain) else headline
 
 
-def _acted(row: pd.Series, lowers_overlap: bool = True) -> bool:
-    """The manipulation check: the guided objective fell in at least half of the images and, for a method meant to
-    lower overlap, soft IoU at step 10 ended below unguided generation's (unknown counts as acted)."""
+def _acted(row: pd.Series) -> bool:
+    """The manipulation check of an overlap-lowering guidance: its objective fell in at least half of the images and
+    soft IoU at step 10 ended below unguided generation's (unknown counts as acted)."""
     fell, moved = row.get("loss_fell", float("nan")), row.get("iou_t10_vs_none", float("nan"))
-    return bool((math.isnan(fell) or fell >= 0.5) and (not lowers_overlap or math.isnan(moved) or moved < 0))
+    return bool((math.isnan(fell) or fell >= 0.5) and (math.isnan(moved) or moved < 0))
 
 
 def _direction(verdict: str) -> str:

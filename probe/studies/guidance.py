@@ -23,7 +23,6 @@ from probe.studies.guided import (
     guided_images,
     study_prompts,
     study_steps,
-    with_step_sizes,
 )
 
 GUIDANCE_SEED = HELD_OUT_SEED + 40_000  # seeds of the guidance study's images (shared by every method)
@@ -97,8 +96,9 @@ def outcome_summary(images: pd.DataFrame, outcomes: Sequence[str] = ("missing", 
 
     Per outcome its rate with an interval over prompts (``{outcome}_rate``, ``{outcome}_ci_low``, ``_ci_high``);
     the mean number of missing subjects; the mean of each :data:`SUMMARY_METRICS` at step 10 and at the end; the
-    quality proxies; seconds per image. The manipulation check, so that a null result can be told apart from a
-    guidance that did nothing: the objective's median at its first and last guided step and the share of images
+    quality proxies; seconds per image; ``step_size``, the step its images were made at (NaN unguided and for the
+    pooled row, whose methods each have their own). The manipulation check, so that a null result can be told apart
+    from a guidance that did nothing: the objective's median at its first and last guided step and the share of images
     where it fell (``loss_start_median``, ``loss_end_median``, ``loss_fell``), and how far soft IoU moved from
     unguided generation on the same (prompt, seed) at step 10 and whether that change survived to the end
     (``iou_t10_vs_none``, ``iou_end_vs_none``).
@@ -126,6 +126,8 @@ def outcome_summary(images: pd.DataFrame, outcomes: Sequence[str] = ("missing", 
         for at in ("t10", "end"):
             moved = paired[f"soft_iou_{at}"] - paired[f"soft_iou_{at}_none"]
             row[f"iou_{at}_vs_none"] = float(moved.mean()) if len(moved) and method != NO_GUIDANCE else math.nan
+        made_at = frame.get("step_size", pd.Series(dtype=float)).dropna().unique()
+        row["step_size"] = float(made_at[0]) if len(made_at) == 1 and method != POOLED else math.nan
         row.update({"quality": float(frame.quality.mean()), "precision": float(frame.precision.mean()),
                     "seconds_per_image": float(frame.seconds.mean())})
         rows.append(row)
@@ -245,7 +247,6 @@ def guidance_study(pipe, n_images: int | None = None, steps: int = STEPS, quick:
     summary = _with_versus(outcome_summary(images, n_boot=n_boot), versus, "")
     # mixing too: on a model that rarely loses a subject, binding is the failure guidance can move
     summary = _with_versus(summary, versus_baseline(images, "mixed", n_boot=n_boot), "mixed_")
-    summary = with_step_sizes(summary, sizes, schedule)
     figures = {"guidance_missing": plots.outcome_rates(summary, ("missing", "mixed"), baseline=BASELINE),
                "guidance_overlap_vs_missing": plots.overlap_vs_outcome(summary, ("missing", "mixed"))}
     return GuidanceStudy(images, summary, versus, calibration, figures, _save(figures, out))

@@ -295,10 +295,3 @@ def study_steps(pipe, methods: Sequence[str], sets: Sequence[str], prompts: Sequ
         print("step sizes chosen on", len(pilot), "pilot prompts:", ", ".join(f"{m} {v:g}" for m, v in chosen.items()),
               f"(pass step_sizes={chosen!r} to skip the calibration)")
     return chosen, table
-
-
-def with_step_sizes(summary: pd.DataFrame, sizes: Mapping[str, float], schedule: Schedule | None) -> pd.DataFrame:
-    """``summary`` with each method's ``step_size`` (``Schedule.scale_factor``; NaN unguided and pooled)."""
-    default = (schedule or Schedule()).scale_factor
-    step = [float(sizes.get(m, default)) if m in OBJECTIVES else math.nan for m in summary.method]
-    return summary.assign(step_size=step)

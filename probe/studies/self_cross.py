@@ -29,7 +29,6 @@ from probe.studies.guided import (
     guided_images,
     study_prompts,
     study_steps,
-    with_step_sizes,
 )
 
 SELF_CROSS_SEED = HELD_OUT_SEED + 50_000  # seeds of the self-cross study's images
@@ -86,7 +85,6 @@ def self_cross_study(pipe, n_images: int = SELF_CROSS_IMAGES, steps: int = STEPS
                            store=_store(out, "self_cross_images"), **options)
     summary = outcome_summary(images, ("mixed", "missing"), pooled=(), n_boot=n_boot)
     summary = _with_versus(summary, versus_baseline(images, "mixed", pooled=(), n_boot=n_boot), "mixed_")
-    summary = with_step_sizes(summary, sizes, schedule)
     figures = {"self_cross_mixing": plots.outcome_rates(summary, ("mixed", "missing"), baseline=BASELINE)}
     return SelfCrossStudy(images, summary, calibration, figures, _save(figures, out))
 
