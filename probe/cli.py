@@ -208,7 +208,8 @@ def cmd_evaluate_shapes(args) -> None:
         metrics = evaluate.evaluate_model(pipe, quick=args.quick, reference=reference)
     if args.control:  # a pilot is read with the control too: the control is what a design can break
         metrics["positive_control"] = evaluate.positive_control(pipe, args.control, out=args.control_out,
-                                                                seeds_per_prompt=args.control_seeds)
+                                                                seeds_per_prompt=args.control_seeds,
+                                                                step_size=args.control_step)
     print(json.dumps(metrics, indent=1))
     if args.card:
         folder = Path(args.model if Path(args.model).is_dir() else probe.models.BUILTIN[args.model])
@@ -352,6 +353,8 @@ def parser() -> argparse.ArgumentParser:
                    help="also the Attend-and-Excite positive control on this many (prompt, seed) pairs (300 for the "
                         "card; ~1 s per unguided and ~3.5 s per guided image on a laptop CPU)")
     e.add_argument("--control-out", default=None, help="folder for the control's per-image rows (resumable)")
+    e.add_argument("--control-step", type=float, default=None, metavar="SIZE",
+                   help="A&E's step size in the control (default: the one that lowers missing most on pilot prompts)")
     e.add_argument("--control-seeds", type=int, default=1, metavar="N",
                    help="seeds per prompt in the control (1: every pair a different prompt, the narrowest interval)")
     e.set_defaults(func=cmd_evaluate_shapes)

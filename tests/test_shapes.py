@@ -133,8 +133,10 @@ def test_positive_control_is_the_guidance_study_of_ae_against_none(tiny, tmp_pat
 
     from probe.shapes import evaluate
 
-    control = evaluate.positive_control(tiny, n_images=2, out=tmp_path, progress=False, steps=3)
+    control = evaluate.positive_control(tiny, n_images=2, out=tmp_path, progress=False, steps=3, step_size=0.5)
     rows = pd.read_csv(tmp_path / "guidance_images.csv")
+    assert control["ae_step_size"] == 0.5 and rows[rows.method == "ae"].step_size.eq(0.5).all()
+    assert control["calibration"] == []  # a given step is not calibrated
     assert set(rows.method) == {"none", "ae"} and control["pairs"] == len(rows) // 2
     wide = rows.pivot_table(index=["prompt", "seed"], columns="method", values="missing")
     assert control["missing_difference"] == pytest.approx((wide["ae"] - wide["none"]).mean())

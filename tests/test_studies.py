@@ -293,17 +293,19 @@ def test_guidance_study_quick(tiny, tmp_path):
         assert by_config.loc[key, "mixed_diff_vs_ae"] == pytest.approx(
             by_config.mixed_rate[key] - by_config.mixed_rate["ae", key[1]])
     steps = summary.set_index(["method", "initno"]).step_size
-    assert steps["ae"].eq(CHEAP.scale_factor).all() and steps["none"].isna().all()
-    assert steps["iou"].eq(chosen_steps(study.step_sizes)["iou"]).all()  # calibrated on pilot prompts
-    assert set(study.step_sizes.method) == {"iou"} and not set(study.step_sizes.scale_factor) - {20.0, 0.2}
+    assert steps["none"].isna().all()
+    for method in ("ae", "iou"):  # calibrated on pilot prompts
+        assert steps[method].eq(chosen_steps(study.step_sizes)[method]).all()
+    assert set(study.step_sizes.method) == {"ae", "iou"} and not set(study.step_sizes.scale_factor) - {20.0, 0.2}
     assert len(guidance_headline(summary)) == len(summary)
     for name in ("guidance_missing", "guidance_overlap_vs_missing"):
         assert (tmp_path / f"{name}.png").stat().st_size > 0
 
 
 def test_step_calibration_pairs_each_candidate_with_unguided_images(tiny):
-    """The calibration's soft-IoU change is recomputed from separately generated images at each step size; the
-    chosen step is the one that lowers it most; pilot prompts are the sets' next prompts, never the study's."""
+    """The calibration's changes against no guidance are recomputed from separately generated images at each step
+    size; A&E's chosen step is the one that lowers missing most, an overlap objective's the one that lowers soft IoU
+    at step 10 most; pilot prompts are the sets' next prompts, never the study's."""
     study = study_prompts(GUIDANCE_SETS, 2, 1)
     pilot = pilot_prompts(GUIDANCE_SETS, study, 1)
     assert [p["set"] for p in pilot] == list(GUIDANCE_SETS)
@@ -312,17 +314,26 @@ def test_step_calibration_pairs_each_candidate_with_unguided_images(tiny):
     options = {"steps": STEPS, "schedule": CHEAP}
     table = calibrate_steps(tiny, ["none", "ae", "iou"], pilot, [0], candidates=(20.0, 0.2), progress=False,
                             **options)
-    assert list(table.method) == ["iou", "iou"] and list(table.scale_factor) == [20.0, 0.2]  # A&E keeps its step
+    assert list(zip(table.method, table.scale_factor)) == [("ae", 20.0), ("iou", 20.0), ("ae", 0.2), ("iou", 0.2)]
+    assert list(table.criterion) == ["missing_vs_none", "iou_t10_vs_none"] * 2
     plain = guided_images(tiny, pilot, [0], [("none", False)], progress=False, **options)
     for row in table.itertuples():
-        guided = guided_images(tiny, pilot, [0], [("iou", False)], progress=False, step_sizes={"iou": row.scale_factor},
-                               **options)
+        guided = guided_images(tiny, pilot, [0], [(row.method, False)], progress=False,
+                               step_sizes={row.method: row.scale_factor}, **options)
         for at in ("t10", "end"):
             expected = (guided[f"soft_iou_{at}"] - plain[f"soft_iou_{at}"]).mean()
             assert getattr(row, f"iou_{at}_vs_none") == pytest.approx(expected, abs=1e-6)
+        assert row.missing_vs_none == pytest.approx((guided.missing.astype(float) - plain.missing).mean())
         assert row.loss_fell == pytest.approx((guided.loss_end < guided.loss_start).mean())
-    best = table.loc[table.iou_t10_vs_none.idxmin()]
-    assert table.chosen.sum() == 1 and chosen_steps(table) == {"iou": best.scale_factor}
+    expected = {}
+    for method, rows in table.groupby("method"):
+        score = rows[rows.criterion.iloc[0]]
+        ties = rows[score == score.min()]
+        expected[method] = ties.scale_factor.max()  # the larger step on a tie
+    assert table.chosen.sum() == 2 and chosen_steps(table) == expected
+    kept = calibrate_steps(tiny, ["ae", "iou"], pilot[:1], [0], candidates=(0.2,), keep=("ae",), progress=False,
+                           **options)
+    assert list(kept.method) == ["iou"]
     with pytest.raises(ValueError, match="do not run"):
         guided_images(tiny, pilot, [0], [("none", False)], progress=False, step_sizes={"iou": 1.0}, **options)
 

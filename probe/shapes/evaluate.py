@@ -8,8 +8,10 @@ mixed), cross-attention localisation (Otsu-mask IoU with the judge's mask), and 
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -273,8 +275,6 @@ def _shares(noise) -> str:
 def write_card(folder, metrics: dict, training: dict) -> str:
     """The model card (markdown): how the model is built and trained, what it measures against its targets, and the
     folder's ``HISTORY.md`` (what was tried, measured when it was tried) when there is one."""
-    from pathlib import Path
-
     s, t, loc = metrics["single_object"], metrics["two_objects"], metrics["localisation"]
     per_grid = "\n".join(
         f"| {key} | {v['iou']:.2f} | {v['own_mass']:.2f} | {v['other_mass']:.2f} | {v['own_gt_other']:.0%} |"
@@ -303,7 +303,8 @@ def write_card(folder, metrics: dict, training: dict) -> str:
         status += (f"\n| positive control: A&E lowers missing ≥ 5 points, 95% CI below 0, ≥ 300 pairs | "
                    f"{c['missing_difference'] * 100:+.1f} points [{low * 100:+.1f}, {high * 100:+.1f}] "
                    f"({c['missing_none']:.1%} → {c['missing_ae']:.1%}, {c['pairs']} pairs of {c['prompts']} "
-                   f"prompts, p = {c['p_value']:.3f}) | {'yes' if met else 'no'} |"
+                   f"prompts, p = {c['p_value']:.3f}; A&E step {c.get('ae_step_size', 20):g}) | "
+                   f"{'yes' if met else 'no'} |"
                    f"\n| A&E's loss falls during guidance (median first → last guided step) | "
                    f"{c['ae_loss_start_median']:.3f} → {c['ae_loss_end_median']:.3f} | "
                    f"{'yes' if c['ae_loss_end_median'] < c['ae_loss_start_median'] else 'no'} |")
@@ -384,10 +385,12 @@ Reproduce: `probe evaluate-shapes --model {folder} --card{reproduce}`.
 
 
 def positive_control(pipe, n_images: int = 300, out=None, progress: bool = True, steps: int = STEPS,
-                     seeds_per_prompt: int = 1) -> dict:
+                     seeds_per_prompt: int = 1, step_size: float | None = None) -> dict:
     """Attend-and-Excite against no guidance: the guidance study (:mod:`probe.studies.guidance`) with those two
     methods only, on its two- and three-object sets with distinct nouns, paired by (prompt, seed), 50 steps, A&E's
-    schedule and its softmax over the prompt's words. One seed per prompt by default: the same number of pairs
+    schedule and its softmax over the prompt's words, at the step size that lowers missing most on pilot prompts the
+    control does not use (:func:`probe.studies.guided.calibrate_steps`; ``step_size`` skips the calibration).
+    One seed per prompt by default: the same number of pairs
     spread over more prompts gives a narrower interval, as one prompt's seeds fail together. The paired difference
     in missing rate (A&E − none) has an interval resampling prompts and a sign-flip p-value over prompts; A&E's loss
     before guidance and at its last step shows that the guidance acted. ``out`` keeps the per-image rows (and
@@ -395,7 +398,10 @@ def positive_control(pipe, n_images: int = 300, out=None, progress: bool = True,
     from probe.studies.guidance import guidance_study
 
     study = guidance_study(pipe, n_images=n_images, steps=steps, methods=("none", "ae"), initno=(False,), out=out,
-                           progress=progress, seeds_per_prompt=seeds_per_prompt)
+                           progress=progress, seeds_per_prompt=seeds_per_prompt,
+                           step_sizes=None if step_size is None else {"ae": step_size})
+    if out is not None and not study.step_sizes.empty:
+        study.step_sizes.to_csv(Path(out) / "control_step_sizes.csv", index=False)
     rates = study.summary.set_index("method")
     versus = study.versus_ae.set_index("method").loc["none"]  # none − ae, so A&E's effect is its negative
     return {
@@ -406,4 +412,6 @@ def positive_control(pipe, n_images: int = 300, out=None, progress: bool = True,
         "mixed_none": float(rates.loc["none", "mixed_rate"]), "mixed_ae": float(rates.loc["ae", "mixed_rate"]),
         "ae_loss_start_median": float(rates.loc["ae", "loss_start_median"]),
         "ae_loss_end_median": float(rates.loc["ae", "loss_end_median"]),
+        "ae_step_size": float(rates.loc["ae", "step_size"]),
+        "calibration": json.loads(study.step_sizes.to_json(orient="records")),
     }

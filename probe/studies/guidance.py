@@ -210,8 +210,9 @@ def guidance_study(pipe, n_images: int | None = None, steps: int = STEPS, quick:
     and at the last step, the quality proxies of :func:`judged`, seconds. An image is missing when any subject is.
     ``schedule`` replaces A&E's schedule (given for 50 steps); ``initno_settings`` the default :class:`InitNO`.
     ``step_sizes``: each method's ``scale_factor``; by default chosen before the study on pilot prompts it does not
-    use (:func:`probe.studies.guided.calibrate_steps`: A&E keeps its paper's step, every other objective takes the
-    step that lowers soft IoU at step 10 most), the table in ``step_sizes`` (``guidance_step_sizes.csv``).
+    use (:func:`probe.studies.guided.calibrate_steps`: A&E takes the step that lowers missing most against no
+    guidance, every other objective the step that lowers soft IoU at step 10 most), the table in ``step_sizes``
+    (``guidance_step_sizes.csv``).
 
     ``quick``: at most 4 images (two prompts per set, one seed), methods none / ae / iou when ``methods`` is the
     default, at most 20 steps, a short INITNO (:data:`QUICK_INITNO`), at most 5 refinement iterations

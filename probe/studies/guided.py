@@ -2,8 +2,8 @@
 
 Each (prompt, seed, method) image is generated through :func:`probe.guide.generate`, judged, and its subjects'
 overlap read from the real denoising pass at step 10 (of 50) and at the end; :func:`calibrate_steps` chooses each
-objective's step size on pilot prompts the study does not use, so that a method is compared at a step that moves
-its maps the way it intends.
+method's step size on pilot prompts the study does not use, so that a method is compared at a step that does what
+it intends (A&E: fewer missing subjects; an overlap objective: less overlap).
 """
 
 from __future__ import annotations
@@ -222,10 +222,18 @@ def guided_images(pipe, prompts: Sequence[dict], seeds: Sequence[int], configs: 
 
 
 
-STEP_CANDIDATES = (20.0, 5.0, 1.0, 0.2, 0.05)  # A&E's step (20) and smaller: overlap losses have larger gradients
-CALIBRATION_PROMPTS = 4  # pilot prompts per set, taken after the study's own
+STEP_CANDIDATES = (20.0, 5.0, 1.0, 0.2, 0.05)  # A&E's published step (20) and smaller ones
+CALIBRATION_PROMPTS = 4  # pilot prompts per set for an overlap objective, taken after the study's own
+BASELINE_CALIBRATION_PROMPTS = 30  # A&E's criterion is a binary outcome (missing), so it needs more
 QUICK_STEP_CANDIDATES = (20.0, 0.2)
-PUBLISHED_STEPS = (BASELINE,)  # methods kept at their paper's step: the positive control is the published A&E
+CRITERIA = {BASELINE: "missing_vs_none"}  # what each method's step minimises; the others: "iou_t10_vs_none"
+OVERLAP_CRITERION = "iou_t10_vs_none"
+
+
+def criterion(method: str) -> str:
+    """The calibration column a method's step size minimises: A&E targets missing subjects, the overlap
+    objectives their maps' overlap at step 10 (the manipulation their studies test)."""
+    return CRITERIA.get(method, OVERLAP_CRITERION)
 
 
 def pilot_prompts(sets: Sequence[str], study: Sequence[dict], per_set: int = CALIBRATION_PROMPTS) -> list[dict]:
@@ -237,21 +245,22 @@ def pilot_prompts(sets: Sequence[str], study: Sequence[dict], per_set: int = CAL
 
 
 def calibrate_steps(pipe, methods: Sequence[str], prompts: Sequence[dict], seeds: Sequence[int], *, steps: int,
-                    candidates: Sequence[float] = STEP_CANDIDATES, keep: Sequence[str] = PUBLISHED_STEPS,
+                    candidates: Sequence[float] = STEP_CANDIDATES, keep: Sequence[str] = (),
                     progress: bool = True, **options) -> pd.DataFrame:
     """Each guided method's step size (``Schedule.scale_factor``), chosen on pilot prompts before the study.
 
-    A&E's step suits A&E's loss; a loss with larger gradients overshoots at it (on the built-in model the IoU
-    loss at A&E's step *raises* soft IoU at step 10 while its own value falls). For every candidate, each method's
-    pilot images are paired with unguided ones on the same (prompt, seed): ``iou_t10_vs_none`` / ``iou_end_vs_none``
-    (the manipulation the studies ask for), ``loss_fell`` (share of images whose objective fell), missing and mixing.
-    ``chosen`` marks, per method, the candidate that lowers soft IoU at step 10 most (the larger step on a tie);
-    methods in ``keep`` run at the schedule's own step and are not calibrated. ``options``: as :func:`guided_images`
-    (schedule, judge, guidance_scale, subject, initno_settings).
+    A published step suits the model it was published for. On the built-in model A&E's step (20) drives its loss
+    to the thresholds yet loses as many subjects as it restores, and an overlap loss at that step *raises* soft IoU
+    at step 10 while its own value falls. For every candidate, each method's pilot images are paired with unguided
+    ones on the same (prompt, seed): ``missing_vs_none``, ``iou_t10_vs_none`` / ``iou_end_vs_none``, ``loss_fell``
+    (share of images whose objective fell), missing and mixing. ``chosen`` marks, per method, the candidate that
+    lowers its :func:`criterion` most (the larger step on a tie); methods in ``keep`` run at the schedule's own step
+    and are not calibrated. ``options``: as :func:`guided_images` (schedule, judge, guidance_scale, subject,
+    initno_settings).
     """
     tuned = [m for m in dict.fromkeys(methods) if m != NO_GUIDANCE and m not in keep]
-    columns = ["method", "scale_factor", "n", "loss_fell", "iou_t10_vs_none", "iou_end_vs_none", "missing", "mixed",
-               "chosen"]
+    columns = ["method", "scale_factor", "n", "loss_fell", "missing_vs_none", "iou_t10_vs_none", "iou_end_vs_none",
+               "missing", "mixed", "criterion", "chosen"]
     if not tuned:
         return pd.DataFrame(columns=columns)
     plain = guided_images(pipe, prompts, seeds, [(NO_GUIDANCE, False)], steps=steps, progress=False, **options)
@@ -261,14 +270,18 @@ def calibrate_steps(pipe, methods: Sequence[str], prompts: Sequence[dict], seeds
         images = guided_images(pipe, prompts, seeds, [(m, False) for m in tuned], steps=steps, progress=False,
                                step_sizes=dict.fromkeys(tuned, float(scale)), **options)
         for method, frame in images.groupby("method", sort=False):
-            paired = frame.join(plain[["soft_iou_t10", "soft_iou_end"]], on=["prompt", "seed"], rsuffix="_none")
+            paired = frame.join(plain[["missing", "soft_iou_t10", "soft_iou_end"]], on=["prompt", "seed"],
+                                rsuffix="_none")
             rows.append({"method": method, "scale_factor": float(scale), "n": len(frame),
                          "loss_fell": float((frame.loss_end < frame.loss_start).mean()),
+                         "missing_vs_none": float((paired.missing.astype(float) - paired.missing_none).mean()),
                          "iou_t10_vs_none": float((paired.soft_iou_t10 - paired.soft_iou_t10_none).mean()),
                          "iou_end_vs_none": float((paired.soft_iou_end - paired.soft_iou_end_none).mean()),
-                         "missing": float(frame.missing.mean()), "mixed": float(frame.mixed.mean())})
+                         "missing": float(frame.missing.mean()), "mixed": float(frame.mixed.mean()),
+                         "criterion": criterion(method)})
     table = pd.DataFrame(rows)
-    best = table.sort_values(["iou_t10_vs_none", "scale_factor"], ascending=[True, False]).groupby("method").head(1)
+    table["score"] = [row[row.criterion] for _, row in table.iterrows()]
+    best = table.sort_values(["score", "scale_factor"], ascending=[True, False]).groupby("method").head(1)
     table["chosen"] = table.index.isin(best.index)
     return table[columns]
 
@@ -283,15 +296,25 @@ def study_steps(pipe, methods: Sequence[str], sets: Sequence[str], prompts: Sequ
                 steps: int, step_sizes: Mapping[str, float] | None, quick: bool, progress: bool = True,
                 **options) -> tuple[dict[str, float], pd.DataFrame]:
     """The step sizes a study runs at: ``step_sizes`` where given, else :func:`calibrate_steps` on pilot prompts
-    (:func:`pilot_prompts`: one per set when ``quick``) at the study's first seed. Returns them and the
-    calibration table (empty where they were given)."""
+    (:func:`pilot_prompts`: :data:`BASELINE_CALIBRATION_PROMPTS` per set for A&E, :data:`CALIBRATION_PROMPTS` for
+    the others, one when ``quick``) at the study's first seed. Returns them and the calibration table (empty where
+    they were given)."""
     if step_sizes is not None:
         return {m: float(v) for m, v in step_sizes.items()}, pd.DataFrame()
-    pilot = pilot_prompts(sets, prompts, 1 if quick else CALIBRATION_PROMPTS)
-    table = calibrate_steps(pipe, methods, pilot, list(seeds)[:1], steps=steps, progress=progress,
-                            candidates=QUICK_STEP_CANDIDATES if quick else STEP_CANDIDATES, **options)
-    chosen = chosen_steps(table)
+    candidates = QUICK_STEP_CANDIDATES if quick else STEP_CANDIDATES
+    groups = [([m for m in methods if m == BASELINE], BASELINE_CALIBRATION_PROMPTS),
+              ([m for m in methods if m not in (BASELINE, NO_GUIDANCE)], CALIBRATION_PROMPTS)]
+    tables, counts = [], []
+    for group, per_set in groups:
+        if group:
+            pilot = pilot_prompts(sets, prompts, 1 if quick else per_set)
+            counts.append(len(pilot))
+            tables.append(calibrate_steps(pipe, group, pilot, list(seeds)[:1], steps=steps, progress=progress,
+                                          candidates=candidates, **options))
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    chosen = chosen_steps(table) if tables else {}
     if progress and chosen:
-        print("step sizes chosen on", len(pilot), "pilot prompts:", ", ".join(f"{m} {v:g}" for m, v in chosen.items()),
+        print("step sizes chosen on", " / ".join(map(str, counts)), "pilot prompts:",
+              ", ".join(f"{m} {v:g}" for m, v in chosen.items()),
               f"(pass step_sizes={chosen!r} to skip the calibration)")
     return chosen, table
