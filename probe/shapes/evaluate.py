@@ -272,6 +272,10 @@ def _shares(noise) -> str:
     return f"{noise:.0%}"
 
 
+def _p(value: float) -> str:
+    return "p < 0.001" if value < 0.001 else f"p = {value:.3f}"
+
+
 def write_card(folder, metrics: dict, training: dict) -> str:
     """The model card (markdown): how the model is built and trained, what it measures against its targets, and the
     folder's ``HISTORY.md`` (what was tried, measured when it was tried) when there is one."""
@@ -303,7 +307,7 @@ def write_card(folder, metrics: dict, training: dict) -> str:
         status += (f"\n| positive control: A&E lowers missing ≥ 5 points, 95% CI below 0, ≥ 300 pairs | "
                    f"{c['missing_difference'] * 100:+.1f} points [{low * 100:+.1f}, {high * 100:+.1f}] "
                    f"({c['missing_none']:.1%} → {c['missing_ae']:.1%}, {c['pairs']} pairs of {c['prompts']} "
-                   f"prompts, p = {c['p_value']:.3f}; A&E step {c.get('ae_step_size', 20):g}) | "
+                   f"prompts, {_p(c['p_value'])}; A&E step {c.get('ae_step_size', 20):g}) | "
                    f"{'yes' if met else 'no'} |"
                    f"\n| A&E's loss falls during guidance (median first → last guided step) | "
                    f"{c['ae_loss_start_median']:.3f} → {c['ae_loss_end_median']:.3f} | "
