@@ -148,11 +148,13 @@ def test_a_study_on_a_users_model_prompts_and_judge_from_the_command_line(tiny_o
     prompts.write_text("a cat and a dog\na cat and a dog\na frog and a bird | frog, bird\n")  # a duplicate line
     out = tmp_path / "study"
     judge = f"detector:{tmp_path / 'owl'}@0.0"
-    assert main(["study", "guidance", "--model", str(probe_folder), "--prompts", str(prompts), "--judge", judge,
-                 "--out", str(out), "--set", "n_images=2", "--set", "steps=2", "--set", "seeds_per_prompt=1",
-                 "--set", "methods=('none', 'ae')", "--set", "initno=(False,)"]) == 0
+    with pytest.warns(UserWarning, match="no prompts beyond the study's"):  # all of them in the study
+        assert main(["study", "guidance", "--model", str(probe_folder), "--prompts", str(prompts), "--judge", judge,
+                     "--out", str(out), "--set", "n_images=2", "--set", "steps=2", "--set", "seeds_per_prompt=1",
+                     "--set", "methods=('none', 'ae')", "--set", "initno=(False,)"]) == 0
     images = pd.read_csv(out / "guidance_images.csv")
     assert sorted(set(images.prompt)) == ["a cat and a dog", "a frog and a bird"]  # each prompt once
+    assert images[images.method == "ae"].step_size.eq(20.0).all()  # the schedule's own step
     assert (images.statuses == "present,present").all()  # threshold 0: the detector finds every subject
     index = (out / "README.md").read_text()
     assert f"--judge {judge}" in index and f"--prompts {prompts}" in index and f"--model {probe_folder}" in index

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -258,6 +259,8 @@ def calibrate_steps(pipe, methods: Sequence[str], prompts: Sequence[dict], seeds
     and are not calibrated. ``options``: as :func:`guided_images` (schedule, judge, guidance_scale, subject,
     initno_settings).
     """
+    if not prompts:
+        raise ValueError("no pilot prompts to calibrate the step sizes on")
     tuned = [m for m in dict.fromkeys(methods) if m != NO_GUIDANCE and m not in keep]
     columns = ["method", "scale_factor", "n", "loss_fell", "missing_vs_none", "iou_t10_vs_none", "iou_end_vs_none",
                "missing", "mixed", "criterion", "chosen"]
@@ -308,6 +311,10 @@ def study_steps(pipe, methods: Sequence[str], sets: Sequence[str], prompts: Sequ
     for group, per_set in groups:
         if group:
             pilot = pilot_prompts(sets, prompts, 1 if quick else per_set)
+            if not pilot:  # a small prompt set of the user's, all of it in the study
+                warnings.warn(f"no prompts beyond the study's to calibrate {group} on: they run at the schedule's "
+                              "step (pass step_sizes to choose it)", stacklevel=2)
+                continue
             counts.append(len(pilot))
             tables.append(calibrate_steps(pipe, group, pilot, list(seeds)[:1], steps=steps, progress=progress,
                                           candidates=candidates, **options))
