@@ -279,6 +279,8 @@ def _p(value: float) -> str:
 def write_card(folder, metrics: dict, training: dict) -> str:
     """The model card (markdown): how the model is built and trained, what it measures against its targets, and the
     folder's ``HISTORY.md`` (what was tried, measured when it was tried) when there is one."""
+    from probe.guide import Schedule  # a control read before its step was recorded ran at the schedule's own
+
     s, t, loc = metrics["single_object"], metrics["two_objects"], metrics["localisation"]
     per_grid = "\n".join(
         f"| {key} | {v['iou']:.2f} | {v['own_mass']:.2f} | {v['other_mass']:.2f} | {v['own_gt_other']:.0%} |"
@@ -307,7 +309,7 @@ def write_card(folder, metrics: dict, training: dict) -> str:
         status += (f"\n| positive control: A&E lowers missing ≥ 5 points, 95% CI below 0, ≥ 300 pairs | "
                    f"{c['missing_difference'] * 100:+.1f} points [{low * 100:+.1f}, {high * 100:+.1f}] "
                    f"({c['missing_none']:.1%} → {c['missing_ae']:.1%}, {c['pairs']} pairs of {c['prompts']} "
-                   f"prompts, {_p(c['p_value'])}; A&E step {c.get('ae_step_size', 20):g}) | "
+                   f"prompts, {_p(c['p_value'])}; A&E step {c.get('ae_step_size', Schedule.scale_factor):g}) | "
                    f"{'yes' if met else 'no'} |"
                    f"\n| A&E's loss falls during guidance (median first → last guided step) | "
                    f"{c['ae_loss_start_median']:.3f} → {c['ae_loss_end_median']:.3f} | "

@@ -227,14 +227,10 @@ STEP_CANDIDATES = (20.0, 5.0, 1.0, 0.2, 0.05)  # A&E's published step (20) and s
 CALIBRATION_PROMPTS = 4  # pilot prompts per set for an overlap objective, taken after the study's own
 BASELINE_CALIBRATION_PROMPTS = 30  # A&E's criterion is a binary outcome (missing), so it needs more
 QUICK_STEP_CANDIDATES = (20.0, 0.2)
-CRITERIA = {BASELINE: "missing_vs_none"}  # what each method's step minimises; the others: "iou_t10_vs_none"
+# the calibration column a method's step minimises: A&E targets missing subjects, an overlap objective its maps'
+# overlap at step 10 (the manipulation its study tests)
+CRITERIA = {BASELINE: "missing_vs_none"}
 OVERLAP_CRITERION = "iou_t10_vs_none"
-
-
-def criterion(method: str) -> str:
-    """The calibration column a method's step size minimises: A&E targets missing subjects, the overlap
-    objectives their maps' overlap at step 10 (the manipulation their studies test)."""
-    return CRITERIA.get(method, OVERLAP_CRITERION)
 
 
 def pilot_prompts(sets: Sequence[str], study: Sequence[dict], per_set: int = CALIBRATION_PROMPTS) -> list[dict]:
@@ -255,9 +251,9 @@ def calibrate_steps(pipe, methods: Sequence[str], prompts: Sequence[dict], seeds
     at step 10 while its own value falls. For every candidate, each method's pilot images are paired with unguided
     ones on the same (prompt, seed): ``missing_vs_none``, ``iou_t10_vs_none`` / ``iou_end_vs_none``, ``loss_fell``
     (share of images whose objective fell), missing and mixing. ``chosen`` marks, per method, the candidate that
-    lowers its :func:`criterion` most (the larger step on a tie); methods in ``keep`` run at the schedule's own step
-    and are not calibrated. ``options``: as :func:`guided_images` (schedule, judge, guidance_scale, subject,
-    initno_settings).
+    lowers its criterion (:data:`CRITERIA`) most (the larger step on a tie); methods in ``keep`` run at the
+    schedule's own step and are not calibrated. ``options``: as :func:`guided_images` (schedule, judge,
+    guidance_scale, subject, initno_settings).
     """
     if not prompts:
         raise ValueError("no pilot prompts to calibrate the step sizes on")
@@ -281,9 +277,9 @@ def calibrate_steps(pipe, methods: Sequence[str], prompts: Sequence[dict], seeds
                          "iou_t10_vs_none": float((paired.soft_iou_t10 - paired.soft_iou_t10_none).mean()),
                          "iou_end_vs_none": float((paired.soft_iou_end - paired.soft_iou_end_none).mean()),
                          "missing": float(frame.missing.mean()), "mixed": float(frame.mixed.mean()),
-                         "criterion": criterion(method)})
+                         "criterion": CRITERIA.get(method, OVERLAP_CRITERION)})
+            rows[-1]["score"] = rows[-1][rows[-1]["criterion"]]
     table = pd.DataFrame(rows)
-    table["score"] = [row[row.criterion] for _, row in table.iterrows()]
     best = table.sort_values(["score", "scale_factor"], ascending=[True, False]).groupby("method").head(1)
     table["chosen"] = table.index.isin(best.index)
     return table[columns]
