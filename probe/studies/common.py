@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
@@ -139,6 +140,9 @@ class ImageRows:
             if "settings_id" in table:
                 for row in table[table.settings_id == settings].to_dict("records"):
                     self.rows[self.key(row)] = row
+            if other := len(table) - len(self.rows):  # say why a resumed study makes its images again
+                warnings.warn(f"{self.path}: {other} of {len(table)} stored rows were made with other settings "
+                              "(model weights, steps, schedule, judge, …) and are dropped", stacklevel=3)
         self.order, self.unsaved, self.saved_at = list(order), False, time.monotonic()
 
     @staticmethod
