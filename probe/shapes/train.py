@@ -61,7 +61,7 @@ DATA_FIELDS = ("object_weights", "distinct_shapes", "caption_noise", "attribute_
 TESTBED = TrainConfig(
     arch=M.ShapesConfig(attention_head_dim=2, text_layers=1, text_padding="left", text_mask=True,
                         prediction="v_prediction"),
-    object_weights=(0.25, 0.35, 0.25, 0.15), distinct_shapes=True, caption_noise=(0.0, 0.35, 0.7, 0.7),
+    object_weights=(0.35, 0.3, 0.22, 0.13), distinct_shapes=True, caption_noise=(0.0, 0.5, 0.7, 0.7),
     attribute_noise=0.4, grounding_weight=0.1, coverage_weight=1.0, ground_colours=0.15, absent_weight=1.0,
 )
 
