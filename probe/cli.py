@@ -145,10 +145,18 @@ def _print_headlines(headlines: dict) -> None:
 
 
 def cmd_figures(args) -> None:
-    """Every study's figures and tables from fixed seeds (``--quick``: reduced sizes)."""
+    """Every study's figures and tables from fixed seeds (``--quick``: reduced sizes); ``--check``: recompute the
+    headlines in ``--out`` from the tables beside them instead, and fail where a number does not reproduce."""
     import probe
     from probe import studies
 
+    if args.check:
+        problems = studies.headline_differences(args.out)
+        if problems:
+            raise SystemExit(f"{len(problems)} headline numbers in {args.out}/ do not reproduce from its tables:\n"
+                             + "\n".join(problems))
+        print(f"every headline number in {args.out}/ reproduces from its tables")
+        return
     headlines = studies.run_all(probe.load(args.model), quick=args.quick, out=args.out)
     _print_headlines(headlines)
     print(f"\nfigures and tables in {args.out}/")
@@ -325,6 +333,8 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--model", default=None)
     f.add_argument("--quick", action="store_true", help="reduced sizes (minutes on a CPU)")
     f.add_argument("--out", default="figures")
+    f.add_argument("--check", action="store_true",
+                   help="make no image: recompute every headline from the per-image tables in --out and compare")
     f.set_defaults(func=cmd_figures)
 
     st = sub.add_parser("study", help="run one study")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 
 
 def clustered_bootstrap(values: Sequence[float], clusters: Sequence, n_resamples: int = 2000, level: float = 0.95,
@@ -98,3 +99,30 @@ def power_of_pairs(n_pairs: int, effect: float, discordant: float, alpha: float 
     n = n_pairs / design_effect
     za = norm.ppf(1 - alpha / 2)
     return float(norm.cdf((abs(effect) * np.sqrt(n) - za * np.sqrt(discordant)) / np.sqrt(discordant - effect**2)))
+
+
+def detectable_effect(n_pairs: int, discordant: float, alpha: float = 0.05, power: float = 0.8,
+                      design_effect: float = 1.0) -> float:
+    """The smallest paired rate difference ``n_pairs`` pairs find with ``power`` (:func:`power_of_pairs` solved
+    for the effect, which cannot exceed ``discordant``): what a null result at this size rules out."""
+    from scipy.optimize import brentq
+
+    if power_of_pairs(n_pairs, discordant, discordant, alpha, design_effect) < power:
+        return discordant
+    return float(brentq(lambda e: power_of_pairs(n_pairs, e, discordant, alpha, design_effect) - power,
+                        1e-9, discordant))
+
+
+def intraclass_correlation(values, groups) -> float:
+    """One-way ANOVA ICC(1) of ``values`` grouped by ``groups`` (e.g. paired differences by prompt): how much more
+    alike values within a group are than values across groups; NaN with fewer than two groups or one value each."""
+    frame = pd.DataFrame({"v": np.asarray(values, dtype=float), "g": np.asarray(groups)})
+    by = frame.groupby("g").v
+    sizes, n = by.size(), len(frame)
+    if len(sizes) < 2 or n <= len(sizes):
+        return float("nan")
+    k = (n - (sizes**2).sum() / n) / (len(sizes) - 1)  # the mean group size, corrected for unequal groups
+    between = (sizes * (by.mean() - frame.v.mean()) ** 2).sum() / (len(sizes) - 1)
+    within = ((frame.v - by.transform("mean")) ** 2).sum() / (n - len(sizes))
+    total = between + (k - 1) * within
+    return float((between - within) / total) if total > 0 else float("nan")

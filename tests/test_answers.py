@@ -13,7 +13,9 @@ def _guidance_row(method, diff, low, high, mixed=NAN, mixed_low=NAN, mixed_high=
             "verdict": extra.pop("verdict", "no clear difference from ae"),
             "p_holm": extra.pop("p_holm", NAN), "mixed_diff_vs_ae": mixed, "mixed_diff_ci_low": mixed_low,
             "mixed_diff_ci_high": mixed_high, "mixed_p_holm": NAN, "loss_fell": extra.pop("loss_fell", NAN),
-            "iou_t10_vs_none": extra.pop("iou_t10_vs_none", NAN), "iou_end_vs_none": extra.pop("iou_end_vs_none", NAN)}
+            "iou_t10_vs_none": extra.pop("iou_t10_vs_none", NAN), "iou_end_vs_none": extra.pop("iou_end_vs_none", NAN),
+            "iou_t10_diff_vs_ae": extra.pop("against", NAN), "iou_t10_diff_ci_low": extra.pop("against_low", NAN),
+            "iou_t10_diff_ci_high": extra.pop("against_high", NAN)}
 
 
 def test_guidance_answer_turns_none_minus_ae_into_the_control_effect_and_reads_the_pooled_row():
@@ -21,13 +23,15 @@ def test_guidance_answer_turns_none_minus_ae_into_the_control_effect_and_reads_t
         _guidance_row("none", 0.08, 0.04, 0.12, p_holm=0.001, verdict="more missing than ae"),  # none misses more
         _guidance_row("ae", NAN, NAN, NAN),
         _guidance_row("overlap methods (pooled)", 0.01, -0.02, 0.04, 0.05, 0.01, 0.09, loss_fell=0.9,
-                      iou_t10_vs_none=-0.08, iou_end_vs_none=-0.04),
+                      iou_t10_vs_none=-0.08, iou_end_vs_none=-0.04, against=-0.03, against_low=-0.05,
+                      against_high=-0.01),
     ])
     answer = guidance_answer(table)
     assert "changed missing by -8.0 points [-12.0, -4.0] against no guidance (300 pairs, Holm p = 0.001)" in answer
     assert "the positive control holds" in answer
     assert "missing by +1.0 points [-2.0, +4.0]" in answer and "mixing by +5.0 points [+1.0, +9.0]" in answer
-    assert "fell in 90% of images" in answer and "-0.080 at step 10 and -0.040 at the end" in answer
+    assert "fell in 90% of images" in answer and "-0.080 at step 10 (50% of it left at the end)" in answer
+    assert "and -0.030 [-0.050, -0.010] from A&E's images" in answer
     assert "did not clearly change entity missing" in answer
     table.loc[0, ["diff_vs_ae", "diff_ci_low", "diff_ci_high", "verdict"]] = [0.03, -0.01, 0.07,
                                                                           "no clear difference from ae"]
@@ -35,6 +39,9 @@ def test_guidance_answer_turns_none_minus_ae_into_the_control_effect_and_reads_t
     table.loc[2, ["diff_vs_ae", "diff_ci_low", "diff_ci_high", "verdict"]] = [0.2, 0.15, 0.29,
                                                                           "more missing than ae"]  # Holm: more
     assert "so guidance that lowers overlap raised entity missing relative to" in guidance_answer(table)
+    table.loc[2, ["iou_t10_diff_vs_ae", "iou_t10_diff_ci_high"]] = [0.004, 0.01]  # no lower than A&E's own overlap
+    assert "cannot tell whether lower overlap lowers missing beyond A&E" in guidance_answer(table)
+    table.loc[2, ["iou_t10_diff_vs_ae", "iou_t10_diff_ci_high"]] = [-0.03, -0.01]
     table.loc[2, "loss_fell"] = 0.44  # the objective mostly did not fall: the manipulation check fails
     assert "does not test whether lower overlap lowers missing" in guidance_answer(table)
     table.loc[2, ["loss_fell", "iou_t10_vs_none"]] = [0.9, 0.05]  # it fell, but overlap rose: fails as well

@@ -1,6 +1,7 @@
 """The cluster bootstrap against hand-worked cases."""
 
 import numpy as np
+import pytest
 
 from probe.stats import clustered_bootstrap
 
@@ -61,3 +62,40 @@ def test_power_matches_connors_formula_and_inverts():
     assert pairs_for_power(0.05, 0.2) == int(np.ceil(by_hand))
     assert pairs_for_power(0.05, 0.2, design_effect=1.5) == int(np.ceil(by_hand * 1.5))
     assert abs(power_of_pairs(int(np.ceil(by_hand)), 0.05, 0.2) - 0.8) < 0.002
+
+
+def test_detectable_effect_inverts_the_power_and_the_size():
+    from probe.stats import detectable_effect, pairs_for_power, power_of_pairs
+
+    effect = detectable_effect(600, 0.24, alpha=0.05 / 7, design_effect=1.1)
+    assert power_of_pairs(600, effect, 0.24, 0.05 / 7, 1.1) == pytest.approx(0.8, abs=1e-6)
+    assert pairs_for_power(effect, 0.24, 0.05 / 7, design_effect=1.1) == pytest.approx(600, abs=1)
+    assert detectable_effect(3, 0.2) == 0.2  # too few pairs: nothing below the discordant share is found
+
+
+def test_intraclass_correlation_against_a_hand_worked_anova():
+    from probe.stats import intraclass_correlation
+
+    values, groups = [1, 2, 3, 5, 6, 7, 2, 2, 5], list("aaabbbccc")
+    # means 2, 6, 3; grand 11/3; MSB = 3·((2−11/3)² + (6−11/3)² + (3−11/3)²)/2 = 13; MSW = (2 + 2 + 6)/6 = 5/3
+    msb, msw = 13.0, 5 / 3
+    assert intraclass_correlation(values, groups) == pytest.approx((msb - msw) / (msb + 2 * msw))
+    assert np.isnan(intraclass_correlation([1, 2], ["a", "b"]))  # one value per group: no within-group spread
+
+
+def test_design_from_pilot_measures_discordance_and_correlation():
+    import pandas as pd
+
+    from probe.studies.guidance import Design
+
+    rows = []
+    for i in range(8):
+        for seed in (0, 1):
+            for method, missing in (("ae", False), ("iou", i < 2), ("kl", i < 4 and seed == 0), ("none", True)):
+                rows.append({"method": method, "initno": False, "prompt": f"p{i}", "seed": seed, "missing": missing})
+    design = Design.from_pilot(pd.DataFrame(rows), effect=0.1)
+    assert design.discordant == pytest.approx((4 / 16 + 4 / 16) / 2)  # none is not an overlap method
+    # iou's differences are whole prompts' (ICC 1); kl's split each of four prompts: MSB 1/7, MSW 1/4, ICC −3/11
+    assert design.effect == 0.1 and design.icc == pytest.approx((1 - 3 / 11) / 2)
+    with pytest.raises(ValueError, match="needs 'ae'"):
+        Design.from_pilot(pd.DataFrame(rows).query("method != 'ae'"))

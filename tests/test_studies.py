@@ -1,6 +1,7 @@
 """The studies on the tiny model with quick sizes: tables with sane values, and figures on disk."""
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -29,6 +30,7 @@ from probe.studies.guided import (
     pilot_prompts,
     scaled_schedule,
     study_prompts,
+    subject_metrics,
 )
 from probe.studies.overlap import (
     ALL_METRICS,
@@ -41,7 +43,7 @@ from probe.studies.overlap import (
     overlap_study,
 )
 from probe.studies.probing import PROBE_TARGETS, position_bin, probe_headline, probe_study
-from probe.studies.report import STUDIES, run_all, study_command
+from probe.studies.report import STUDIES, headline_differences, run_all, study_command
 from probe.studies.self_cross import SELF_CROSS_METHODS, self_cross_headline, self_cross_study
 from probe.tap import Call
 
@@ -215,6 +217,23 @@ def test_real_pass_maps_equal_the_recorded_maps(tiny):
                                    atol=2e-3, rtol=0)
         torch.testing.assert_close(found["self"].reshape(grid, grid, grid, grid), selfattn[0, j].mean(0),
                                    atol=2e-3, rtol=0)
+
+
+def test_subject_metrics_softmax_runs_over_the_words_wherever_padding_puts_them():
+    """Left padding: the words sit at 8–10 of 12 slots; A&E's loss of each subject is 1 − the peak of its smoothed
+    map after softmax(100·A) over those slots alone (the start, end and padding slots take no part)."""
+    from probe.maps import gaussian_smooth
+
+    generator = torch.Generator().manual_seed(0)
+    cross = torch.rand(8, 8, 12, generator=generator) * 0.01
+    cross[2, 3, 8] = 0.5  # the first subject is attended at one patch
+    cross[..., 0] = 5.0  # padding and the start token dominate the raw mass
+    words, subjects = [8, 9, 10], [[8], [10]]
+    values = subject_metrics(cross, torch.full((8, 8, 64), 1 / 64), subjects, words)
+    soft = torch.softmax(100 * cross[..., words], dim=-1)
+    peaks = [float(gaussian_smooth(soft[..., words.index(s[0])][None])[0].max()) for s in subjects]
+    assert values["ae_loss"] == pytest.approx(max(1 - p for p in peaks), abs=1e-6)
+    assert values["ae_loss"] < 0.9  # softmaxing over the padding slots instead would give 1
 
 
 def test_paired_difference_and_pooled_family_on_planted_data():
@@ -465,8 +484,18 @@ def test_run_all_quick_writes_every_figure_and_table(tiny, tmp_path):
         assert "| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in first) + " |" in index
     assert all(f"({name}.png)" in index for name in figures)
     assert set(pd.read_csv(tmp_path / "timing.csv").model) == {"tiny"}
+    assert headline_differences(tmp_path) == []  # every headline number reproduces from the per-image tables
+    images = pd.read_csv(tmp_path / "guidance_images.csv")
+    images.loc[images.method == "iou", "missing"] = ~images.loc[images.method == "iou", "missing"].astype(bool)
+    images.to_csv(tmp_path / "guidance_images.csv", index=False)  # a changed row shows in the recomputed headline
+    assert any(p.startswith("guidance") and "missing_rate" in p for p in headline_differences(tmp_path))
     with pytest.raises(ValueError, match="unknown studies"):
         run_all(tiny, quick=True, out=tmp_path, sizes={"nope": {}})
+
+
+def test_committed_headlines_reproduce_from_the_committed_per_image_tables():
+    """The full-size runs in ``figures/``: each headline number, recomputed from the rows beside it."""
+    assert headline_differences(Path(__file__).parents[1] / "figures") == []
 
 
 def test_study_command_settings_read_back_as_given():

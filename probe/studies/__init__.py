@@ -7,7 +7,8 @@
 - :mod:`~probe.studies.editing`: self- vs cross-attention injection editing (:func:`probe.edit.study`), aggregated.
 - :mod:`~probe.studies.guidance`: the causal test: does guidance that lowers overlap lower entity missing, beyond
   Attend-and-Excite? :mod:`~probe.studies.self_cross`: does Self-Cross guidance lower mixing on similar subjects?
-- :mod:`~probe.studies.report`: every study, every figure and table, from fixed seeds, and their index.
+- :mod:`~probe.studies.report`: every study, every figure and table, from fixed seeds, and their index; every
+  headline recomputed from the per-image tables (:func:`~probe.studies.report.headline_differences`).
 
 Statistics (clustered bootstrap, paired tests, Holm, power) live in :mod:`probe.stats`; the maths of maps and
 overlap in :mod:`probe.maps` / :mod:`probe.overlap`. Every study uses fixed seeds, records in chunks and reduces each
@@ -20,8 +21,9 @@ from probe.studies.editing import edit_headline, edit_study
 from probe.studies.guidance import guidance_headline, guidance_study
 from probe.studies.overlap import overlap_headline, overlap_study
 from probe.studies.probing import probe_headline, probe_study
-from probe.studies.report import STUDIES, run_all
+from probe.studies.report import STUDIES, headline_differences, recompute_headlines, run_all
 from probe.studies.self_cross import self_cross_headline, self_cross_study
 
-__all__ = ["STUDIES", "edit_headline", "edit_study", "guidance_headline", "guidance_study", "overlap_headline",
-           "overlap_study", "probe_headline", "probe_study", "run_all", "self_cross_headline", "self_cross_study"]
+__all__ = ["STUDIES", "edit_headline", "edit_study", "guidance_headline", "guidance_study", "headline_differences",
+           "overlap_headline", "overlap_study", "probe_headline", "probe_study", "recompute_headlines", "run_all",
+           "self_cross_headline", "self_cross_study"]

@@ -57,10 +57,27 @@ def _direction(verdict: str) -> str:
         "did not clearly change"
 
 
+def _beyond_baseline(row: pd.Series) -> bool:
+    """Did the methods lower overlap at step 10 below the baseline's own images (the interval's upper end, else the
+    estimate; unknown counts as yes)? Without that, a comparison with A&E does not isolate overlap: A&E lowers
+    overlap too."""
+    high = row.get("iou_t10_diff_ci_high", float("nan"))
+    high = row.get(f"iou_t10_diff_vs_{BASELINE}", float("nan")) if math.isnan(high) else high
+    return bool(math.isnan(high) or high < 0)
+
+
+def _kept(row: pd.Series) -> str:
+    """How much of the change in soft IoU from unguided generation at step 10 is left at the last step."""
+    t10, end = row.get("iou_t10_vs_none", float("nan")), row.get("iou_end_vs_none", float("nan"))
+    if math.isnan(t10) or math.isnan(end) or t10 >= 0:
+        return ""
+    return f" ({max(0.0, end / t10):.0%} of it left at the end)"
+
+
 def guidance_answer(headline: pd.DataFrame) -> str:
     """The positive control (A&E vs none), then the pooled overlap methods vs A&E on missing and mixing, with their
-    manipulation check (how often the objective fell, how far the maps moved from unguided generation); directions
-    are the study's Holm-corrected verdicts."""
+    manipulation check (how often the objective fell, how far the maps moved from unguided generation and from
+    A&E's, and whether the change lasted); directions are the study's Holm-corrected verdicts."""
     table = _without_initno(headline)
     none, pooled = _row(table, method="none"), _row(table, method=POOLED)
     parts = []
@@ -78,14 +95,24 @@ def guidance_answer(headline: pd.DataFrame) -> str:
         check = ""
         if not math.isnan(pooled.get("loss_fell", float("nan"))):
             check = (f"; their objective fell in {pooled.loss_fell:.0%} of images and soft IoU moved "
-                     f"{pooled.iou_t10_vs_none:+.3f} at step 10 and {pooled.iou_end_vs_none:+.3f} at the end from "
-                     "unguided generation")
+                     f"{pooled.iou_t10_vs_none:+.3f} at step 10{_kept(pooled)} from unguided generation")
+        against = pooled.get(f"iou_t10_diff_vs_{BASELINE}", float("nan"))
+        if not math.isnan(against):
+            check += f" and {against:+.3f}"
+            if not math.isnan(pooled.get("iou_t10_diff_ci_low", float("nan"))):
+                check += f" [{pooled.iou_t10_diff_ci_low:+.3f}, {pooled.iou_t10_diff_ci_high:+.3f}]"
+            check += " from A&E's images"
         effect = _direction(str(pooled.verdict))
-        conclusion = (f"so guidance that lowers overlap {effect} entity missing relative to Attend-and-Excite"
-                      if _acted(pooled) else
-                      f"the guidance {effect} entity missing relative to Attend-and-Excite, but as it did not "
-                      "lower its objective in most images, or did not lower overlap, this does not test whether "
-                      "lower overlap lowers missing")
+        if not _acted(pooled):
+            conclusion = (f"the guidance {effect} entity missing relative to Attend-and-Excite, but as it did not "
+                          "lower its objective in most images, or did not lower overlap, this does not test whether "
+                          "lower overlap lowers missing")
+        elif not _beyond_baseline(pooled):
+            conclusion = (f"they {effect} entity missing relative to Attend-and-Excite, but as they did not lower "
+                          "overlap below A&E's own, this comparison cannot tell whether lower overlap lowers missing "
+                          "beyond A&E")
+        else:
+            conclusion = f"so guidance that lowers overlap {effect} entity missing relative to Attend-and-Excite"
         parts.append(f"the overlap-lowering methods, pooled, changed {missing} and {mixing} against A&E{check}; "
                      + conclusion)
     return ("; ".join(parts) + ".") if parts else "No comparison with Attend-and-Excite was run."

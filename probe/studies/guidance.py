@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from probe import plots
@@ -14,7 +15,15 @@ from probe.guide import InitNO, Schedule
 from probe.models import load
 from probe.shapes.evaluate import GUIDANCE, HELD_OUT_SEED, STEPS
 from probe.shapes.judge import judge as exact_judge
-from probe.stats import cluster_sign_flip, holm, mcnemar, pairs_for_power, power_of_pairs
+from probe.stats import (
+    cluster_sign_flip,
+    detectable_effect,
+    holm,
+    intraclass_correlation,
+    mcnemar,
+    pairs_for_power,
+    power_of_pairs,
+)
 from probe.studies.common import BOOTSTRAPS, QUICK_BOOTSTRAPS, QUICK_STEPS, Judge, Subject, _save, _store, mean_interval
 from probe.studies.guided import (
     BASELINE,
@@ -30,7 +39,7 @@ GUIDANCE_SETS = ("shapes-2", "shapes-3")  # the built-in world's two- and three-
 GUIDANCE_METHODS = (NO_GUIDANCE, "ae", "iou", "com", "kl", "cc", "self_cross", "ai_t2i")
 OVERLAP_METHODS = ("iou", "com", "kl", "cc", "self_cross", "ai_t2i")  # objectives that push subjects' maps apart
 POOLED = "overlap methods (pooled)"
-GUIDANCE_SEEDS_PER_PROMPT = 5  # 600 images = 2 sets × 60 prompts × 5 seeds
+GUIDANCE_SEEDS_PER_PROMPT = 5  # seeds per prompt of the default design (its size is set by power: Design)
 SUMMARY_METRICS = ("soft_iou", "com_distance", "kl_sym", "compactness", "self_cross", "intensity_mean")
 QUICK_GUIDANCE_IMAGES = 4  # quick: four prompts (two per set), one seed
 QUICK_GUIDANCE_METHODS = (NO_GUIDANCE, "ae", "iou")
@@ -48,13 +57,14 @@ def versus_baseline(images: pd.DataFrame, outcome: str = "missing", baseline: st
     that resamples whole prompts (a prompt fixes much of what fails); ``p_value``: a sign-flip test over prompts of
     the same paired differences; ``p_mcnemar``: McNemar's exact test (images as independent pairs, for reference);
     ``p_holm``: ``p_value`` adjusted by Holm over every comparison with the baseline at this ``initno`` (the family
-    the verdicts are read from). ``overlap_difference``: the paired difference of soft IoU at step 10 (did the method
-    lower overlap at all?). The pooled row (when two or more of ``pooled`` ran) averages those methods per
-    (prompt, seed) first: "do overlap-lowering objectives, as a family, beat A&E?".
+    the verdicts are read from). ``overlap_difference`` (``overlap_ci_low`` / ``_high``, over prompts): the paired
+    difference of soft IoU at step 10 (did the method lower overlap below the baseline's own?). The pooled row (when
+    two or more of ``pooled`` ran) averages those methods per (prompt, seed) first: "do overlap-lowering objectives,
+    as a family, beat A&E?".
     """
     key = ["prompt", "seed"]
     columns = ["method", "initno", "n_paired", "n_prompts", "difference", "ci_low", "ci_high", "p_value",
-               "p_mcnemar", "p_holm", "overlap_difference", "verdict"]
+               "p_mcnemar", "p_holm", "overlap_difference", "overlap_ci_low", "overlap_ci_high", "verdict"]
     rows = []
     for initno, frame in images.groupby("initno", sort=False):
         frame = frame.assign(**{outcome: frame[outcome].astype(float)})
@@ -71,13 +81,14 @@ def versus_baseline(images: pd.DataFrame, outcome: str = "missing", baseline: st
             prompts = joined.index.get_level_values("prompt")
             differences = joined[outcome] - joined[f"{outcome}_base"]
             diff, low, high = mean_interval(differences, prompts, n_boot, seed=seed)
+            overlap = mean_interval(joined.soft_iou_t10 - joined.soft_iou_t10_base, prompts, n_boot, seed=seed)
             binary = len(members) == 1
             family_rows.append({
                 "method": name, "initno": bool(initno), "n_paired": len(joined), "n_prompts": prompts.nunique(),
                 "difference": diff, "ci_low": low, "ci_high": high,
                 "p_value": cluster_sign_flip(differences, prompts, seed=seed),
                 "p_mcnemar": mcnemar(joined[f"{outcome}_base"] > 0.5, joined[outcome] > 0.5) if binary else math.nan,
-                "overlap_difference": float((joined.soft_iou_t10 - joined.soft_iou_t10_base).mean())})
+                "overlap_difference": overlap[0], "overlap_ci_low": overlap[1], "overlap_ci_high": overlap[2]})
         for row, adjusted in zip(family_rows, holm([r["p_value"] for r in family_rows])):
             row["p_holm"] = adjusted
             if math.isnan(row["difference"]):
@@ -138,12 +149,22 @@ def _with_versus(summary: pd.DataFrame, versus: pd.DataFrame, prefix: str) -> pd
     renamed = versus.drop(columns=["n_paired", "n_prompts", "p_value", "p_mcnemar"]).rename(columns={
         "difference": f"{prefix}diff_vs_{BASELINE}", "ci_low": f"{prefix}diff_ci_low",
         "ci_high": f"{prefix}diff_ci_high", "overlap_difference": f"iou_t10_diff_vs_{BASELINE}",
+        "overlap_ci_low": "iou_t10_diff_ci_low", "overlap_ci_high": "iou_t10_diff_ci_high",
         "p_holm": f"{prefix}p_holm", "verdict": f"{prefix}verdict"})
     if prefix:
-        renamed = renamed.drop(columns=f"iou_t10_diff_vs_{BASELINE}")
+        renamed = renamed.drop(columns=[f"iou_t10_diff_vs_{BASELINE}", "iou_t10_diff_ci_low", "iou_t10_diff_ci_high"])
     merged = summary.merge(renamed, on=["method", "initno"], how="left")
     merged.loc[merged.method == BASELINE, f"{prefix}verdict"] = "baseline"
     return merged
+
+
+def guidance_tables(images: pd.DataFrame, n_boot: int = BOOTSTRAPS) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The study's summary and its comparisons with A&E on missing, from the per-image rows alone (so that the
+    committed ``guidance_images.csv`` reproduces every number of the headline)."""
+    versus = versus_baseline(images, "missing", n_boot=n_boot)
+    summary = _with_versus(outcome_summary(images, n_boot=n_boot), versus, "")
+    # mixing too: on a model that rarely loses a subject, binding is the failure guidance can move
+    return _with_versus(summary, versus_baseline(images, "mixed", n_boot=n_boot), "mixed_"), versus
 
 
 @dataclass
@@ -168,27 +189,51 @@ class Design:
 
     ``effect``: the smallest paired difference in missing rate worth finding (the testbed's target for A&E);
     ``discordant``: the share of pairs whose outcome differs between two methods; ``icc``: how alike one prompt's
-    images are (design effect 1 + (seeds − 1)·icc). Assumptions, printed with the result, to be replaced by a
-    pilot's measured values (``discordant`` from any two methods' rows, ``icc`` from a prompt-level variance split).
+    paired differences are (design effect 1 + (seeds − 1)·icc). The defaults are the built-in model's, measured on
+    its 360-pair guidance run (``figures/guidance_images.csv``, :meth:`from_pilot`): 18–25% of pairs differ between
+    A&E and an overlap-lowering method (0.21 on average), and the intraclass correlation of their paired
+    differences over prompts is −0.06 to 0.12 (0.04 on average); on another model, measure them on a pilot.
     """
 
     effect: float = 0.05
-    discordant: float = 0.20
-    icc: float = 0.10
+    discordant: float = 0.21
+    icc: float = 0.04
     power: float = 0.80
     alpha: float = ALPHA
 
+    @classmethod
+    def from_pilot(cls, images: pd.DataFrame, outcome: str = "missing", baseline: str = BASELINE,
+                   methods: Sequence[str] = OVERLAP_METHODS, **fixed) -> Design:
+        """``discordant`` and ``icc`` measured on a pilot's per-image rows (a guidance study's ``images``): the mean
+        over ``methods`` of the share of (prompt, seed) pairs whose ``outcome`` differs from ``baseline``'s, and of
+        the intraclass correlation of the paired differences over prompts (at least 0); ``fixed`` sets the rest."""
+        wide = images[~images.initno.astype(bool)].pivot_table(index=["prompt", "seed"], columns="method",
+                                                               values=outcome, aggfunc="mean")
+        present = [m for m in methods if m in wide and m != baseline]
+        if baseline not in wide or not present:
+            raise ValueError(f"the pilot needs {baseline!r} and one of {list(methods)}; it has {list(wide.columns)}")
+        prompts = wide.index.get_level_values("prompt")
+        differences = [wide[m] - wide[baseline] for m in present]
+        discordant = float(np.mean([(d != 0).mean() for d in differences]))
+        icc = float(np.nanmean([intraclass_correlation(d, prompts) for d in differences]))
+        return cls(discordant=discordant, icc=max(0.0, icc if math.isfinite(icc) else 0.0), **fixed)
+
+    def _deff(self, seeds_per_prompt: int) -> float:
+        return 1 + (seeds_per_prompt - 1) * self.icc
+
     def images(self, comparisons: int, seeds_per_prompt: int) -> int:
-        deff = 1 + (seeds_per_prompt - 1) * self.icc
-        return pairs_for_power(self.effect, self.discordant, self.alpha / max(1, comparisons), self.power, deff)
+        return pairs_for_power(self.effect, self.discordant, self.alpha / max(1, comparisons), self.power,
+                               self._deff(seeds_per_prompt))
 
     def describe(self, n_images: int, comparisons: int, seeds_per_prompt: int) -> str:
-        deff = 1 + (seeds_per_prompt - 1) * self.icc
-        power = power_of_pairs(n_images, self.effect, self.discordant, self.alpha / max(1, comparisons), deff)
+        alpha, deff = self.alpha / max(1, comparisons), self._deff(seeds_per_prompt)
+        power = power_of_pairs(n_images, self.effect, self.discordant, alpha, deff)
+        smallest = detectable_effect(n_images, self.discordant, alpha, self.power, deff)
         return (f"design: {n_images} (prompt, seed) pairs per method, {comparisons} comparisons with {BASELINE} "
                 f"(Holm, family-wise α = {self.alpha}); power {power:.0%} to find a paired difference of "
-                f"{self.effect * 100:.0f} points if {self.discordant:.0%} of pairs differ and one prompt's images "
-                f"correlate at {self.icc} ({self.images(comparisons, seeds_per_prompt)} pairs give {self.power:.0%})")
+                f"{self.effect * 100:.0f} points if {self.discordant:.0%} of pairs differ and one prompt's paired "
+                f"differences correlate at {self.icc:.2g} ({self.images(comparisons, seeds_per_prompt)} pairs give "
+                f"{self.power:.0%}); at this size {self.power:.0%} power finds {smallest * 100:.1f} points")
 
 
 def guidance_study(pipe, n_images: int | None = None, steps: int = STEPS, quick: bool = False,
@@ -244,10 +289,7 @@ def guidance_study(pipe, n_images: int | None = None, steps: int = STEPS, quick:
     images = guided_images(pipe, prompts, seeds, configs, steps=steps, initno_settings=initno_settings,
                            step_sizes=sizes, progress=progress, desc="guidance study",
                            store=_store(out, "guidance_images"), **options)
-    versus = versus_baseline(images, "missing", n_boot=n_boot)
-    summary = _with_versus(outcome_summary(images, n_boot=n_boot), versus, "")
-    # mixing too: on a model that rarely loses a subject, binding is the failure guidance can move
-    summary = _with_versus(summary, versus_baseline(images, "mixed", n_boot=n_boot), "mixed_")
+    summary, versus = guidance_tables(images, n_boot)
     figures = {"guidance_missing": plots.outcome_rates(summary, ("missing", "mixed"), baseline=BASELINE),
                "guidance_overlap_vs_missing": plots.overlap_vs_outcome(summary, ("missing", "mixed"))}
     return GuidanceStudy(images, summary, versus, calibration, figures, _save(figures, out))
@@ -261,7 +303,8 @@ def guidance_headline(summary: pd.DataFrame) -> pd.DataFrame:
                "diff_ci_low", "diff_ci_high", "p_holm", "verdict", "mixed_rate", f"mixed_diff_vs_{BASELINE}",
                "mixed_diff_ci_low", "mixed_diff_ci_high", "mixed_p_holm", "mixed_verdict", "loss_start_median",
                "loss_end_median", "loss_fell", "step_size", "iou_t10_vs_none", "iou_end_vs_none", "soft_iou_t10",
-               "soft_iou_end", f"iou_t10_diff_vs_{BASELINE}", "intensity_mean_t10", "quality", "seconds_per_image"]
+               "soft_iou_end", f"iou_t10_diff_vs_{BASELINE}", "iou_t10_diff_ci_low", "iou_t10_diff_ci_high",
+               "intensity_mean_t10", "quality", "seconds_per_image"]
     if summary.empty:
         return pd.DataFrame(columns=columns)
     return summary[columns].sort_values(["missing_rate", "method"], kind="stable").reset_index(drop=True)

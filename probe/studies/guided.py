@@ -25,7 +25,7 @@ from probe.guide import OBJECTIVES, InitNO, Schedule, generate
 from probe.maps import aggregate_self_attention, gaussian_smooth, token_map, token_softmax
 from probe.models import attention_layers
 from probe.overlap import pair_indices
-from probe.prompts import prompt_set, prompt_tokens, subject_indices
+from probe.prompts import prompt_set, subject_indices, word_positions
 from probe.shapes.evaluate import GUIDANCE
 from probe.shapes.judge import judge as exact_judge
 from probe.studies.common import ImageRows, Judge, Subject, judged, nearest_grid, settings_id, weights_id
@@ -91,18 +91,20 @@ class RealPassMaps(Consumer):
 
 
 def subject_metrics(cross: torch.Tensor, self_attention: torch.Tensor, indices: Sequence[Sequence[int]],
-                    end: int) -> dict[str, float]:
+                    words: Sequence[int]) -> dict[str, float]:
     """The overlap study's statistics (:func:`pair_metrics`) of two or more subjects in one image.
 
     ``cross`` (H, W, T) and ``self_attention`` (H, W, H·W): layer-and-head means; ``indices``: each subject's token
-    positions; ``end``: the end token's position. Every pair of subjects is measured; pair statistics are averaged
-    over pairs, ``*_min`` take the minimum and ``*_max`` the maximum over pairs (the weakest subject, the most
-    scattered one). ``intensity_mean``: the mean over subjects of each subject's mean map value.
+    positions; ``words``: the positions of the prompt's words, which A&E's token softmax runs over
+    (:func:`probe.prompts.word_positions`: with left padding they do not start at 1). Every pair of subjects is
+    measured; pair statistics are averaged over pairs, ``*_min`` take the minimum and ``*_max`` the maximum over
+    pairs (the weakest subject, the most scattered one). ``intensity_mean``: the mean over subjects of each
+    subject's mean map value.
     """
     if len(indices) < 2:
         raise ValueError(f"overlap needs at least two subjects, got {len(indices)}")
     maps = torch.stack([token_map(cross, ix) for ix in indices], -3)
-    ae_maps = gaussian_smooth(torch.stack([token_map(token_softmax(cross, last=end), ix) for ix in indices], -3))
+    ae_maps = gaussian_smooth(torch.stack([token_map(token_softmax(cross, keep=words), ix) for ix in indices], -3))
     self_maps = aggregate_self_attention(maps, self_attention[None])
     first, second = (list(side) for side in zip(*pair_indices(len(indices))))
 
@@ -200,7 +202,7 @@ def guided_images(pipe, prompts: Sequence[dict], seeds: Sequence[int], configs: 
                           output_type="np", progress=False, consumers=[capture])
         seconds = time.perf_counter() - start
         image = (np.asarray(result.images[0]) * 255).round().clip(0, 255).astype(np.uint8)
-        tokens = prompt_tokens(pipe, item["prompt"])
+        words_at = word_positions(pipe, item["prompt"])
         indices = subject_indices(pipe, item["prompt"], words)
         maps = capture.maps
         loss_start, loss_end = result.objective_span
@@ -212,7 +214,7 @@ def guided_images(pipe, prompts: Sequence[dict], seeds: Sequence[int], configs: 
             if found is None or set(found) != {"cross", "self"}:
                 raise RuntimeError(f"no real-pass attention at step {step} of {steps}; was the tap bypassed?")
             cross, selfattn = (found[kind].reshape(height, width, -1) for kind in ("cross", "self"))
-            values = subject_metrics(cross, selfattn, indices, len(tokens) - 1)
+            values = subject_metrics(cross, selfattn, indices, words_at)
             row.update({f"{name}_{label}": value for name, value in values.items()})
         rows.add(row)
     rows.save()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import time
@@ -9,16 +10,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 
 from probe.models import BUILTIN, load
 from probe.studies.answers import ANSWERS
-from probe.studies.common import QUICK_STEPS, TABLE_FLOAT_FORMAT, model_label
-from probe.studies.editing import edit_headline, edit_study
-from probe.studies.guidance import guidance_headline, guidance_study
-from probe.studies.overlap import overlap_headline, overlap_study
+from probe.studies.common import BOOTSTRAPS, QUICK_BOOTSTRAPS, QUICK_STEPS, TABLE_FLOAT_FORMAT, model_label
+from probe.studies.editing import edit_headline, edit_study, edit_summary
+from probe.studies.guidance import guidance_headline, guidance_study, guidance_tables
+from probe.studies.overlap import failure_association, overlap_headline, overlap_study
 from probe.studies.probing import probe_headline, probe_study
-from probe.studies.self_cross import self_cross_headline, self_cross_study
+from probe.studies.self_cross import self_cross_headline, self_cross_study, self_cross_summary
 
 STUDIES = ("probe", "overlap", "editing", "guidance", "self_cross")
 STUDY_TITLES = {
@@ -35,8 +37,53 @@ STUDY_FIGURES = {
     "guidance": ("guidance_missing", "guidance_overlap_vs_missing"),
     "self_cross": ("self_cross_mixing",),
 }
+# the per-row table each study's headline is recomputed from, and how (bootstraps as the study ran them)
+HEADLINE_SOURCES = {
+    "probe": ("probe_accuracy", lambda table, n_boot: probe_headline(table)),  # probes' scores: features not kept
+    "overlap": ("overlap_metrics", lambda table, n_boot: overlap_headline(failure_association(table, n_boot=n_boot))),
+    "editing": ("edit_results", lambda table, n_boot: edit_headline(edit_summary(table, n_boot))),
+    "guidance": ("guidance_images", lambda table, n_boot: guidance_headline(guidance_tables(table, n_boot)[0])),
+    "self_cross": ("self_cross_images", lambda table, n_boot: self_cross_headline(self_cross_summary(table, n_boot))),
+}
 
 
+def recompute_headlines(out: str | Path = "figures") -> dict[str, pd.DataFrame]:
+    """Each study's headline recomputed from the per-image (per-probe for the probes) table in ``out``, with the
+    bootstrap size its run used (``timing.csv`` says whether it was quick): what a reader can check without making
+    a single image."""
+    out = Path(out)
+    timing = pd.read_csv(out / "timing.csv")
+    headlines = {}
+    for row in timing.itertuples(index=False):
+        source, headline = HEADLINE_SOURCES[row.study]
+        path = out / f"{source}.csv"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: the {row.study} study's rows, which its headline is computed from")
+        table = pd.read_csv(path, dtype={"settings_id": str})
+        headlines[row.study] = headline(table, QUICK_BOOTSTRAPS if row.quick else BOOTSTRAPS)
+    return headlines
+
+
+def headline_differences(out: str | Path = "figures", rtol: float = 1e-4, atol: float = 1e-6) -> list[str]:
+    """Where a committed ``headline_<study>.csv`` in ``out`` disagrees with :func:`recompute_headlines` (the
+    tables are written to six significant digits, hence the tolerances): one line per differing cell, none when every
+    number reproduces."""
+    out = Path(out)
+    problems = []
+    for study, fresh in recompute_headlines(out).items():
+        fresh = pd.read_csv(io.StringIO(fresh.to_csv(index=False, float_format=TABLE_FLOAT_FORMAT)))
+        kept = pd.read_csv(out / f"headline_{study}.csv")
+        if list(kept.columns) != list(fresh.columns) or len(kept) != len(fresh):
+            problems.append(f"{study}: columns or rows differ ({len(kept)} rows kept, {len(fresh)} recomputed)")
+            continue
+        for column in kept.columns:
+            a, b = kept[column], fresh[column]
+            if pd.api.types.is_numeric_dtype(a) and pd.api.types.is_numeric_dtype(b):
+                same = np.isclose(a.astype(float), b.astype(float), rtol=rtol, atol=atol, equal_nan=True)
+            else:
+                same = (a.astype(str) == b.astype(str)).to_numpy()
+            problems += [f"{study} row {i} {column}: kept {a[i]!r}, recomputed {b[i]!r}" for i in np.flatnonzero(~same)]
+    return problems
 
 
 def _markdown(table: pd.DataFrame) -> str:
