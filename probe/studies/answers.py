@@ -17,6 +17,10 @@ def _points(value: float) -> str:
     return f"{round(100 * value, 1) + 0.0:+.1f} points"  # + 0.0 turns −0.0 into 0.0
 
 
+def _signed(value: float, digits: int = 3) -> str:
+    return f"{round(value, digits) + 0.0:+.{digits}f}"  # never "-0.000"
+
+
 def _interval(low: float, high: float) -> str:
     return f"[{100 * low:+.1f}, {100 * high:+.1f}]"
 
@@ -95,12 +99,12 @@ def guidance_answer(headline: pd.DataFrame) -> str:
         check = ""
         if not math.isnan(pooled.get("loss_fell", float("nan"))):
             check = (f"; their objective fell in {pooled.loss_fell:.0%} of images and soft IoU moved "
-                     f"{pooled.iou_t10_vs_none:+.3f} at step 10{_kept(pooled)} from unguided generation")
+                     f"{_signed(pooled.iou_t10_vs_none)} at step 10{_kept(pooled)} from unguided generation")
         against = pooled.get(f"iou_t10_diff_vs_{BASELINE}", float("nan"))
         if not math.isnan(against):
-            check += f" and {against:+.3f}"
+            check += f" and {_signed(against)}"
             if not math.isnan(pooled.get("iou_t10_diff_ci_low", float("nan"))):
-                check += f" [{pooled.iou_t10_diff_ci_low:+.3f}, {pooled.iou_t10_diff_ci_high:+.3f}]"
+                check += f" [{_signed(pooled.iou_t10_diff_ci_low)}, {_signed(pooled.iou_t10_diff_ci_high)}]"
             check += " from A&E's images"
         effect = _direction(str(pooled.verdict))
         if not _acted(pooled):

@@ -190,14 +190,14 @@ class Design:
     ``effect``: the smallest paired difference in missing rate worth finding (the testbed's target for A&E);
     ``discordant``: the share of pairs whose outcome differs between two methods; ``icc``: how alike one prompt's
     paired differences are (design effect 1 + (seeds − 1)·icc). The defaults are the built-in model's, measured on
-    its 360-pair guidance run (``figures/guidance_images.csv``, :meth:`from_pilot`): 18–25% of pairs differ between
-    A&E and an overlap-lowering method (0.21 on average), and the intraclass correlation of their paired
-    differences over prompts is −0.06 to 0.12 (0.04 on average); on another model, measure them on a pilot.
+    its 540-pair guidance run (``figures/guidance_images.csv``, :meth:`from_pilot`): 18–24% of pairs differ between
+    A&E and an overlap-lowering method (0.22 on average), and the intraclass correlation of their paired
+    differences over prompts is 0.01 to 0.06 (0.02 on average); on another model, measure them on a pilot.
     """
 
     effect: float = 0.05
-    discordant: float = 0.21
-    icc: float = 0.04
+    discordant: float = 0.22
+    icc: float = 0.02
     power: float = 0.80
     alpha: float = ALPHA
 
