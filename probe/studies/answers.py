@@ -13,12 +13,14 @@ from probe.studies.guided import BASELINE
 LAYOUT_TARGETS = ("position", "extent", "size", "judge_shape")  # where and shape: what FPE says self-attention holds
 
 
-def _points(value: float) -> str:
-    return f"{round(100 * value, 1) + 0.0:+.1f} points"  # + 0.0 turns −0.0 into 0.0
-
-
 def _signed(value: float, digits: int = 3) -> str:
-    return f"{round(value, digits) + 0.0:+.{digits}f}"  # never "-0.000"
+    """An estimate, signed, where −0.0 prints as +0.0 (an interval's bounds keep their sign: −0.000 says the bound
+    is below zero, which is what the verdict reads)."""
+    return f"{round(value, digits) + 0.0:+.{digits}f}"
+
+
+def _points(value: float) -> str:
+    return f"{_signed(100 * value, 1)} points"
 
 
 def _interval(low: float, high: float) -> str:
@@ -104,7 +106,7 @@ def guidance_answer(headline: pd.DataFrame) -> str:
         if not math.isnan(against):
             check += f" and {_signed(against)}"
             if not math.isnan(pooled.get("iou_t10_diff_ci_low", float("nan"))):
-                check += f" [{_signed(pooled.iou_t10_diff_ci_low)}, {_signed(pooled.iou_t10_diff_ci_high)}]"
+                check += f" [{pooled.iou_t10_diff_ci_low:+.3f}, {pooled.iou_t10_diff_ci_high:+.3f}]"
             check += " from A&E's images"
         effect = _direction(str(pooled.verdict))
         if not _acted(pooled):
