@@ -11,7 +11,7 @@ the number of samples.
 from __future__ import annotations
 
 import errno
-import shutil
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +26,7 @@ from probe.models import Layer, attention_layers, denoiser, latent_size, load, s
 from probe.prompts import TextLayout, text_layout
 from probe.tap import Call, Consumer, Tap, TapError, family_of
 from probe.tap.layers import TEXT_QUERIES
+from probe.writes import check_out, recover, replacing
 
 BYTES_PER_VALUE = 2  # float16 storage
 PIXEL_BYTES = 1
@@ -104,20 +105,11 @@ class Plan:
         return sum(self.group_bytes().values())
 
 
-def _as_list(x) -> list:
-    return list(x) if isinstance(x, (list, tuple, range, np.ndarray)) else [x]
-
-
 def _tokens(pipe, prompt: str, keep_padding: bool, max_sequence_length: int | None) -> TextLayout:
     """The recorded tokens: texts, their positions among the denoiser's text keys, and their encoders."""
-    tok = pipe.tokenizer
-    ids = tok(prompt, truncation=False).input_ids
-    if len(ids) > tok.model_max_length:
-        raise ValueError(
-            f"prompt {prompt!r} has {len(ids)} tokens; the text encoder takes at most {tok.model_max_length} "
-            "(start and end tokens included). Shorten the prompt."
-        )
-    return text_layout(pipe, prompt, keep_padding, max_sequence_length)
+    from probe.checks import prompt_fits
+
+    return text_layout(pipe, prompt_fits(pipe, prompt), keep_padding, max_sequence_length)
 
 
 def plan(
@@ -138,27 +130,35 @@ def plan(
     self_queries=None,
     self_store: str = "maps",
 ) -> Plan:
-    """Validate a recording's request and describe it (no generation)."""
+    """Validate a recording's request and describe it (no generation). ``kinds``: one kind (``"cross"``) or several;
+    each (prompt, seed) sample is recorded once, so a repeated prompt or seed is refused."""
+    from probe import checks
+
     pipe = load(pipe)
     text_to_image(pipe)
     steps = step_count(steps)
     heads = head_choice(heads)
-    prompts, seeds = _as_list(prompts), [int(s) for s in _as_list(seeds)]
+    kinds = checks.attention_kinds(kinds)
+    layers = checks.layer_patterns(layers)
+    height, width = checks.image_side(height, "height"), checks.image_side(width, "width")
+    max_sequence_length = checks.sequence_length(max_sequence_length)
+    prompts = [checks.prompt_text(p, "prompts") for p in checks.as_list(prompts)]
+    seeds = checks.seed_list(seeds)
     if not prompts or not seeds:
         raise ValueError("give at least one prompt and one seed")
+    checks.distinct(prompts, "prompts")
     samples = [(p, s) for p in prompts for s in seeds]
-    layouts = [_tokens(pipe, p, keep_padding, max_sequence_length) for p, _ in samples]
+    by_prompt = {p: _tokens(pipe, p, keep_padding, max_sequence_length) for p in prompts}
+    layouts = [by_prompt[p] for p, _ in samples]
     tokens, positions = [t.texts for t in layouts], [t.positions for t in layouts]
     encoders = [t.encoders for t in layouts]
-    chosen = select_layers(attention_layers(pipe, height, width), layers, tuple(kinds))
+    chosen = select_layers(attention_layers(pipe, height, width), layers, kinds)
     if not chosen:
-        raise ValueError(f"no attention layers of kinds {tuple(kinds)} in this model")
+        raise ValueError(f"no attention layers of kinds {kinds} in this model")
     groups: dict[str, list[Layer]] = {}
     for layer in chosen:
         groups.setdefault(layer.group, []).append(layer)
-    kept = list(range(steps)) if keep_steps is None else sorted({int(s) for s in _as_list(keep_steps)})
-    if not kept or kept[0] < 0 or kept[-1] >= steps:
-        raise ValueError(f"keep_steps must lie in 0 … {steps - 1}, got {keep_steps}")
+    kept = list(range(steps)) if keep_steps is None else checks.step_indices(keep_steps, steps, "keep_steps")
     if heads not in ("mean", "all"):
         most = min(layer.heads for layer in chosen)
         if not heads or min(heads) < 0 or max(heads) >= most:
@@ -435,6 +435,7 @@ def record(
     self_keys: int | None = None,
     self_queries=None,
     self_store: str = "maps",
+    force: bool = False,
     **pipeline_kwargs,
 ) -> xr.DataTree:
     """Generate every (prompt, seed) sample and record its attention maps.
@@ -442,7 +443,10 @@ def record(
     ``layers``: None (all), or names / globs / ``re:`` patterns / resolutions (see
     :func:`probe.models.select_layers`). ``heads``: ``"mean"``, ``"all"`` or a list of indices.
     ``keep_steps``: step indices to keep (default all). ``out``: a ``.zarr`` path written batch by
-    batch (the tree returned then reads lazily from it) or a ``.nc`` path written at the end.
+    batch (the tree returned then reads lazily from it) or a ``.nc`` path written at the end; either is written
+    beside ``out`` and swapped in when complete (a failed or killed run leaves ``out`` as it was), ``out`` is checked
+    before anything is generated, and a file or folder there that is not a probe recording is replaced only with
+    ``force=True``.
     Self-attention at a size one can afford (a FLUX layer's image→image map is 4,096² per head and step):
     ``self_keys=16`` sums each query's attention onto a 16×16 grid of key cells (rows still sum to their mass),
     ``self_queries=[(0.5, 0.25), …]`` keeps only those query points ((y, x) fractions of the image; dims
@@ -452,7 +456,17 @@ def record(
     arithmetic while generating); :func:`probe.lazy.self_from_qk` makes the maps on read, lazily.
     Other keywords (height, width, negative_prompt …) go to the pipeline call.
     """
+    from probe import checks
+
     pipe = load(pipe)
+    checks.pipeline_keywords(pipe, pipeline_kwargs, "record", {
+        "prompt": "from prompts=", "generator": "each sample's from its seed", "output_type": "images are stored",
+        "num_images_per_prompt": "one image per (prompt, seed) sample: give more seeds",
+        "latents": "the seed draws each sample's initial noise, so latents= would give every seed the same one; for "
+                   "noise of your own use probe.guide.generate(pipe, prompt, ..., init_noise=tensor)"}, own=record)
+    guidance_scale = checks.cfg_scale(guidance_scale)
+    batch_size = checks.whole_number(batch_size, "batch_size", "the number of samples generated together")
+    max_bytes = checks.byte_limit(max_bytes)
     height, width = pipeline_kwargs.get("height"), pipeline_kwargs.get("width")
     p = plan(pipe, prompts, seeds=seeds, steps=steps, kinds=kinds, layers=layers, heads=heads,
              keep_steps=keep_steps, keep_padding=keep_padding, height=height, width=width,
@@ -466,18 +480,30 @@ def record(
             "(keep_steps=…), average heads (heads='mean') or record fewer samples."
         )
     if out is not None:
-        out = Path(out)
-        if out.suffix not in (".zarr", ".nc"):
-            raise ValueError(f"out must end in .zarr or .nc, got {out}")
+        out = check_out(out, (".zarr", ".nc"), force=force)
         room_for(out, p.nbytes)
-    device = pipe._execution_device
-    zarr_tmp = out.with_name(out.name + ".partial") if out is not None and out.suffix == ".zarr" else None
-    if zarr_tmp is not None and zarr_tmp.exists():
-        shutil.rmtree(zarr_tmp)
     attrs = _attrs(pipe, steps, guidance_scale, p, pipeline_kwargs)
-    batches: list[dict] = []
-    bar = tqdm(total=len(p.samples), desc="recording", unit="sample", disable=not progress)
     try:
+        with replacing(out, suffixes=(".zarr", ".nc"), force=force, what="recording") if out else nullcontext() as tmp:
+            zarr_tmp = tmp if out is not None and out.suffix == ".zarr" else None
+            tree = _generate(pipe, p, steps, guidance_scale, batch_size, progress, attrs, zarr_tmp, pipeline_kwargs)
+            if out is not None and zarr_tmp is None:
+                _write_netcdf(tree, tmp)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise disk_full(err, out) from err
+        raise
+    return open_recording(out) if out is not None and out.suffix == ".zarr" else tree
+
+
+def _generate(pipe, p: Plan, steps: int, guidance_scale: float, batch_size: int, progress: bool, attrs: dict,
+              zarr_path: Path | None, pipeline_kwargs: dict) -> xr.DataTree | None:
+    """Run every batch of the plan; each batch appended to ``zarr_path`` as it finishes, or all kept in memory and
+    returned as one tree."""
+    height, width = pipeline_kwargs.get("height"), pipeline_kwargs.get("width")
+    device = pipe._execution_device
+    batches: list[dict] = []
+    with tqdm(total=len(p.samples), desc="recording", unit="sample", disable=not progress) as bar:
         for start in range(0, len(p.samples), batch_size):
             batch = slice(start, min(start + batch_size, len(p.samples)))
             recorder = Recorder(p, batch, device, steps)
@@ -492,30 +518,34 @@ def record(
                 )
                 timesteps = [tap.timestep_of(s) for s in range(steps)]
             groups = _datasets(p, batch, recorder.to_host(), _to_uint8(result.images), timesteps)
-            if zarr_tmp is not None:
-                _append_zarr(zarr_tmp, groups, attrs, first=start == 0)
+            if zarr_path is not None:
+                _append_zarr(zarr_path, groups, attrs, first=start == 0)
             else:
                 batches.append(groups)
             bar.update(batch.stop - batch.start)
-    except BaseException as err:
-        if zarr_tmp is not None and zarr_tmp.exists():
-            shutil.rmtree(zarr_tmp)
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            raise disk_full(err, out) from err
-        raise
-    finally:
-        bar.close()
-    if zarr_tmp is not None:
-        if out.exists():
-            shutil.rmtree(out)
-        zarr_tmp.rename(out)
-        return open_recording(out)
-    tree = xr.DataTree.from_dict(
+    if zarr_path is not None:
+        return None
+    return xr.DataTree.from_dict(
         {"/": xr.Dataset(attrs=attrs), **{g: xr.concat([b[g] for b in batches], "sample") for g in batches[0]}}
     )
-    if out is not None:
-        save(tree, out)
-    return tree
+
+
+MAP_VARIABLES = ("attn", "q", "k", "image")
+
+
+def stored_chunks(dims, shape) -> tuple[int, ...]:
+    """A recording's chunks: one per sample, and per step for maps (a viewer moving through steps reads only the
+    step it shows)."""
+    return tuple(1 if d in ("sample", "step") else n for d, n in zip(dims, shape))
+
+
+def zarr_encoding(ds: xr.Dataset) -> dict:
+    """How a group's maps are stored: :func:`stored_chunks`, zstd, and a CRC-32C checksum in every chunk, so a
+    damaged chunk is an error when read instead of wrong numbers."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return {v: {"chunks": stored_chunks(ds[v].dims, ds[v].shape), "compressors": [ZstdCodec(), Crc32cCodec()]}
+            for v in MAP_VARIABLES if v in ds.data_vars}
 
 
 def _append_zarr(path: Path, groups: dict[str, xr.Dataset], attrs: dict, first: bool) -> None:
@@ -523,23 +553,34 @@ def _append_zarr(path: Path, groups: dict[str, xr.Dataset], attrs: dict, first: 
         xr.Dataset(attrs=attrs).to_zarr(path, mode="w", consolidated=False)
     for group, ds in groups.items():
         if first:
-            # one chunk per (sample, step): a viewer moving through steps reads only the step it shows
-            chunks = {v: {"chunks": (1, 1, *ds[v].shape[2:])} for v in ("attn", "q", "k") if v in ds}
-            ds.to_zarr(path, group=group, mode="a", encoding=chunks, consolidated=False)
+            ds.to_zarr(path, group=group, mode="a", encoding=zarr_encoding(ds), consolidated=False,
+                       write_empty_chunks=True)
         else:
-            ds.to_zarr(path, group=group, append_dim="sample", consolidated=False)
+            ds.to_zarr(path, group=group, append_dim="sample", consolidated=False, write_empty_chunks=True)
 
 
-def save(tree: xr.DataTree, path: str | Path) -> Path:
-    """Write a recording to ``.zarr`` or ``.nc`` (netCDF4 through h5netcdf)."""
-    path = Path(path)
-    if path.suffix == ".zarr":
-        tree.to_zarr(path, mode="w", consolidated=False)
-    elif path.suffix == ".nc":
-        tree.to_netcdf(path, engine="h5netcdf")
-    else:
-        raise ValueError(f"save to a .zarr or .nc path, got {path}")
-    return path
+def _write_netcdf(tree: xr.DataTree, path: Path) -> None:
+    """netCDF4 through h5netcdf, a Fletcher-32 checksum on every chunk of the maps (HDF5 checks it on each read)."""
+    encoding = {node.path: {v: {"fletcher32": True} for v in MAP_VARIABLES if v in node.ds.data_vars}
+                for node in tree.subtree if any(v in node.ds.data_vars for v in MAP_VARIABLES)}
+    tree.to_netcdf(path, engine="h5netcdf", encoding=encoding)
+
+
+def save(tree: xr.DataTree, path: str | Path, *, force: bool = False) -> Path:
+    """Write a recording to ``.zarr`` or ``.nc`` (netCDF4 through h5netcdf), whole or not at all.
+
+    The new store is written beside ``path`` and swapped in when complete, so a failure or a kill leaves what was
+    at ``path`` as it was, and saving a lazily opened recording over its own store works (it is read before the
+    swap). ``force=True`` replaces a file or folder at ``path`` that is not a probe recording.
+    """
+    with replacing(path, suffixes=(".zarr", ".nc"), force=force, what="recording") as tmp:
+        if Path(path).suffix == ".zarr":
+            encoding = {node.path: zarr_encoding(node.ds) for node in tree.subtree}
+            tree.to_zarr(tmp, mode="w-", consolidated=False, encoding={k: v for k, v in encoding.items() if v},
+                         write_empty_chunks=True)
+        else:
+            _write_netcdf(tree, tmp)
+    return Path(path)
 
 
 def full_self(ds: xr.Dataset, reader: str) -> xr.Dataset:
@@ -557,9 +598,15 @@ def full_self(ds: xr.Dataset, reader: str) -> xr.Dataset:
     return ds
 
 
-def open_recording(path: str | Path) -> xr.DataTree:
-    """Open a recording lazily (dask arrays; nothing is read until used)."""
+def open_recording(path: str | Path, *, verify: bool = False) -> xr.DataTree:
+    """Open a recording lazily (dask arrays; nothing is read until used).
+
+    Every chunk the writer made must be there (a deleted chunk would read as NaN maps or a black image); with
+    ``verify=True`` every chunk is also read and checked against the checksum the writer stored in it (zarr:
+    CRC-32C, netCDF: Fletcher-32), which reads the whole recording once.
+    """
     path = Path(path)
+    recover(path)
     if not path.exists():
         raise FileNotFoundError(f"no recording at {path}")
     engine = "zarr" if path.suffix == ".zarr" or path.is_dir() else "h5netcdf"
@@ -568,9 +615,86 @@ def open_recording(path: str | Path) -> xr.DataTree:
         tree = xr.open_datatree(path, engine=engine, chunks={}, **kwargs)
     except Exception as err:  # zarr's GroupNotFoundError, h5py's OSError, a truncated file's ValueError …
         raise ValueError(f"{path} is not a readable recording ({type(err).__name__}: {err}). A recording is "
-                         "written to a '.partial' folder and renamed only when complete, so this one was made "
+                         "written beside its path and renamed only when complete, so this one was made "
                          "elsewhere or damaged afterwards: record it again") from err
     if not any(name.startswith(("cross", "self")) for name in tree.children):
         raise ValueError(f"{path} opens but holds no attention groups (cross/…, self/…): it is not a probe "
                          f"recording (its groups: {sorted(tree.children)})")
+    problems = contradictions(tree) + damaged_chunks(path, read=verify)
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ValueError(f"{path} is damaged: {'; '.join(problems[:5])}{more}. It was complete when written, so it "
+                         "changed afterwards: restore it from a copy or record it again")
     return tree
+
+
+def contradictions(tree: xr.DataTree) -> list[str]:
+    """Where a recording's root attributes disagree with its data (steps, size, heads, samples)."""
+    attrs, found = tree.attrs, []
+    samples = {node.path: node.ds.sizes["sample"] for node in tree.subtree if "sample" in node.ds.dims}
+    if len(set(samples.values())) > 1:
+        found.append(f"its groups hold different numbers of samples ({samples})")
+    for node in tree.subtree:
+        ds = node.ds
+        if "step" in ds.coords and "steps" in attrs and len(ds.step) and int(ds.step.max()) >= int(attrs["steps"]):
+            found.append(f"{node.path} holds step {int(ds.step.max())} but the recording says it ran "
+                         f"{attrs['steps']} steps")
+        if "attn" in ds.data_vars and attrs.get("heads") == "mean" and "head" in ds.dims:
+            found.append(f"{node.path} has a head dimension but the recording says heads were averaged")
+        if "image" in ds.data_vars and "height" in attrs and (ds.sizes.get("iy"), ds.sizes.get("ix")) != (
+                int(attrs["height"]), int(attrs["width"])):
+            found.append(f"its images are {ds.sizes.get('iy')}×{ds.sizes.get('ix')} px but the recording says "
+                         f"{attrs['height']}×{attrs['width']}")
+    return found
+
+
+def damaged_chunks(path: str | Path, read: bool = False) -> list[str]:
+    """The chunks of a written recording that are missing (zarr: every chunk of its maps and images is written, so
+    a missing one was deleted), and with ``read=True`` those whose stored checksum does not match."""
+    path = Path(path)
+    if not path.is_dir():
+        return _damaged_netcdf(path) if read else []
+    import zarr
+
+    if "sweep" in zarr.open_group(str(path), mode="r").attrs:
+        return []  # a sweep's store: its items' chunks are checked against their markers (probe.sweeps.verify)
+    found = []
+    for group_path, array in _arrays(zarr.open_group(str(path), mode="r")):
+        if group_path.rsplit("/", 1)[-1] not in MAP_VARIABLES:
+            continue
+        grid = [range(-(-n // c)) for n, c in zip(array.shape, array.chunks)]
+        for coords in np.ndindex(*[len(g) for g in grid]):
+            key = array.metadata.encode_chunk_key(coords)
+            if not (path / group_path / key).is_file():
+                found.append(f"chunk {group_path}/{key} is missing")
+            elif read:
+                try:
+                    array[tuple(slice(i * c, (i + 1) * c) for i, c in zip(coords, array.chunks))]
+                except Exception as err:  # zarr's checksum mismatch, a codec's error on a truncated chunk
+                    found.append(f"chunk {group_path}/{key} is damaged ({err})")
+    return found
+
+
+def _arrays(group, prefix: str = ""):
+    for name, member in group.members():
+        import zarr
+
+        if isinstance(member, zarr.Array):
+            yield f"{prefix}{name}", member
+        else:
+            yield from _arrays(member, f"{prefix}{name}/")
+
+
+def _damaged_netcdf(path: Path) -> list[str]:
+    import h5py
+
+    found = []
+    with h5py.File(path, "r") as f:
+        def check(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                try:
+                    obj[()]
+                except OSError as err:  # HDF5's Fletcher-32 mismatch, a truncated file
+                    found.append(f"{name} is damaged ({err})")
+        f.visititems(check)
+    return found

@@ -24,17 +24,22 @@ The output folder::
     sweep.json              what was asked, and when the store was laid out
     log.txt                 start / done lines of every process (diagnostics)
 
-Processes: each takes the items ``i`` with ``i % num_processes == process_index``
-(``accelerate.PartialState()``), one GPU each where there are GPUs. ``probe sweep --processes N`` runs
+Processes: the items are dealt to the processes method by method, in turn (:func:`deal`), so each process gets
+its share of every method however many methods there are (``accelerate.PartialState()`` says which process this
+is), one GPU each where there are GPUs. ``probe sweep --processes N`` runs
 ``accelerate launch --multi_gpu --num_processes N``; on a machine without GPUs that launcher still starts N
 processes (torch.distributed.run) and the sweep asks accelerate for CPU processes, which join a gloo group.
 (``accelerate launch --cpu`` starts one process unless MPI is set up with ``--mpirun_hostfile``.) Several nodes:
 run accelerate's launcher on each with ``--num_machines``, ``--machine_rank`` and ``--main_process_ip`` over a shared
 folder. ``shard=(index, count)`` runs one share without a process group (array jobs of a cluster scheduler).
-One sweep of a folder at a time: two launches on one folder would compute the same items.
+One sweep of a folder at a time: a lock on the folder refuses a second launch (or a second single-process sweep)
+while any process of the first is alive, and the workers of a launch die with their launcher (a killed launcher
+leaves no process writing). The shards of an array job share the folder, one process per shard.
 
-The same items give the same store, bit for bit, whatever the number of processes, as long as each process runs
-torch with the same number of threads on the same kind of device (CPU reductions depend on the thread count).
+The same items give the same store, bit for bit, whatever the number of processes: each process runs torch with
+:data:`THREADS` threads under ``probe sweep`` and :func:`launch` unless told otherwise (CPU reductions depend on
+the thread count; :func:`sweep` called directly leaves torch's setting unless given ``threads``). A resumed sweep checks
+each finished item's chunks against its marker and computes again the items whose chunks were lost or changed.
 ``PROBE_SWEEP_FAULT=N`` (or ``N@RANK``) makes a process exit abruptly at its N-th write: the fault-injection tests.
 """
 
@@ -44,12 +49,15 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -62,12 +70,15 @@ from tqdm.auto import tqdm
 
 from probe.checks import room_for
 from probe.models import load
-from probe.record import Plan, Recorder, _datasets, _to_uint8, plan
+from probe.record import Plan, Recorder, _datasets, _to_uint8, plan, zarr_encoding
 from probe.tap import Tap
+from probe.writes import locked
 
 MAPS, ROWS, DONE, SPEC, LOG, LAUNCH = "maps.zarr", "rows", "done", "sweep.json", "log.txt", "launch.json"
 FAULT_ENV, FAULT_EXIT = "PROBE_SWEEP_FAULT", 86
 LAYOUT_STALE_SECONDS = 600.0  # a leftover layout folder older than this is a killed process's, removed
+THREADS = 1  # torch threads per process of a launched or command-line sweep: one store whatever the process count
+LAUNCHED_ENV = "PROBE_SWEEP_LAUNCHED"  # set by launch for its workers: the launcher holds the folder's lock
 
 
 class SweepMismatch(ValueError):
@@ -349,9 +360,8 @@ def _lay_out(out: Path, ctx: _Context, faults: _Faults) -> None:
         try:
             xr.Dataset(attrs=ctx.attrs).to_zarr(tmp, mode="w", consolidated=False)
             for group, ds in groups.items():
-                var = "attn" if "attn" in ds else "image"
-                encoding = {var: {"chunks": _chunks(ds[var])}}
-                ds.to_zarr(tmp, group=group, mode="a", compute=False, consolidated=False, encoding=encoding)
+                ds.to_zarr(tmp, group=group, mode="a", compute=False, consolidated=False, encoding=zarr_encoding(ds),
+                           write_empty_chunks=True)
             faults.point()
             try:
                 os.rename(tmp, store)
@@ -363,11 +373,6 @@ def _lay_out(out: Path, ctx: _Context, faults: _Faults) -> None:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     _check_spec(store, ctx.spec)
-
-
-def _chunks(var: xr.DataArray) -> tuple[int, ...]:
-    """A recording's chunks: one per sample, and per step for maps (probe.record's, so viewers read a step alone)."""
-    return tuple(1 if d in ("sample", "step") else n for d, n in zip(var.dims, var.shape))
 
 
 def _remove_stale_layouts(out: Path) -> None:
@@ -453,8 +458,8 @@ def _run(ctx: _Context, item: Item) -> tuple[dict[str, np.ndarray], np.ndarray, 
         from probe.edit import edit
 
         recorder = Recorder(ctx.item_plan([item.prompt, item.target], item.seed), slice(0, 2), device, ctx.steps)
-        result = edit(pipe, item.prompt, item.target, seed=item.seed, inject=item.variant, steps=ctx.edit_steps,
-                      num_inference_steps=ctx.steps, guidance_scale=ctx.guidance_scale, after=[recorder],
+        result = edit(pipe, item.prompt, item.target, seed=item.seed, inject=item.variant, inject_steps=ctx.edit_steps,
+                      steps=ctx.steps, guidance_scale=ctx.guidance_scale, after=[recorder],
                       output_type="np", **size)
         maps = {g: a[1:2] for g, a in recorder.to_host().items()}
         s = result.settings
@@ -489,7 +494,8 @@ def _write(out: Path, ctx: _Context, item: Item, maps: dict[str, np.ndarray], im
     region = {"sample": slice(item.index, item.index + 1)}
     for group, (var, dims) in ctx.group_dims().items():
         data = image if group == "images" else maps[group]
-        xr.Dataset({var: (dims, data)}).to_zarr(store, group=group, region=region, consolidated=False)
+        xr.Dataset({var: (dims, data)}).to_zarr(store, group=group, region=region, consolidated=False,
+                                                write_empty_chunks=True)
         faults.point()
     files = _item_files(store, ctx.group_dims(), item.index)
     if durable:
@@ -518,6 +524,29 @@ def done(out: str | Path) -> list[int]:
     """The items of the sweep in ``out`` that are finished (their marker is written)."""
     folder = Path(out) / DONE
     return sorted(int(p.stem) for p in folder.glob("*.json")) if folder.is_dir() else []
+
+
+def deal(todo: Sequence[Item], processes: int) -> list[int]:
+    """The process of each item: each method's items in turn, the turn carried on from one method to the next, so
+    every process gets a near-equal share of every method (``i % processes`` would give one process every guided
+    item of a two-method sweep of two processes)."""
+    turn, ranks = 0, [0] * len(todo)
+    for method in dict.fromkeys(it.method for it in todo):
+        for it in todo:
+            if it.method == method:
+                ranks[it.index], turn = turn % processes, turn + 1
+    return ranks
+
+
+def _intact(out: Path, index: int) -> bool:
+    """Whether a finished item's chunks and row are still the ones its marker names."""
+    try:
+        marker = json.loads((out / DONE / f"{_name(index)}.json").read_text())
+    except (OSError, ValueError):
+        return False
+    store = out / MAPS
+    return (out / ROWS / f"{_name(index)}.parquet").is_file() and all(
+        (store / rel).is_file() and _digest(store / rel) == digest for rel, digest in marker["chunks"].items())
 
 
 @dataclass
@@ -588,6 +617,7 @@ def sweep(
     device: str | torch.device | None = None,
     durable: bool = True,
     progress: bool = True,
+    threads: int | None = None,
 ) -> SweepRun:
     """Run this process's share of the sweep prompts × seeds × methods into ``out`` (resuming a stopped one).
 
@@ -595,13 +625,49 @@ def sweep(
     ``edit_steps`` is :func:`probe.edit.edit`'s ``steps`` and ``schedule`` a :class:`probe.guide.Schedule` (or
     its fields as a dict) for the guided methods. ``shard=(index, count)`` runs one share without a process group;
     otherwise the share is ``accelerate.PartialState()``'s. ``durable``: fsync each item's files before its marker.
+    ``threads``: torch threads while the sweep runs (None: leave torch's setting).
     """
+    out = Path(out)
+    if out.exists() and not out.is_dir() or out.is_symlink():
+        raise ValueError(f"out={out} is a file or a symbolic link; a sweep writes a folder: give a folder's path")
+    out.mkdir(parents=True, exist_ok=True)
+    rank, world, state = _process_share(shard)
+    lock = (locked(out / "sweep", shared=True, what=f"the sweep in {out}") if os.environ.get(LAUNCHED_ENV)
+            or world > 1 and shard is None else _shard_lock(out, shard))
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        with lock:
+            return _sweep(model, prompts, out=out, rank=rank, world=world, state=state, seeds=seeds, methods=methods,
+                          targets=targets, subjects=subjects, steps=steps, guidance_scale=guidance_scale, kinds=kinds,
+                          layers=layers, heads=heads, keep_steps=keep_steps, height=height, width=width,
+                          edit_steps=edit_steps, schedule=schedule, device=device, durable=durable,
+                          progress=progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextmanager
+def _shard_lock(out: Path, shard: tuple[int, int] | None):
+    """A single process holds the folder alone; a shard shares it with the other shards but holds its own share."""
+    if shard is None:
+        with locked(out / "sweep", what=f"the sweep in {out}"):
+            yield
+        return
+    with locked(out / "sweep", shared=True, what=f"the sweep in {out}"), \
+            locked(out / f"shard-{shard[0]}-of-{shard[1]}", what=f"shard {shard[0]}/{shard[1]} of the sweep in {out}"):
+        yield
+
+
+def _sweep(model, prompts, *, out: Path, rank: int, world: int, state, seeds, methods, targets, subjects, steps,
+           guidance_scale, kinds, layers, heads, keep_steps, height, width, edit_steps, schedule, device, durable,
+           progress) -> SweepRun:
     from probe.guide import Schedule
 
     started = time.perf_counter()
     todo = items(prompts, seeds, methods, targets=targets, subjects=subjects)
     schedule = _as_schedule(schedule)
-    rank, world, state = _process_share(shard)
     if device is None and state is not None and state.device.type != "cpu":
         device = state.device
     pipe = load(model, device=device)
@@ -629,7 +695,6 @@ def sweep(
     ctx = _Context(pipe, sweep_plan, layouts, steps, guidance_scale, height, width, edit_steps, schedule,
                    timesteps, todo, spec)
     ctx.attrs = _attrs(pipe, ctx)
-    out = Path(out)
     for folder in (out, out / ROWS, out / DONE):
         folder.mkdir(parents=True, exist_ok=True)
     faults = _Faults(rank)
@@ -639,8 +704,16 @@ def sweep(
     else:
         _lay_out(out, ctx, faults)
 
-    mine = [it for it in todo if it.index % world == rank]
+    ranks = deal(todo, world)
+    mine = [it for it in todo if ranks[it.index] == rank]
     finished = set(done(out))
+    lost = [it.index for it in mine if it.index in finished and not _intact(out, it.index)]
+    if lost:
+        warnings.warn(f"{out}: the chunks or rows of finished items {lost} changed or were lost since they were "
+                      "written; they are computed again", stacklevel=2)
+        for index in lost:
+            (out / DONE / f"{_name(index)}.json").unlink(missing_ok=True)
+        finished -= set(lost)
     computed, skipped = [], [it.index for it in mine if it.index in finished]
     bar = tqdm(total=len(mine), initial=len(skipped), desc=f"sweep {rank}/{world}", unit="item",
                disable=not progress, position=rank if world > 1 else None)
@@ -656,7 +729,8 @@ def sweep(
             maps, image, extra = _run(ctx, item)
             row = {"item": item.index, "source": item.prompt, "prompt": item.recorded_prompt, "seed": item.seed,
                    "method": item.method, "rank": rank, "processes": world, "host": socket.gethostname(),
-                   "started": when, "seconds": time.perf_counter() - begin, **extra}
+                   "threads": torch.get_num_threads(), "started": when, "seconds": time.perf_counter() - begin,
+                   **extra}
             _write(out, ctx, item, maps, image, row, faults, durable)
             _log(out, rank, world, "done", item.index)
             computed.append(item.index)
@@ -723,13 +797,12 @@ def launch_command(processes: int, spec_path: str | Path, threads: int | None = 
 
     One process: ``python -m probe._sweep_worker SPEC``. More: ``accelerate launch --multi_gpu --num_processes N``,
     which on a machine without GPUs still starts N processes (``--cpu`` would start one); each runs ``threads``
-    torch threads (default: the CPU cores shared out).
+    torch threads (default :data:`THREADS`, as a single process does: one store whatever the process count).
     """
     worker = ["-m", "probe._sweep_worker", str(spec_path)]
     if processes <= 1:
         return [sys.executable, *worker]
-    if threads is None:
-        threads = 1 if torch.cuda.is_available() else max(1, (os.cpu_count() or 1) // processes)
+    threads = threads or THREADS
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
             "--num_cpu_threads_per_process", str(threads), "--main_process_port", str(port or _free_port()),
@@ -740,18 +813,33 @@ def launch(processes: int, *, out: str | Path, threads: int | None = None, env: 
            **kwargs) -> int:
     """Run :func:`sweep` (``model`` a name or folder, settings as JSON) in ``processes`` processes; the exit status.
 
-    The arguments are written to ``out/launch.json`` for the workers, so a launch can be repeated by hand.
+    The arguments are written to ``out/launch.json`` for the workers, so a launch can be repeated by hand. The
+    launcher holds the folder's lock while its workers run (a second launch is refused with
+    :class:`probe.writes.OutputBusy`), and the workers die with it.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if not isinstance(kwargs.get("model"), (str, os.PathLike)):
         raise ValueError("launch runs new processes: give model as a name or a folder, not a pipeline object")
-    spec = _jsonable({**kwargs, "out": str(out)})
-    _write_json(out / LAUNCH, spec)
-    environment = {**os.environ, **(env or {})}
-    if processes <= 1 and threads:
-        environment["OMP_NUM_THREADS"] = str(threads)
-    return subprocess.run(launch_command(processes, out / LAUNCH, threads), env=environment).returncode
+    threads = threads or THREADS
+    with locked(out / "sweep", what=f"the sweep in {out}") as lock:
+        spec = _jsonable({**kwargs, "out": str(out), "threads": threads})
+        _write_json(out / LAUNCH, spec)
+        environment = {**os.environ, **(env or {}), LAUNCHED_ENV: "1", "OMP_NUM_THREADS": str(threads)}
+        lock.share()  # the workers share it; another launch still cannot take it
+        return subprocess.run(launch_command(processes, out / LAUNCH, threads), env=environment,
+                              preexec_fn=die_with_parent).returncode
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to kill this process when its parent dies (Linux ``PR_SET_PDEATHSIG``): a launcher killed
+    with SIGKILL cannot stop its workers itself, and torch's launcher starts them in sessions of their own."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (AttributeError, OSError):
+        pass
 
 
 def launched() -> bool:
@@ -765,6 +853,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m probe._sweep_worker SPEC.json (written by probe.sweeps.launch)", file=sys.stderr)
         return 2
+    parent = os.getppid()
+    die_with_parent()
+    if os.getppid() != parent:  # the launcher died before the request was made
+        return 1
     spec = json.loads(Path(args[0]).read_text())
     run = sweep(spec.pop("model"), spec.pop("prompts"), **spec)
     print(run.summary(), flush=True)

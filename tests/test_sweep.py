@@ -140,7 +140,9 @@ def test_two_processes_write_the_one_process_store_bit_for_bit(tmp_path):
     assert sweeps.verify(tmp_path / "two") == []
     rows = sweeps.table(tmp_path / "two")
     assert list(rows["item"]) == list(range(12)) and set(rows["processes"]) == {2}
-    assert all(rows["rank"] == rows["item"] % 2)
+    dealt = sweeps.deal(sweeps.items(PROMPTS, [0, 1], ["record", "ae", "edit:self"], targets=TARGETS), 2)
+    assert list(rows["rank"]) == dealt
+    assert [dealt[i::3].count(0) for i in range(3)] == [2, 2, 2]  # each process has half of every method
 
 
 KILLER = textwrap.dedent("""

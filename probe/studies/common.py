@@ -18,6 +18,7 @@ from probe.models import BUILTIN, attention_layers
 from probe.shapes.judge import detect
 from probe.shapes.judge import judge as exact_judge
 from probe.stats import clustered_bootstrap
+from probe.writes import save_figure, write_csv
 
 CHUNK = 16  # samples recorded and reduced at a time
 TARGET_GRID = 16  # the overlap study measures at the cross-attention grid closest to this
@@ -63,7 +64,7 @@ def _save(figures: dict, out: str | Path | None) -> dict[str, Path]:
     paths = {}
     for name, fig in figures.items():
         paths[name] = out / f"{name}.png"
-        fig.savefig(paths[name], dpi=DPI)
+        save_figure(fig, paths[name], dpi=DPI)
     return paths
 
 
@@ -127,7 +128,8 @@ class ImageRows:
 
     Rows whose ``settings_id`` matches are reused by key (prompt, seed, method, initno); new rows are written out
     every :data:`FLUSH_SECONDS` and at the end, the current run's rows first, in job order, then any other rows
-    made with the same settings (from a larger run), which are kept. Rows of other settings are dropped.
+    made with the same settings (from a larger run), which are kept. Rows of other settings are never lost: they move
+    to a table of their own beside it, ``<name>.settings-<id>.csv`` (one per settings id), before anything is made.
     ``path=None`` keeps nothing on disk."""
 
     FLUSH_SECONDS = 30.0
@@ -141,9 +143,24 @@ class ImageRows:
                 for row in table[table.settings_id == settings].to_dict("records"):
                     self.rows[self.key(row)] = row
             if other := len(table) - len(self.rows):  # say why a resumed study makes its images again
+                kept = self._set_aside(table)
                 warnings.warn(f"{self.path}: {other} of {len(table)} stored rows were made with other settings "
-                              "(model weights, steps, schedule, judge, …) and are dropped", stacklevel=3)
+                              "(model weights, steps, schedule, judge, …); they are kept in "
+                              f"{', '.join(p.name for p in kept)} and this run makes its own", stacklevel=3)
         self.order, self.unsaved, self.saved_at = list(order), False, time.monotonic()
+
+    def _set_aside(self, table: pd.DataFrame) -> list[Path]:
+        """Move the rows of other settings into their own tables (merged with rows set aside before), then drop
+        them from this one: each write is whole or nothing, so a kill in between loses no row."""
+        ids = table["settings_id"].fillna("unknown") if "settings_id" in table else pd.Series("unknown", table.index)
+        kept = []
+        for other, rows in table[ids != self.settings].groupby(ids[ids != self.settings]):
+            path = self.path.with_name(f"{self.path.stem}.settings-{other}{self.path.suffix}")
+            before = pd.read_csv(path, dtype={"settings_id": str}) if path.is_file() else rows.iloc[:0]
+            write_csv(pd.concat([before, rows]).drop_duplicates(), path, float_format=TABLE_FLOAT_FORMAT)
+            kept.append(path)
+        write_csv(table[ids == self.settings], self.path, float_format=TABLE_FLOAT_FORMAT)
+        return kept
 
     @staticmethod
     def key(row: dict) -> tuple:
@@ -164,10 +181,7 @@ class ImageRows:
         ordered = [k for k in self.order if k in self.rows]
         first = set(ordered)  # once, not per row: a full-size table has thousands of rows
         ordered += [k for k in self.rows if k not in first]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_suffix(".partial")
-        pd.DataFrame([self.rows[k] for k in ordered]).to_csv(partial, index=False, float_format=TABLE_FLOAT_FORMAT)
-        partial.replace(self.path)  # never a half-written table, even when stopped mid-write
+        write_csv(pd.DataFrame([self.rows[k] for k in ordered]), self.path, float_format=TABLE_FLOAT_FORMAT)
         self.unsaved, self.saved_at = False, time.monotonic()
 
 
