@@ -37,8 +37,9 @@ from probe.overlap import (
     self_cross_overlap,
     spread,
 )
-from probe.prompts import subjects_of, word_occurrences
-from probe.record import full_self
+from probe.prompts import recorded_subject_tokens, subjects_of
+from probe.record import full_self, stored_chunks, zarr_encoding
+from probe.writes import replacing
 
 PAIR_STATS = ("soft_iou", "com_distance", "kl_sym", "compactness", "self_cross")
 SUBJECT_STATS = ("intensity", "spread", "aggregation", "ae")
@@ -60,6 +61,46 @@ def open_store(path: str | Path) -> xr.DataTree:
     return xr.open_datatree(path, engine="zarr", chunks={}, consolidated=False)  # stored one sample per chunk
 
 
+ATTENTION_KINDS = ("cross", "self", "text_image", "text_text")  # probe.tap.layers.KINDS: a recording's top groups
+
+
+def recording_schema_problems(tree: xr.DataTree) -> list[str]:
+    """What keeps ``tree`` from being a probe recording or sweep store; empty when it is one.
+
+    Why: a foreign file that happens to have a ``cross`` group would otherwise open and fail later, deep in an
+    analysis, with an error about a missing variable. A recording has the root attribute ``probe_version`` (the
+    writer's), attention groups ``cross/…``, ``self/…`` (``text_image``, ``text_text``) whose groups each hold
+    ``attn`` (sample, step, …) or, for ``self_store="qk"``, ``q`` and ``k``, and ``token_text`` beside every
+    text-key map.
+    """
+    problems = []
+    if "probe_version" not in tree.attrs:
+        problems.append("its root has no probe_version attribute (every recording and sweep store has one)")
+    kinds = [name for name in tree.children if name in ATTENTION_KINDS]
+    if not kinds:
+        problems.append(f"it has no attention groups ({', '.join(ATTENTION_KINDS)}); its groups are "
+                        f"{sorted(tree.children)}")
+    for kind in kinds:
+        groups = tree[kind].children
+        if not groups:
+            problems.append(f"/{kind} holds no groups (a recording has /{kind}/res<N>)")
+        for name, node in groups.items():
+            ds = node.ds
+            variables = sorted(ds.data_vars)
+            if "attn" in ds.data_vars:
+                attn = ds["attn"]
+                needed = ("sample", "step", "y", "x") if kind in ("cross", "self") else ("sample", "step")
+                missing = [d for d in needed if d not in attn.dims]
+                if missing:
+                    problems.append(f"/{kind}/{name}/attn has dims {attn.dims}, not a recording's (no "
+                                    f"{', '.join(missing)})")
+                if kind in ("cross", "text_text") and "token" in attn.dims and "token_text" not in ds.coords:
+                    problems.append(f"/{kind}/{name} has no token_text coordinate, so its tokens cannot be named")
+            elif not {"q", "k"} <= set(ds.data_vars):
+                problems.append(f"/{kind}/{name} holds neither attn nor q and k (its variables: {variables})")
+    return problems
+
+
 def _dataset(group) -> xr.Dataset:
     return group.to_dataset() if hasattr(group, "to_dataset") else group
 
@@ -67,6 +108,8 @@ def _dataset(group) -> xr.Dataset:
 def _words(subjects: Subjects, prompt: str) -> list[str]:
     if subjects is None:
         return subjects_of(prompt)
+    if isinstance(subjects, str):  # one word, not its letters
+        return [subjects]
     if callable(subjects):
         return list(subjects(prompt))
     if isinstance(subjects, Mapping):
@@ -79,28 +122,23 @@ def subject_tokens(cross, subjects: Subjects = None) -> xr.Dataset:
     (sample) the end token's index, ``subject_word`` (sample, subject).
 
     ``subjects``: None (each prompt's nouns, :func:`probe.prompts.subjects_of`), one list for every sample, a
-    mapping prompt → words or a callable of the prompt. A word listed twice takes its successive occurrences.
-    Reads only the coordinates (small), never the maps.
+    mapping prompt → words or a callable of the prompt. Words become tokens by
+    :func:`probe.prompts.recorded_subject_tokens` (every copy of a word, SD3's CLIP and T5 alike; a word listed twice
+    takes its successive occurrences, ``cat#2`` names one). Reads only the coordinates (small), never the maps.
     """
     ds = _dataset(cross)
     prompts = [str(p) for p in ds["prompt"].values]
     texts = np.array([[str(t) for t in row] for row in ds["token_text"].values], dtype=object)
+    encoders = ([[str(e) for e in row] for row in ds["encoder"].values] if "encoder" in ds.coords
+                else [None] * len(prompts))
     found: list[list[list[int]]] = []
     words_per_sample = []
-    for prompt, row in zip(prompts, texts):
-        tokens = [str(t) for t in row]
+    for i, (prompt, row) in enumerate(zip(prompts, texts)):
         words = _words(subjects, prompt)
-        taken: dict[str, int] = {}
-        pieces = []
-        for word in words:
-            runs = word_occurrences(tokens, word)
-            k = taken.get(word, 0)
-            if k >= len(runs):
-                shown = [t for t in tokens if t]
-                raise ValueError(f"{word!r} (occurrence {k + 1}) is not in {prompt!r}; its tokens are {shown}")
-            taken[word] = k + 1
-            pieces.append(runs[k])
-        found.append(pieces)
+        if not words:
+            raise ValueError(f"no subjects for sample {i} ({prompt!r}): the statistics are of subjects' maps; give "
+                             "at least one subject word (subjects=None takes each prompt's nouns)")
+        found.append(recorded_subject_tokens([str(t) for t in row], encoders[i], words, prompt))
         words_per_sample.append(words)
     n_subjects = max((len(w) for w in words_per_sample), default=0)
     n_pieces = max((len(p) for ps in found for p in ps), default=1)
@@ -322,7 +360,14 @@ def overlap(source, subjects: Subjects = None, *, group: str | None = None, self
 def overlap_table(source, subjects: Subjects = None, *, group: str | None = None, self_group: str | None = "auto",
                   step=None, workers: int | None = None) -> pd.DataFrame:
     """:func:`overlap` computed (dask's threads, ``workers`` of them) into one row per sample, step and pair."""
+    if isinstance(subjects, str) or (isinstance(subjects, Sequence) and len(subjects) < 2):
+        raise ValueError(f"overlap_table gives one row per pair of subjects, so it needs at least two subject words, "
+                         f"got subjects={subjects!r}; give two or more (or subjects=None for each prompt's nouns), "
+                         "or use overlap() for one subject's own statistics")
     stats = overlap(source, subjects, group=group, self_group=self_group, step=step, compute=True, workers=workers)
+    if stats.sizes["pair"] == 0:
+        raise ValueError("overlap_table gives one row per pair of subjects, and no prompt here has two: give two or "
+                         "more subject words per prompt, or use overlap() for one subject's own statistics")
     pair_vars = [v for v in stats.data_vars if "pair" in stats[v].dims]
     frame = stats[pair_vars].to_dataframe().reset_index()
     words = stats["subject_word"].values
@@ -370,11 +415,17 @@ def synthetic_store(path: str | Path, samples: int, like: xr.DataTree, seed: int
     Why: to see whether an analysis fits a machine's memory at a size no sweep has reached yet. Written chunk by chunk
     by dask, so writing it needs no more memory than reading it. Prompts and token texts repeat ``like``'s samples.
     """
+    path = Path(path)
+    with replacing(path, suffixes=(".zarr",), what="synthetic store") as tmp:
+        _write_synthetic(tmp, samples, like, seed)
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _write_synthetic(path: Path, samples: int, like: xr.DataTree, seed: int) -> None:
     import zlib
 
     import dask.array as da
 
-    path = Path(path)
     xr.Dataset(attrs=like.attrs).to_zarr(path, mode="w", consolidated=False)
     for node in like.subtree:
         ds = node.to_dataset()
@@ -383,7 +434,7 @@ def synthetic_store(path: str | Path, samples: int, like: xr.DataTree, seed: int
         for var in ds.data_vars:
             shape = (samples, *ds[var].shape[1:])
             rng = da.random.default_rng([seed, zlib.crc32(f"{node.path}/{var}".encode())])
-            chunks = _stored_chunks(ds[var].dims, shape)
+            chunks = stored_chunks(ds[var].dims, shape)
             if ds[var].dtype == np.uint8:
                 data = rng.integers(0, 256, shape, chunks=chunks, dtype=np.uint8)
             else:
@@ -397,11 +448,5 @@ def synthetic_store(path: str | Path, samples: int, like: xr.DataTree, seed: int
                            if "sample" in v.dims and k != "sample"})
             coords["seed"] = ("sample", np.arange(samples))
             out = xr.Dataset({var: (ds[var].dims, data)}, coords=coords)
-            out.to_zarr(path, group=node.path.lstrip("/"), mode="a", consolidated=False,
-                        encoding={var: {"chunks": _stored_chunks(ds[var].dims, shape)}})
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def _stored_chunks(dims: Sequence[str], shape: Sequence[int]) -> tuple[int, ...]:
-    """probe.record's chunks: one per sample, and per step for maps."""
-    return tuple(1 if d in ("sample", "step") else n for d, n in zip(dims, shape))
+            out.to_zarr(path, group=node.path.lstrip("/"), mode="a", consolidated=False, encoding=zarr_encoding(out),
+                        write_empty_chunks=True)

@@ -207,7 +207,8 @@ def _processes_mentioning(text: str) -> list[int]:
     return found
 
 
-SWEEP = ["--model", "tiny", "--prompt", "a red circle and a blue square", "a cat and a dog", "--seed", "0", "1", "2",
+SEEDS = [str(s) for s in range(25)]  # 100 items: still running when the second launch asks for the folder
+SWEEP = ["--model", "tiny", "--prompt", "a red circle and a blue square", "a cat and a dog", "--seed", *SEEDS,
          "--method", "record", "ae", "--steps", "3"]
 
 
@@ -225,6 +226,7 @@ def test_sweep_workers_die_with_their_launcher_and_a_second_launch_is_refused(tm
             assert time.monotonic() < deadline
             time.sleep(0.1)
         second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert first.poll() is None and len(sweeps.done(out)) < 100  # the first was running all along
         assert second.returncode != 0 and "is being written by" in second.stderr, second.stderr[-2000:]
         workers = _processes_mentioning(str(out / sweeps.LAUNCH))
         assert len(workers) >= 2  # the two workers (and accelerate's launcher)
@@ -241,7 +243,7 @@ def test_sweep_workers_die_with_their_launcher_and_a_second_launch_is_refused(tm
     done_before = set(sweeps.done(out))
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert sweeps.done(out) == list(range(12)) and sweeps.verify(out) == []
+    assert sweeps.done(out) == list(range(100)) and sweeps.verify(out) == []
     rows = sweeps.table(out)
     assert set(rows.loc[rows["item"].isin(done_before), "processes"]) <= {2}
 
@@ -277,6 +279,9 @@ def test_damaged_recordings_are_refused_when_opened(tmp_path, tiny):
 
 
 def test_the_number_of_injected_faults():
-    """Runs last in this file: the count the README reports."""
+    """Runs last in this file: the count the README reports (skipped when only some of the file ran)."""
+    expected = len(_cases()) + len(PHASES) + 4  # + the sweep's process group, a lost sweep chunk, two damaged chunks
+    if len(FAULTS) < expected:
+        pytest.skip(f"{len(FAULTS)} of the {expected} faults ran (a selection of this file)")
     print(f"\n{len(FAULTS)} faults injected: " + "; ".join(sorted(set(FAULTS))))
-    assert len(FAULTS) >= 30
+    assert len(FAULTS) == expected == 34

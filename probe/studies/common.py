@@ -129,7 +129,8 @@ class ImageRows:
     Rows whose ``settings_id`` matches are reused by key (prompt, seed, method, initno); new rows are written out
     every :data:`FLUSH_SECONDS` and at the end, the current run's rows first, in job order, then any other rows
     made with the same settings (from a larger run), which are kept. Rows of other settings are never lost: they move
-    to a table of their own beside it, ``<name>.settings-<id>.csv`` (one per settings id), before anything is made.
+    to a table of their own beside it, ``<name>.settings-<id>.csv`` (one per settings id), before anything is made,
+    and a run with those settings again takes them back from there.
     ``path=None`` keeps nothing on disk."""
 
     FLUSH_SECONDS = 30.0
@@ -137,17 +138,24 @@ class ImageRows:
     def __init__(self, path: str | Path | None, settings: str, order: Sequence[tuple] = ()):
         self.path, self.settings = (Path(path) if path is not None else None), settings
         self.rows: dict[tuple, dict] = {}
+        if self.path is not None and self._aside(settings).is_file():  # rows of these settings set aside before
+            for row in pd.read_csv(self._aside(settings), dtype={"settings_id": str}).to_dict("records"):
+                self.rows[self.key(row)] = row
         if self.path is not None and self.path.is_file():
             table = pd.read_csv(self.path, dtype={"settings_id": str})
-            if "settings_id" in table:
-                for row in table[table.settings_id == settings].to_dict("records"):
-                    self.rows[self.key(row)] = row
-            if other := len(table) - len(self.rows):  # say why a resumed study makes its images again
+            ours = table["settings_id"] == settings if "settings_id" in table else pd.Series(False, table.index)
+            for row in table[ours].to_dict("records"):
+                self.rows[self.key(row)] = row
+            if other := int((~ours).sum()):  # say why a resumed study makes its images again
                 kept = self._set_aside(table)
                 warnings.warn(f"{self.path}: {other} of {len(table)} stored rows were made with other settings "
                               "(model weights, steps, schedule, judge, …); they are kept in "
                               f"{', '.join(p.name for p in kept)} and this run makes its own", stacklevel=3)
-        self.order, self.unsaved, self.saved_at = list(order), False, time.monotonic()
+        restored = self.path is not None and self._aside(settings).is_file()
+        self.order, self.unsaved, self.saved_at = list(order), restored, time.monotonic()
+
+    def _aside(self, settings: str) -> Path:
+        return self.path.with_name(f"{self.path.stem}.settings-{settings}{self.path.suffix}")
 
     def _set_aside(self, table: pd.DataFrame) -> list[Path]:
         """Move the rows of other settings into their own tables (merged with rows set aside before), then drop
@@ -155,7 +163,7 @@ class ImageRows:
         ids = table["settings_id"].fillna("unknown") if "settings_id" in table else pd.Series("unknown", table.index)
         kept = []
         for other, rows in table[ids != self.settings].groupby(ids[ids != self.settings]):
-            path = self.path.with_name(f"{self.path.stem}.settings-{other}{self.path.suffix}")
+            path = self._aside(other)
             before = pd.read_csv(path, dtype={"settings_id": str}) if path.is_file() else rows.iloc[:0]
             write_csv(pd.concat([before, rows]).drop_duplicates(), path, float_format=TABLE_FLOAT_FORMAT)
             kept.append(path)
