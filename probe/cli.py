@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
 from pathlib import Path
+
+from probe.writes import save_figure, write_text
 
 DEFAULT_MODEL = "shapes"
 
@@ -38,6 +42,7 @@ def cmd_record(args) -> None:
         heads=_heads(args.heads), self_keys=args.self_keys, self_queries=_points(args.self_query),
         self_store=args.self_store,
         out=args.out, max_bytes=args.max_mb * 1e6 if args.max_mb else None, batch_size=args.batch_size,
+        force=args.force,
     )
     print(_summary(tree))
     print(f"written to {args.out}")
@@ -62,17 +67,21 @@ def _points(values: list[str] | None):
 def cmd_info(args) -> None:
     import probe
 
-    print(_summary(probe.open_recording(args.recording)))
+    print(_summary(probe.open_recording(args.recording, verify=args.verify)))
+    if args.verify:
+        print("every chunk matches the checksum it was written with")
 
 
 def cmd_show(args) -> None:
     import probe
-    from probe.plots import token_overlay
+    from probe.maps import recorded_step
+    from probe.plots import cross_groups, token_overlay
 
     tree = probe.open_recording(args.recording)
-    fig = token_overlay(tree, args.token, args.step, sample=args.sample)
+    step = recorded_step(tree[cross_groups(tree)[0]]["step"].values, args.step)
+    fig = token_overlay(tree, args.token, step, sample=args.sample)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=args.dpi)
+    save_figure(fig, args.out, dpi=args.dpi)
     print(f"wrote {args.out}")
 
 
@@ -89,7 +98,7 @@ def cmd_demo(args) -> None:
     print(_summary(tree))
     for word in ("circle", "square"):
         path = out / f"demo_{word}.png"
-        token_overlay(tree, word, step=-1).savefig(path, dpi=120)
+        save_figure(token_overlay(tree, word, step=-1), path, dpi=120)
         print(f"wrote {path}")
 
 
@@ -125,7 +134,7 @@ def cmd_edit(args) -> None:
     pipe = probe.load(args.model)
     image = Image.open(args.image).convert("RGB") if args.image else None
     result = edit(pipe, args.source, args.target, seed=None if image else args.seed, inject=args.inject,
-                  steps=args.steps, image=image, num_inference_steps=args.num_steps, output_type="np")
+                  inject_steps=args.steps, image=image, steps=args.num_steps, output_type="np")
     pair = np.concatenate([result.source[0] if result.source.ndim == 4 else result.source,
                            result.edited[0] if result.edited.ndim == 4 else result.edited], axis=1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -171,8 +180,64 @@ def _setting(item: str) -> tuple[str, object]:
         raise ValueError(f"--set takes KEY=VALUE (e.g. n_images=96), got {item!r}")
     try:
         return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        if re.fullmatch(r"[\w./~:+-]+", value):  # a bare word or path: the string itself
+            return key, value
+    raise ValueError(f"--set {item!r}: {value!r} is neither a Python literal (96, 0.5, True, (False,), "
+                     "{'iou': 0.2}, 'text') nor a plain word; fix the value and quote the whole item, e.g. "
+                     "--set \"methods=('none', 'ae')\"")
+
+
+def _argument(check):
+    """An argparse ``type`` from a checking function: its ValueError or OSError becomes argparse's own error (one
+    line, exit status 2, before anything loads); argparse would otherwise print only "invalid value"."""
+    def parse(value: str):
+        try:
+            return check(value)
+        except (ValueError, OSError) as err:
+            raise argparse.ArgumentTypeError(str(err)) from err
+
+    parse.__name__ = check.__name__.strip("_")
+    return parse
+
+
+def _judge_spec(value: str) -> str:
+    from probe.judges import parse_judge_spec
+
+    parse_judge_spec(value)
+    return value
+
+
+def _shard(value: str) -> tuple[int, int]:
+    """``I/N``: share I (0-based) of N."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", value)
+    if not match or not int(match[1]) < int(match[2]):
+        raise ValueError(f"--shard takes I/N, share I of N counted from 0 (0 ≤ I < N), e.g. 0/4 … 3/4; got {value!r}")
+    return int(match[1]), int(match[2])
+
+
+def _image_out(value: str) -> str:
+    """An image path whose extension names a format PIL writes, checked before anything is generated."""
+    from PIL import Image
+
+    suffix = Path(value).suffix.lower()
+    if suffix not in Image.registered_extensions():
+        stem = Path(value).stem if suffix else Path(value).name
+        what = f"its extension {suffix!r} is not an image format" if suffix else "it has no file extension"
+        raise ValueError(f"cannot write the image to {value!r}: {what}; give a name such as {stem}.png (or .jpg, "
+                         ".webp …)")
+    return value
+
+
+def _megabytes(value: str) -> float:
+    """A positive size in MB: 0 would have meant no limit at all, a negative or NaN size none either."""
+    try:
+        mb = float(value)
+    except ValueError:
+        mb = math.nan
+    if not mb > 0:
+        raise ValueError(f"--max-mb takes a positive size in MB (e.g. 500), got {value!r}; leave it out for no limit")
+    return mb
 
 
 STUDY_ALIASES = {"edit": "editing", "self-cross": "self_cross"}  # other spellings of the study names
@@ -181,19 +246,22 @@ STUDY_ALIASES = {"edit": "editing", "self-cross": "self_cross"}  # other spellin
 def cmd_study(args) -> None:
     import probe
     from probe import studies
+    from probe.studies.report import check_settings
 
-    settings = dict(_setting(item) for item in args.set)
+    settings = check_settings(args.name, dict(_setting(item) for item in args.set))  # before the model loads
+    if args.prompts:
+        if args.name not in ("guidance", "self_cross"):
+            raise SystemExit(f"--prompts applies to the guidance and self_cross studies; the {args.name} study "
+                             "draws the shapes world's scenes")
+        from probe.prompts import check_prompt_sets
+
+        settings["sets"] = tuple(check_prompt_sets(args.prompts))  # a missing or empty file: before the model loads
     if args.judge:
         from probe.judges import judge_from_spec
 
         if args.name == "editing":
             raise SystemExit("the editing study judges with the shapes world's rules; --judge is for the others")
         settings["judge"] = judge_from_spec(args.judge, device=args.device)
-    if args.prompts:
-        if args.name not in ("guidance", "self_cross"):
-            raise SystemExit(f"--prompts applies to the guidance and self_cross studies; the {args.name} study "
-                             "draws the shapes world's scenes")
-        settings["sets"] = tuple(args.prompts)
     headlines = studies.run_all(probe.load(args.model, device=args.device), quick=args.quick, out=args.out,
                                 only=[args.name], sizes={args.name: settings})
     _print_headlines(headlines)
@@ -222,9 +290,9 @@ def cmd_evaluate_shapes(args) -> None:
     if args.card:
         folder = Path(args.model if Path(args.model).is_dir() else probe.models.BUILTIN[args.model])
         training = json.loads((folder / "training.json").read_text())
-        (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        write_text(folder / "metrics.json", json.dumps(metrics, indent=1))
         evaluate.sample_grid(pipe, folder / "samples.png", steps=metrics["steps"])
-        (folder / "README.md").write_text(evaluate.write_card(folder, metrics, training))
+        write_text(folder / "README.md", evaluate.write_card(folder, metrics, training))
         print(f"wrote the model card {folder / 'README.md'}")
 
 
@@ -239,12 +307,8 @@ def cmd_sweep(args) -> None:
     sweeps.items(args.prompt, args.seed, args.method, targets=args.target, subjects=args.subjects)  # errors first
     if args.processes > 1 and not sweeps.launched():
         raise SystemExit(sweeps.launch(args.processes, threads=args.threads, **kwargs))
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    shard = tuple(int(v) for v in args.shard.split("/")) if args.shard else None
-    print(sweeps.sweep(**kwargs, shard=shard, device=args.device).summary())
+    shard = args.shard  # (I, N), checked by _shard
+    print(sweeps.sweep(**kwargs, shard=shard, device=args.device, threads=args.threads or sweeps.THREADS).summary())
 
 
 def parser() -> argparse.ArgumentParser:
@@ -272,13 +336,16 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--scheduler", default=None, help="ddim, euler, euler-a, heun, dpm++, dpm++-karras, unipc … "
                    "or a diffusers scheduler class name (default: the model's own)")
     r.add_argument("--batch-size", type=int, default=1)
-    r.add_argument("--max-mb", type=float, default=None, help="refuse runs whose estimate exceeds this")
+    r.add_argument("--max-mb", type=_argument(_megabytes), default=None,
+                   help="refuse runs whose estimate exceeds this")
     r.add_argument("--device", default=None)
     r.add_argument("--out", required=True, help="a .zarr or .nc path")
+    r.add_argument("--force", action="store_true", help="replace a file or folder at --out that is not a recording")
     r.set_defaults(func=cmd_record)
 
     i = sub.add_parser("info", help="groups, sizes and prompts of a recording")
     i.add_argument("recording")
+    i.add_argument("--verify", action="store_true", help="read every chunk and check its checksum")
     i.set_defaults(func=cmd_info)
 
     s = sub.add_parser("show", help="heat-map overlay of one word per layer resolution")
@@ -326,7 +393,7 @@ def parser() -> argparse.ArgumentParser:
     ed.add_argument("--steps", type=float, default=0.8, help="fraction of steps injected from the start")
     ed.add_argument("--num-steps", type=int, default=50)
     ed.add_argument("--seed", type=int, default=0)
-    ed.add_argument("--out", required=True, help="PNG with source | edited")
+    ed.add_argument("--out", required=True, type=_argument(_image_out), help="PNG with source | edited")
     ed.set_defaults(func=cmd_edit)
 
     f = sub.add_parser("figures", help="regenerate every figure and table of the studies")
@@ -343,7 +410,8 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--model", default=None, help="built-in name, a local diffusers folder or a hub id")
     st.add_argument("--prompts", nargs="+", default=None, metavar="SET",
                     help="prompt sets (animals, animals_objects, objects, SSD-2, SSD-3, shapes-2 …, or a .txt file)")
-    st.add_argument("--judge", default=None, help="exact | clip[:MODEL][@THRESHOLD] | detector[:MODEL][@THRESHOLD]")
+    st.add_argument("--judge", default=None, type=_argument(_judge_spec),
+                    help="exact | clip[:MODEL][@THRESHOLD] | detector[:MODEL][@THRESHOLD]")
     st.add_argument("--device", default=None, help="cuda, cpu … (default: the pipeline's own)")
     st.add_argument("--quick", action="store_true")
     st.add_argument("--out", default="figures")
@@ -387,8 +455,10 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--height", type=int, default=None)
     sw.add_argument("--width", type=int, default=None)
     sw.add_argument("--processes", type=int, default=1, help="split across this many processes (accelerate launch)")
-    sw.add_argument("--threads", type=int, default=None, help="torch threads per process")
-    sw.add_argument("--shard", default=None, metavar="I/N", help="run share I of N without a process group")
+    sw.add_argument("--threads", type=int, default=None, help="torch threads per process (default 1, whatever the "
+                    "number of processes: the same store from any number)")
+    sw.add_argument("--shard", default=None, type=_argument(_shard), metavar="I/N",
+                    help="run share I of N (0 ≤ I < N) without a process group")
     sw.add_argument("--device", default=None)
     sw.add_argument("--out", required=True, help="output folder (maps.zarr, rows/, done/); run again to resume")
     sw.set_defaults(func=cmd_sweep)
@@ -396,12 +466,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from probe.writes import OutputBusy
+
     args = parser().parse_args(argv)
     if getattr(args, "model", "unset") is None:
         args.model = _model_default()
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, MemoryError, KeyError) as err:
+    except (ValueError, OSError, MemoryError, KeyError, OutputBusy) as err:  # the user's to mend: one line
         print(f"probe {args.command}: {err}", file=sys.stderr)
         return 2
     return 0

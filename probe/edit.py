@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from probe import checks
 from probe.checks import step_count, text_to_image
 from probe.inversion import Inversion, _image_size, _null_text, _to_uint8, inversion_guidance, invert
 from probe.models import Layer, attention_layers, denoiser, latent_size, load, select_layers
@@ -45,6 +46,7 @@ from probe.tap import Call, Consumer, Tap, family_of
 
 INJECTS = ("self", "cross", "none")
 DEFAULT_FRACTION = 0.8  # FPE injects during the first 80 % of the steps
+DEFAULT_STEPS = 50  # denoising steps of an edit
 CROSS_TOKENS = ("all", "shared")
 
 
@@ -119,23 +121,51 @@ class Injector(Consumer):
 # -- validation ---------------------------------------------------------------------------------------
 
 
-def injected_steps(steps, num_inference_steps: int) -> list[int]:
-    """Step indices from a fraction of the steps from the start (0.8 → first 80 %) or explicit indices."""
-    if isinstance(steps, (np.ndarray, torch.Tensor)) and steps.ndim == 0:
-        steps = steps.item()
-    if isinstance(steps, (range, list, tuple, set, frozenset, np.ndarray, torch.Tensor)):
-        indices = sorted({int(s) for s in (steps.tolist() if hasattr(steps, "tolist") else steps)})
-        bad = [s for s in indices if not 0 <= s < num_inference_steps]
-        if bad:
-            raise ValueError(f"step indices {bad} lie outside 0 … {num_inference_steps - 1}")
-        return indices
-    fraction = float(steps)
-    if not 0.0 <= fraction <= 1.0 or math.isnan(fraction):
+_INDEX_TYPES = (range, list, tuple, set, frozenset, np.ndarray, torch.Tensor)
+
+
+def injected_steps(inject_steps, steps: int) -> list[int]:
+    """Step indices from a fraction of the ``steps`` denoising steps from the start (0.8 → first 80 %) or explicit
+    indices (whole numbers in 0 … steps − 1; an empty list injects nothing)."""
+    if isinstance(inject_steps, (np.ndarray, torch.Tensor)) and inject_steps.ndim == 0:
+        inject_steps = inject_steps.item()
+    if isinstance(inject_steps, _INDEX_TYPES):
+        return checks.step_indices(inject_steps, steps, "inject_steps", allow_empty=True)
+    fraction = checks.finite_number(inject_steps, "inject_steps", "a fraction of the steps from the start (0.8 = "
+                                    "the first 80 %) or a list of step indices")
+    if not 0.0 <= fraction <= 1.0:
         raise ValueError(
-            f"steps={steps!r}: a fraction of the steps must lie in [0, 1] (0.8 = the first 80 %); "
+            f"inject_steps={inject_steps!r}: a fraction of the steps must lie in [0, 1] (0.8 = the first 80 %); "
             "give a range or list for explicit step indices"
         )
-    return list(range(round(fraction * num_inference_steps)))
+    return list(range(round(fraction * steps)))
+
+
+def _edit_steps(steps, inject_steps, num_inference_steps) -> tuple[int, object]:
+    """(number of denoising steps, injected steps) from edit's keywords. During one release the old names still work
+    with a DeprecationWarning: ``num_inference_steps=`` was the number of steps, and ``steps=`` the injected part (a
+    fraction in [0, 1] or a list of indices; any ``steps=`` given beside ``num_inference_steps=``)."""
+    old_meaning = steps is not None and (
+        num_inference_steps is not None or isinstance(steps, _INDEX_TYPES)
+        or (isinstance(steps, (float, np.floating)) and 0.0 <= steps <= 1.0))
+    if old_meaning:
+        if inject_steps is not None:
+            raise TypeError(f"edit got steps={steps!r} in its old meaning (the injected steps) and inject_steps="
+                            f"{inject_steps!r}: give the injected steps as inject_steps= and the number of denoising "
+                            "steps as steps=")
+        warnings.warn(f"edit(steps={steps!r}) for the injected steps is now edit(inject_steps={steps!r}); steps= is "
+                      "the number of denoising steps, as in record and generate", DeprecationWarning, stacklevel=3)
+        inject_steps, steps = steps, None
+    if num_inference_steps is not None:
+        if steps is not None:
+            raise TypeError("edit got both steps= and num_inference_steps=; give the number of denoising steps as "
+                            "steps= only")
+        warnings.warn(f"edit(num_inference_steps={num_inference_steps!r}) is now edit(steps={num_inference_steps!r}), "
+                      "as in record and generate", DeprecationWarning, stacklevel=3)
+        count = step_count(num_inference_steps, "num_inference_steps")
+    else:
+        count = step_count(DEFAULT_STEPS if steps is None else steps)
+    return count, DEFAULT_FRACTION if inject_steps is None else inject_steps
 
 
 def injected_layers(pipe, inject: str, layers=None, height: int | None = None, width: int | None = None) -> list[Layer]:
@@ -210,13 +240,14 @@ def edit(
     seed: int | None = None,
     inject: str = "self",
     layers=None,
-    steps=DEFAULT_FRACTION,
+    inject_steps=None,
     image=None,
-    num_inference_steps: int = 50,
+    steps: int | None = None,
     guidance_scale: float = 7.5,
     cross_tokens: str = "all",
     before: Sequence[Consumer] = (),
     after: Sequence[Consumer] = (),
+    num_inference_steps: int | None = None,
     **pipeline_kwargs,
 ) -> EditResult:
     """Edit the source into the target by attention injection; source and target run as one batch.
@@ -226,27 +257,38 @@ def edit(
     prompts must have equal token lengths; ``cross_tokens="shared"`` replaces only the key columns
     whose tokens both prompts share and keeps the target's own columns for the swapped words, as
     prompt-to-prompt's refinement does) or ``"none"``. ``layers``: see :func:`injected_layers`.
-    ``steps``: a fraction of the steps from the start, or explicit step indices. ``image``: a real
-    image (PIL / numpy at the pipeline's size) or an :class:`Inversion` of one; the source row then
-    follows its inversion and both rows start from its noise. ``before`` / ``after``: extra tap
-    consumers that run before / after the injector. Other keywords go to the pipeline call.
+    ``steps``: the number of denoising steps (default 50), as in record and generate. ``inject_steps``: the
+    injected steps, a fraction of the steps from the start (default 0.8) or explicit step indices. ``image``: a
+    real image (PIL / numpy at the pipeline's size, or an image file's path) or an :class:`Inversion` of one; the
+    source row then follows its inversion and both rows start from its noise. ``before`` / ``after``: extra tap
+    consumers that run before / after the injector. Other keywords go to the pipeline call; one it does not take is
+    refused. Deprecated: ``num_inference_steps=`` (now ``steps=``) and ``steps=`` as a fraction or list of indices
+    (now ``inject_steps=``) still work with a DeprecationWarning.
     """
     pipe = load(pipe)
     text_to_image(pipe)
-    num_inference_steps = step_count(num_inference_steps, "num_inference_steps")
+    steps, inject_steps = _edit_steps(steps, inject_steps, num_inference_steps)
+    checks.pipeline_keywords(pipe, pipeline_kwargs, "edit", {
+        key: "one batch [source, target] from one start latent" for key in ("latents", "prompt", "prompt_embeds")},
+        own=edit)
+    guidance_scale = checks.cfg_scale(guidance_scale)
+    for name, text in (("source_prompt", source_prompt), ("target_prompt", target_prompt)):
+        checks.prompt_fits(pipe, checks.prompt_text(text, name))
+    if seed is not None:
+        seed = checks.seed_value(seed)
+    for side in ("height", "width"):
+        checks.image_side(pipeline_kwargs.get(side), side)
+    checks.sequence_length(pipeline_kwargs.get("max_sequence_length"))
     if inject not in INJECTS:
         raise ValueError(f"inject must be one of {INJECTS}, got {inject!r}")
     if cross_tokens not in CROSS_TOKENS:
         raise ValueError(f"cross_tokens must be one of {CROSS_TOKENS}, got {cross_tokens!r}")
-    for key in ("latents", "prompt", "prompt_embeds"):
-        if key in pipeline_kwargs:
-            raise ValueError(f"edit sets {key!r} itself (one batch [source, target] from one start latent)")
     if pipeline_kwargs.get("num_images_per_prompt", 1) != 1:
         raise ValueError("edit makes one source and one target image; num_images_per_prompt must be 1")
     if image is None and seed is None:
         raise ValueError("give seed= (generated source) or image= (real source)")
     height, width = pipeline_kwargs.get("height"), pipeline_kwargs.get("width")
-    step_indices = injected_steps(steps, num_inference_steps)
+    step_indices = injected_steps(inject_steps, steps)
     chosen = injected_layers(pipe, inject, layers, height, width)
     key_mask = _cross_key_mask(pipe, source_prompt, target_prompt, cross_tokens) if inject == "cross" else None
 
@@ -265,10 +307,10 @@ def edit(
                 warnings.warn(f"{type(pipe).__name__}: the real image is inverted without classifier-free guidance "
                               "(no null-text inversion there); edit at guidance_scale=1 for a faithful source",
                               RuntimeWarning, stacklevel=2)
-            inversion = invert(pipe, image, source_prompt, num_inference_steps, height=height, width=width,
+            inversion = invert(pipe, image, source_prompt, steps, height=height, width=width,
                                guidance_scale=scale)
-        if inversion.steps != num_inference_steps:
-            raise ValueError(f"the inversion has {inversion.steps} steps, the edit {num_inference_steps}")
+        if inversion.steps != steps:
+            raise ValueError(f"the inversion has {inversion.steps} steps, the edit {steps}")
         if (inversion.null_embeds is not None or embedded) and inversion.guidance_scale != guidance_scale:
             raise ValueError(f"the inversion was made for guidance_scale={inversion.guidance_scale}, the "
                              f"edit runs at {guidance_scale}: invert again at the edit's scale")
@@ -289,13 +331,13 @@ def edit(
         images = pipe(
             prompt=[source_prompt, target_prompt],
             latents=start.expand(2, *start.shape[1:]).clone(),
-            num_inference_steps=num_inference_steps,
+            num_inference_steps=steps,
             guidance_scale=guidance_scale,
             **pipeline_kwargs,
         ).images
     settings = EditSettings(
         source_prompt, target_prompt, None if image is not None else int(seed), inject,
-        tuple(la.name for la in chosen), tuple(step_indices) if chosen else (), num_inference_steps,
+        tuple(la.name for la in chosen), tuple(step_indices) if chosen else (), steps,
         float(guidance_scale), image is not None, cross_tokens,
     )
     return EditResult(images[0], images[1], settings)
@@ -427,12 +469,13 @@ def study(
     n_seeds: int,
     steps_fractions: Sequence[float] = STEPS_FRACTIONS,
     layer_sets: dict | None = None,
-    num_inference_steps: int = 50,
+    steps: int = DEFAULT_STEPS,
     guidance_scale: float = 7.5,
     edits: Sequence[tuple[str, str, str]] = EDITS,
     origins: Sequence[str] = ORIGINS,
     injects: Sequence[str] = INJECTS,
     progress: bool = False,
+    num_inference_steps: int | None = None,
 ):
     """FPE's claim on the shapes world: one row per (seed, edit, origin, inject, fraction, layer set).
 
@@ -443,16 +486,23 @@ def study(
     :func:`probe.models.select_layers`; the default (:data:`LAYER_SETS`) is relative to the model's
     grids. A set that selects nothing on this model is skipped with a warning; sets that select the
     same layers are computed once. ``inject="none"`` gives one row per (seed, edit, origin), with
-    fraction NaN and layer set "none". Scores: :func:`compare`.
+    fraction NaN and layer set "none". Scores: :func:`compare`. ``steps``: denoising steps per edit
+    (``num_inference_steps=`` is its deprecated name).
     """
     import pandas as pd
 
     pipe = load(pipe)
+    if num_inference_steps is not None:
+        warnings.warn(f"study(num_inference_steps={num_inference_steps!r}) is now study(steps="
+                      f"{num_inference_steps!r}), as in edit, record and generate", DeprecationWarning, stacklevel=2)
+        steps = num_inference_steps
+    steps = step_count(steps)
+    guidance_scale = checks.cfg_scale(guidance_scale)
     bad = set(origins) - set(ORIGINS)
     if bad:
         raise ValueError(f"unknown origins {sorted(bad)}; expected some of {ORIGINS}")
     for fraction in steps_fractions:
-        injected_steps(fraction, num_inference_steps)
+        injected_steps(fraction, steps)
     bad = set(injects) - set(INJECTS)
     if bad:
         raise ValueError(f"unknown injects {sorted(bad)}; expected some of {INJECTS}")
@@ -473,15 +523,15 @@ def study(
         image, scale = None, guidance_scale
         if origin == "rendered":  # edited at the guidance its inversion is consistent with (null-text where it can)
             scale = inversion_guidance(pipe, guidance_scale)
-            image = invert(pipe, _rendered(source_prompt, seed, index, size), source_prompt, num_inference_steps,
+            image = invert(pipe, _rendered(source_prompt, seed, index, size), source_prompt, steps,
                            guidance_scale=scale)
         done: dict[tuple, dict] = {}
         for inject, fraction, set_name, names in configs:
-            key = (inject, tuple(injected_steps(fraction, num_inference_steps)) if names else (), names)
+            key = (inject, tuple(injected_steps(fraction, steps)) if names else (), names)
             if key not in done:
                 result = edit(pipe, source_prompt, target_prompt, seed=seed, inject=inject, layers=list(names) or None,
-                              steps=0.0 if math.isnan(fraction) else fraction, image=image,
-                              num_inference_steps=num_inference_steps, guidance_scale=scale, output_type="np")
+                              inject_steps=0.0 if math.isnan(fraction) else fraction, image=image,
+                              steps=steps, guidance_scale=scale, output_type="np")
                 done[key] = compare(_to_uint8(result.source), _to_uint8(result.edited), source_prompt, target_prompt)
             rows.append({
                 "edit": edit_name, "origin": origin, "seed": seed, "source_prompt": source_prompt,

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from probe.maps import aggregate_self_attention, resize, token_map
+from probe.maps import aggregate_self_attention, recorded_step, resize, token_map
 from probe.overlap import (
     center_of_mass,
     intensity,
@@ -35,7 +35,7 @@ from probe.overlap import (
     self_cross_overlap,
     spread,
 )
-from probe.prompts import subjects_of, token_indices
+from probe.prompts import recorded_subject_tokens, subjects_of, token_indices, word_occurrences
 from probe.record import full_self
 
 ALL = "all"
@@ -97,17 +97,19 @@ def _groups(tree: xr.DataTree, kind: str) -> list[str]:
     return sorted(tree[kind].children, key=lambda n: -int(tree[f"{kind}/{n}"].ds.sizes["y"]))
 
 
-def _subject_tokens(tokens: list[str], words: list[str]) -> list[tuple[str, list[int]]]:
-    """Each subject word with its token indices; a repeated word takes its next occurrence, a missing one is left
-    out (its statistics cannot be shown)."""
-    found: list[tuple[str, list[int]]] = []
-    for word in words:
-        start = max((ix[-1] + 1 for w, ix in found if w == word), default=0)
-        try:
-            found.append((word, [start + i for i in token_indices(tokens[start:], word)]))
-        except ValueError:
-            continue
-    return found
+def _subject_tokens(texts: list[str], encoders: list[str] | None, prompt: str) -> list[tuple[str, list[int]]]:
+    """The prompt's subject nouns with their token indices (:func:`probe.prompts.recorded_subject_tokens`: every
+    copy of a word, SD3's CLIP and T5 alike); none where the prompt's nouns cannot be found, and a word missing from
+    the tokens is left out (its statistics cannot be shown)."""
+    try:
+        words = subjects_of(prompt)
+    except ValueError:
+        return []
+    words = [w for w in words if word_occurrences(texts, w)]
+    try:
+        return list(zip(words, recorded_subject_tokens(texts, encoders, words, prompt)))
+    except ValueError:
+        return []
 
 
 class ViewModel:
@@ -126,6 +128,9 @@ class ViewModel:
         if not self.cross_groups:
             raise ValueError("this recording has no cross-attention; record it with kinds including 'cross'")
         first = tree[f"cross/{self.cross_groups[0]}"].ds
+        if not first.sizes.get("sample"):
+            raise ValueError("this recording holds no samples (0 generations), so there is nothing to show; record at "
+                             "least one prompt and seed (probe.record(pipe, prompt, seeds=[0]))")
         self.steps = [int(s) for s in first["step"].values]
         self.timesteps = {int(s): float(t) for s, t in zip(first["step"].values, first["timestep"].values)}
         self.prompts = [str(p) for p in first["prompt"].values]
@@ -140,7 +145,7 @@ class ViewModel:
         self.heads = sorted(set.intersection(*heads)) if heads else []
         self.has_images = "images" in tree.children
         self.query_grid = self.grids[f"self/{self.self_groups[0]}"] if self.self_groups else None
-        self._samples: dict[int, tuple[list[str], np.ndarray | None]] = {}
+        self._samples: dict[int, tuple[list[str], list[str] | None, np.ndarray | None]] = {}
         self._slices: OrderedDict[tuple, np.ndarray] = OrderedDict()
 
     # -- options for the controls ---------------------------------------------------------------------------------
@@ -160,7 +165,8 @@ class ViewModel:
 
     def subjects(self, sample: int) -> list[tuple[str, list[int]]]:
         """The prompt's subject nouns (:func:`probe.prompts.subjects_of`) with their token indices."""
-        return _subject_tokens(self.tokens(sample), subjects_of(self.prompts[sample]))
+        texts, encoders, _ = self._sample(sample)
+        return _subject_tokens(texts, encoders, self.prompts[sample])
 
     def default_controls(self, sample: int = 0) -> Controls:
         """The last step, every layer, the head mean, the first subject's token and the centre pixel."""
@@ -171,15 +177,18 @@ class ViewModel:
 
     # -- reading --------------------------------------------------------------------------------------------------
 
-    def _sample(self, sample: int) -> tuple[list[str], np.ndarray | None]:
-        """Token texts and image of one sample, read once when the sample is first shown."""
+    def _sample(self, sample: int) -> tuple[list[str], list[str] | None, np.ndarray | None]:
+        """Token texts, their encoders (SD3: "clip" / "t5"; None with one encoder) and the image of one sample, read
+        once when the sample is first shown."""
         if sample not in self._samples:
             if not 0 <= sample < len(self.prompts):
                 raise IndexError(f"sample {sample} not in 0 … {len(self.prompts) - 1}")
             ds = self.tree[f"cross/{self.cross_groups[0]}"].ds
             tokens = [str(t) for t in ds["token_text"].isel(sample=sample).values]
+            encoders = ([str(e) for e in ds["encoder"].isel(sample=sample).values] if "encoder" in ds.coords
+                        else None)
             image = np.asarray(self.tree["images"]["image"].isel(sample=sample).values) if self.has_images else None
-            self._samples = {sample: (tokens, image)}  # one sample at a time: memory stays flat
+            self._samples = {sample: (tokens, encoders, image)}  # one sample at a time: memory stays flat
         return self._samples[sample]
 
     def _read(self, kind: str, group: str, layers: list[str] | None, c: Controls, query=None) -> np.ndarray:
@@ -286,7 +295,7 @@ class ViewModel:
                 self_map = pieces[0][0]
 
         pairs, subject_stats = _statistics(subjects, maps, self_full)
-        _, image = self._sample(c.sample)
+        *_, image = self._sample(c.sample)
         n_layers = sum(n for *_, n in cross_parts)
         cross_source = (f"cross/{cross_parts[0][0]} · {cross_parts[0][1][0]}" if cross_parts[0][1]
                         else f"cross · {c.layer if c.layer != ALL else 'all layers'} (mean of {n_layers})")
@@ -449,7 +458,7 @@ class Explorer:
     """
 
     def __init__(self, recording: xr.DataTree | ViewModel, controls: Controls | None = None, width: int = DISPLAY):
-        import ipywidgets as w
+        w = _widgets()
 
         self.model = recording if isinstance(recording, ViewModel) else ViewModel(recording)
         self.width = width
@@ -614,6 +623,16 @@ class Explorer:
         self.refresh()
 
 
+def _widgets():
+    """``ipywidgets``, which the explorer draws with; an optional dependency, so its absence says how to install it."""
+    try:
+        import ipywidgets
+    except ImportError as err:
+        raise ImportError('the explorer draws with ipywidgets, which is not installed; install the notebook extras: '
+                          'pip install "probe[notebooks]" (or pip install ipywidgets)') from err
+    return ipywidgets
+
+
 def _title_html(title: str) -> str:
     lines = [html.escape(line) for line in title.split("\n")]
     style = "white-space:nowrap;overflow:hidden;text-overflow:ellipsis;line-height:1.3em;font-size:12px"
@@ -632,6 +651,7 @@ def explore(recording: xr.DataTree | str | Path, **controls) -> Explorer:
     only what is shown is read). Keywords set the first view (names of :class:`Controls`; ``token`` may be a word).
     Needs ``ipywidgets`` (``pip install probe[notebooks]``); ``ipyevents`` adds picking the query pixel by click.
     """
+    _widgets()  # before anything is read
     if isinstance(recording, (str, Path)):
         from probe.record import open_recording
 
@@ -641,6 +661,6 @@ def explore(recording: xr.DataTree | str | Path, **controls) -> Explorer:
     base = model.default_controls(sample)
     if isinstance(controls.get("token"), str):
         controls["token"] = token_indices(model.tokens(sample), controls["token"])[0]
-    if controls.get("step") is not None and int(controls["step"]) < 0:
-        controls["step"] = model.steps[int(controls["step"])]
+    if controls.get("step") is not None:
+        controls["step"] = recorded_step(model.steps, int(controls["step"]))
     return Explorer(model, replace(base, **{k: v for k, v in controls.items() if v is not None}))

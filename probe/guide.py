@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from probe import checks
 from probe.checks import finite_noise, step_count, text_to_image
 from probe.maps import (
     AE_KERNEL_SIZE,
@@ -227,7 +228,8 @@ def as_objective(spec: ObjectiveSpec) -> Objective:
             raise ValueError(f"unknown objective {spec!r}; known: {sorted(OBJECTIVES)}, or a dict of weights")
         return OBJECTIVES[spec]
     if isinstance(spec, Mapping):
-        parts = [(as_objective(name), float(weight)) for name, weight in spec.items()]
+        parts = [(as_objective(name), checks.finite_number(weight, f"objective[{name!r}]", "the weight of that term"))
+                 for name, weight in spec.items()]
         if not parts:
             raise ValueError("a weighted objective needs at least one term, e.g. {'ae': 1, 'iou': 1}")
         name = " + ".join(f"{w:g}·{o.name}" for o, w in parts)
@@ -296,7 +298,10 @@ class Guide:
         self.pipe = load(pipe)
         text_to_image(self.pipe)
         steps = step_count(steps)
-        self.prompt, self.subjects = prompt, list(subjects)
+        height, width = checks.image_side(height, "height"), checks.image_side(width, "width")
+        max_sequence_length = checks.sequence_length(max_sequence_length)
+        self.prompt = checks.prompt_fits(self.pipe, checks.prompt_text(prompt))
+        self.subjects = checks.subject_words(subjects)
         if not self.subjects:
             raise ValueError("give at least one subject word to guide")
         tokenizer = text_keys_tokenizer(self.pipe)
@@ -320,6 +325,7 @@ class Guide:
         self.labels = _labels(self.subjects)
         self.denoise = None
         self.max_sequence_length = max_sequence_length
+        self._loss_checked = False
 
     def __enter__(self) -> Guide:
         self.denoise = conditioned(self.pipe, self.prompt, self.height, self.width, self.max_sequence_length)
@@ -342,7 +348,30 @@ class Guide:
             self.collector.active = False
         found = self.collector.finish()
         maps = self._maps(found["cross"], found.get("self"))
-        return self.objective(maps).sum(), maps
+        value = self.objective(maps)
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"objective {self.objective.name!r} returned {type(value).__name__}, not a tensor: return "
+                            "the (B,) losses as a torch tensor computed from the GuidanceMaps")
+        loss = value.sum()
+        self._check_first_loss(loss, latents)
+        return loss, maps
+
+    def _check_first_loss(self, loss: torch.Tensor, latents: torch.Tensor) -> None:
+        """The objective's first loss must be finite and, where a gradient is asked for, depend on the latent: else
+        guidance would skip every step and change nothing (a later non-finite step is skipped with a warning)."""
+        if self._loss_checked:
+            return
+        name = self.objective.name
+        if not torch.isfinite(loss):
+            raise ValueError(f"objective {name!r} gave a loss of {loss.item()} at the first guided evaluation, so "
+                             "guidance could never move the latent; check it on Guide.evaluate's maps (a division "
+                             "by zero or the log of 0?) and return finite values")
+        if latents.requires_grad and torch.is_grad_enabled():
+            if not loss.requires_grad:
+                raise ValueError(f"objective {name!r} returned a loss without a gradient with respect to the latent, "
+                                 "so guidance cannot move it; compute it from the GuidanceMaps tensors with torch "
+                                 "operations (no .item(), .detach(), numpy or torch.no_grad())")
+            self._loss_checked = True
 
     def _maps(self, cross: torch.Tensor, self_attention: torch.Tensor | None) -> GuidanceMaps:
         s = self.schedule
@@ -520,10 +549,15 @@ def generate(pipe, prompt: str, *, subjects: Sequence[str], objective: Objective
     ``objective``: a name from :data:`OBJECTIVES`, a weighted sum such as ``{"ae": 1, "iou": 1}`` or a callable of
     :class:`GuidanceMaps`. ``init_noise``: None (the seed's noise), ``"initno"`` or an :class:`InitNO` (optimise the
     initial noise first), or a tensor of initial noise. ``consumers`` join the tap (e.g. a recorder). Other keyword
-    arguments go to the pipeline.
+    arguments go to the pipeline; one it does not take is refused.
     """
     pipe = load(pipe)
-    generator = torch.Generator("cpu").manual_seed(seed)
+    checks.pipeline_keywords(pipe, pipe_kwargs, "generate", {
+        "prompt": "from prompt=", "generator": "from seed=", "callback_on_step_end": "guidance runs through it",
+        "latents": "guidance starts from the seed's noise: give noise of your own as init_noise=tensor"}, own=generate)
+    guidance_scale = checks.cfg_scale(guidance_scale)
+    height, width = checks.image_side(height, "height"), checks.image_side(width, "width")
+    generator = torch.Generator("cpu").manual_seed(checks.seed_value(seed))
 
     def draw() -> torch.Tensor:
         return initial_noise(pipe, generator, height, width)

@@ -19,7 +19,7 @@ import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from tqdm.auto import tqdm
 
-from probe.checks import step_count
+from probe.checks import cfg_scale, rgb_pixels, step_count
 from probe.models import denoiser, latent_size, load
 from probe.pipelines import conditioned, noise_sigma, set_schedule, unet_conditioning
 from probe.tap import family_of
@@ -63,14 +63,9 @@ def _image_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
 
 
 def _as_pixels(image) -> np.ndarray:
-    """H×W×3 float32 in 0–1 from a PIL image or a numpy array (uint8, or float in 0–1)."""
-    if hasattr(image, "convert"):
-        image = image.convert("RGB")
-    array = np.asarray(image)
-    if array.ndim != 3 or array.shape[2] < 3:
-        raise ValueError(f"expected an H×W×3 image (PIL or numpy), got shape {array.shape}")
-    array = array[..., :3]
-    return array.astype(np.float32) / PIXEL_MAX if np.issubdtype(array.dtype, np.integer) else array.astype(np.float32)
+    """H×W×3 float32 in 0–1 from a PIL image, an image file's path, or an H×W×3 array or tensor (uint8, or float in
+    0–1); see :func:`probe.checks.rgb_pixels` for what is refused."""
+    return rgb_pixels(image)
 
 
 def _check_size(image: np.ndarray, size: tuple[int, int]) -> None:
@@ -168,7 +163,9 @@ def invert(pipe, image, prompt: str = "", steps: int = 50, *, height: int | None
     also null-text inversion (Mokady et al.), as Free-Prompt-Editing's code offers: per step, the unconditional
     embedding is optimised so that classifier-free guidance at that scale walks the inverted trajectory, so an edit
     at the same scale starts from a source it reconstructs. SD3 / FLUX: :func:`flow_invert` (``guidance_scale`` is
-    FLUX's embedded guidance; SD3 inverts without classifier-free guidance)."""
+    FLUX's embedded guidance; SD3 inverts without classifier-free guidance). ``image``: a PIL image, an image file's
+    path, or an H×W×3 array or tensor (uint8, or floats in [0, 1])."""
+    guidance_scale = cfg_scale(guidance_scale)
     if _family(pipe) in FLOW_FAMILIES:
         return flow_invert(pipe, image, prompt, steps, height=height, width=width, guidance_scale=guidance_scale)
     inversion = ddim_invert(pipe, image, prompt, steps, height=height, width=width)

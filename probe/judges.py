@@ -14,6 +14,7 @@ processor.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,23 +205,64 @@ class NamedJudge:
         return f"judge({self.spec})"
 
 
+JUDGE_SPEC = "exact, clip[:MODEL][@THRESHOLD] or detector[:MODEL][@THRESHOLD]"
+THRESHOLD_RANGES = {"clip": (-1.0, 1.0), "detector": (0.0, 1.0)}  # a cosine similarity; a detection score
+
+
+@dataclass(frozen=True)
+class JudgeSpec:
+    """A parsed ``--judge`` value: ``kind`` (exact, clip, detector), ``model`` ("" for the default) and
+    ``threshold`` (None for the default)."""
+
+    kind: str
+    model: str
+    threshold: float | None
+
+
+def parse_judge_spec(spec: str) -> JudgeSpec:
+    """``exact``, ``clip[:MODEL][@THRESHOLD]`` or ``detector[:MODEL][@THRESHOLD]`` (``owl`` for detector), checked
+    before any model loads: a threshold that is not a number, or one outside the judge's scale, is refused, and so is
+    a threshold for the exact judge, which has none (its verdicts come from the shapes world's exact rules)."""
+    kind, _, rest = spec.partition(":")
+    model, at, threshold = rest.rpartition("@") if "@" in rest else (rest, "", "")
+    if "@" in kind:
+        kind, at, threshold = kind.partition("@")
+    kind = "detector" if kind == "owl" else kind
+    if kind == "exact":
+        if rest or at:
+            raise ValueError(f"judge {spec!r}: the exact judge takes no model and no threshold (it applies the shapes "
+                             "world's exact rules); give --judge exact, or clip@T / detector@T for a threshold")
+        return JudgeSpec("exact", "", None)
+    if kind not in THRESHOLD_RANGES:
+        raise ValueError(f"unknown judge {spec!r}; give {JUDGE_SPEC}")
+    if ":" in spec.partition("@")[0] and not model:
+        raise ValueError(f"judge {spec!r} names no model after ':'; give {kind}:MODEL (a local folder or hub id) or "
+                         f"leave ':' out for the default")
+    cut = None
+    if at:
+        low, high = THRESHOLD_RANGES[kind]
+        try:
+            cut = float(threshold)
+        except ValueError:
+            cut = math.nan
+        if not low <= cut <= high:
+            raise ValueError(f"judge {spec!r}: the threshold after '@' must be a number from {low:g} to {high:g} "
+                             f"({'a CLIP cosine similarity' if kind == 'clip' else 'a detection score'}), got "
+                             f"{threshold!r}; e.g. {kind}@{CLIP_PRESENT if kind == 'clip' else DETECTION_THRESHOLD}")
+    return JudgeSpec(kind, model, cut)
+
+
 def judge_from_spec(spec: str, device=None):
     """A study's judge from ``exact`` (the shapes world), ``clip[:MODEL][@THRESHOLD]`` or ``detector[:MODEL][@T]``
-    (MODEL: a hub id or a local folder; defaults :data:`CLIP_MODEL`, :data:`DETECTOR_MODEL`)."""
-    kind, _, rest = spec.partition(":")
-    model, _, threshold = rest.partition("@")
-    if "@" in kind:
-        kind, _, threshold = kind.partition("@")
-    if kind == "exact":
-        if rest:
-            raise ValueError(f"the exact judge takes no model, got {spec!r}")
+    (MODEL: a hub id or a local folder; defaults :data:`CLIP_MODEL`, :data:`DETECTOR_MODEL`); the spec is checked
+    (:func:`parse_judge_spec`) before a model loads."""
+    parsed = parse_judge_spec(spec)
+    if parsed.kind == "exact":
         return shapes_judge.judge
-    if kind == "clip":
-        clip = ClipJudge(model or CLIP_MODEL, device=device)
-        cut = float(threshold) if threshold else CLIP_PRESENT
+    if parsed.kind == "clip":
+        clip = ClipJudge(parsed.model or CLIP_MODEL, device=device)
+        cut = CLIP_PRESENT if parsed.threshold is None else parsed.threshold
         return NamedJudge(spec, lambda image, prompt: clip.verdicts(image, prompt, cut))
-    if kind in ("detector", "owl"):
-        detector = DetectorJudge(model or DETECTOR_MODEL, device=device,
-                                 threshold=float(threshold) if threshold else DETECTION_THRESHOLD)
-        return NamedJudge(spec, detector)
-    raise ValueError(f"unknown judge {spec!r}; give exact, clip[:MODEL][@THRESHOLD] or detector[:MODEL][@THRESHOLD]")
+    detector = DetectorJudge(parsed.model or DETECTOR_MODEL, device=device,
+                             threshold=DETECTION_THRESHOLD if parsed.threshold is None else parsed.threshold)
+    return NamedJudge(spec, detector)

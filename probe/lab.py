@@ -30,6 +30,7 @@ import torch
 import xarray as xr
 
 from probe import overlap
+from probe.maps import recorded_word_tokens
 from probe.prompts import attributes_of, subjects_of, word_occurrences
 from probe.shapes.judge import judge as exact_judge
 
@@ -162,17 +163,10 @@ def _layer_mean(tree: xr.DataTree, sample: int = 0, group: str = GROUP) -> np.nd
     return values.mean(axes)
 
 
-def _word_tokens(tokens: list[str], words: list[str]) -> list[list[int]]:
-    """Token indices of each word; a repeated word takes its next occurrence."""
-    out, used = [], {}
-    for word in words:
-        runs = word_occurrences(tokens, word)
-        k = used.get(word, 0)
-        if k >= len(runs):
-            raise ValueError(f"{word!r} is not (or not that often) in the prompt; its tokens are {tokens}")
-        used[word] = k + 1
-        out.append(runs[k])
-    return out
+def _word_tokens(tree: xr.DataTree, sample: int, group: str, words: list[str]) -> list[list[int]]:
+    """Token indices of each word in one sample, by the rule every analysis of a recording shares
+    (:func:`probe.maps.recorded_word_tokens`; a repeated word takes its next occurrence)."""
+    return recorded_word_tokens(tree[group].ds.isel(sample=sample), words)
 
 
 def subject_maps(tree: xr.DataTree, sample: int = 0, step: int = -1, group: str = GROUP) -> xr.DataArray:
@@ -184,7 +178,7 @@ def subject_maps(tree: xr.DataTree, sample: int = 0, step: int = -1, group: str 
     step = _step(tree, step, group)
     words = subjects_of(_prompt(tree, sample, group))
     cross = _layer_mean(tree, sample, group)[_steps(tree, group).index(step)]
-    indices = _word_tokens(_tokens(tree, sample, group), words)
+    indices = _word_tokens(tree, sample, group, words)
     maps = np.stack([cross[..., ix].mean(-1) for ix in indices])
     return xr.DataArray(maps, dims=("subject", "y", "x"), coords={"subject": words}, name="attn")
 
@@ -208,7 +202,7 @@ def overlap_table(tree: xr.DataTree, group: str = GROUP) -> pd.DataFrame:
     for sample in range(ds.sizes["sample"]):
         prompt = _prompt(tree, sample, group)
         cross = torch.from_numpy(_layer_mean(tree, sample, group))  # (step, y, x, token)
-        indices = _word_tokens(_tokens(tree, sample, group), subjects_of(prompt))
+        indices = _word_tokens(tree, sample, group, subjects_of(prompt))
         maps = torch.stack([cross[..., ix].mean(-1) for ix in indices], dim=1)  # (step, S, y, x)
         stats = {name: values.numpy() for name, values in _pair_statistics(maps).items()}
         for k, step in enumerate(steps):

@@ -194,17 +194,44 @@ def aggregate_self_attention(
 def word_map(cross, sample: int, word: str):
     """A word's cross-attention map in a recorded group, ``attn`` (step, layer, [head], y, x) of one sample.
 
-    ``cross`` is a recording group (``tree["cross/res16"]``); word pieces are averaged with :func:`token_map`.
+    ``cross`` is a recording group (``tree["cross/res16"]``). The word's tokens are those
+    :func:`probe.prompts.recorded_subject_tokens` gives: every copy of the word (SD3: CLIP's and T5's), its word
+    pieces averaged with :func:`token_map`; ``"cat#2"`` is the second "cat" of the prompt.
     """
     import xarray as xr
 
-    from probe.prompts import token_indices
-
     ds = cross.to_dataset() if hasattr(cross, "to_dataset") else cross
     one = ds.isel(sample=sample)
-    indices = token_indices([str(t) for t in one["token_text"].values], word)
+    indices = recorded_word_tokens(one, [word])[0]
     attn = one["attn"]
     values = token_map(torch.from_numpy(attn.values.astype("float32")), indices)
     dims = [d for d in attn.dims if d != "token"]
     coords = {k: v for k, v in attn.coords.items() if "token" not in v.dims}
     return xr.DataArray(values.numpy(), dims=dims, coords=coords, name=word)
+
+
+def recorded_word_tokens(one, words: Sequence[str]) -> list[list[int]]:
+    """Token indices of each word in one sample of a recorded group (a Dataset with ``token_text`` and, on SD3,
+    ``encoder``), by :func:`probe.prompts.recorded_subject_tokens`: what every map made from a recording reads."""
+    from probe.prompts import recorded_subject_tokens
+
+    texts = [str(t) for t in one["token_text"].values]
+    encoders = [str(e) for e in one["encoder"].values] if "encoder" in one.coords else None
+    prompt = str(one["prompt"].values) if "prompt" in one.coords else " ".join(t for t in texts if t)
+    return recorded_subject_tokens(texts, encoders, words, prompt)
+
+
+def recorded_step(steps: Sequence[int], step: int) -> int:
+    """The step coordinate that ``step`` names among a recording's ``steps``: a recorded step, or a position from
+    the end when negative (-1: the last), so that a step that was not recorded is refused with the ones that were
+    (xarray's own error is a bare KeyError)."""
+    steps = [int(s) for s in steps]
+    if not steps:
+        raise ValueError("this recording holds no steps; record it again")
+    if step < 0 and -len(steps) <= step:
+        return steps[step]
+    if step >= 0 and step in steps:
+        return step
+    shown = f"{steps}" if len(steps) <= 12 else f"[{steps[0]}, {steps[1]}, …, {steps[-1]}] ({len(steps)} steps)"
+    raise ValueError(f"step {step} was not recorded; the recorded steps are {shown} (or -1 … -{len(steps)} from the "
+                     "last): give one of them")

@@ -22,6 +22,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from probe._assets import DATA, tokenizer_files
+from probe.checks import execution_device
 from probe.tap.layers import Layer, attention_layers, denoiser, latent_size, select_layers
 
 __all__ = ["BUILTIN", "SCHEDULERS", "TINY", "Layer", "attention_layers", "denoiser", "latent_size", "load",
@@ -47,11 +48,15 @@ def load(name_or_path, *, device: str | torch.device | None = None, dtype: torch
     A pipeline object passes through (moved to ``device``/``dtype`` when given). ``scheduler``: a name from
     :data:`SCHEDULERS` or a diffusers scheduler class name, built from the pipeline's scheduler config.
     """
+    device = execution_device(device)
     if isinstance(name_or_path, DiffusionPipeline):
         pipe = name_or_path
     elif not isinstance(name_or_path, (str, Path)):
         raise TypeError(f"load takes a model name, a folder, a hub id or a diffusers pipeline, not "
                         f"{type(name_or_path).__name__}")
+    elif isinstance(name_or_path, str) and not name_or_path.strip():
+        raise ValueError(f"load got an empty model name; give a built-in name ({', '.join([*TINY, *BUILTIN])}), a "
+                         "local diffusers folder or a hub id such as 'org/model'")
     elif name_or_path in TINY:
         pipe = TINY[name_or_path]()
     else:
@@ -94,6 +99,7 @@ def _from_pretrained(name_or_path) -> DiffusionPipeline:
                 f"model folder {str(name_or_path)!r} does not exist. Give a built-in name ({known}), "
                 "a local diffusers folder (works offline) or a hub id such as 'org/model'."
             )
+        _check_pipeline_class(path.expanduser())
         return DiffusionPipeline.from_pretrained(path.expanduser(), safety_checker=None)
     try:
         return DiffusionPipeline.from_pretrained(str(name_or_path), safety_checker=None)
@@ -102,6 +108,26 @@ def _from_pretrained(name_or_path) -> DiffusionPipeline:
             f"could not load {name_or_path!r} from the hub ({err}). Without a network connection, "
             "download the model elsewhere and pass its local folder: a local folder works offline."
         ) from err
+
+
+def _check_pipeline_class(folder: Path) -> None:
+    """A diffusers folder whose ``model_index.json`` names a pipeline class the installed diffusers has (otherwise
+    diffusers fails with an AttributeError about its own module)."""
+    import json
+
+    import diffusers
+
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{folder} has no model_index.json, so it is not a diffusers pipeline folder; give the "
+                                "folder save_pretrained wrote (it holds model_index.json, unet/ or transformer/ …)")
+    try:
+        name = json.loads(index.read_text()).get("_class_name")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise ValueError(f"{index} is not a readable pipeline description ({err}); save the pipeline again") from err
+    if not isinstance(name, str) or not name.endswith("Pipeline") or not hasattr(diffusers, name):
+        raise ValueError(f"{index} names the pipeline class {name!r}, which diffusers {diffusers.__version__} does not "
+                         "have; upgrade diffusers if it is newer, or fix _class_name (e.g. 'StableDiffusionPipeline')")
 
 
 # -- tiny random pipelines ------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -30,18 +31,29 @@ _JOINERS = re.compile(r"\s+(?:and|with)\s+")
 _ARTICLES = frozenset({"a", "an", "the", "one"})
 
 
+SENTENCEPIECE_SPACE = "\u2581"  # T5's mark of a word start ("▁cat"): not part of the word
+
+
+def _piece(token: str) -> str:
+    """A token's text as it spells a word: lower case, without T5's word-start mark, so "▁Cat" spells "cat"."""
+    return token.lower().removeprefix(SENTENCEPIECE_SPACE)
+
+
 def token_indices(tokens: list[str], word: str) -> list[int]:
     """Indices of the word pieces that spell ``word`` in a tokenised prompt.
 
-    ``tokens`` are the prompt's token texts as a recording stores them (``</w>`` removed). The
-    first run of consecutive pieces whose concatenation equals ``word`` is returned, so a word
-    split into several pieces gives all of them.
+    ``tokens`` are the prompt's token texts as a recording stores them (``</w>`` removed; T5's word-start mark
+    ``▁`` is ignored). The first run of consecutive pieces whose concatenation equals ``word`` is returned, so a
+    word split into several pieces gives all of them.
     """
     target = word.lower().strip()
-    for i in range(len(tokens)):
+    pieces = [_piece(t) for t in tokens]
+    for i in range(len(pieces)):
+        if not pieces[i]:
+            continue
         joined = ""
-        for j in range(i, len(tokens)):
-            joined += tokens[j].lower()
+        for j in range(i, len(pieces)):
+            joined += pieces[j]
             if joined == target:
                 return list(range(i, j + 1))
             if not target.startswith(joined):
@@ -53,25 +65,56 @@ def token_indices(tokens: list[str], word: str) -> list[int]:
 # -- subjects of a prompt ------------------------------------------------------------------------------------------
 
 
+def _phrase_words(prompt: str) -> list[list[str]]:
+    """``"a cat and a red car"`` → ``[["a", "cat"], ["a", "red", "car"]]``: the words of each subject phrase."""
+    parts = (re.findall(r"[a-z0-9'-]+", part) for part in _JOINERS.split(prompt.strip().lower().rstrip(".")))
+    return [words for words in parts if any(w not in _ARTICLES for w in words)]
+
+
 def _phrases(prompt: str) -> list[list[str]]:
     """``"a cat and a red car"`` → ``[["cat"], ["red", "car"]]``: the words of each subject phrase, no articles."""
-    phrases = []
-    for part in _JOINERS.split(prompt.strip().lower().rstrip(".")):
-        words = [w for w in re.findall(r"[a-z0-9'-]+", part) if w not in _ARTICLES]
-        if words:
-            phrases.append(words)
-    return phrases
+    return [[w for w in words if w not in _ARTICLES] for words in _phrase_words(prompt)]
+
+
+_NOT_NOUN_ENDINGS = ("ly", "ing")  # adverbs ("quickly") and verbs' -ing forms ("running")
+_NOUNS_THAT_LOOK_OTHERWISE = frozenset({
+    "butterfly", "fly", "dragonfly", "firefly", "family", "lily", "jelly", "belly", "bully", "holly", "dolly", "ally",
+    "king", "ring", "wing", "string", "swing", "spring", "thing", "sling", "building", "painting", "ceiling",
+    "pudding", "earring", "wedding", "sibling", "duckling", "seedling", "lightning", "stocking", "icing", "viking",
+})
+_ADJECTIVES = frozenset({
+    "red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "gray", "grey",
+    "big", "small", "large", "little", "tiny", "huge", "tall", "short", "long", "old", "young", "new", "cute",
+})
+
+
+def _not_a_noun(words: list[str]) -> bool:
+    """Whether a phrase's last word cannot be its noun: an adjective ("a cat and red"), an adverb or an -ing form
+    ("running quickly"), unless an article introduces it ("an orange", "a king" are nouns; "a dog running" is not)."""
+    last = words[-1]
+    if len(words) > 1 and words[-2] in _ARTICLES:
+        return False
+    return last in _ADJECTIVES or (last.endswith(_NOT_NOUN_ENDINGS) and len(last) > 4
+                                   and last not in _NOUNS_THAT_LOOK_OTHERWISE)
 
 
 def subjects_of(prompt: str) -> list[str]:
     """The subject nouns of an "a X and a Y" prompt (also "with", and three or more subjects).
 
-    The noun is the last word of each phrase: ``"a monkey and a red car"`` → ``["monkey", "car"]``.
+    The noun is the last word of each phrase: ``"a monkey and a red car"`` → ``["monkey", "car"]``. A guess: where
+    a phrase's last word reads as an adverb, an -ing form or an adjective ("running quickly") it is refused rather
+    than guided or measured as a subject, and the error says to give the subjects.
     """
-    phrases = _phrases(prompt)
+    phrases = _phrase_words(prompt)
     if not phrases:
-        raise ValueError(f"no subjects in {prompt!r}; expected a prompt like 'a cat and a dog'")
-    return [words[-1] for words in phrases]
+        raise ValueError(f"no subjects in {prompt!r}; expected a prompt like 'a cat and a dog', or give the subjects")
+    for words in phrases:
+        if _not_a_noun(words):
+            raise ValueError(f"cannot find the subject nouns of {prompt!r}: {words[-1]!r}, the last word of "
+                             f"{' '.join(words)!r}, reads as an adverb, an -ing form or an adjective, not a noun; "
+                             "give the subjects yourself (subjects=[...], --subjects, or 'prompt | noun, noun' in a "
+                             "prompts file)")
+    return [[w for w in words if w not in _ARTICLES][-1] for words in phrases]
 
 
 def attributes_of(prompt: str) -> list[str]:
@@ -171,7 +214,16 @@ def subject_indices(tokenizer, prompt: str, subjects: list[str]) -> list[list[in
     listings take successive occurrences, "a cat and a cat" with ``["cat", "cat"]`` → [[2], [5]]) or name the
     occurrence, ``"cat#2"`` (1-based). A word not in the prompt is an error that lists the prompt's tokens.
     """
-    tokens = prompt_tokens(tokenizer, prompt)
+    found = place_subjects(prompt_tokens(tokenizer, prompt), subjects, prompt)
+    positions = token_positions(tokenizer, prompt)
+    return [[positions[i] for i in idx] for idx in found]
+
+
+def place_subjects(tokens: Sequence[str], subjects: Sequence[str], prompt: str) -> list[list[int]]:
+    """Indices into one encoder's ``tokens`` of each subject's word pieces, by the rules of :func:`subject_indices`
+    (successive listings take successive occurrences, ``word#k`` names one, a word occurring more often than it is
+    listed is an error): the one placement that guidance and every analysis of a recording share."""
+    tokens = list(tokens)
     shown = [t for t in tokens if t]
     claimed: dict[str, set[int]] = {}
     plain: set[str] = set()
@@ -182,7 +234,8 @@ def subject_indices(tokenizer, prompt: str, subjects: list[str]) -> list[list[in
         runs = word_occurrences(tokens, word)
         if not runs:
             raise ValueError(f"subject {word!r} is not a word of the prompt {prompt!r}; the prompt's tokens are "
-                             f"{shown}. Give subjects as they are written in the prompt.")
+                             f"{shown}. A word that is not in {prompt!r} has no map: give subjects as they are "
+                             "written in the prompt.")
         taken = claimed.setdefault(key, set())
         if nth:
             if not nth.isdigit() or not 1 <= int(nth) <= len(runs):
@@ -204,8 +257,45 @@ def subject_indices(tokenizer, prompt: str, subjects: list[str]) -> list[list[in
         if (n := len(word_occurrences(tokens, key))) > len(claimed[key]):
             raise ValueError(f"{key!r} occurs {n} times in {prompt!r} but is listed for fewer: say which with "
                              f"{key}#1 … {key}#{n}, or list it once per occurrence")
-    positions = token_positions(tokenizer, prompt)
-    return [[positions[i] for i in idx] for idx in found]
+    return found
+
+
+def recorded_subject_tokens(tokens: Sequence[str], encoders: Sequence[str] | None, subjects: Sequence[str],
+                            prompt: str) -> list[list[int]]:
+    """Which of a recording's tokens each subject word means: the one rule for every map made from a recording
+    (:func:`probe.maps.word_map`, ``probe show``, the explorer's subjects, :mod:`probe.lazy`, :mod:`probe.lab`).
+
+    A word means every copy of it among the prompt's text keys: on SD3 the CLIP copy and the T5 copy (the
+    recording's ``encoder`` coordinate, "clip" / "t5", tells them apart; UNets and FLUX have one copy). Its map is
+    the mean over all its word pieces in all copies, as :func:`probe.maps.token_map` averages a word's pieces, so
+    each copy's piece counts once. Guidance's maps on SD3 use the CLIP copy alone (:func:`subject_indices`
+    places words in CLIP's sequence), so on SD3 a recording's subject map and guidance's differ by the T5 copy.
+    Within each copy words are placed as :func:`place_subjects` places them for guidance: a word listed as often as
+    it occurs takes successive occurrences, ``cat#2`` names the second occurrence in the prompt (the second in
+    every copy), and a word that occurs more often than it is listed is an error that says to name one. A copy
+    that cannot place every subject (a long prompt cut short by CLIP's 77 tokens) is left out; a word in no copy is
+    an error. ``tokens``: one sample's token texts (empty for padding); ``encoders``: their encoder, or None.
+    Returns indices into ``tokens``.
+    """
+    copies: dict[str, list[int]] = {}
+    for i, (text, encoder) in enumerate(zip(tokens, encoders if encoders is not None else [""] * len(tokens))):
+        if text:
+            copies.setdefault(str(encoder), []).append(i)
+    found: list[list[int]] = [[] for _ in subjects]
+    errors: list[ValueError] = []
+    for where in copies.values():
+        try:
+            placed = place_subjects([tokens[i] for i in where], subjects, prompt)
+        except ValueError as err:
+            errors.append(err)
+            continue
+        for j, run in enumerate(placed):
+            found[j] += [where[i] for i in run]
+    if errors and len(errors) == len(copies):
+        raise errors[0]
+    if not copies:
+        raise ValueError(f"the recording holds no tokens for {prompt!r}; record it again")
+    return found
 
 
 # -- prompt sets ---------------------------------------------------------------------------------------------------
@@ -242,6 +332,38 @@ def shapes_prompts(n_objects: int = 2, n: int = SHAPES_SET_SIZE, seed: int = SHA
     return list(rows)
 
 
+def prompt_file(path: str | Path) -> dict[str, list[str] | None]:
+    """The prompts of a text file, one per line (subjects after a ``|``: ``a cat and a dog | cat, dog``), each once:
+    prompt → its subjects (None: its nouns). Checked before any study starts, so that a mistyped path or an empty
+    file is not found hours in (or a study of no prompts run)."""
+    path = Path(path)
+    if path.suffix != ".txt":
+        raise ValueError(f"unknown prompt set {str(path)!r}; give one of {[*FILE_SETS, *SHAPES_SETS]} or a .txt file "
+                         "with one prompt per line")
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {str(path)!r} does not exist; give the path of a .txt file with one "
+                                f"prompt per line, or a prompt set: {[*FILE_SETS, *SHAPES_SETS]}")
+    given: dict[str, list[str] | None] = {}
+    for line in path.read_text().splitlines():
+        prompt, _, subjects = (part.strip() for part in line.partition("|"))
+        if prompt:
+            words = [w.strip() for w in subjects.split(",") if w.strip()]
+            given.setdefault(prompt, words or None)
+    if not given:
+        raise ValueError(f"prompt file {str(path)!r} holds no prompts; write one prompt per line, e.g. 'a cat and a "
+                         "dog' (its subjects after a '|' where they are not its nouns)")
+    return given
+
+
+def check_prompt_sets(names: Sequence[str]) -> list[str]:
+    """Prompt set names as given, each a known set or a readable prompt file (:func:`prompt_file`), checked before
+    anything is generated."""
+    for name in names:
+        if name not in FILE_SETS and name not in SHAPES_SETS:
+            prompt_file(name)
+    return list(names)
+
+
 def prompt_set(name: str, n: int | None = None, seed: int = SHAPES_SEED):
     """A prompt set as a ``datasets.Dataset`` (columns ``prompt``, ``subjects``, ``attributes``, ``set``), each
     prompt once.
@@ -259,14 +381,8 @@ def prompt_set(name: str, n: int | None = None, seed: int = SHAPES_SEED):
     elif name in SHAPES_SETS:
         n_objects, similar = SHAPES_SETS[name]
         given = dict.fromkeys(shapes_prompts(n_objects, SHAPES_SET_SIZE if n is None else n, seed, similar))
-    elif Path(name).suffix == ".txt" and Path(name).is_file():
-        for line in Path(name).read_text().splitlines():
-            prompt, _, subjects = (part.strip() for part in line.partition("|"))
-            if prompt:
-                given.setdefault(prompt, [w.strip() for w in subjects.split(",")] if subjects else None)
     else:
-        raise ValueError(f"unknown prompt set {name!r}; known: {[*FILE_SETS, *SHAPES_SETS]} or a .txt file with one "
-                         "prompt per line")
+        given = prompt_file(name)
     prompts = list(given)[:n]
     rows = [{"prompt": p, "subjects": given[p] or subjects_of(p), "attributes": attributes_of(p), "set": name}
             for p in prompts]

@@ -21,7 +21,8 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from probe.checks import disk_full, head_choice, room_for, step_count, text_to_image
+from probe import checks
+from probe.checks import disk_full, head_choice, prompt_fits, room_for, step_count, text_to_image
 from probe.models import Layer, attention_layers, denoiser, latent_size, load, select_layers
 from probe.prompts import TextLayout, text_layout
 from probe.tap import Call, Consumer, Tap, TapError, family_of
@@ -107,8 +108,6 @@ class Plan:
 
 def _tokens(pipe, prompt: str, keep_padding: bool, max_sequence_length: int | None) -> TextLayout:
     """The recorded tokens: texts, their positions among the denoiser's text keys, and their encoders."""
-    from probe.checks import prompt_fits
-
     return text_layout(pipe, prompt_fits(pipe, prompt), keep_padding, max_sequence_length)
 
 
@@ -132,8 +131,6 @@ def plan(
 ) -> Plan:
     """Validate a recording's request and describe it (no generation). ``kinds``: one kind (``"cross"``) or several;
     each (prompt, seed) sample is recorded once, so a repeated prompt or seed is refused."""
-    from probe import checks
-
     pipe = load(pipe)
     text_to_image(pipe)
     steps = step_count(steps)
@@ -456,7 +453,6 @@ def record(
     arithmetic while generating); :func:`probe.lazy.self_from_qk` makes the maps on read, lazily.
     Other keywords (height, width, negative_prompt …) go to the pipeline call.
     """
-    from probe import checks
 
     pipe = load(pipe)
     checks.pipeline_keywords(pipe, pipeline_kwargs, "record", {

@@ -205,7 +205,7 @@ NOTEBOOKS = {
         new_code_cell(
             "from probe.edit import edit\n\n"
             'source, target = "a red circle", "a blue circle"\n'
-            "edits = {inject: edit(pipe, source, target, seed=0, inject=inject, num_inference_steps=STEPS)\n"
+            "edits = {inject: edit(pipe, source, target, seed=0, inject=inject, steps=STEPS)\n"
             '         for inject in ("self", "cross", "none")}\n'
             'image_row({"source": edits["self"].source, **{f"{i} → blue": e.edited for i, e in edits.items()}});'
         ),

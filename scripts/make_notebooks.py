@@ -109,7 +109,7 @@ NOTEBOOKS = {
             "from probe.edit import compare, edit\n"
             "from probe.plots import image_row\n\n"
             'source, target = "a red circle", "a blue circle"\n'
-            "edits = {inject: edit(pipe, source, target, seed=0, inject=inject, num_inference_steps=STEPS)\n"
+            "edits = {inject: edit(pipe, source, target, seed=0, inject=inject, steps=STEPS)\n"
             '         for inject in ("self", "cross", "none")}\n'
             'image_row({f"source: {source}": edits["none"].source,\n'
             '           **{f"{inject} → {target}": e.edited for inject, e in edits.items()}});'

@@ -48,19 +48,19 @@ class Keep(Consumer):
 
 @pytest.mark.parametrize("inject", ["self", "cross"])
 def test_injection_with_source_equal_to_target_is_the_plain_generation(tiny, inject):
-    latents = edit(tiny, SOURCE, SOURCE, seed=SEED, inject=inject, steps=1.0, num_inference_steps=STEPS,
+    latents = edit(tiny, SOURCE, SOURCE, seed=SEED, inject=inject, inject_steps=1.0, steps=STEPS,
                    output_type="latent")
     plain = _plain(tiny, SOURCE, output_type="latent")
     assert latents.settings.steps == tuple(range(STEPS)) and latents.settings.layers
     torch.testing.assert_close(latents.edited, plain, atol=LATENT_TOLERANCE, rtol=0)
     torch.testing.assert_close(latents.source, plain, atol=LATENT_TOLERANCE, rtol=0)
-    images = edit(tiny, SOURCE, SOURCE, seed=SEED, inject=inject, steps=1.0, num_inference_steps=STEPS,
+    images = edit(tiny, SOURCE, SOURCE, seed=SEED, inject=inject, inject_steps=1.0, steps=STEPS,
                   output_type="np")
     np.testing.assert_allclose(images.edited, _plain(tiny, SOURCE, output_type="np"), atol=IMAGE_TOLERANCE)
 
 
 def test_without_injection_both_rows_are_their_plain_generations(tiny):
-    result = edit(tiny, SOURCE, TARGET, seed=SEED, inject="none", num_inference_steps=STEPS, output_type="np")
+    result = edit(tiny, SOURCE, TARGET, seed=SEED, inject="none", steps=STEPS, output_type="np")
     np.testing.assert_allclose(result.edited, _plain(tiny, TARGET, output_type="np"), atol=IMAGE_TOLERANCE)
     np.testing.assert_allclose(result.source, _plain(tiny, SOURCE, output_type="np"), atol=IMAGE_TOLERANCE)
     assert result.settings.layers == () and result.settings.steps == ()
@@ -68,7 +68,7 @@ def test_without_injection_both_rows_are_their_plain_generations(tiny):
 
 
 def test_editing_runs_on_sdxl_too(tiny_xl):
-    result = edit(tiny_xl, SOURCE, SOURCE, seed=SEED, steps=1.0, num_inference_steps=2, guidance_scale=5.0,
+    result = edit(tiny_xl, SOURCE, SOURCE, seed=SEED, inject_steps=1.0, steps=2, guidance_scale=5.0,
                   output_type="latent")
     plain = _plain(tiny_xl, SOURCE, steps=2, guidance_scale=5.0, output_type="latent")
     torch.testing.assert_close(result.edited, plain, atol=LATENT_TOLERANCE, rtol=0)
@@ -80,7 +80,7 @@ def test_editing_runs_on_sdxl_too(tiny_xl):
 def test_injected_probabilities_are_the_sources_in_chosen_layers_and_steps_only(tiny):
     before, after = Keep(), Keep()
     chosen_steps = [1, 2]
-    result = edit(tiny, SOURCE, TARGET, seed=SEED, layers=[16], steps=chosen_steps, num_inference_steps=STEPS,
+    result = edit(tiny, SOURCE, TARGET, seed=SEED, layers=[16], inject_steps=chosen_steps, steps=STEPS,
                   before=[before], after=[after], output_type="latent")
     chosen = set(result.settings.layers)
     assert chosen == {la.name for la in attention_layers(tiny) if la.kind == "self" and la.grid == (16, 16)}
@@ -103,7 +103,7 @@ def test_injected_probabilities_are_the_sources_in_chosen_layers_and_steps_only(
 def test_injected_probabilities_equal_the_recorded_source(tiny):
     """The target's self-attention after injection = what probe.record keeps for the source alone."""
     after = Keep(kinds=("self",))
-    edit(tiny, SOURCE, TARGET, seed=SEED, layers=[16], steps=[0, 2], num_inference_steps=STEPS, after=[after],
+    edit(tiny, SOURCE, TARGET, seed=SEED, layers=[16], inject_steps=[0, 2], steps=STEPS, after=[after],
          output_type="latent")
     tree = probe.record(tiny, SOURCE, seeds=[SEED], steps=STEPS, kinds=("self",), layers=[16], keep_steps=[0, 2],
                         progress=False)
@@ -117,8 +117,8 @@ def test_injected_probabilities_equal_the_recorded_source(tiny):
 
 def test_shared_token_cross_injection_keeps_the_targets_own_word_columns(tiny):
     before, after = Keep(kinds=("cross",)), Keep(kinds=("cross",))
-    result = edit(tiny, SOURCE, "a blue circle", seed=SEED, inject="cross", cross_tokens="shared", steps=[0],
-                  num_inference_steps=2, before=[before], after=[after], output_type="latent")
+    result = edit(tiny, SOURCE, "a blue circle", seed=SEED, inject="cross", cross_tokens="shared", inject_steps=[0],
+                  steps=2, before=[before], after=[after], output_type="latent")
     ids = [tiny.tokenizer(p, padding="max_length").input_ids for p in (SOURCE, "a blue circle")]
     swapped = [k for k, (a, b) in enumerate(zip(*ids)) if a != b]
     assert swapped == [2]  # <start> a red|blue circle <end> …
@@ -200,8 +200,8 @@ def test_null_text_inversion_makes_guided_sampling_walk_the_images_trajectory(ti
     kept = (regenerate(tiny, nti, output_type="latent") - nti.clean).abs().mean()
     assert kept < 0.7 * drift  # what is left is the inversion's own approximation (kept even at guidance 1)
     with pytest.raises(ValueError, match="made for guidance_scale=5.0"):
-        edit(tiny, SOURCE, "a blue circle", image=nti, num_inference_steps=8, guidance_scale=7.5)
-    edited = edit(tiny, SOURCE, "a blue circle", image=nti, num_inference_steps=8, guidance_scale=scale,
+        edit(tiny, SOURCE, "a blue circle", image=nti, steps=8, guidance_scale=7.5)
+    edited = edit(tiny, SOURCE, "a blue circle", image=nti, steps=8, guidance_scale=scale,
                   output_type="latent")
     assert torch.isfinite(edited.edited).all()
 
@@ -211,7 +211,7 @@ def test_real_image_editing_pins_the_source_row_to_the_trajectory(tiny):
     inputs = []
     hook = tiny.unet.register_forward_pre_hook(lambda module, args: inputs.append(args[0].clone()))
     try:
-        result = edit(tiny, SOURCE, "a blue circle", image=inversion, num_inference_steps=STEPS, output_type="latent")
+        result = edit(tiny, SOURCE, "a blue circle", image=inversion, steps=STEPS, output_type="latent")
     finally:
         hook.remove()
     assert result.settings.real_image and result.settings.seed is None
@@ -223,9 +223,9 @@ def test_real_image_editing_pins_the_source_row_to_the_trajectory(tiny):
     assert torch.equal(result.source, inversion.clean)
     assert not torch.equal(result.edited, inversion.clean)
     # an image instead of an inversion inverts it with the source prompt, null-text at the edit's guidance
-    again = edit(tiny, SOURCE, "a blue circle", image=_circle(), num_inference_steps=STEPS, output_type="latent")
+    again = edit(tiny, SOURCE, "a blue circle", image=_circle(), steps=STEPS, output_type="latent")
     consistent = invert(tiny, _circle(), SOURCE, steps=STEPS, guidance_scale=7.5)
-    by_hand = edit(tiny, SOURCE, "a blue circle", image=consistent, num_inference_steps=STEPS, output_type="latent")
+    by_hand = edit(tiny, SOURCE, "a blue circle", image=consistent, steps=STEPS, output_type="latent")
     torch.testing.assert_close(again.edited, by_hand.edited)
     assert not torch.allclose(again.edited, result.edited)  # the null-text embeddings changed the guided walk
 
@@ -235,25 +235,25 @@ def test_real_image_editing_pins_the_source_row_to_the_trajectory(tiny):
 
 def test_bad_input_gives_clear_errors(tiny):
     with pytest.raises(ValueError, match="token by token"):
-        edit(tiny, SOURCE, "a red circle and a blue square", seed=0, inject="cross", num_inference_steps=1)
+        edit(tiny, SOURCE, "a red circle and a blue square", seed=0, inject="cross", steps=1)
     with pytest.raises(ValueError, match="matches no self attention layer"):
-        edit(tiny, SOURCE, TARGET, seed=0, layers=["up_blocks.7.*"], num_inference_steps=1)
+        edit(tiny, SOURCE, TARGET, seed=0, layers=["up_blocks.7.*"], steps=1)
     with pytest.raises(ValueError, match="matches no self attention layer"):
         edit(tiny, SOURCE, TARGET, seed=0, layers=["up_blocks.1.attentions.0.transformer_blocks.0.attn2"])
     for fraction in (1.5, -0.1):
         with pytest.raises(ValueError, match=r"in \[0, 1\]"):
-            edit(tiny, SOURCE, TARGET, seed=0, steps=fraction, num_inference_steps=1)
+            edit(tiny, SOURCE, TARGET, seed=0, inject_steps=fraction, steps=1)
     with pytest.raises(ValueError, match="outside 0 … 3"):
-        edit(tiny, SOURCE, TARGET, seed=0, steps=[2, 4], num_inference_steps=4)
+        edit(tiny, SOURCE, TARGET, seed=0, inject_steps=[2, 4], steps=4)
     with pytest.raises(ValueError, match="64×64 px but the pipeline works at 32×32"):
-        edit(tiny, SOURCE, TARGET, image=_circle(size=64), num_inference_steps=1)
+        edit(tiny, SOURCE, TARGET, image=_circle(size=64), steps=1)
     with pytest.raises(ValueError, match="inject must be one of"):
         edit(tiny, SOURCE, TARGET, seed=0, inject="both")
     with pytest.raises(ValueError, match="seed= .* or image="):
         edit(tiny, SOURCE, TARGET)
     with pytest.raises(ValueError, match="10 steps, the edit 4"):
         edit(tiny, SOURCE, TARGET, image=Inversion(torch.zeros(11, 4, 16, 16), torch.zeros(10), ""),
-             num_inference_steps=4)
+             steps=4)
 
 
 # -- scoring and the study -------------------------------------------------------------------------------------
@@ -286,7 +286,7 @@ def test_default_layer_sets_are_relative_to_the_models_grids(tiny):
 
 def test_study_runs_and_returns_sane_columns(tiny):
     with pytest.warns(UserWarning, match="'64² only' skipped"):
-        frame = study(tiny, n_seeds=1, steps_fractions=(0.5,), num_inference_steps=2,
+        frame = study(tiny, n_seeds=1, steps_fractions=(0.5,), steps=2,
                       layer_sets={"all": None, "64² only": [64]})
     assert list(frame.columns) == list(COLUMNS)
     n_jobs = len(EDITS) * 2  # edits × origins

@@ -47,7 +47,7 @@ class Keep(Consumer):
 
 def test_self_injection_of_a_prompt_into_itself_is_the_plain_generation(dit):
     _, pipe = dit
-    result = edit(pipe, SOURCE, SOURCE, seed=SEED, steps=1.0, num_inference_steps=STEPS, output_type="latent", **KW)
+    result = edit(pipe, SOURCE, SOURCE, seed=SEED, inject_steps=1.0, steps=STEPS, output_type="latent", **KW)
     assert result.settings.layers and result.settings.steps == tuple(range(STEPS))
     torch.testing.assert_close(result.edited, _plain(pipe, SOURCE)[0], atol=1e-4, rtol=0)
 
@@ -58,7 +58,7 @@ def test_the_targets_image_block_becomes_the_sources_in_chosen_layers_and_steps_
     every = [la.name for la in attention_layers(pipe, SIZE, SIZE) if la.kind == "self"]
     assert [la.name for la in injected_layers(pipe, "self", height=SIZE, width=SIZE)] == every  # one grid: all
     chosen = every[:2]
-    edit(pipe, SOURCE, TARGET, seed=SEED, layers=chosen, steps=[1], num_inference_steps=STEPS, before=[before],
+    edit(pipe, SOURCE, TARGET, seed=SEED, layers=chosen, inject_steps=[1], steps=STEPS, before=[before],
          after=[after], output_type="latent", **KW)
     cfg = name == "tiny-sd3"  # SD3 runs [uncond_src, uncond_tgt, cond_src, cond_tgt]; FLUX [src, tgt]
     src, tgt = (2, 3) if cfg else (0, 1)
@@ -132,7 +132,7 @@ def test_real_image_editing_pins_the_source_row_to_the_flow_trajectory(dit):
     hook = pipe.transformer.register_forward_pre_hook(
         lambda module, args, kwargs: inputs.append(kwargs["hidden_states"].clone()), with_kwargs=True)
     try:
-        result = edit(pipe, SOURCE, "a blue circle", image=inversion, num_inference_steps=STEPS, guidance_scale=1.0,
+        result = edit(pipe, SOURCE, "a blue circle", image=inversion, steps=STEPS, guidance_scale=1.0,
                       output_type="latent", **KW)
     finally:
         hook.remove()

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from probe.shapes.judge import detect, judge
 from probe.shapes.world import COLOURS, SHAPES, sample_attributes
+from probe.writes import save_figure, write_csv
 
 HELD_OUT_SEED = 10_000  # seeds used by evaluation start here; training never draws them
 STEPS = 50
@@ -181,7 +182,7 @@ def sample_grid(pipe, path, steps: int = STEPS, columns: int = 6) -> None:
         ax.set_title(g.prompt.replace(" and ", "\n"), fontsize=6)
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    save_figure(fig, path, dpi=130)
     plt.close(fig)
 
 
@@ -407,7 +408,7 @@ def positive_control(pipe, n_images: int = 300, out=None, progress: bool = True,
                            progress=progress, seeds_per_prompt=seeds_per_prompt,
                            step_sizes=None if step_size is None else {"ae": step_size})
     if out is not None and not study.step_sizes.empty:
-        study.step_sizes.to_csv(Path(out) / "control_step_sizes.csv", index=False)
+        write_csv(study.step_sizes, Path(out) / "control_step_sizes.csv")
     rates = study.summary.set_index("method")
     versus = study.versus_ae.set_index("method").loc["none"]  # none − ae, so A&E's effect is its negative
     return {

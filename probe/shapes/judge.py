@@ -334,3 +334,52 @@ def evaluate_scene(
             best >= 0 and ious[best] >= 0.5 and (found[best].colour, found[best].shape) == (obj.colour, obj.shape)
         )
     return correct
+
+
+# -- which models the judge fits ------------------------------------------------------------------------------------
+
+TEST_MODELS = ("tiny", "tiny-xl", "tiny-sd3", "tiny-flux")  # probe.models.TINY: random weights, for tests
+
+
+def model_world(pipe) -> str:
+    """``"shapes"`` for a model of the shapes world (the built-in one, a folder that ``probe train-shapes
+    --export`` wrote, with its ``training.json``, or an in-memory one with the world's tokenizer), ``"test"`` for
+    the tiny random test models, ``"other"`` for anything else (a user's checkpoint)."""
+    from pathlib import Path
+
+    from probe.models import BUILTIN
+    from probe.shapes.model import MAX_TOKENS, tokenizer
+
+    name = str(getattr(pipe, "config", {}).get("_name_or_path") or "")
+    if name in TEST_MODELS:
+        return "test"
+    if name == "shapes" or (name and Path(name).expanduser().resolve() == BUILTIN["shapes"].resolve()):
+        return "shapes"
+    if name and (Path(name).expanduser() / "training.json").is_file():
+        return "shapes"
+    tok = getattr(pipe, "tokenizer", None)
+    if tok is not None and tok.model_max_length == MAX_TOKENS and len(tok) == len(tokenizer()):
+        return "shapes"
+    return "other"
+
+
+def require_shapes_world(pipe, study_judge, study: str) -> None:
+    """Refuse the exact judge on a model that does not draw the shapes world: it reads flat coloured shapes on a
+    light background, so on anything else its verdicts (missing, mixed …) would be meaningless yet look like
+    results. The tiny random test models get a warning instead (they exercise the code, not the judge). Any other
+    judge passes."""
+    import warnings
+
+    if study_judge is not judge and type(study_judge).__name__ != "ExactJudge":
+        return
+    world = model_world(pipe)
+    name = str(getattr(pipe, "config", {}).get("_name_or_path") or type(pipe).__name__)
+    fix = "give a judge for real images: --judge clip:DIR or --judge detector:DIR (a local CLIP / OWL-ViT folder)"
+    if world == "other":
+        raise ValueError(f"the {study} study's judge is the shapes world's exact judge, but the model {name!r} is "
+                         f"not a shapes-world model, so its verdicts would mean nothing; {fix}, or "
+                         "judge=probe.judges.judge_from_spec('clip:DIR') in Python")
+    if world == "test":
+        warnings.warn(f"the {study} study judges {name!r}, a random test model, with the shapes world's exact "
+                      f"judge: its verdicts only exercise the code, they measure nothing; {fix}", UserWarning,
+                      stacklevel=3)

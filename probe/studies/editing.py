@@ -10,10 +10,13 @@ from pathlib import Path
 import pandas as pd
 
 from probe import plots
+from probe.checks import step_count, whole_number
 from probe.edit import DEFAULT_FRACTION, FPE_LAYERS, STEPS_FRACTIONS
 from probe.edit import study as edit_sweep
 from probe.models import load
 from probe.shapes.evaluate import STEPS
+from probe.shapes.judge import judge as exact_judge
+from probe.shapes.judge import require_shapes_world
 from probe.studies.common import BOOTSTRAPS, QUICK_BOOTSTRAPS, QUICK_STEPS, _save, mean_interval
 
 EDIT_SEEDS = 20
@@ -72,9 +75,12 @@ def edit_study(pipe, n_seeds: int = EDIT_SEEDS, steps: int = STEPS, quick: bool 
     steps, 200 bootstrap resamples.
     """
     pipe = load(pipe)
+    n_seeds = whole_number(n_seeds, "n_seeds", "the number of seeds of each edit")
+    steps = step_count(steps)
+    require_shapes_world(pipe, exact_judge, "editing")  # FPE's edits are judged by the shapes world's rules
     if quick:
         n_seeds, steps, steps_fractions = min(n_seeds, QUICK_EDIT_SEEDS), min(steps, QUICK_STEPS), QUICK_EDIT_FRACTIONS
-    results = edit_sweep(pipe, n_seeds=n_seeds, steps_fractions=steps_fractions, num_inference_steps=steps,
+    results = edit_sweep(pipe, n_seeds=n_seeds, steps_fractions=steps_fractions, steps=steps,
                          progress=progress)
     summary = edit_summary(results, QUICK_BOOTSTRAPS if quick else BOOTSTRAPS)
     figures = {"edit_success": plots.edit_success(summary)}

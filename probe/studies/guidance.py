@@ -11,10 +11,12 @@ import numpy as np
 import pandas as pd
 
 from probe import plots
+from probe.checks import step_count, whole_number
 from probe.guide import InitNO, Schedule
 from probe.models import load
 from probe.shapes.evaluate import GUIDANCE, HELD_OUT_SEED, STEPS
 from probe.shapes.judge import judge as exact_judge
+from probe.shapes.judge import require_shapes_world
 from probe.stats import (
     cluster_sign_flip,
     detectable_effect,
@@ -268,6 +270,12 @@ def guidance_study(pipe, n_images: int | None = None, steps: int = STEPS, quick:
     run's images (the sets take turns, so a smaller run's prompts come first).
     """
     pipe = load(pipe)
+    if n_images is not None:
+        n_images = whole_number(n_images, "n_images", "the number of (prompt, seed) pairs per method (None: as many as "
+                                "the design's power needs)")
+    seeds_per_prompt = whole_number(seeds_per_prompt, "seeds_per_prompt", "the number of seeds of each prompt")
+    steps = step_count(steps)
+    require_shapes_world(pipe, judge, "guidance")
     if quick:
         methods = QUICK_GUIDANCE_METHODS if tuple(methods) == GUIDANCE_METHODS else methods
     configs = configurations(methods, initno)

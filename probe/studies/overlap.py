@@ -16,6 +16,7 @@ from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
 from tqdm.auto import tqdm
 
 from probe import plots
+from probe.checks import step_count, whole_number
 from probe.maps import aggregate_self_attention, gaussian_smooth, token_map, token_softmax
 from probe.models import load
 from probe.overlap import (
@@ -35,7 +36,7 @@ from probe.probes import (
 from probe.record import record
 from probe.shapes.evaluate import HELD_OUT_SEED, STEPS
 from probe.shapes.judge import judge as exact_judge
-from probe.shapes.judge import parse_prompt
+from probe.shapes.judge import parse_prompt, require_shapes_world
 from probe.shapes.world import COLOURS, SHAPES
 from probe.studies.common import (
     BOOTSTRAPS,
@@ -186,6 +187,10 @@ def overlap_study(pipe, n_images: int = 400, steps: int = STEPS, quick: bool = F
     resamples.
     """
     pipe = load(pipe)
+    n_images = whole_number(n_images, "n_images", "the number of two-object images")
+    seeds_per_prompt = whole_number(seeds_per_prompt, "seeds_per_prompt", "the number of seeds of each prompt")
+    steps = step_count(steps)
+    require_shapes_world(pipe, judge, "overlap")
     n_images = min(n_images, QUICK_OVERLAP_IMAGES) if quick else n_images
     prompts = overlap_prompts(max(1, math.ceil(n_images / seeds_per_prompt)))
     seeds = [OVERLAP_SEED + i for i in range(seeds_per_prompt)]

@@ -11,6 +11,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from probe import plots
+from probe.checks import step_count, whole_number
 from probe.models import attention_layers, load
 from probe.probes import (
     LinearProbe,
@@ -22,7 +23,7 @@ from probe.probes import (
 from probe.record import record
 from probe.shapes.evaluate import HELD_OUT_SEED, STEPS
 from probe.shapes.judge import judge as exact_judge
-from probe.shapes.judge import parse_prompt
+from probe.shapes.judge import parse_prompt, require_shapes_world
 from probe.shapes.world import COLOURS, SHAPES
 from probe.studies.common import CHUNK, Judge, Subject, _chunks, _samples, _save, subject_word
 
@@ -109,6 +110,9 @@ def probe_study(pipe, n_images: int = 500, steps: int = STEPS, quick: bool = Fal
     late (one when ``quick``). ``quick`` also caps the images at 24 and probes only the layer means.
     """
     pipe = load(pipe)
+    n_images = whole_number(n_images, "n_images", "the number of single-object images probed")
+    steps = step_count(steps)
+    require_shapes_world(pipe, judge, "probe")
     n_images = min(n_images, QUICK_PROBE_IMAGES) if quick else n_images
     prompts = [f"a {c} {s}" for c in COLOURS for s in SHAPES]
     seeds = [PROBE_SEED + i for i in range(max(1, math.ceil(n_images / len(prompts))))]

@@ -21,6 +21,7 @@ from probe.studies.guidance import guidance_headline, guidance_study, guidance_t
 from probe.studies.overlap import failure_association, overlap_headline, overlap_study
 from probe.studies.probing import probe_headline, probe_study
 from probe.studies.self_cross import self_cross_headline, self_cross_study, self_cross_summary
+from probe.writes import write_csv, write_text
 
 STUDIES = ("probe", "overlap", "editing", "guidance", "self_cross")
 STUDY_TITLES = {
@@ -147,13 +148,66 @@ def write_index(out: str | Path) -> Path:
                 parts += ["", f"**Answer.** {ANSWERS[row.study](table)}"]
             parts += ["", _markdown(table)]
     path = out / "README.md"
-    path.write_text("\n".join(parts) + "\n")
-    return path
+    return write_text(path, "\n".join(parts) + "\n")
 
 
 def _write_tables(tables: dict[str, pd.DataFrame], out: Path) -> None:
     for name, table in tables.items():
-        table.to_csv(out / f"{name}.csv", index=False, float_format=TABLE_FLOAT_FORMAT)
+        write_csv(table, out / f"{name}.csv", float_format=TABLE_FLOAT_FORMAT)
+
+
+STUDY_FUNCTIONS = {"probe": probe_study, "overlap": overlap_study, "editing": edit_study,
+                   "guidance": guidance_study, "self_cross": self_cross_study}
+RUN_ALL_KEYWORDS = ("quick", "out", "progress")  # what run_all (and the command line's own options) set itself
+_ANNOTATION_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),),
+                     "Path": (str, Path)}
+_GENERIC_TYPES = {"Sequence": (list, tuple), "tuple": (tuple, list), "list": (list, tuple), "Mapping": (dict,),
+                  "dict": (dict,)}
+
+
+def _accepted_types(annotation) -> tuple[type, ...] | None:
+    """The Python types a study keyword's annotation (a string: the studies use postponed annotations) admits, or
+    None where it names a type of its own (Judge, Schedule …) that is not checked here."""
+    if not isinstance(annotation, str):
+        return None
+    accepted: list[type] = []
+    for part in (p.strip() for p in annotation.split("|")):
+        base = part.split("[", 1)[0]
+        found = _ANNOTATION_TYPES.get(part) or _GENERIC_TYPES.get(base)
+        if found is None:
+            return None
+        accepted += found
+    return tuple(accepted)
+
+
+def check_settings(study: str, settings: dict) -> dict:
+    """Keywords for a study function (``sizes`` of :func:`run_all`, ``--set`` of ``probe study``), checked before
+    any model loads: a misspelt keyword would otherwise fail only as Python's "unexpected keyword", and a word
+    given where a number is expected only deep inside the study. Unknown keywords are refused with the function's
+    keywords and the closest matches; a value of the wrong kind (``n_images='abc'``) with the kind expected."""
+    import difflib
+    import inspect
+
+    if study not in STUDY_FUNCTIONS:
+        raise ValueError(f"unknown study {study!r}; known: {list(STUDIES)}")
+    function = STUDY_FUNCTIONS[study]
+    params = {k: p for k, p in inspect.signature(function).parameters.items() if k != "pipe"}
+    for key, value in settings.items():
+        if key in RUN_ALL_KEYWORDS:
+            raise ValueError(f"{key!r} is not a setting to override: it is set by run_all's own {key}= (on the "
+                             f"command line: --{key})")
+        if key not in params:
+            keywords = [k for k in params if k not in RUN_ALL_KEYWORDS]
+            close = difflib.get_close_matches(key, keywords, n=3)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            raise ValueError(f"{function.__name__} has no keyword {key!r}; {hint}its keywords are "
+                             f"{', '.join(keywords)}")
+        accepted = _accepted_types(params[key].annotation)
+        if accepted is not None and (not isinstance(value, accepted)
+                                     or (isinstance(value, bool) and bool not in accepted)):
+            raise ValueError(f"{key}={value!r}: {function.__name__}'s {key} takes {params[key].annotation} (default "
+                             f"{params[key].default!r}), not {type(value).__name__}")
+    return dict(settings)
 
 
 def run_all(pipe, quick: bool = False, out: str | Path = "figures", sizes: dict[str, dict] | None = None,
@@ -175,6 +229,8 @@ def run_all(pipe, quick: bool = False, out: str | Path = "figures", sizes: dict[
     unknown = (set(sizes) | set(only or ())) - set(STUDIES)
     if unknown:
         raise ValueError(f"unknown studies {sorted(unknown)}; known: {list(STUDIES)}")
+    for name, settings in sizes.items():
+        check_settings(name, settings)
 
     def kwargs(name: str) -> dict:
         return {"quick": quick, "out": out, "progress": progress, **({"steps": QUICK_STEPS} if quick else {}),

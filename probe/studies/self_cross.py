@@ -9,10 +9,12 @@ from pathlib import Path
 import pandas as pd
 
 from probe import plots
+from probe.checks import step_count, whole_number
 from probe.guide import InitNO, Schedule
 from probe.models import load
 from probe.shapes.evaluate import GUIDANCE, HELD_OUT_SEED, STEPS
 from probe.shapes.judge import judge as exact_judge
+from probe.shapes.judge import require_shapes_world
 from probe.studies.common import BOOTSTRAPS, QUICK_BOOTSTRAPS, QUICK_STEPS, Judge, Subject, _save, _store
 from probe.studies.guidance import (
     GUIDANCE_SEEDS_PER_PROMPT,
@@ -78,6 +80,10 @@ def self_cross_study(pipe, n_images: int = SELF_CROSS_IMAGES, steps: int = STEPS
     With ``out``, resumable like :func:`guidance_study` (rows in ``out/self_cross_images.csv``).
     """
     pipe = load(pipe)
+    n_images = whole_number(n_images, "n_images", "the number of (prompt, seed) pairs per method")
+    seeds_per_prompt = whole_number(seeds_per_prompt, "seeds_per_prompt", "the number of seeds of each prompt")
+    steps = step_count(steps)
+    require_shapes_world(pipe, judge, "self_cross")
     if quick:
         n_images, seeds_per_prompt, steps = min(n_images, QUICK_SELF_CROSS_IMAGES), 1, min(steps, QUICK_STEPS)
         schedule, initno_settings = schedule or QUICK_SCHEDULE, initno_settings or QUICK_INITNO
