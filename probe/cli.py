@@ -212,7 +212,7 @@ def _shard(value: str) -> tuple[int, int]:
     """``I/N``: share I (0-based) of N."""
     match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", value)
     if not match or not int(match[1]) < int(match[2]):
-        raise ValueError(f"--shard takes I/N, share I of N counted from 0 (0 ≤ I < N), e.g. 0/4 … 3/4; got {value!r}")
+        raise ValueError(f"give I/N, share I of N counted from 0 (0 ≤ I < N, e.g. 0/4 … 3/4), not {value!r}")
     return int(match[1]), int(match[2])
 
 
@@ -236,7 +236,7 @@ def _megabytes(value: str) -> float:
     except ValueError:
         mb = math.nan
     if not mb > 0:
-        raise ValueError(f"--max-mb takes a positive size in MB (e.g. 500), got {value!r}; leave it out for no limit")
+        raise ValueError(f"give a positive size in MB (e.g. 500), not {value!r}; leave --max-mb out for no limit")
     return mb
 
 
@@ -350,8 +350,9 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("show", help="heat-map overlay of one word per layer resolution")
     s.add_argument("recording")
-    s.add_argument("--token", required=True, help="a word of the prompt")
-    s.add_argument("--step", type=int, default=-1, help="step index; negative counts from the last recorded")
+    s.add_argument("--token", required=True, help="a word of the prompt (cat#2: its second occurrence; on SD3 the "
+                   "mean of its CLIP and T5 copies)")
+    s.add_argument("--step", type=int, default=-1, help="a recorded step; negative counts from the last recorded")
     s.add_argument("--sample", type=int, default=0)
     s.add_argument("--dpi", type=int, default=120)
     s.add_argument("--out", required=True)
@@ -473,8 +474,13 @@ def main(argv: list[str] | None = None) -> int:
         args.model = _model_default()
     try:
         args.func(args)
-    except (ValueError, OSError, MemoryError, KeyError, OutputBusy) as err:  # the user's to mend: one line
-        print(f"probe {args.command}: {err}", file=sys.stderr)
+    except (ValueError, OSError, MemoryError, KeyError, OutputBusy, RuntimeError) as err:  # the user's: one line
+        if isinstance(err, RuntimeError) and not isinstance(err, OutputBusy) and "decompression" not in str(err):
+            raise
+        damaged = "checksum" in str(err) or "decompression" in str(err)  # a chunk read back is not what was written
+        hint = (" (a chunk of the recording changed after it was written: `probe info --verify RECORDING` names "
+                "each damaged chunk)") if damaged else ""
+        print(f"probe {args.command}: {err}{hint}", file=sys.stderr)
         return 2
     return 0
 

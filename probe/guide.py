@@ -52,7 +52,7 @@ from probe.overlap import (
     soft_iou,
 )
 from probe.pipelines import conditioned, initial_noise, noise_sigma, set_schedule
-from probe.prompts import subject_indices, text_keys_tokenizer, word_positions
+from probe.prompts import subject_keys
 from probe.tap import Call, Consumer, Tap
 
 # -- settings --------------------------------------------------------------------------------------------------------
@@ -304,13 +304,12 @@ class Guide:
         self.subjects = checks.subject_words(subjects)
         if not self.subjects:
             raise ValueError("give at least one subject word to guide")
-        tokenizer = text_keys_tokenizer(self.pipe)
-        self.indices = subject_indices(tokenizer, prompt, self.subjects)
+        self.indices, words = subject_keys(self.pipe, prompt, self.subjects, max_sequence_length)
         self.objective = as_objective(objective)
         self.schedule = schedule or Schedule()
         if self.schedule.tokens not in ("words", "diffusers"):
             raise ValueError(f"Schedule.tokens must be 'words' or 'diffusers', not {self.schedule.tokens!r}")
-        self.softmax_tokens = word_positions(tokenizer, prompt) if self.schedule.tokens == "words" else None
+        self.softmax_tokens = words if self.schedule.tokens == "words" else None
         scale = getattr(self.pipe, "vae_scale_factor", 8)
         lh, lw = latent_size(self.pipe, height, width)
         self.height, self.width = lh * scale, lw * scale

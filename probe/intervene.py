@@ -29,8 +29,10 @@ from probe.overlap import center_of_mass, soft_iou
 from probe.tap import Call, Consumer, Layer
 
 SHAM = "sham"
-SEARCH_POINTS = 81  # σ grid searched before bisection
-BISECTIONS = 20
+SEARCH_POINTS = 41  # σ grid searched before bisection
+BISECTIONS = 10  # of the sharpening power
+REFINEMENTS = 2  # grids searched for σ, each inside the last one's bracket
+TOLERANCE = 0.01  # a dose counts as reached when the soft IoU lands this close to it
 
 
 def shift(maps: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
@@ -109,38 +111,54 @@ def _sharpen(shifted: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
 
 def _solve(grids: list[torch.Tensor], gap: torch.Tensor, target: float, direction: torch.Tensor
            ) -> tuple[torch.Tensor, bool]:
-    """The smallest move σ whose soft IoU (of the moved head-mean maps) is nearest ``target``, and whether the
-    target is in reach: a grid over [−1, 1], then bisection in the bracket nearest σ = 0 where the soft IoU crosses
-    the target."""
-    def iou(sigma: torch.Tensor) -> torch.Tensor:
+    """The smallest move σ whose soft IoU (of the moved head-mean maps) is nearest ``target``, and whether it is
+    within :data:`TOLERANCE` of it. The search runs first on each subject's head-mean map moved as one (cheap), then
+    on the columns themselves, each head's moved on its own, around that σ and, where that misses, over all of
+    [−1, 1]."""
+    means = [g.sum(1, keepdim=True).mean(0, keepdim=True) for g in grids]  # (1, 1, h, w): one column per subject
+    first = _search(means, gap, target, direction, torch.linspace(-1, 1, SEARCH_POINTS, device=gap.device))
+    tries = [lambda: first,
+             lambda: _search(grids, gap, target, direction,
+                             (first + torch.linspace(-0.1, 0.1, 9, device=gap.device)).clamp(-1, 1)),
+             lambda: _search(grids, gap, target, direction, torch.linspace(-1, 1, SEARCH_POINTS, device=gap.device))]
+    for attempt in tries:
+        sigma = attempt()
         a, b = _moved(grids, gap, sigma, direction)
-        return soft_iou(a.sum(2).mean(1), b.sum(2).mean(1))
+        if abs(float(soft_iou(a.sum(2).mean(1), b.sum(2).mean(1))[0]) - target) <= TOLERANCE:
+            return sigma, True
+    return sigma, False
 
-    grid = torch.linspace(-1, 1, SEARCH_POINTS, device=gap.device)
-    miss = iou(grid) - target
-    crossings = torch.nonzero(torch.sign(miss[:-1]) != torch.sign(miss[1:])).flatten()
-    if not len(crossings):  # out of reach: the move that comes nearest
-        return grid[miss.abs().argmin()].reshape(1), False
-    k = crossings[(grid[crossings].abs() + grid[crossings + 1].abs()).argmin()]
-    lo, hi, m_lo = grid[k].clone(), grid[k + 1].clone(), miss[k]
-    for _ in range(BISECTIONS):
-        mid = (lo + hi) / 2
-        m_mid = iou(mid.reshape(1))[0] - target
-        if torch.sign(m_mid) == torch.sign(m_lo):
-            lo, m_lo = mid, m_mid
-        else:
-            hi = mid
-    return ((lo + hi) / 2).reshape(1), True
+
+def _search(grids: list[torch.Tensor], gap: torch.Tensor, target: float, direction: torch.Tensor,
+            candidates: torch.Tensor) -> torch.Tensor:
+    """σ among ``candidates`` where the soft IoU crosses the target (the crossing nearest σ = 0, refined on a finer
+    grid inside its bracket and interpolated there), else the candidate that comes nearest. Each grid is one batched
+    evaluation."""
+    def miss(sigma: torch.Tensor) -> torch.Tensor:
+        a, b = _moved(grids, gap, sigma, direction)
+        return soft_iou(a.sum(2).mean(1), b.sum(2).mean(1)) - target
+
+    for _ in range(REFINEMENTS):
+        found = miss(candidates)
+        crossings = torch.nonzero(torch.sign(found[:-1]) != torch.sign(found[1:])).flatten()
+        if not len(crossings):
+            return candidates[found.abs().argmin()].reshape(1)
+        k = crossings[(candidates[crossings].abs() + candidates[crossings + 1].abs()).argmin()]
+        lo, hi, f_lo, f_hi = candidates[k], candidates[k + 1], found[k], found[k + 1]
+        candidates = torch.linspace(float(lo), float(hi), SEARCH_POINTS, device=gap.device)
+    return (lo + (hi - lo) * f_lo / (f_lo - f_hi)).reshape(1)  # linear between the last bracket's ends
 
 
 @dataclass
 class Unit:
     """One conditional sample's intervention: its two subjects' text columns, the dose (a soft IoU to reach,
-    :data:`SHAM`, or None for none) and the direction (radians) a push apart takes."""
+    :data:`SHAM`, or None for none: measured, not moved), the direction (radians) a push apart takes, and the steps
+    it acts at (None: the consumer's)."""
 
     columns: tuple[Sequence[int], Sequence[int]]
     dose: float | str | None
     angle: float = 0.0
+    steps: frozenset[int] | None = None
     checks: list[dict] = field(default_factory=list)  # per intervened call: the manipulation check
 
 
@@ -152,7 +170,8 @@ class OverlapShift(Consumer):
     def __init__(self, layers: Sequence[Layer], steps: Sequence[int], units: Sequence[Unit]):
         if any(layer.kind != "cross" for layer in layers):
             raise ValueError("the overlap intervention moves cross-attention maps: give cross layers")
-        self.layers, self.steps, self.units = frozenset(la.key for la in layers), frozenset(steps), list(units)
+        self.layers, self.units = frozenset(la.key for la in layers), list(units)
+        self.steps = frozenset(steps).union(*(u.steps for u in self.units if u.steps is not None))
 
     def wants(self, call: Call) -> bool:
         return call.pass_ in ("cfg", "cond") and call.layer.key in self.layers and call.step in self.steps
@@ -163,12 +182,14 @@ class OverlapShift(Consumer):
         if probs.shape[0] - start != len(self.units):
             raise ValueError(f"{call.layer.name}: {probs.shape[0] - start} conditional samples in this call, but "
                              f"the intervention was given {len(self.units)} units")
-        if all(unit.dose is None for unit in self.units):
-            return None
-        out = probs.clone()
+        out = None
         for i, unit in enumerate(self.units):
+            if call.step not in (self.steps if unit.steps is None else unit.steps):
+                continue
+            moved = self._move(call, probs[start + i], unit)
             if unit.dose is not None:
-                out[start + i] = self._move(call, probs[start + i], unit)
+                out = probs.clone() if out is None else out
+                out[start + i] = moved
         return out
 
     def _move(self, call: Call, probs: torch.Tensor, unit: Unit) -> torch.Tensor:
@@ -181,7 +202,7 @@ class OverlapShift(Consumer):
         means = [g.sum(1).mean(0) for g in grids]  # each subject's head-mean map
         direction = torch.tensor([math.sin(unit.angle), math.cos(unit.angle)], device=x.device)
         gap = _gap(means[0], means[1])
-        sigma, reachable = ((torch.zeros(1, device=x.device), True) if unit.dose == SHAM
+        sigma, reachable = ((torch.zeros(1, device=x.device), True) if unit.dose in (SHAM, None)
                             else _solve(grids, gap, float(unit.dose), direction))
         moved = [m[0] for m in _moved(grids, gap, sigma, direction)]
         block = x.clone()

@@ -348,7 +348,7 @@ def _peaks(tree: xr.DataTree, word: str, sample: int = 0) -> dict[str, float]:
     peaks = {}
     for group in tree["cross"].children:
         path = f"cross/{group}"
-        indices = _word_tokens(_tokens(tree, sample, path), [word])[0]
+        indices = _word_tokens(tree, sample, path, [word])[0]
         attn = tree[path]["attn"].isel(sample=sample).sel(step=_steps(tree, path)[-1])
         if "head" in attn.dims:
             attn = attn.mean("head")
@@ -367,7 +367,7 @@ def _block(name: str) -> str:
 
 def _correlations(tree: xr.DataTree, word: str, group: str = SETTLE_GROUP, sample: int = 0) -> np.ndarray:
     """Pearson correlation over pixels of ``word``'s layer-mean map at each step with its map at the last step."""
-    indices = _word_tokens(_tokens(tree, sample, group), [word])[0]
+    indices = _word_tokens(tree, sample, group, [word])[0]
     maps = _layer_mean(tree, sample, group)[..., indices].mean(-1).reshape(len(_steps(tree, group)), -1)
     centred = maps - maps.mean(1, keepdims=True)
     norms = np.linalg.norm(centred, axis=1)

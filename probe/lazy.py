@@ -37,8 +37,8 @@ from probe.overlap import (
     self_cross_overlap,
     spread,
 )
-from probe.prompts import recorded_subject_tokens, subjects_of
-from probe.record import full_self, stored_chunks, zarr_encoding
+from probe.prompts import recorded_subject_tokens, recorded_words, subjects_of
+from probe.record import full_self, recording_schema_problems, stored_chunks, zarr_encoding  # noqa: F401
 from probe.writes import replacing
 
 PAIR_STATS = ("soft_iou", "com_distance", "kl_sym", "compactness", "self_cross")
@@ -61,46 +61,6 @@ def open_store(path: str | Path) -> xr.DataTree:
     return xr.open_datatree(path, engine="zarr", chunks={}, consolidated=False)  # stored one sample per chunk
 
 
-ATTENTION_KINDS = ("cross", "self", "text_image", "text_text")  # probe.tap.layers.KINDS: a recording's top groups
-
-
-def recording_schema_problems(tree: xr.DataTree) -> list[str]:
-    """What keeps ``tree`` from being a probe recording or sweep store; empty when it is one.
-
-    Why: a foreign file that happens to have a ``cross`` group would otherwise open and fail later, deep in an
-    analysis, with an error about a missing variable. A recording has the root attribute ``probe_version`` (the
-    writer's), attention groups ``cross/…``, ``self/…`` (``text_image``, ``text_text``) whose groups each hold
-    ``attn`` (sample, step, …) or, for ``self_store="qk"``, ``q`` and ``k``, and ``token_text`` beside every
-    text-key map.
-    """
-    problems = []
-    if "probe_version" not in tree.attrs:
-        problems.append("its root has no probe_version attribute (every recording and sweep store has one)")
-    kinds = [name for name in tree.children if name in ATTENTION_KINDS]
-    if not kinds:
-        problems.append(f"it has no attention groups ({', '.join(ATTENTION_KINDS)}); its groups are "
-                        f"{sorted(tree.children)}")
-    for kind in kinds:
-        groups = tree[kind].children
-        if not groups:
-            problems.append(f"/{kind} holds no groups (a recording has /{kind}/res<N>)")
-        for name, node in groups.items():
-            ds = node.ds
-            variables = sorted(ds.data_vars)
-            if "attn" in ds.data_vars:
-                attn = ds["attn"]
-                needed = ("sample", "step", "y", "x") if kind in ("cross", "self") else ("sample", "step")
-                missing = [d for d in needed if d not in attn.dims]
-                if missing:
-                    problems.append(f"/{kind}/{name}/attn has dims {attn.dims}, not a recording's (no "
-                                    f"{', '.join(missing)})")
-                if kind in ("cross", "text_text") and "token" in attn.dims and "token_text" not in ds.coords:
-                    problems.append(f"/{kind}/{name} has no token_text coordinate, so its tokens cannot be named")
-            elif not {"q", "k"} <= set(ds.data_vars):
-                problems.append(f"/{kind}/{name} holds neither attn nor q and k (its variables: {variables})")
-    return problems
-
-
 def _dataset(group) -> xr.Dataset:
     return group.to_dataset() if hasattr(group, "to_dataset") else group
 
@@ -118,8 +78,9 @@ def _words(subjects: Subjects, prompt: str) -> list[str]:
 
 
 def subject_tokens(cross, subjects: Subjects = None) -> xr.Dataset:
-    """Each sample's subject word pieces: ``pieces`` (sample, subject, piece) token indices (−1 pads), ``end``
-    (sample) the end token's index, ``subject_word`` (sample, subject).
+    """Each sample's subject word pieces: ``pieces`` (sample, subject, piece) token indices (−1 pads), ``words``
+    (sample, token) the prompt's word tokens (:func:`probe.prompts.recorded_words`, what the A&E view's softmax runs
+    over), ``subject_word`` (sample, subject).
 
     ``subjects``: None (each prompt's nouns, :func:`probe.prompts.subjects_of`), one list for every sample, a
     mapping prompt → words or a callable of the prompt. Words become tokens by
@@ -148,11 +109,12 @@ def subject_tokens(cross, subjects: Subjects = None) -> xr.Dataset:
         for j, run in enumerate(pieces):
             index[i, j, : len(run)] = run
             labels[i, j] = words_per_sample[i][j]
-    end = np.array([int((row != "").sum()) - 1 for row in texts], dtype=np.int64)
+    words = np.array([recorded_words([str(t) for t in row]) for row in texts], dtype=bool).reshape(texts.shape)
     sample = ds["sample"].values
     return xr.Dataset(
-        {"pieces": (("sample", "subject", "piece"), index), "end": ("sample", end)},
-        coords={"sample": sample, "subject": np.arange(n_subjects), "subject_word": (("sample", "subject"), labels)},
+        {"pieces": (("sample", "subject", "piece"), index), "words": (("sample", "token"), words)},
+        coords={"sample": sample, "subject": np.arange(n_subjects), "subject_word": (("sample", "subject"), labels),
+                "token": ds["token"].values},
     )
 
 
@@ -166,14 +128,14 @@ def _mean_of(block: np.ndarray, n_reduced: int, first: int) -> torch.Tensor:
     return x.mean(tuple(range(first, first + n_reduced))) if n_reduced else x
 
 
-def _maps_block(attn: np.ndarray, pieces: np.ndarray, end: np.ndarray, *, n_reduced: int, view: str
+def _maps_block(attn: np.ndarray, pieces: np.ndarray, words: np.ndarray, *, n_reduced: int, view: str
                 ) -> np.ndarray:
     """(s, step, [layer, head], y, x, token) → (s, step, subject, y, x): one chunk's subject maps."""
     cross = _mean_of(attn, n_reduced, 2)  # (s, step, y, x, T)
     n, steps, h, w, _ = cross.shape
     out = torch.full((n, steps, pieces.shape[1], h, w), float("nan"))
     for b in range(n):
-        source = token_softmax(cross[b], last=int(end[b])) if view == "ae" else cross[b]
+        source = token_softmax(cross[b], keep=np.flatnonzero(words[b]).tolist()) if view == "ae" else cross[b]
         for j, run in enumerate(pieces[b]):
             run = [int(i) for i in run if i >= 0]
             if run:
@@ -188,8 +150,8 @@ def subject_maps(cross, subjects: Subjects = None, *, view: str = "maps", tokens
     """Lazy subject maps (sample, step, subject, y, x), float32, from a cross-attention group.
 
     Layers and heads are averaged. ``view``: ``"maps"`` (each subject's mean over its word pieces,
-    :func:`probe.maps.token_map`) or ``"ae"`` (Attend-and-Excite's: :func:`probe.maps.token_softmax` up to the end
-    token, then :func:`probe.maps.gaussian_smooth`). Missing subjects (a prompt with fewer) are NaN.
+    :func:`probe.maps.token_map`) or ``"ae"`` (Attend-and-Excite's: :func:`probe.maps.token_softmax` over the
+    prompt's words, then :func:`probe.maps.gaussian_smooth`). Missing subjects (a prompt with fewer) are NaN.
     """
     if view not in ("maps", "ae"):
         raise ValueError(f"view must be 'maps' or 'ae', not {view!r}")
@@ -199,8 +161,8 @@ def subject_maps(cross, subjects: Subjects = None, *, view: str = "maps", tokens
     reduced = _reduced(attn)
     core = ["step", *reduced, "y", "x", "token"]
     out = xr.apply_ufunc(
-        _maps_block, _per_sample(attn), tokens["pieces"], tokens["end"],
-        input_core_dims=[core, ["subject", "piece"], []], output_core_dims=[["step", "subject", "y", "x"]],
+        _maps_block, _per_sample(attn), tokens["pieces"], tokens["words"],
+        input_core_dims=[core, ["subject", "piece"], ["token"]], output_core_dims=[["step", "subject", "y", "x"]],
         kwargs={"n_reduced": len(reduced), "view": view}, dask="parallelized", output_dtypes=[np.float32],
     )
     return out.assign_coords(subject_word=tokens["subject_word"]).rename(f"subject_{view}")
@@ -226,12 +188,12 @@ def _subject_stats(m: torch.Tensor, ae: torch.Tensor) -> torch.Tensor:
     return torch.stack([intensity(m), spread(m), aggregation_loss(m), ae_response(ae)], -1)
 
 
-def _stats_block(attn: np.ndarray, pieces: np.ndarray, end: np.ndarray, *self_block: np.ndarray, n_reduced: int,
+def _stats_block(attn: np.ndarray, pieces: np.ndarray, words: np.ndarray, *self_block: np.ndarray, n_reduced: int,
                  n_self_reduced: int) -> np.ndarray:
     """Everything of one chunk in one task, so no per-sample intermediate outlives it: cross (and self) attention
     → (s, step, slot), the pair statistics then the subject statistics, flattened."""
-    maps = torch.from_numpy(_maps_block(attn, pieces, end, n_reduced=n_reduced, view="maps"))
-    ae = torch.from_numpy(_maps_block(attn, pieces, end, n_reduced=n_reduced, view="ae"))
+    maps = torch.from_numpy(_maps_block(attn, pieces, words, n_reduced=n_reduced, view="maps"))
+    ae = torch.from_numpy(_maps_block(attn, pieces, words, n_reduced=n_reduced, view="ae"))
     aggregated = None
     if self_block:
         keys = _mean_of(self_block[0], n_self_reduced, 2)  # (s, step, y, x, ky, kx)
@@ -285,8 +247,8 @@ def _packed(attn: xr.DataArray, tokens: xr.Dataset, self_attn: xr.DataArray | No
     """The statistics of these samples, lazily, one task per chunk: (sample, step, slot)."""
     attn = _per_sample(attn)
     self_attn = None if self_attn is None else _per_sample(self_attn)
-    inputs = [attn, tokens["pieces"], tokens["end"]]
-    cores = [["step", *_reduced(attn), "y", "x", "token"], ["subject", "piece"], []]
+    inputs = [attn, tokens["pieces"], tokens["words"]]
+    cores = [["step", *_reduced(attn), "y", "x", "token"], ["subject", "piece"], ["token"]]
     n_self_reduced = 0
     if self_attn is not None:
         own_dims = {d: f"self_{d}" for d in _reduced(self_attn)}  # the self layers are other modules

@@ -298,6 +298,28 @@ def recorded_subject_tokens(tokens: Sequence[str], encoders: Sequence[str] | Non
     return found
 
 
+_SPECIAL_TOKEN = re.compile(r"<\|?/?[a-z_]+\|?>")  # <|startoftext|>, <|endoftext|>, </s>, <pad>, <unk>
+
+
+def recorded_words(tokens: Sequence[str]) -> list[bool]:
+    """Which of a recording's tokens are the prompt's words: not padding (empty) and not a start, end or padding
+    token, in every encoder's copy. Attend-and-Excite's softmax runs over these (its official code: the words,
+    :func:`word_positions`); on SD3 the CLIP end token and T5's own special tokens sit between the two copies, and a
+    softmax that kept them would be theirs."""
+    return [bool(t) and not _SPECIAL_TOKEN.fullmatch(t) for t in tokens]
+
+
+def subject_keys(pipe, prompt: str, subjects: Sequence[str], max_sequence_length: int | None = None
+                 ) -> tuple[list[list[int]], list[int]]:
+    """Each subject's positions among the denoiser's text keys, and the positions of the prompt's words, by the one
+    rule of :func:`recorded_subject_tokens` (every copy of a word: CLIP's and T5's on SD3): what guidance and the
+    attention intervention act on, so that they move the very maps a recording's reader sees."""
+    layout = text_layout(pipe, prompt, max_sequence_length=max_sequence_length)
+    found = recorded_subject_tokens(layout.texts, layout.encoders, subjects, prompt)
+    words = [p for p, is_word in zip(layout.positions, recorded_words(layout.texts)) if is_word]
+    return [[layout.positions[i] for i in ix] for ix in found], words
+
+
 # -- prompt sets ---------------------------------------------------------------------------------------------------
 
 

@@ -26,7 +26,7 @@ from probe.checks import disk_full, head_choice, prompt_fits, room_for, step_cou
 from probe.models import Layer, attention_layers, denoiser, latent_size, load, select_layers
 from probe.prompts import TextLayout, text_layout
 from probe.tap import Call, Consumer, Tap, TapError, family_of
-from probe.tap.layers import TEXT_QUERIES
+from probe.tap.layers import KINDS, TEXT_QUERIES
 from probe.writes import check_out, recover, replacing
 
 BYTES_PER_VALUE = 2  # float16 storage
@@ -616,12 +616,52 @@ def open_recording(path: str | Path, *, verify: bool = False) -> xr.DataTree:
     if not any(name.startswith(("cross", "self")) for name in tree.children):
         raise ValueError(f"{path} opens but holds no attention groups (cross/…, self/…): it is not a probe "
                          f"recording (its groups: {sorted(tree.children)})")
+    foreign = recording_schema_problems(tree)
+    if foreign:
+        raise ValueError(f"{path} opens but is not a probe recording: {'; '.join(foreign[:5])}")
     problems = contradictions(tree) + damaged_chunks(path, read=verify)
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise ValueError(f"{path} is damaged: {'; '.join(problems[:5])}{more}. It was complete when written, so it "
                          "changed afterwards: restore it from a copy or record it again")
     return tree
+
+
+def recording_schema_problems(tree: xr.DataTree) -> list[str]:
+    """What keeps ``tree`` from being a probe recording or sweep store; empty when it is one.
+
+    Why: a foreign file that happens to have a ``cross`` group would otherwise open and fail later, deep in an
+    analysis, with an error about a missing variable. A recording has the root attribute ``probe_version`` (the
+    writer's), attention groups ``cross/…``, ``self/…`` (``text_image``, ``text_text``) whose groups each hold
+    ``attn`` (sample, step, …) or, for ``self_store="qk"``, ``q`` and ``k``, and ``token_text`` beside every
+    text-key map.
+    """
+    problems = []
+    if "probe_version" not in tree.attrs:
+        problems.append("its root has no probe_version attribute (every recording and sweep store has one)")
+    kinds = [name for name in tree.children if name in KINDS]
+    if not kinds:
+        problems.append(f"it has no attention groups ({', '.join(KINDS)}); its groups are "
+                        f"{sorted(tree.children)}")
+    for kind in kinds:
+        groups = tree[kind].children
+        if not groups:
+            problems.append(f"/{kind} holds no groups (a recording has /{kind}/res<N>)")
+        for name, node in groups.items():
+            ds = node.ds
+            variables = sorted(ds.data_vars)
+            if "attn" in ds.data_vars:
+                attn = ds["attn"]
+                needed = ("sample", "step", "y", "x") if kind in ("cross", "self") else ("sample", "step")
+                missing = [d for d in needed if d not in attn.dims]
+                if missing:
+                    problems.append(f"/{kind}/{name}/attn has dims {attn.dims}, not a recording's (no "
+                                    f"{', '.join(missing)})")
+                if kind in ("cross", "text_text") and "token" in attn.dims and "token_text" not in ds.coords:
+                    problems.append(f"/{kind}/{name} has no token_text coordinate, so its tokens cannot be named")
+            elif not {"q", "k"} <= set(ds.data_vars):
+                problems.append(f"/{kind}/{name} holds neither attn nor q and k (its variables: {variables})")
+    return problems
 
 
 def contradictions(tree: xr.DataTree) -> list[str]:

@@ -20,6 +20,7 @@ import pytest
 
 import probe
 from probe import sweeps, writes
+from probe.cli import main
 from probe.studies.common import ImageRows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,7 +263,7 @@ def test_a_resumed_sweep_computes_again_an_item_whose_chunk_was_lost(tmp_path, t
     assert again.computed == [1] and sweeps.verify(tmp_path / "s") == [] and chunk.read_bytes() == whole
 
 
-def test_damaged_recordings_are_refused_when_opened(tmp_path, tiny):
+def test_damaged_recordings_are_refused_when_opened(tmp_path, tiny, capsys):
     out = probe.record(tiny, PROMPT, seeds=[0, 1], steps=2, progress=False, out=tmp_path / "r.zarr")
     del out
     chunk = next(p for p in (tmp_path / "r.zarr/cross/res16/attn/c/1").rglob("*") if p.is_file())
@@ -272,6 +273,11 @@ def test_damaged_recordings_are_refused_when_opened(tmp_path, tiny):
     probe.open_recording(tmp_path / "r.zarr")  # reading no chunk finds nothing yet …
     with pytest.raises(ValueError, match=r"is damaged: chunk cross/res16/attn/c/1/.* is damaged"):
         probe.open_recording(tmp_path / "r.zarr", verify=True)  # … the checksums do
+    assert main(["info", str(tmp_path / "r.zarr")]) == 0
+    assert main(["info", "--verify", str(tmp_path / "r.zarr")]) == 2
+    assert main(["show", str(tmp_path / "r.zarr"), "--sample", "1", "--token", "cat", "--out",
+                 str(tmp_path / "cat.png")]) == 2  # reading the damaged chunk: its checksum, and what to run
+    assert "probe info --verify RECORDING" in capsys.readouterr().err
     next(p for p in (tmp_path / "r.zarr/images/image/c/0").rglob("*") if p.is_file()).unlink()
     with pytest.raises(ValueError, match=r"is damaged: chunk images/image/c/0/.* is missing"):
         probe.open_recording(tmp_path / "r.zarr")

@@ -13,7 +13,7 @@ import torch
 import probe
 from probe.intervene import SHAM, OverlapShift, Unit, shift, spread
 from probe.overlap import center_of_mass, soft_iou
-from probe.prompts import subject_indices, text_keys_tokenizer
+from probe.prompts import subject_keys
 from probe.tap import Call, Consumer, Tap
 
 PROMPT = "a cat and a dog"
@@ -42,7 +42,7 @@ def _maps(block: torch.Tensor, grid, columns) -> list[torch.Tensor]:
 
 def _run(pipe, dose, seed=0, angle=1.0):
     layers = [la for la in probe.models.attention_layers(pipe) if la.kind == "cross"]
-    columns = subject_indices(text_keys_tokenizer(pipe), PROMPT, ["cat", "dog"])
+    columns, _ = subject_keys(pipe, PROMPT, ["cat", "dog"])  # on SD3 both copies of each word
     unit = Unit(tuple(columns), dose, angle)
     before, after = Capture([la.key for la in layers]), Capture([la.key for la in layers])
     with Tap(pipe, [before, OverlapShift(layers, MOVED_STEPS, [unit]), after]):

@@ -25,7 +25,7 @@ from probe.guide import OBJECTIVES, InitNO, Schedule, generate
 from probe.maps import aggregate_self_attention, gaussian_smooth, token_map, token_softmax
 from probe.models import attention_layers
 from probe.overlap import pair_indices
-from probe.prompts import prompt_set, subject_indices, word_positions
+from probe.prompts import prompt_set, subject_indices, text_keys_tokenizer, word_positions
 from probe.shapes.evaluate import GUIDANCE
 from probe.shapes.judge import judge as exact_judge
 from probe.studies.common import ImageRows, Judge, Subject, judged, nearest_grid, settings_id, weights_id
@@ -202,8 +202,9 @@ def guided_images(pipe, prompts: Sequence[dict], seeds: Sequence[int], configs: 
                           output_type="np", progress=False, consumers=[capture])
         seconds = time.perf_counter() - start
         image = (np.asarray(result.images[0]) * 255).round().clip(0, 255).astype(np.uint8)
-        words_at = word_positions(pipe, item["prompt"])
-        indices = subject_indices(pipe, item["prompt"], words)
+        tokenizer = text_keys_tokenizer(pipe)  # as guidance places words (FLUX: T5's positions, not CLIP's)
+        words_at = word_positions(tokenizer, item["prompt"])
+        indices = subject_indices(tokenizer, item["prompt"], words)
         maps = capture.maps
         loss_start, loss_end = result.objective_span
         row = {"method": method, "initno": initno, "set": item["set"], "prompt": item["prompt"], "seed": seed,

@@ -1,0 +1,242 @@
+"""Does attention overlap cause entity missing? A direct intervention on the maps (:mod:`probe.intervene`).
+
+Units are distinct object sets of the built-in world (two objects, distinct shapes and colours) in both word orders,
+each with its own seeds; every arm of a unit runs on the same seed, in one batch. Experiments:
+
+- **E1, dose–response**: none (the same explicit-softmax path, nothing moved), sham (the same code, a zero move) and
+  :data:`DOSES` of soft IoU, applied in the cross-attention layers nearest 16² and 8² at the first
+  :data:`EARLY` share of the steps;
+- **E2, timing**: the strongest push apart (the lowest dose) applied only early, in the middle or late.
+
+Outcome per image, three exclusive categories (:func:`category`): all subjects present, any missing, any mixed
+(missing first where both). Primary: all present. Each row carries its manipulation check: the soft IoU before and
+after the move, each map's mass, peak and spread before and after (means over the intervened calls), the share of
+calls where the dose was in reach.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from probe.intervene import SHAM, OverlapShift, Unit
+from probe.models import attention_layers, load
+from probe.prompts import subject_keys
+from probe.shapes.evaluate import GUIDANCE, HELD_OUT_SEED, STEPS
+from probe.shapes.judge import judge as exact_judge
+from probe.stats import cluster_sign_flip, clustered_bootstrap, holm
+from probe.studies.common import ImageRows, Judge, judged, settings_id, weights_id
+from probe.tap import Tap
+
+INTERVENTION_SEED = HELD_OUT_SEED + 60_000  # seeds of this study's images
+DOSES = (0.05, 0.10, 0.20, 0.30)  # soft IoU targets, both sides of the natural overlap (pilot: 0.155 at 16² and 8², first 20 %)
+EARLY = 0.2  # E1 acts on the first 20 % of the steps (where A&E acts on this model)
+WINDOWS = {"early": (0.0, 0.2), "middle": (0.4, 0.6), "late": (0.8, 1.0)}  # E2: shares of the schedule
+GRIDS = (16, 8)  # the cross-attention grids the maps are moved at
+CATEGORIES = ("all_present", "missing", "mixed")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One way a unit's image is made: its name, its dose (None: none) and its share of the schedule."""
+
+    name: str
+    dose: float | str | None
+    window: tuple[float, float] = (0.0, EARLY)
+
+    def steps(self, steps: int) -> frozenset[int]:
+        lo, hi = self.window
+        return frozenset(range(int(round(lo * steps)), max(int(round(hi * steps)), int(round(lo * steps)) + 1)))
+
+
+def e1_arms(doses: Sequence[float] = DOSES) -> list[Arm]:
+    return [Arm("none", None), Arm("sham", SHAM), *(Arm(f"dose {d:g}", float(d)) for d in doses)]
+
+
+def e2_arms(dose: float = min(DOSES)) -> list[Arm]:
+    return [Arm("none", None), *(Arm(f"{name} {dose:g}", float(dose), window) for name, window in WINDOWS.items())]
+
+
+def object_sets() -> list[tuple[tuple[str, str], tuple[str, str]]]:
+    """Every set of two objects with distinct colours and distinct shapes, in a fixed order: ((colour, shape), …)."""
+    from probe.shapes.world import COLOURS, SHAPES
+
+    sets = []
+    for shapes in itertools.combinations(SHAPES, 2):
+        for colours in itertools.permutations(COLOURS, 2):
+            sets.append(tuple(zip(colours, shapes)))
+    return sets
+
+
+def draw_units(n_sets: int, seeds_per_order: int, *, skip: int = 0, seed: int = 0) -> pd.DataFrame:
+    """Units: ``n_sets`` object sets drawn without replacement (after the first ``skip`` of the same shuffled order,
+    which a pilot used), both word orders each, ``seeds_per_order`` seeds each; one row per unit."""
+    order = np.random.default_rng(seed).permutation(len(object_sets()))
+    if skip + n_sets > len(order):
+        raise ValueError(f"the world has {len(order)} object sets; {skip} used by the pilot leave "
+                         f"{len(order) - skip}, fewer than the {n_sets} asked for")
+    rows = []
+    for set_id in order[skip : skip + n_sets]:
+        pair = object_sets()[set_id]
+        for word_order, objects in (("ab", pair), ("ba", pair[::-1])):
+            prompt = " and ".join(f"a {colour} {shape}" for colour, shape in objects)
+            for k in range(seeds_per_order):
+                rows.append({"set_id": int(set_id), "order": word_order, "prompt": prompt,
+                             "subjects": [shape for _, shape in objects],
+                             "seed": INTERVENTION_SEED + 1000 * int(set_id) + 10 * k + (word_order == "ba")})
+    return pd.DataFrame(rows)
+
+
+def category(row: dict) -> str:
+    """The image's one outcome: any missing, else any mixed, else all present."""
+    return "missing" if row["missing"] else "mixed" if row["mixed"] else "all_present"
+
+
+def unit_angle(set_id: int, seed: int) -> float:
+    """The direction a push apart takes in a unit: random per unit, the same for every dose."""
+    return float(np.random.default_rng([set_id, seed]).uniform(0, 2 * math.pi))
+
+
+def _summary(checks: list[dict]) -> dict:
+    """Means over a unit's intervened calls of what the manipulation check measured."""
+    if not checks:
+        return {}
+    frame = pd.DataFrame(checks)
+    out = {"iou_before": frame.iou_before.mean(), "iou_after": frame.iou_after.mean(),
+           "reachable": frame.reachable.astype(float).mean(), "clamped": frame.clamped_queries.mean(),
+           "calls": len(frame)}
+    for what in ("mass", "peak", "spread"):
+        ratios = [frame[f"{what}_{s}_after"] / frame[f"{what}_{s}_before"].where(frame[f"{what}_{s}_before"] != 0)
+                  for s in "ab"]
+        out[f"{what}_ratio"] = float(pd.concat(ratios).mean())
+        out[f"{what}_ratio_worst"] = float(pd.concat(ratios).sub(1).abs().max())
+    return out
+
+
+def run(pipe, units: pd.DataFrame, arms: Sequence[Arm], *, experiment: str, steps: int = STEPS,
+        guidance_scale: float = GUIDANCE, judge: Judge = exact_judge, store: str | Path | None = None,
+        shard: tuple[int, int] | None = None, progress: bool = True) -> pd.DataFrame:
+    """One row per (unit, arm): the judge's verdict, its category and the manipulation check. Every arm of a unit is
+    made in one batch from the unit's seed. ``store``: a CSV the rows are kept in as they are made (a stopped run
+    resumes); ``shard=(i, n)``: only the units ``k`` with ``k % n == i`` (merge the shards' tables with
+    :func:`merge`)."""
+    pipe = load(pipe)
+    layers = [la for la in attention_layers(pipe) if la.kind == "cross" and la.grid[0] in GRIDS]
+    keys = [(u.prompt, int(u.seed), arm.name, False) for u in units.itertuples() for arm in arms]
+    rows = ImageRows(store, settings_id(weights=weights_id(pipe), steps=steps, guidance_scale=guidance_scale,
+                                        experiment=experiment, arms=[vars(a) for a in arms], grids=GRIDS,
+                                        judge=getattr(judge, "__qualname__", repr(judge))), keys)
+    todo = [(k, u) for k, u in enumerate(units.itertuples())
+            if (shard is None or k % shard[1] == shard[0]) and any(rows.get((u.prompt, int(u.seed), a.name, False))
+                                                                    is None for a in arms)]
+    device = pipe._execution_device
+    for k, unit in tqdm(todo, desc=experiment, disable=not progress):
+        columns, _ = subject_keys(pipe, unit.prompt, list(unit.subjects))
+        angle = unit_angle(unit.set_id, unit.seed)
+        plans = [Unit(tuple(columns), arm.dose, angle, arm.steps(steps)) for arm in arms]
+        start = time.perf_counter()
+        with Tap(pipe, [OverlapShift(layers, (), plans)]):
+            images = pipe([unit.prompt] * len(arms), num_inference_steps=steps, guidance_scale=guidance_scale,
+                          generator=[torch.Generator(device).manual_seed(int(unit.seed)) for _ in arms],
+                          output_type="np").images
+        seconds = (time.perf_counter() - start) / len(arms)
+        for arm, plan, image in zip(arms, plans, images):
+            pixels = (np.asarray(image) * 255).round().clip(0, 255).astype(np.uint8)
+            row = {"experiment": experiment, "unit": k, "set_id": unit.set_id, "order": unit.order,
+                   "prompt": unit.prompt, "seed": int(unit.seed), "method": arm.name, "initno": False,
+                   "dose": arm.dose if isinstance(arm.dose, float) else math.nan, "window": f"{arm.window}",
+                   **judged(pixels, unit.prompt, judge), "seconds": seconds, **_summary(plan.checks)}
+            row["category"] = category(row)
+            rows.add(row)
+    rows.save()
+    found = [rows.get(key) for key in keys]
+    return pd.DataFrame([r for r in found if r is not None])
+
+
+def merge(tables: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """The shards' rows as one process's table: the same rows in unit and arm order."""
+    frame = pd.concat(tables, ignore_index=True)
+    if frame.duplicated(["unit", "method"]).any():
+        raise ValueError("the shards overlap: a (unit, arm) row occurs twice")
+    order = {m: i for i, m in enumerate(dict.fromkeys(frame.method))}
+    return frame.assign(_arm=frame.method.map(order)).sort_values(["unit", "_arm"]).drop(columns="_arm").reset_index(
+        drop=True)
+
+
+def dose_response(rows: pd.DataFrame, outcome: str = "all_present", n_boot: int = 2000) -> dict:
+    """The trend of ``outcome`` over achieved overlap: each unit's least-squares slope across its dosed arms
+    (points per 0.1 soft IoU), averaged; interval and sign-flip test clustered by object set."""
+    dosed = rows[rows.dose.notna()]
+    slopes, clusters = [], []
+    for (_, _), unit in dosed.groupby(["unit", "set_id"]):
+        x, y = unit.iou_after.to_numpy(float), unit[outcome].astype(float).to_numpy()
+        if len(x) > 1 and np.ptp(x) > 0:
+            slopes.append(np.polyfit(x, y, 1)[0] * 0.1 * 100)
+            clusters.append(unit.set_id.iloc[0])
+    mean, low, high = clustered_bootstrap(slopes, clusters, n_boot)
+    return {"outcome": outcome, "points_per_0.1_iou": mean, "ci_low": low, "ci_high": high,
+            "p_value": cluster_sign_flip(slopes, clusters), "n_units": len(slopes)}
+
+
+def contrast(rows: pd.DataFrame, a: str, b: str, outcome: str = "all_present", n_boot: int = 2000) -> dict:
+    """Arm ``a`` minus arm ``b`` in ``outcome`` (points), paired on the unit, clustered by object set."""
+    wide = rows.pivot_table(index=["unit", "set_id"], columns="method", values=outcome, aggfunc="mean")
+    diff = (wide[a].astype(float) - wide[b].astype(float)).dropna() * 100
+    clusters = diff.index.get_level_values("set_id")
+    mean, low, high = clustered_bootstrap(diff.to_numpy(), clusters, n_boot)
+    return {"comparison": f"{a} − {b}", "outcome": outcome, "difference": mean, "ci_low": low, "ci_high": high,
+            "p_value": cluster_sign_flip(diff.to_numpy(), clusters), "n_units": len(diff)}
+
+
+def primary_family(e1: pd.DataFrame, n_boot: int = 2000) -> pd.DataFrame:
+    """The registered family: the dose–response trend of all present and the extreme-dose contrast, Holm-adjusted;
+    missing and mixing beside them (not in the family)."""
+    lo, hi = f"dose {min(DOSES):g}", f"dose {max(DOSES):g}"
+    rows = []
+    for outcome in CATEGORIES:
+        trend = dose_response(e1.assign(**{c: e1.category == c for c in CATEGORIES}), outcome, n_boot)
+        extreme = contrast(e1.assign(**{c: e1.category == c for c in CATEGORIES}), lo, hi, outcome, n_boot)
+        rows += [{"test": "trend over achieved soft IoU (points per 0.1)", **trend},
+                 {"test": f"{lo} − {hi} (points)", **extreme}]
+    table = pd.DataFrame(rows)
+    primary = table.outcome == "all_present"
+    table["family"] = np.where(primary, "primary", "reported beside")
+    table.loc[primary, "p_holm"] = holm(table.loc[primary, "p_value"].to_numpy())
+    return table
+
+
+PILOT_SETS = 12  # object sets of the pilot (both orders, one seed): the first of the shuffled order, never reused
+EFFECT_POINTS = 6.0  # the smallest extreme-dose difference in all present the study must find (points)
+POWER, ALPHA = 0.8, 0.05
+
+
+def units_for_power(pilot: pd.DataFrame, effect: float = EFFECT_POINTS, power: float = POWER,
+                    alpha: float = ALPHA, family: int = 2) -> dict:
+    """Units the primary contrast needs: a paired difference of ``effect`` points (lowest dose − highest dose, all
+    present), tested at ``alpha / family`` (Holm's first step), its per-unit spread and the object-set clustering
+    (design effect 1 + (m − 1)·ICC, m units per set) measured on the pilot."""
+    from scipy.stats import norm
+
+    from probe.stats import intraclass_correlation
+
+    lo, hi = f"dose {min(DOSES):g}", f"dose {max(DOSES):g}"
+    wide = pilot.assign(ok=pilot.category == "all_present").pivot_table(index=["unit", "set_id"], columns="method",
+                                                                          values="ok", aggfunc="mean")
+    diff = (wide[lo].astype(float) - wide[hi].astype(float)) * 100
+    sd = float(diff.std(ddof=1))
+    icc = intraclass_correlation(diff.to_numpy(), diff.index.get_level_values("set_id"))
+    per_set = len(diff) / diff.index.get_level_values("set_id").nunique()
+    design = 1 + (per_set - 1) * max(0.0, 0.0 if math.isnan(icc) else icc)
+    z = norm.ppf(1 - alpha / family / 2) + norm.ppf(power)
+    n = math.ceil((z * max(sd, 1.0) / effect) ** 2 * design)
+    return {"sd_points": sd, "icc": icc, "units_per_set": per_set, "design_effect": design, "units": n,
+            "pilot_difference": float(diff.mean()), "pilot_units": len(diff)}

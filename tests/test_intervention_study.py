@@ -1,0 +1,86 @@
+"""The intervention study's units, outcomes, shards and statistics, against independent computations."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import linregress
+
+from probe.studies import intervention as iv
+
+
+def test_units_are_distinct_object_sets_in_both_orders_and_the_pilot_is_apart():
+    pilot = iv.draw_units(iv.PILOT_SETS, 1)
+    study = iv.draw_units(30, 2, skip=iv.PILOT_SETS)
+    assert set(pilot.set_id).isdisjoint(study.set_id)
+    assert study.set_id.nunique() == 30 and len(study) == 30 * 2 * 2
+    assert not study.duplicated(["prompt", "seed"]).any() and study.seed.is_unique
+    for _, one in study.groupby("set_id"):
+        a, b = sorted(set(one.prompt))
+        assert set(a.split(" and ")) == set(b.split(" and ")) and a != b  # both word orders of one set
+    assert len(iv.object_sets()) == 6 * 5 * 6  # colour pairs (ordered) × shape pairs
+    with pytest.raises(ValueError, match="fewer than"):
+        iv.draw_units(200, 1, skip=iv.PILOT_SETS)
+
+
+def test_one_category_per_image():
+    assert iv.category({"missing": True, "mixed": True}) == "missing"
+    assert iv.category({"missing": False, "mixed": True}) == "mixed"
+    assert iv.category({"missing": False, "mixed": False}) == "all_present"
+
+
+def _judge(image, prompt):
+    """A stand-in judge for the random tiny model: a subject is present where its half of the image is bright."""
+    halves = np.asarray(image)[:, : image.shape[1] // 2], np.asarray(image)[:, image.shape[1] // 2 :]
+    return [SimpleNamespace(status="present" if half.mean() > 120 else "missing", detection=None) for half in halves]
+
+
+def test_two_shards_merged_equal_one_process(tmp_path, tiny):
+    units = iv.draw_units(2, 1)
+    arms = iv.e1_arms((0.1, 0.3))
+    kwargs = dict(experiment="e1", steps=2, judge=_judge, progress=False)
+    one = iv.run(tiny, units, arms, store=tmp_path / "one.csv", **kwargs)
+    shards = [iv.run(tiny, units, arms, store=tmp_path / f"shard{i}.csv", shard=(i, 2), **kwargs) for i in range(2)]
+    merged = iv.merge(shards)
+    drop = ["seconds", "settings_id"]
+    pd.testing.assert_frame_equal(merged.drop(columns=drop), one.drop(columns=drop), check_dtype=False)
+    assert list(one.method[:4]) == ["none", "sham", "dose 0.1", "dose 0.3"]
+    none, sham = one[one.method == "none"], one[one.method == "sham"]
+    assert (none.iou_before.to_numpy() == sham.iou_after.to_numpy()).all()  # the sham moved nothing
+    with pytest.raises(ValueError, match="overlap"):
+        iv.merge([one, shards[0]])
+    again = iv.run(tiny, units, arms, store=tmp_path / "one.csv", **kwargs)  # resumed: every row reused
+    pd.testing.assert_frame_equal(again, one, check_dtype=False, rtol=1e-4)  # stored with six digits
+
+
+def _rows(rng, n_units=40):
+    rows = []
+    for unit in range(n_units):
+        for arm, dose in (("none", np.nan), ("sham", np.nan), ("dose 0.05", 0.05), ("dose 0.45", 0.45),
+                          ("dose 0.15", 0.15), ("dose 0.3", 0.3)):
+            iou = (0.3 if np.isnan(dose) else dose) + rng.normal(0, 0.02)
+            ok = rng.random() < 0.7 - 0.5 * iou
+            rows.append({"unit": unit, "set_id": unit // 4, "method": arm, "dose": dose, "iou_after": iou,
+                         "category": "all_present" if ok else rng.choice(["missing", "mixed"])})
+    return pd.DataFrame(rows)
+
+
+def test_trend_and_contrast_match_a_hand_computation():
+    rows = _rows(np.random.default_rng(3))
+    flagged = rows.assign(all_present=rows.category == "all_present")
+    trend = iv.dose_response(flagged, "all_present", n_boot=200)
+    slopes = [linregress(u.iou_after, u.all_present.astype(float)).slope * 10
+              for _, u in flagged[flagged.dose.notna()].groupby("unit")]
+    assert trend["points_per_0.1_iou"] == pytest.approx(np.mean(slopes), rel=1e-9)
+    assert trend["ci_low"] < trend["points_per_0.1_iou"] < trend["ci_high"] and trend["n_units"] == 40
+    extreme = iv.contrast(flagged, "dose 0.05", "dose 0.45", "all_present", n_boot=200)
+    wide = flagged.pivot(index="unit", columns="method", values="all_present").astype(float)
+    assert extreme["difference"] == pytest.approx(100 * (wide["dose 0.05"] - wide["dose 0.45"]).mean())
+    family = iv.primary_family(rows, n_boot=200)
+    primary = family[family.family == "primary"]
+    assert len(primary) == 2 and primary.p_holm.notna().all() and family[family.family != "primary"].p_holm.isna().all()
+    p = np.sort(primary.p_value.to_numpy())
+    assert np.sort(primary.p_holm.to_numpy())[0] == pytest.approx(min(1, 2 * p[0]))
