@@ -38,7 +38,7 @@ from probe.studies.common import ImageRows, Judge, judged, settings_id, weights_
 from probe.tap import Tap
 
 INTERVENTION_SEED = HELD_OUT_SEED + 60_000  # seeds of this study's images
-DOSES = (0.05, 0.10, 0.20, 0.30)  # soft IoU targets, both sides of the natural overlap (pilot: 0.155 at 16² and 8², first 20 %)
+DOSES = (0.05, 0.10, 0.20, 0.30)  # soft IoU, both sides of the natural overlap (pilot: 0.155, first 20 % of steps)
 EARLY = 0.2  # E1 acts on the first 20 % of the steps (where A&E acts on this model)
 WINDOWS = {"early": (0.0, 0.2), "middle": (0.4, 0.6), "late": (0.8, 1.0)}  # E2: shares of the schedule
 GRIDS = (16, 8)  # the cross-attention grids the maps are moved at
