@@ -84,3 +84,20 @@ def test_trend_and_contrast_match_a_hand_computation():
     assert len(primary) == 2 and primary.p_holm.notna().all() and family[family.family != "primary"].p_holm.isna().all()
     p = np.sort(primary.p_value.to_numpy())
     assert np.sort(primary.p_holm.to_numpy())[0] == pytest.approx(min(1, 2 * p[0]))
+
+
+def test_the_registered_design_and_the_refusal_of_a_partial_table():
+    units, arms, spec = iv.design("e1")
+    assert len(units) == 672 and units.set_id.nunique() == 168 and [a.name for a in arms][:2] == ["none", "sham"]
+    assert set(units.set_id).isdisjoint(iv.draw_units(iv.PILOT_SETS, 1).set_id)  # the pilot's sets are not reused
+    assert sorted(arms[2].steps(spec["steps"])) == list(range(10))
+    e2_units, e2_arms, _ = iv.design("e2")
+    assert len(e2_units) == 336 and set(e2_units.seed).isdisjoint(units.seed)
+    assert [sorted(a.steps(50))[0] for a in e2_arms[1:]] == [0, 20, 40]
+    full = pd.DataFrame([{"prompt": p, "seed": s, "method": a.name, "steps": 50}
+                         for p, s in zip(units.prompt, units.seed) for a in arms])
+    iv.check_registered(full, "e1")
+    with pytest.raises(ValueError, match="no answer is read before the registered size is complete"):
+        iv.check_registered(full.iloc[:-1], "e1")
+    with pytest.raises(ValueError, match="other settings"):
+        iv.check_registered(full.assign(steps=25), "e1")

@@ -77,9 +77,11 @@ def object_sets() -> list[tuple[tuple[str, str], tuple[str, str]]]:
     return sets
 
 
-def draw_units(n_sets: int, seeds_per_order: int, *, skip: int = 0, seed: int = 0) -> pd.DataFrame:
+def draw_units(n_sets: int, seeds_per_order: int, *, skip: int = 0, seed: int = 0, seed_offset: int = 0
+               ) -> pd.DataFrame:
     """Units: ``n_sets`` object sets drawn without replacement (after the first ``skip`` of the same shuffled order,
-    which a pilot used), both word orders each, ``seeds_per_order`` seeds each; one row per unit."""
+    which a pilot used), both word orders each, ``seeds_per_order`` seeds each (``seed_offset`` keeps another
+    experiment's seeds apart); one row per unit."""
     order = np.random.default_rng(seed).permutation(len(object_sets()))
     if skip + n_sets > len(order):
         raise ValueError(f"the world has {len(order)} object sets; {skip} used by the pilot leave "
@@ -92,7 +94,8 @@ def draw_units(n_sets: int, seeds_per_order: int, *, skip: int = 0, seed: int = 
             for k in range(seeds_per_order):
                 rows.append({"set_id": int(set_id), "order": word_order, "prompt": prompt,
                              "subjects": [shape for _, shape in objects],
-                             "seed": INTERVENTION_SEED + 1000 * int(set_id) + 10 * k + (word_order == "ba")})
+                             "seed": INTERVENTION_SEED + 1000 * int(set_id) + seed_offset + 10 * k
+                             + (word_order == "ba")})
     return pd.DataFrame(rows)
 
 
@@ -151,7 +154,7 @@ def run(pipe, units: pd.DataFrame, arms: Sequence[Arm], *, experiment: str, step
         seconds = (time.perf_counter() - start) / len(arms)
         for arm, plan, image in zip(arms, plans, images):
             pixels = (np.asarray(image) * 255).round().clip(0, 255).astype(np.uint8)
-            row = {"experiment": experiment, "unit": k, "set_id": unit.set_id, "order": unit.order,
+            row = {"experiment": experiment, "steps": steps, "unit": k, "set_id": unit.set_id, "order": unit.order,
                    "prompt": unit.prompt, "seed": int(unit.seed), "method": arm.name, "initno": False,
                    "dose": arm.dose if isinstance(arm.dose, float) else math.nan, "window": f"{arm.window}",
                    **judged(pixels, unit.prompt, judge), "seconds": seconds, **_summary(plan.checks)}
@@ -240,3 +243,68 @@ def units_for_power(pilot: pd.DataFrame, effect: float = EFFECT_POINTS, power: f
     n = math.ceil((z * max(sd, 1.0) / effect) ** 2 * design)
     return {"sd_points": sd, "icc": icc, "units_per_set": per_set, "design_effect": design, "units": n,
             "pilot_difference": float(diff.mean()), "pilot_units": len(diff)}
+
+
+# -- the registered design -------------------------------------------------------------------------------------------
+
+REGISTRATION = Path(__file__).resolve().parents[2] / "figures" / "intervention_registration.md"
+
+
+def registration(path: str | Path = REGISTRATION) -> dict:
+    """The design the registration file fixes (its JSON block): per experiment the units, arms and settings."""
+    import json
+    import re
+
+    text = Path(path).read_text()
+    block = re.search(r"```json\n(.*?)\n```", text, re.S)
+    if block is None:
+        raise ValueError(f"{path} holds no ```json design block")
+    return json.loads(block.group(1))
+
+
+def design(experiment: str, path: str | Path = REGISTRATION) -> tuple[pd.DataFrame, list[Arm], dict]:
+    """The units, arms and settings of one registered experiment."""
+    spec = registration(path)["experiments"].get(experiment)
+    if spec is None:
+        known = sorted(registration(path)["experiments"])
+        raise ValueError(f"no experiment {experiment!r} in {path}; registered: {known}")
+    units = draw_units(spec["sets"], spec["seeds_per_order"], skip=spec["skip_sets"], seed_offset=spec["seed_offset"])
+    arms = [Arm(a["name"], a["dose"], tuple(a["window"])) for a in spec["arms"]]
+    return units, arms, spec
+
+
+def check_registered(rows: pd.DataFrame, experiment: str, path: str | Path = REGISTRATION) -> None:
+    """Refuse to analyse a table that is not the registered experiment, whole: its units, arms and settings."""
+    units, arms, spec = design(experiment, path)
+    expected = {(p, int(s), a.name) for p, s in zip(units.prompt, units.seed) for a in arms}
+    found = set(zip(rows.prompt, rows.seed.astype(int), rows.method))
+    if found != expected:
+        raise ValueError(f"the {experiment} table has {len(found & expected)} of the {len(expected)} registered "
+                         f"(unit, arm) images and {len(found - expected)} others: no answer is read before the "
+                         f"registered size is complete (a new size is a new registration)")
+    if set(rows["steps"].astype(int)) != {spec["steps"]}:
+        raise ValueError(f"the {experiment} table was made at other settings than registered ({spec['steps']} steps)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m probe.studies.intervention E1|E2 [--shard I/N] [--model DIR] [--out figures]``: run (or resume)
+    a registered experiment into ``<out>/intervention_<e>_images.csv`` (a shard: ``…_shard<I>of<N>.csv``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m probe.studies.intervention")
+    parser.add_argument("experiment", choices=sorted(registration()["experiments"]))
+    parser.add_argument("--shard", default=None, metavar="I/N")
+    parser.add_argument("--model", default="shapes")
+    parser.add_argument("--out", default="figures")
+    args = parser.parse_args(argv)
+    units, arms, spec = design(args.experiment)
+    shard = tuple(int(v) for v in args.shard.split("/")) if args.shard else None
+    name = f"intervention_{args.experiment}_images" + (f"_shard{shard[0]}of{shard[1]}" if shard else "")
+    rows = run(args.model, units, arms, experiment=args.experiment, steps=spec["steps"],
+               store=Path(args.out) / f"{name}.csv", shard=shard)
+    print(f"{len(rows)} of {len(units) * len(arms)} registered images in {Path(args.out) / name}.csv")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
