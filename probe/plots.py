@@ -320,3 +320,30 @@ def image_row(images: dict, title: str | None = None, size: float = 2.2):
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def dose_response(summary: pd.DataFrame, categories=("all_present", "missing", "mixed")):
+    """The intervention study: each outcome's rate (95% interval over object sets) against the soft IoU the arm
+    achieved at the intervened layers and steps, one point per arm; a causal dose–response reads left to right."""
+    colours = dict(zip(categories, sns.color_palette(PALETTE, len(categories))))
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    dosed = summary[summary.dose.notna()].sort_values("iou_after")
+    for c in categories:
+        rate = f"{c}_rate"
+        ax.errorbar(dosed.iou_after, dosed[rate], yerr=_error(dosed, rate, f"{c}_ci_low", f"{c}_ci_high"),
+                    fmt="o-", ms=5, lw=1.2, capsize=3, color=colours[c], label=c.replace("_", " "))
+        for name, marker in (("none", "s"), ("sham", "D")):
+            arm = summary[summary.arm == name]
+            if len(arm):
+                ax.errorbar(arm.iou_after, arm[rate], yerr=_error(arm, rate, f"{c}_ci_low", f"{c}_ci_high"),
+                            fmt=marker, mfc="none", ms=7, capsize=3, color=colours[c])
+    ax.set_xlabel("achieved soft IoU of the two subjects' maps (intervened layers and steps)")
+    ax.set_ylabel("share of images")
+    ax.set_ylim(-0.02, 1.02)
+    handles, labels = ax.get_legend_handles_labels()
+    handles += [plt.Line2D([], [], color="grey", marker=m, mfc="none", ls="", label=n)
+                for n, m in (("none", "s"), ("sham", "D"))]
+    ax.legend(handles=handles, fontsize=8, frameon=False, loc="upper right")
+    sns.despine(ax=ax)
+    fig.tight_layout()
+    return fig

@@ -101,3 +101,46 @@ def test_the_registered_design_and_the_refusal_of_a_partial_table():
         iv.check_registered(full.iloc[:-1], "e1")
     with pytest.raises(ValueError, match="other settings"):
         iv.check_registered(full.assign(steps=25), "e1")
+
+
+def test_arm_summary_and_its_figure_on_the_pilot_table():
+    from probe import plots
+
+    pilot = pd.read_csv(iv.REGISTRATION.parent / "intervention_pilot_images.csv")
+    summary = iv.arm_summary(pilot, n_boot=200)
+    assert list(summary.arm) == ["none", "sham", "dose 0.05", "dose 0.15", "dose 0.3", "dose 0.45"]
+    for row in summary.itertuples():
+        part = pilot[pilot.method == row.arm]
+        assert row.all_present_rate == pytest.approx((part.category == "all_present").mean())
+        assert row.all_present_rate + row.missing_rate + row.mixed_rate == pytest.approx(1.0)
+        assert row.iou_after == pytest.approx(part.iou_after.mean()) and row.n == 24 and row.n_sets == 12
+    none, sham = summary.iloc[0], summary.iloc[1]
+    assert none.iou_after == sham.iou_after and none.all_present_rate == sham.all_present_rate  # the sham moved nothing
+    figure = plots.dose_response(summary)
+    lines = [line for line in figure.axes[0].get_lines() if line.get_marker() == "o" and line.get_linestyle() == "-"]
+    assert len(lines) == 3  # one dose–response line per outcome, through the four dosed arms
+    np.testing.assert_allclose(sorted(lines[0].get_xdata()), sorted(summary.iou_after[2:]))
+
+
+def test_the_answer_says_what_its_tables_say():
+    pilot = pd.read_csv(iv.REGISTRATION.parent / "intervention_pilot_images.csv")
+    summary = iv.arm_summary(pilot, n_boot=100)
+    good = summary.assign(peak_ratio=1.0, spread_ratio=1.0)
+
+    def family(slope, p, diff=10.0):
+        rows = []
+        for outcome in iv.CATEGORIES:
+            rows += [{"test": "trend over achieved soft IoU (points per 0.1)", "outcome": outcome,
+                      "points_per_0.1_iou": slope, "ci_low": slope - 2, "ci_high": slope + 2, "p_holm": p},
+                     {"test": "dose 0.05 − dose 0.3 (points)", "outcome": outcome, "difference": diff,
+                      "ci_low": diff - 3, "ci_high": diff + 3, "p_holm": p}]
+        return pd.DataFrame(rows)
+
+    text = iv.answer(family(-4.0, 0.001), good, 8.0)
+    assert "-4.0 points [-6.0, -2.0] per 0.1 more soft IoU" in text and "as paper 003 claims" in text
+    assert "lowering overlap alone raised" in text
+    assert "against paper 003" in iv.answer(family(+4.0, 0.001, -10.0), good, 8.0)
+    null = iv.answer(family(-1.0, 0.4), good, 8.0)
+    assert "no effect of overlap alone was found" in null and "8.0 points" in null and "not confirmed" in null
+    bad = iv.answer(family(-4.0, 0.001), summary.assign(peak_ratio=0.8, spread_ratio=1.0), 8.0)
+    assert "manipulation check failed" in bad and "paper 003" not in bad
