@@ -653,6 +653,8 @@ def recording_schema_problems(tree: xr.DataTree) -> list[str]:
             if "attn" in ds.data_vars:
                 attn = ds["attn"]
                 needed = ("sample", "step", "y", "x") if kind in ("cross", "self") else ("sample", "step")
+                if kind == "self" and "point" in attn.dims:  # self_queries: chosen query points instead of y, x
+                    needed = ("sample", "step", "point", "ky", "kx")
                 missing = [d for d in needed if d not in attn.dims]
                 if missing:
                     problems.append(f"/{kind}/{name}/attn has dims {attn.dims}, not a recording's (no "
