@@ -144,3 +144,28 @@ def test_the_answer_says_what_its_tables_say():
     assert "no effect of overlap alone was found" in null and "8.0 points" in null and "not confirmed" in null
     bad = iv.answer(family(-4.0, 0.001), summary.assign(peak_ratio=0.8, spread_ratio=1.0), 8.0)
     assert "manipulation check failed" in bad and "paper 003" not in bad
+
+
+def test_analyse_merges_the_shards_and_refuses_them_until_complete(tmp_path):
+    units, arms, _ = iv.design("e2")
+    rng = np.random.default_rng(0)
+    rows = pd.DataFrame([{"experiment": "e2", "steps": 50, "unit": k, "set_id": u.set_id, "prompt": u.prompt,
+                          "seed": u.seed, "method": a.name, "dose": a.dose if isinstance(a.dose, float) else np.nan,
+                          "category": rng.choice(iv.CATEGORIES), "iou_before": 0.15, "iou_after": 0.1,
+                          "reachable": 1.0, "peak_ratio": 1.0, "spread_ratio": 1.0, "peak_ratio_worst": 0.0,
+                          "spread_ratio_worst": 0.0}
+                         for k, u in enumerate(units.itertuples()) for a in arms])
+    shards = [rows[rows.unit % 2 == i] for i in range(2)]
+    shards[0].iloc[:-1].to_csv(tmp_path / "intervention_e2_images_shard0of2.csv", index=False)
+    shards[1].to_csv(tmp_path / "intervention_e2_images_shard1of2.csv", index=False)
+    with pytest.raises(ValueError, match="1343 of the 1344 registered"):
+        iv.analyse("e2", tmp_path, n_boot=50)
+    shards[0].to_csv(tmp_path / "intervention_e2_images_shard0of2.csv", index=False)
+    found = iv.analyse("e2", tmp_path, n_boot=50)
+    pd.testing.assert_frame_equal(found["rows"].reset_index(drop=True), rows, check_dtype=False)
+    primary = found["family"][found["family"].family == "primary"]
+    assert len(primary) == 3 and primary.p_holm.notna().all()
+    wide = rows.assign(ok=rows.category == "all_present").pivot(index="unit", columns="method", values="ok")
+    assert primary.difference.iloc[0] == pytest.approx(100 * (wide["early 0.05"].astype(float)
+                                                              - wide["none"].astype(float)).mean())
+    assert (tmp_path / "intervention_e2_images.csv").exists() and (tmp_path / "intervention_e2_family.csv").exists()

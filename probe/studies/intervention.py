@@ -304,23 +304,85 @@ def check_registered(rows: pd.DataFrame, experiment: str, path: str | Path = REG
         raise ValueError(f"the {experiment} table was made at other settings than registered ({spec['steps']} steps)")
 
 
+def timing_family(e2: pd.DataFrame, n_boot: int = 2000) -> pd.DataFrame:
+    """E2's registered family: each window minus none in all present, paired on the unit, Holm over the windows;
+    missing and mixing beside."""
+    flagged = e2.assign(**{c: e2.category == c for c in CATEGORIES})
+    rows = [{"test": f"{arm} − none (points)", "family": "primary" if c == "all_present" else "reported beside",
+             **contrast(flagged, arm, "none", c, n_boot)}
+            for c in CATEGORIES for arm in dict.fromkeys(e2.method) if arm != "none"]
+    table = pd.DataFrame(rows)
+    primary = table.family == "primary"
+    table.loc[primary, "p_holm"] = holm(table.loc[primary, "p_value"].to_numpy())
+    return table
+
+
+def analyse(experiment: str, out: str | Path = "figures", n_boot: int = 2000) -> dict:
+    """The registered analysis of a whole experiment: its table (shards merged), family, per-arm summary, figure
+    and, for E1, the answer; written beside the table. Refused before the registered size is complete."""
+    from probe import plots
+    from probe.studies.common import _save
+    from probe.writes import write_csv, write_text
+
+    out = Path(out)
+    name = f"intervention_{experiment}_images"
+    parts = sorted(out.glob(f"{name}_shard*of*.csv"))
+    tables = [pd.read_csv(p) for p in ([out / f"{name}.csv"] if (out / f"{name}.csv").exists() else []) + parts]
+    if not tables:
+        raise FileNotFoundError(f"no {name}.csv (or shards) in {out}: run the experiment first")
+    rows = merge(tables) if len(tables) > 1 else tables[0]
+    check_registered(rows, experiment)
+    if len(tables) > 1:
+        write_csv(rows, out / f"{name}.csv", float_format="%.6g")
+    summary = arm_summary(rows, n_boot)
+    family = primary_family(rows, n_boot) if experiment == "e1" else timing_family(rows, n_boot)
+    write_csv(summary, out / f"intervention_{experiment}_summary.csv", float_format="%.6g")
+    write_csv(family, out / f"intervention_{experiment}_family.csv", float_format="%.6g")
+    found = {"rows": rows, "summary": summary, "family": family}
+    if experiment == "e1":
+        _save({"intervention_dose_response": plots.dose_response(summary)}, out)
+        spec = registration()
+        detectable = _detectable(spec)
+        found["answer"] = answer(family, summary, detectable)
+        write_text(out / "intervention_e1_answer.md", found["answer"] + "\n")
+    return found
+
+
+def _detectable(spec: dict) -> float:
+    """The extreme-dose difference E1's registered size detects (points), from the pilot's figures it records."""
+    from scipy.stats import norm
+
+    e1, pilot = spec["experiments"]["e1"], spec["pilot"]
+    units, per_set = e1["sets"] * 2 * e1["seeds_per_order"], 2 * e1["seeds_per_order"]
+    design = 1 + (per_set - 1) * pilot["icc"]
+    z = norm.ppf(1 - e1["alpha"] / len(e1["family"]) / 2) + norm.ppf(POWER)
+    return float(z * pilot["sd_points"] * math.sqrt(design / units))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m probe.studies.intervention E1|E2 [--shard I/N] [--model DIR] [--out figures]``: run (or resume)
-    a registered experiment into ``<out>/intervention_<e>_images.csv`` (a shard: ``…_shard<I>of<N>.csv``)."""
+    """``python -m probe.studies.intervention run E [--shard I/N] [--model DIR] [--out figures]``: run (or resume) a
+    registered experiment into ``<out>/intervention_<E>_images.csv`` (a shard: ``…_shard<I>of<N>.csv``);
+    ``… analyse E``: its registered analysis, once every registered image is made."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m probe.studies.intervention")
+    parser.add_argument("action", choices=("run", "analyse"))
     parser.add_argument("experiment", choices=sorted(registration()["experiments"]))
     parser.add_argument("--shard", default=None, metavar="I/N")
     parser.add_argument("--model", default="shapes")
     parser.add_argument("--out", default="figures")
     args = parser.parse_args(argv)
+    if args.action == "analyse":
+        found = analyse(args.experiment, args.out)
+        print(found["family"].to_string(index=False))
+        print(found.get("answer", ""))
+        return 0
     units, arms, spec = design(args.experiment)
     shard = tuple(int(v) for v in args.shard.split("/")) if args.shard else None
     name = f"intervention_{args.experiment}_images" + (f"_shard{shard[0]}of{shard[1]}" if shard else "")
     rows = run(args.model, units, arms, experiment=args.experiment, steps=spec["steps"],
                store=Path(args.out) / f"{name}.csv", shard=shard)
-    print(f"{len(rows)} of {len(units) * len(arms)} registered images in {Path(args.out) / name}.csv")
+    print(f"{len(rows)} registered images in {Path(args.out) / name}.csv")
     return 0
 
 
