@@ -169,3 +169,17 @@ def test_analyse_merges_the_shards_and_refuses_them_until_complete(tmp_path):
     assert primary.difference.iloc[0] == pytest.approx(100 * (wide["early 0.05"].astype(float)
                                                               - wide["none"].astype(float)).mean())
     assert (tmp_path / "intervention_e2_images.csv").exists() and (tmp_path / "intervention_e2_family.csv").exists()
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_the_study_runs_on_joint_attention_families(tmp_path, name):
+    import probe
+
+    pipe = probe.load(name)
+    rows = iv.run(pipe, iv.draw_units(1, 1), iv.e1_arms((0.1,)), experiment="e1", steps=2, judge=_judge,
+                  store=tmp_path / "rows.csv", progress=False)
+    assert list(rows.method) == ["none", "sham", "dose 0.1"] * 2 and rows.calls.min() > 0
+    none, sham, dosed = (rows[rows.method == m] for m in ("none", "sham", "dose 0.1"))
+    np.testing.assert_array_equal(none.iou_after.to_numpy(), sham.iou_after.to_numpy())
+    assert (sham.mass_ratio_worst == 0).all() and (dosed.mass_ratio_worst < 1e-3).all()
+    assert (dosed.iou_after - 0.1).abs().lt((dosed.iou_before - 0.1).abs() + 1e-6).all()  # moved toward the dose

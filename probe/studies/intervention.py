@@ -34,14 +34,14 @@ from probe.prompts import subject_keys
 from probe.shapes.evaluate import GUIDANCE, HELD_OUT_SEED, STEPS
 from probe.shapes.judge import judge as exact_judge
 from probe.stats import cluster_sign_flip, clustered_bootstrap, holm
-from probe.studies.common import ImageRows, Judge, judged, settings_id, weights_id
+from probe.studies.common import ImageRows, Judge, judged, nearest_grid, settings_id, weights_id
 from probe.tap import Tap
 
 INTERVENTION_SEED = HELD_OUT_SEED + 60_000  # seeds of this study's images
 DOSES = (0.05, 0.10, 0.20, 0.30)  # soft IoU, both sides of the natural overlap (pilot: 0.155, first 20 % of steps)
 EARLY = 0.2  # E1 acts on the first 20 % of the steps (where A&E acts on this model)
 WINDOWS = {"early": (0.0, 0.2), "middle": (0.4, 0.6), "late": (0.8, 1.0)}  # E2: shares of the schedule
-GRIDS = (16, 8)  # the cross-attention grids the maps are moved at
+GRIDS = (16, 8)  # the cross-attention grids the maps are moved at (the nearest the model has)
 CATEGORIES = ("all_present", "missing", "mixed")
 
 
@@ -133,7 +133,8 @@ def run(pipe, units: pd.DataFrame, arms: Sequence[Arm], *, experiment: str, step
     resumes); ``shard=(i, n)``: only the units ``k`` with ``k % n == i`` (merge the shards' tables with
     :func:`merge`)."""
     pipe = load(pipe)
-    layers = [la for la in attention_layers(pipe) if la.kind == "cross" and la.grid[0] in GRIDS]
+    grids = {nearest_grid(pipe, g) for g in GRIDS}  # the built-in model's 16² and 8²; a DiT's one grid
+    layers = [la for la in attention_layers(pipe) if la.kind == "cross" and la.grid[0] in grids]
     keys = [(u.prompt, int(u.seed), arm.name, False) for u in units.itertuples() for arm in arms]
     rows = ImageRows(store, settings_id(weights=weights_id(pipe), steps=steps, guidance_scale=guidance_scale,
                                         experiment=experiment, arms=[vars(a) for a in arms], grids=GRIDS,
