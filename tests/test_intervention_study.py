@@ -183,3 +183,21 @@ def test_the_study_runs_on_joint_attention_families(tmp_path, name):
     np.testing.assert_array_equal(none.iou_after.to_numpy(), sham.iou_after.to_numpy())
     assert (sham.mass_ratio_worst == 0).all() and (dosed.mass_ratio_worst < 1e-3).all()
     assert (dosed.iou_after - 0.1).abs().lt((dosed.iou_before - 0.1).abs() + 1e-6).all()  # moved toward the dose
+
+
+def test_the_mediated_share_is_slope_times_overlap_change_over_effect():
+    e1 = _rows(np.random.default_rng(5))
+    rng = np.random.default_rng(6)
+    guidance = pd.DataFrame([{"set": "shapes-2", "initno": False, "prompt": f"p{i}", "seed": s, "method": m,
+                              "all_present": rng.random() < (0.8 if m == "ae" else 0.3),
+                              "soft_iou_t10": rng.normal(0.12 if m == "ae" else 0.15, 0.02)}
+                             for i in range(30) for s in range(2) for m in ("none", "ae")])
+    found = iv.mediated_share(e1, guidance, n_boot=100)
+    slope = np.mean([linregress(u.iou_after, (u.category == "all_present").astype(float)).slope * 100
+                     for _, u in e1[e1.dose.notna()].groupby("unit")])
+    wide = guidance.assign(all_present=guidance.all_present.astype(float)).pivot_table(
+        index=["prompt", "seed"], columns="method", values=["all_present", "soft_iou_t10"])
+    effect = ((wide["all_present"]["ae"] - wide["all_present"]["none"]) * 100).mean()
+    change = (wide["soft_iou_t10"]["ae"] - wide["soft_iou_t10"]["none"]).mean()
+    assert found["share"] == pytest.approx(slope * change / effect)
+    assert found["ci_low"] <= found["share"] <= found["ci_high"]
