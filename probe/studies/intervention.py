@@ -477,7 +477,8 @@ def answer(family: pd.DataFrame, summary: pd.DataFrame, detectable_points: float
                      f"extreme-dose difference of {detectable_points:.1f} points with 80 % power, so larger effects "
                      "are ruled out and paper 003's causal claim is not confirmed at that size.")
     if mediation is not None and not failed:
-        parts.append(f"Through overlap runs {mediation['share']:.0%} [{mediation['ci_low']:.0%}, "
-                     f"{mediation['ci_high']:.0%}] of A&E's effect on all present ({mediation['ae_effect_points']:+.1f} "
-                     f"points; A&E moved soft IoU by {mediation['ae_iou_change']:+.3f}, guidance study, two objects).")
+        m = mediation
+        parts.append(f"Through overlap runs {m['share']:.0%} [{m['ci_low']:.0%}, {m['ci_high']:.0%}] of A&E's effect "
+                     f"on all present ({m['ae_effect_points']:+.1f} points; A&E moved soft IoU by "
+                     f"{m['ae_iou_change']:+.3f}; guidance study, two objects).")
     return " ".join(parts)
