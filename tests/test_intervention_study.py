@@ -201,3 +201,18 @@ def test_the_mediated_share_is_slope_times_overlap_change_over_effect():
     change = (wide["soft_iou_t10"]["ae"] - wide["soft_iou_t10"]["none"]).mean()
     assert found["share"] == pytest.approx(slope * change / effect)
     assert found["ci_low"] <= found["share"] <= found["ci_high"]
+
+
+def test_figures_check_recomputes_the_analysed_tables(tmp_path):
+    pilot = pd.read_csv(iv.REGISTRATION.parent / "intervention_pilot_images.csv")
+    rows = pilot.replace({"method": {"dose 0.15": "dose 0.1", "dose 0.45": "dose 0.2"}})  # e1's arm names
+    rows = rows[rows.method.isin(["none", "sham", "dose 0.05", "dose 0.1", "dose 0.2"])]
+    rows = pd.concat([rows, rows[rows.method == "dose 0.2"].assign(method="dose 0.3")])
+    rows.to_csv(tmp_path / "intervention_e1_images.csv", index=False)
+    iv.arm_summary(rows).to_csv(tmp_path / "intervention_e1_summary.csv", index=False, float_format="%.6g")
+    family = iv.primary_family(rows)
+    family.to_csv(tmp_path / "intervention_e1_family.csv", index=False, float_format="%.6g")
+    assert iv.differences(tmp_path) == []
+    family.assign(difference=family.difference + 1).to_csv(tmp_path / "intervention_e1_family.csv", index=False)
+    problems = iv.differences(tmp_path)
+    assert problems and all("family" in p and "difference" in p for p in problems)

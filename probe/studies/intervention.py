@@ -16,6 +16,7 @@ calls where the dose was in reach.
 
 from __future__ import annotations
 
+import io
 import itertools
 import math
 import time
@@ -482,3 +483,32 @@ def answer(family: pd.DataFrame, summary: pd.DataFrame, detectable_points: float
                      f"on all present ({m['ae_effect_points']:+.1f} points; A&E moved soft IoU by "
                      f"{m['ae_iou_change']:+.3f}; guidance study, two objects).")
     return " ".join(parts)
+
+
+def differences(out: str | Path = "figures", rtol: float = 1e-4, atol: float = 1e-6) -> list[str]:
+    """Where a committed family or summary table of an analysed experiment in ``out`` disagrees with the same
+    analysis recomputed from its per-image table (``probe figures --check``): one line per differing cell."""
+    out, problems = Path(out), []
+    for experiment in registration()["experiments"]:
+        images = out / f"intervention_{experiment}_images.csv"
+        kept = {what: out / f"intervention_{experiment}_{what}.csv" for what in ("family", "summary")}
+        if not images.exists() or not all(p.exists() for p in kept.values()):
+            continue
+        rows = pd.read_csv(images)
+        fresh = {"summary": arm_summary(rows),
+                 "family": primary_family(rows) if experiment == "e1" else timing_family(rows)}
+        for what, path in kept.items():
+            a = pd.read_csv(path)
+            b = pd.read_csv(io.StringIO(fresh[what].to_csv(index=False, float_format="%.6g")))
+            if list(a.columns) != list(b.columns) or len(a) != len(b):
+                problems.append(f"intervention {experiment} {what}: columns or rows differ")
+                continue
+            for column in a.columns:
+                if pd.api.types.is_numeric_dtype(a[column]) and pd.api.types.is_numeric_dtype(b[column]):
+                    same = np.isclose(a[column], b[column], rtol=rtol, atol=atol, equal_nan=True)
+                else:
+                    same = ((a[column].astype(str) == b[column].astype(str)) | (a[column].isna() & b[column].isna())
+                            ).to_numpy()
+                problems += [f"intervention {experiment} {what} row {i} {column}: kept {a[column][i]!r}, "
+                             f"recomputed {b[column][i]!r}" for i in np.flatnonzero(~same)]
+    return problems
