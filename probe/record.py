@@ -31,6 +31,7 @@ from probe.writes import check_out, recover, replacing
 
 BYTES_PER_VALUE = 2  # float16 storage
 PIXEL_BYTES = 1
+COMPLETE = "all_chunks_written"  # root attribute of a recording whose every chunk was written (fill values too)
 
 
 @dataclass
@@ -405,6 +406,7 @@ def _attrs(pipe, steps: int, guidance_scale: float, plan: Plan, kwargs: dict) ->
         "transformers_version": transformers.__version__,
         "torch_version": str(torch.__version__),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        COMPLETE: 1,
     }
 
 
@@ -569,6 +571,8 @@ def save(tree: xr.DataTree, path: str | Path, *, force: bool = False) -> Path:
     at ``path`` as it was, and saving a lazily opened recording over its own store works (it is read before the
     swap). ``force=True`` replaces a file or folder at ``path`` that is not a probe recording.
     """
+    tree = tree.copy(deep=False)
+    tree.attrs = {**tree.attrs, COMPLETE: 1}  # every chunk is written, so a missing one is a damaged store
     with replacing(path, suffixes=(".zarr", ".nc"), force=force, what="recording") as tmp:
         if Path(path).suffix == ".zarr":
             encoding = {node.path: zarr_encoding(node.ds) for node in tree.subtree}
@@ -694,8 +698,8 @@ def damaged_chunks(path: str | Path, read: bool = False) -> list[str]:
         return _damaged_netcdf(path) if read else []
     import zarr
 
-    if "sweep" in zarr.open_group(str(path), mode="r").attrs:
-        return []  # a sweep's store: its items' chunks are checked against their markers (probe.sweeps.verify)
+    if not zarr.open_group(str(path), mode="r").attrs.get(COMPLETE):
+        return []  # older recordings skipped chunks of fill values; a sweep's items are checked by their markers
     found = []
     for group_path, array in _arrays(zarr.open_group(str(path), mode="r")):
         if group_path.rsplit("/", 1)[-1] not in MAP_VARIABLES:
