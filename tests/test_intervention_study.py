@@ -137,8 +137,8 @@ def test_the_answer_says_what_its_tables_say():
         return pd.DataFrame(rows)
 
     text = iv.answer(family(-4.0, 0.001), good, 8.0)
-    assert "-4.0 points [-6.0, -2.0] per 0.1 more soft IoU" in text and "as paper 003 claims" in text
-    assert "lowering overlap alone raised" in text
+    assert "-4.0 points [-6.0, -2.0] per 0.1 more soft IoU" in text and "the direction paper 003 claims" in text
+    assert "more overlap alone meant fewer images with every subject present" in text
     assert "against paper 003" in iv.answer(family(+4.0, 0.001, -10.0), good, 8.0)
     null = iv.answer(family(-1.0, 0.4), good, 8.0)
     assert "no effect of overlap alone was found" in null and "8.0 points" in null and "not confirmed" in null
@@ -216,3 +216,15 @@ def test_figures_check_recomputes_the_analysed_tables(tmp_path):
     family.assign(difference=family.difference + 1).to_csv(tmp_path / "intervention_e1_family.csv", index=False)
     problems = iv.differences(tmp_path)
     assert problems and all("family" in p and "difference" in p for p in problems)
+
+
+def test_the_answer_names_what_was_not_registered():
+    pilot = pd.read_csv(iv.REGISTRATION.parent / "intervention_pilot_images.csv")
+    summary = iv.arm_summary(pilot, n_boot=100).assign(peak_ratio=1.0, spread_ratio=1.0)
+    family = iv.primary_family(pilot.replace({"method": {"dose 0.45": "dose 0.3"}}), n_boot=100)
+    loose = family[family.family == iv.EXPLORATORY]
+    assert list(loose.comparison) == ["dose 0.05 − none", "dose 0.3 − none"] and loose.p_holm.isna().all()
+    text = iv.answer(family, summary, 8.0)
+    first = loose.iloc[0]
+    assert (f"Not registered, so exploratory: against no intervention, all present changed at dose 0.05 "
+            f"{first.difference:+.1f} points [{first.ci_low:+.1f}, {first.ci_high:+.1f}]") in text
