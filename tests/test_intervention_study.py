@@ -228,3 +228,22 @@ def test_the_answer_names_what_was_not_registered():
     first = loose.iloc[0]
     assert (f"Not registered, so exploratory: against no intervention, all present changed at dose 0.05 "
             f"{first.difference:+.1f} points [{first.ci_low:+.1f}, {first.ci_high:+.1f}]") in text
+
+
+def test_the_timing_answer_says_where_the_move_was_a_pull_and_the_check_failed():
+    summary = pd.DataFrame([
+        {"arm": "none", "dose": np.nan, "iou_before": 0.15, "iou_after": 0.15, "peak_ratio": 1.0, "spread_ratio": 1.0,
+         "all_present_rate": 0.4},
+        {"arm": "early 0.05", "dose": 0.05, "iou_before": 0.15, "iou_after": 0.07, "peak_ratio": 1.0,
+         "spread_ratio": 1.0, "all_present_rate": 0.45},
+        {"arm": "late 0.05", "dose": 0.05, "iou_before": 0.02, "iou_after": 0.05, "peak_ratio": 1.0,
+         "spread_ratio": 1.08, "all_present_rate": 0.4}])
+    family = pd.DataFrame([
+        {"family": "primary", "comparison": "early 0.05 − none", "difference": 5.0, "ci_low": 2.0, "ci_high": 8.0,
+         "p_holm": 0.01},
+        {"family": "primary", "comparison": "late 0.05 − none", "difference": 0.0, "ci_low": -1.0, "ci_high": 1.0,
+         "p_holm": 1.0}])
+    text = iv.timing_answer(family, summary)
+    assert "early +5.0 points [+2.0, +8.0] (Holm p = 0.01); late +0.0 points [-1.0, +1.0]" in text
+    assert "In late 0.05 (natural soft IoU 0.020) the maps already overlapped less than the dose" in text
+    assert "late 0.05: mean spread ratio 1.080" in text and "Clear: early 0.05 − none." in text
