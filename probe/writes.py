@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import signal
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -266,8 +267,17 @@ def replacing(path: str | Path, *, suffixes: tuple[str, ...] = (), force: bool =
                 raise RuntimeError(f"nothing was written for {path}")
             _into_place(tmp, path)
         finally:
-            if os.path.lexists(tmp):
-                _remove(tmp)
+            _remove_settled(tmp)
+
+
+def _remove_settled(path: Path, settle: float = 0.2, tries: int = 25) -> None:
+    """Remove a failed write's temporary until it stays gone: an interrupted zarr write's I/O thread may still be
+    writing chunks into it for a moment after the interruption reached the main thread."""
+    for _ in range(tries):
+        if not os.path.lexists(path):
+            return
+        _remove(path)
+        time.sleep(settle)
 
 
 def write_text(path: str | Path, text: str) -> Path:
