@@ -193,6 +193,26 @@ class ImageRows:
         self.unsaved, self.saved_at = False, time.monotonic()
 
 
+def cell_differences(label: str, kept: pd.DataFrame, fresh: pd.DataFrame, rtol: float = 1e-4, atol: float = 1e-6
+                     ) -> list[str]:
+    """Where a committed table disagrees with the same table recomputed (``probe figures --check``): ``fresh`` is
+    written and read back as the study writes it (six significant digits, hence the tolerances); one line per
+    differing cell."""
+    import io
+
+    fresh = pd.read_csv(io.StringIO(fresh.to_csv(index=False, float_format=TABLE_FLOAT_FORMAT)))
+    if list(kept.columns) != list(fresh.columns) or len(kept) != len(fresh):
+        return [f"{label}: columns or rows differ ({len(kept)} rows kept, {len(fresh)} recomputed)"]
+    problems = []
+    for column in kept.columns:
+        a, b = kept[column], fresh[column]
+        if pd.api.types.is_numeric_dtype(a) and pd.api.types.is_numeric_dtype(b):
+            same = np.isclose(a.astype(float), b.astype(float), rtol=rtol, atol=atol, equal_nan=True)
+        else:
+            same = ((a.astype(str) == b.astype(str)) | (a.isna() & b.isna())).to_numpy()
+        problems += [f"{label} row {i} {column}: kept {a[i]!r}, recomputed {b[i]!r}" for i in np.flatnonzero(~same)]
+    return problems
+
 def mean_interval(values, clusters=None, n_boot: int = BOOTSTRAPS, confidence: float = CONFIDENCE, seed: int = 0
                   ) -> tuple[float, float, float]:
     """Mean of ``values`` (a rate for booleans, a paired difference for differences) and its percentile bootstrap

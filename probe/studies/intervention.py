@@ -16,7 +16,6 @@ calls where the dose was in reach.
 
 from __future__ import annotations
 
-import io
 import itertools
 import math
 import time
@@ -35,7 +34,15 @@ from probe.prompts import subject_keys
 from probe.shapes.evaluate import GUIDANCE, HELD_OUT_SEED, STEPS
 from probe.shapes.judge import judge as exact_judge
 from probe.stats import cluster_sign_flip, clustered_bootstrap, holm
-from probe.studies.common import ImageRows, Judge, judged, nearest_grid, settings_id, weights_id
+from probe.studies.common import (
+    ImageRows,
+    Judge,
+    cell_differences,
+    judged,
+    nearest_grid,
+    settings_id,
+    weights_id,
+)
 from probe.tap import Tap
 
 INTERVENTION_SEED = HELD_OUT_SEED + 60_000  # seeds of this study's images
@@ -538,19 +545,8 @@ def differences(out: str | Path = "figures", rtol: float = 1e-4, atol: float = 1
         fresh = {"summary": arm_summary(rows),
                  "family": primary_family(rows) if experiment == "e1" else timing_family(rows)}
         for what, path in kept.items():
-            a = pd.read_csv(path)
-            b = pd.read_csv(io.StringIO(fresh[what].to_csv(index=False, float_format="%.6g")))
-            if list(a.columns) != list(b.columns) or len(a) != len(b):
-                problems.append(f"intervention {experiment} {what}: columns or rows differ")
-                continue
-            for column in a.columns:
-                if pd.api.types.is_numeric_dtype(a[column]) and pd.api.types.is_numeric_dtype(b[column]):
-                    same = np.isclose(a[column], b[column], rtol=rtol, atol=atol, equal_nan=True)
-                else:
-                    same = ((a[column].astype(str) == b[column].astype(str)) | (a[column].isna() & b[column].isna())
-                            ).to_numpy()
-                problems += [f"intervention {experiment} {what} row {i} {column}: kept {a[column][i]!r}, "
-                             f"recomputed {b[column][i]!r}" for i in np.flatnonzero(~same)]
+            problems += cell_differences(f"intervention {experiment} {what}", pd.read_csv(path), fresh[what], rtol,
+                                         atol)
     return problems
 
 

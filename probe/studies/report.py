@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import time
@@ -10,12 +9,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 
 from probe.models import BUILTIN, load
 from probe.studies.answers import ANSWERS
-from probe.studies.common import BOOTSTRAPS, QUICK_BOOTSTRAPS, QUICK_STEPS, TABLE_FLOAT_FORMAT, model_label
+from probe.studies.common import (
+    BOOTSTRAPS,
+    QUICK_BOOTSTRAPS,
+    QUICK_STEPS,
+    TABLE_FLOAT_FORMAT,
+    cell_differences,
+    model_label,
+)
 from probe.studies.editing import edit_headline, edit_study, edit_summary
 from probe.studies.guidance import guidance_headline, guidance_study, guidance_tables
 from probe.studies.overlap import failure_association, overlap_headline, overlap_study
@@ -72,20 +77,9 @@ def headline_differences(out: str | Path = "figures", rtol: float = 1e-4, atol: 
     from probe.studies.intervention import differences
 
     out = Path(out)
-    problems = differences(out)  # the intervention study's registered analysis
+    problems = differences(out, rtol, atol)  # the intervention study's registered analysis
     for study, fresh in recompute_headlines(out).items():
-        fresh = pd.read_csv(io.StringIO(fresh.to_csv(index=False, float_format=TABLE_FLOAT_FORMAT)))
-        kept = pd.read_csv(out / f"headline_{study}.csv")
-        if list(kept.columns) != list(fresh.columns) or len(kept) != len(fresh):
-            problems.append(f"{study}: columns or rows differ ({len(kept)} rows kept, {len(fresh)} recomputed)")
-            continue
-        for column in kept.columns:
-            a, b = kept[column], fresh[column]
-            if pd.api.types.is_numeric_dtype(a) and pd.api.types.is_numeric_dtype(b):
-                same = np.isclose(a.astype(float), b.astype(float), rtol=rtol, atol=atol, equal_nan=True)
-            else:
-                same = (a.astype(str) == b.astype(str)).to_numpy()
-            problems += [f"{study} row {i} {column}: kept {a[i]!r}, recomputed {b[i]!r}" for i in np.flatnonzero(~same)]
+        problems += cell_differences(study, pd.read_csv(out / f"headline_{study}.csv"), fresh, rtol, atol)
     return problems
 
 
