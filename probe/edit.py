@@ -297,8 +297,7 @@ def edit(
     if image is None:
         start = initial_noise(pipe, torch.Generator(device).manual_seed(int(seed)), height, width)
     else:
-        family = family_of(net).name
-        embedded = family == "flux" and net.config.guidance_embeds  # FLUX's guidance is an input, not CFG
+        embedded = family_of(net).embeds_guidance(net)  # guidance an input of the denoiser, not CFG
         if isinstance(image, Inversion):
             inversion = image
         else:  # consistent with the edit's guidance: null-text inversion where CFG is on (SD 1.x/2.x)

@@ -20,12 +20,11 @@ from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from tqdm.auto import tqdm
 
 from probe.checks import cfg_scale, rgb_pixels, step_count
+from probe.families import family
 from probe.models import denoiser, latent_size, load
 from probe.pipelines import conditioned, noise_sigma, set_schedule, unet_conditioning
-from probe.tap import family_of
 
 PIXEL_MAX = 255.0  # PSNR on 8-bit images
-FLOW_FAMILIES = ("sd3", "flux")  # flow-matching transformers: inverted by flow_invert
 
 @dataclass
 class Inversion:
@@ -96,10 +95,6 @@ def _ddim_alphas(scheduler: DDIMScheduler) -> tuple[torch.Tensor, torch.Tensor]:
     return timesteps, torch.stack([torch.as_tensor(a, dtype=torch.float64) for a in levels])
 
 
-def _family(pipe) -> str:
-    return family_of(denoiser(pipe)).name
-
-
 @torch.no_grad()
 def encode(pipe, image, height: int | None = None, width: int | None = None) -> torch.Tensor:
     """The image's VAE latent in the pipeline's own latent layout, without the batch dimension: (channels, h, w),
@@ -110,9 +105,7 @@ def encode(pipe, image, height: int | None = None, width: int | None = None) -> 
     x = torch.from_numpy(pixels).permute(2, 0, 1)[None].to(pipe._execution_device, vae.dtype) * 2 - 1
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     latent = (vae.encode(x).latent_dist.mean - shift) * vae.config.scaling_factor
-    if _family(pipe) == "flux":
-        latent = pipe._pack_latents(latent, 1, *latent.shape[1:])
-    return latent[0]
+    return family(pipe).pack(pipe, latent)[0]
 
 
 @torch.no_grad()
@@ -120,11 +113,7 @@ def decode(pipe, latent: torch.Tensor, height: int | None = None, width: int | N
     """A latent in the pipeline's layout (as :func:`encode` gives it) as a uint8 H×W×3 image, as the pipeline
     decodes (FLUX's packed tokens need the image size; without it the image is square)."""
     vae = pipe.vae
-    latent = latent[None]
-    if _family(pipe) == "flux":
-        scale = pipe.vae_scale_factor
-        side = round((latent.shape[1] * 4) ** 0.5) * scale  # tokens = (h/2)·(w/2) latent pixels
-        latent = pipe._unpack_latents(latent, height or side, width or side, scale)
+    latent = family(pipe).unpack(pipe, latent[None], height, width)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     x = vae.decode(latent.to(vae.dtype) / vae.config.scaling_factor + shift).sample
     return _to_uint8(pipe.image_processor.postprocess(x, output_type="np")[0])
@@ -151,9 +140,7 @@ def inversion_guidance(pipe, guidance_scale: float) -> float:
     """The guidance an inversion of this pipeline can be consistent with, for an edit at ``guidance_scale``: the
     same where null-text inversion exists (SD 1.x/2.x) or where guidance is an input of the denoiser (FLUX), 1
     (no classifier-free guidance) for SDXL and SD3."""
-    family = _family(pipe)
-    without_cfg = family == "sd3" or (family == "unet" and hasattr(pipe, "text_encoder_2"))  # SD3, SDXL
-    return 1.0 if without_cfg else float(guidance_scale)
+    return family(pipe).inversion_guidance(pipe, guidance_scale)
 
 
 def invert(pipe, image, prompt: str = "", steps: int = 50, *, height: int | None = None,
@@ -166,7 +153,7 @@ def invert(pipe, image, prompt: str = "", steps: int = 50, *, height: int | None
     FLUX's embedded guidance; SD3 inverts without classifier-free guidance). ``image``: a PIL image, an image file's
     path, or an H×W×3 array or tensor (uint8, or floats in [0, 1])."""
     guidance_scale = cfg_scale(guidance_scale)
-    if _family(pipe) in FLOW_FAMILIES:
+    if family(pipe).flow:
         return flow_invert(pipe, image, prompt, steps, height=height, width=width, guidance_scale=guidance_scale)
     inversion = ddim_invert(pipe, image, prompt, steps, height=height, width=width)
     if guidance_scale <= 1:
@@ -187,22 +174,21 @@ def flow_invert(pipe, image, prompt: str = "", steps: int = 50, *, height: int |
     SD3's classifier-free guidance has no counterpart here, so it must be 1.
     """
     pipe = load(pipe)
-    family = _family(pipe)
-    if family not in FLOW_FAMILIES:
+    kind = family(pipe)
+    if not kind.flow:
         raise TypeError(f"flow-matching inversion is for SD3 and FLUX pipelines; {type(pipe).__name__} inverts "
                         "with ddim_invert (probe.inversion.invert picks it)")
     if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
         raise TypeError(f"flow-matching inversion walks the Euler sampler's levels; the pipeline has "
                         f"{type(pipe.scheduler).__name__}: set pipe.scheduler = FlowMatchEulerDiscreteScheduler."
                         "from_config(pipe.scheduler.config) first")
-    if family == "sd3" and guidance_scale > 1:
-        raise ValueError("SD3 inverts on the conditional branch alone (guidance_scale=1): edit real images at "
-                         "guidance_scale=1 for a faithful source")
+    if kind.inversion_guidance(pipe, guidance_scale) < guidance_scale:
+        raise ValueError(f"{kind.title} inverts on the conditional branch alone (guidance_scale=1): edit real "
+                         "images at guidance_scale=1 for a faithful source")
     steps = step_count(steps)
     size = _image_size(pipe, height, width)
     latent = encode(pipe, image, *size)[None]
-    embedded = {"guidance": guidance_scale} if family == "flux" else {}
-    velocity = conditioned(pipe, prompt, *size, **embedded)
+    velocity = conditioned(pipe, prompt, *size, guidance=guidance_scale)
     timesteps = set_schedule(pipe, steps, *size)
     sigmas = pipe.scheduler.sigmas.to(latent.device, torch.float64)
     trajectory = [latent[0]]
@@ -211,7 +197,7 @@ def flow_invert(pipe, image, prompt: str = "", steps: int = 50, *, height: int |
         latent = (latent.double() + (sigmas[i] - sigmas[i + 1]) * v.double()).to(latent.dtype)
         trajectory.append(latent[0])
     return Inversion(torch.stack(trajectory[::-1]), timesteps.clone(), prompt,
-                     guidance_scale=float(guidance_scale) if family == "flux" else 1.0)
+                     guidance_scale=kind.inversion_guidance(pipe, guidance_scale))
 
 
 @torch.no_grad()

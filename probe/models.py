@@ -1,9 +1,9 @@
 """Load a pipeline by name, local folder or hub id; describe its attention layers.
 
-``load("shapes")`` is the built-in model, ``load("tiny")`` / ``load("tiny-xl")`` build small
-random Stable Diffusion / SDXL pipelines offline and deterministically (for tests and
-benchmarks), anything else goes to ``DiffusionPipeline.from_pretrained``. Every public function
-of the library takes either a model name or a pipeline the user already holds.
+``load("shapes")`` is the built-in model, ``load("tiny")``, ``"tiny-xl"``, ``"tiny-sd3"``, ``"tiny-flux"`` build
+small random pipelines of each family offline and deterministically (for tests and benchmarks), anything else goes
+to ``DiffusionPipeline.from_pretrained``. Every public function of the library takes either a model name or a pipeline
+the user already holds.
 """
 
 from __future__ import annotations
@@ -11,25 +11,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    DiffusionPipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from diffusers import DiffusionPipeline
 
-from probe._assets import DATA, tokenizer_files
+from probe._assets import DATA
 from probe.checks import execution_device
+from probe.families import FAMILIES
+from probe.families.flux import tiny_flux
+from probe.families.sd3 import tiny_sd3
+from probe.families.tiny import project_tokenizer
+from probe.families.unet import tiny_pipeline
 from probe.tap.layers import Layer, attention_layers, denoiser, latent_size, select_layers
 
 __all__ = ["BUILTIN", "SCHEDULERS", "TINY", "Layer", "attention_layers", "denoiser", "latent_size", "load",
-           "select_layers", "tiny_flux", "tiny_pipeline", "tiny_sd3"]
+           "project_tokenizer", "select_layers", "tiny_flux", "tiny_pipeline", "tiny_sd3"]
 
 BUILTIN = {"shapes": DATA / "models" / "shapes"}
-TINY_SEED = 0
 
 
 SCHEDULERS = {  # short names → diffusers classes (a class name such as "UniPCMultistepScheduler" works too)
@@ -130,128 +126,4 @@ def _check_pipeline_class(folder: Path) -> None:
                          "have; upgrade diffusers if it is newer, or fix _class_name (e.g. 'StableDiffusionPipeline')")
 
 
-# -- tiny random pipelines ------------------------------------------------------------------------
-
-
-def project_tokenizer(max_length: int = 77) -> CLIPTokenizer:
-    """The project's CLIP BPE: every word of the bundled prompt lists is one token."""
-    vocab, merges = tokenizer_files()
-    return CLIPTokenizer(vocab=str(vocab), merges=str(merges), model_max_length=max_length)
-
-
-def _tiny_text(vocab: int, width: int, projection: bool = False):
-    cfg = CLIPTextConfig(
-        vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=width,
-        bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1,
-    )
-    return CLIPTextModelWithProjection(cfg) if projection else CLIPTextModel(cfg)
-
-
-def _tiny_vae() -> AutoencoderKL:
-    return AutoencoderKL(
-        block_out_channels=(16, 32), in_channels=3, out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4, norm_num_groups=8, sample_size=32,
-    )
-
-
-def _tiny_scheduler() -> DDIMScheduler:
-    return DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-    )
-
-
-def tiny_pipeline(xl: bool = False) -> DiffusionPipeline:
-    """A small random SD (or SDXL) pipeline, the same weights on every call and machine."""
-    tok = project_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
-        if not xl:
-            unet = UNet2DConditionModel(
-                sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64),
-                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D",) * 2,
-                up_block_types=("CrossAttnUpBlock2D",) * 2, cross_attention_dim=32,
-                attention_head_dim=4, norm_num_groups=16,
-            )
-            return StableDiffusionPipeline(
-                vae=_tiny_vae(), text_encoder=_tiny_text(len(tok), 32), tokenizer=tok, unet=unet,
-                scheduler=_tiny_scheduler(), safety_checker=None, feature_extractor=None,
-                requires_safety_checker=False,
-            )
-        unet = UNet2DConditionModel(
-            sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64),
-            layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
-            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-            transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
-            cross_attention_dim=64, norm_num_groups=16,
-        )
-        return StableDiffusionXLPipeline(
-            vae=_tiny_vae(), text_encoder=_tiny_text(len(tok), 32), tokenizer=tok,
-            text_encoder_2=_tiny_text(len(tok), 32, projection=True), tokenizer_2=project_tokenizer(),
-            unet=unet, scheduler=_tiny_scheduler(),
-        )
-
-
-
-
-def _tiny_t5(vocab: int, width: int):
-    from transformers import T5Config, T5EncoderModel
-
-    return T5EncoderModel(T5Config(vocab_size=vocab, d_model=width, d_ff=2 * width, d_kv=8, num_layers=2, num_heads=4,
-                                   decoder_start_token_id=0, pad_token_id=vocab - 1, eos_token_id=vocab - 1)).eval()
-
-
-def _flow_vae() -> AutoencoderKL:
-    vae = _tiny_vae()
-    vae.register_to_config(shift_factor=0.0)
-    return vae
-
-
-def tiny_sd3() -> DiffusionPipeline:
-    """A small random SD3.5-style pipeline (joint attention, a dual-attention block, RMS q/k norms, CLIP ×2 + T5
-    text), 32 px, the same weights on every call. The project's CLIP tokenizer stands in for T5's."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-
-    tok = project_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
-        transformer = SD3Transformer2DModel(
-            sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8,
-            num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
-            pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",
-        )
-        pipe = StableDiffusion3Pipeline(
-            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_flow_vae(),
-            text_encoder=_tiny_text(len(tok), 16, projection=True), tokenizer=tok,
-            text_encoder_2=_tiny_text(len(tok), 16, projection=True), tokenizer_2=project_tokenizer(),
-            text_encoder_3=_tiny_t5(len(tok), 32), tokenizer_3=project_tokenizer(),
-        )
-    return pipe
-
-
-def tiny_flux() -> DiffusionPipeline:
-    """A small random FLUX.1-style pipeline (double- and single-stream blocks, RoPE, QK RMS norms, CLIP + T5 text),
-    32 px, the same weights on every call. The project's CLIP tokenizer stands in for T5's."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-
-    tok = project_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
-        transformer = FluxTransformer2DModel(
-            patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=False,
-            axes_dims_rope=(4, 6, 6),
-        )
-        pipe = FluxPipeline(
-            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_flow_vae(),
-            text_encoder=_tiny_text(len(tok), 32), tokenizer=tok,
-            text_encoder_2=_tiny_t5(len(tok), 32), tokenizer_2=project_tokenizer(),
-        )
-    pipe.default_sample_size = 16
-    return pipe
-
-
-TINY = {"tiny": tiny_pipeline, "tiny-xl": lambda: tiny_pipeline(xl=True), "tiny-sd3": tiny_sd3, "tiny-flux": tiny_flux}
+TINY = {name: build for family in FAMILIES for name, build in family.tiny().items()}  # small random pipelines

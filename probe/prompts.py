@@ -152,24 +152,12 @@ class TextLayout:
     encoders: list[str]
 
 
-DEFAULT_MAX_SEQUENCE = {"sd3": 256, "flux": 512}  # the pipelines' own max_sequence_length defaults
-
-
 def text_layout(pipe, prompt: str, keep_padding: bool = False, max_sequence_length: int | None = None) -> TextLayout:
     """Where each token of ``prompt`` sits among the denoiser's text keys. UNet pipelines: one CLIP sequence
     (SDXL's two encoders share positions); SD3: CLIP's 77 positions, then T5's; FLUX: T5's alone."""
-    from probe.tap import denoiser, family_of
+    from probe.families import family
 
-    family = family_of(denoiser(pipe)).name
-    if family == "unet":
-        parts = [("clip", pipe.tokenizer, pipe.tokenizer.model_max_length)]
-    else:
-        t5_length = max_sequence_length or DEFAULT_MAX_SEQUENCE[family]
-        if family == "sd3":
-            parts = [("clip", pipe.tokenizer, pipe.tokenizer.model_max_length)]
-            parts += [("t5", pipe.tokenizer_3, t5_length)] if pipe.tokenizer_3 is not None else []
-        else:
-            parts = [("t5", pipe.tokenizer_2, t5_length)]
+    parts = family(pipe).text_parts(pipe, max_sequence_length)
     texts, positions, encoders, offset = [], [], [], 0
     for encoder, tok, length in parts:
         enc = tok(prompt, padding="max_length", max_length=length, truncation=True)
@@ -184,9 +172,9 @@ def text_layout(pipe, prompt: str, keep_padding: bool = False, max_sequence_leng
 
 def text_keys_tokenizer(pipe):
     """The tokenizer whose positions start the denoiser's text keys (FLUX: T5's; otherwise CLIP's)."""
-    from probe.tap import denoiser, family_of
+    from probe.families import family
 
-    return pipe.tokenizer_2 if family_of(denoiser(pipe)).name == "flux" else pipe.tokenizer
+    return family(pipe).text_keys_tokenizer(pipe)
 
 
 def word_positions(tokenizer, prompt: str) -> list[int]:

@@ -177,9 +177,10 @@ def _qk_store(pipe, self_store: str, groups: dict[str, list[Layer]], self_keys, 
     if self_store == "maps":
         return None, None
     net = denoiser(pipe)
-    if family_of(net).name != "unet":
-        raise ValueError("self_store='qk' records a UNet's self-attention; a joint softmax (SD3, FLUX) normalises "
-                         "over the text keys too, so record its maps (self_store='maps')")
+    if not family_of(net).self_qk:
+        raise ValueError(f"self_store='qk' records self-attention that is its own softmax (a UNet's); "
+                         f"{family_of(net).title}'s joint softmax normalises over the text keys too, so record its "
+                         "maps (self_store='maps')")
     if self_keys is not None or self_queries is not None:
         raise ValueError("self_store='qk' keeps every query and key (maps are made on read); drop self_keys / "
                          "self_queries, or record maps")

@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from probe.tap.layers import Family, Layer, attention_layers, attention_modules, denoiser, family_of
+from probe.families import Family, family_of
+from probe.families.layout import Layer, TapError, attention_modules, denoiser
+from probe.tap.layers import attention_layers
 
 PASSES = ("cfg", "cond", "uncond", "guidance", "inversion", "correction", "user")
 """cfg: the pipeline's pass on [unconditional; conditional]; cond / uncond: one half alone; guidance: a guidance
@@ -34,10 +36,6 @@ user: a pass the caller runs and names itself."""
 
 CACHE_HOOKS = ("fbc_", "first_block_cache", "pyramid_attention_broadcast", "faster_cache", "mag_cache", "taylorseer",
                "teacache")  # name prefixes of diffusers' caching hooks
-
-
-class TapError(RuntimeError):
-    """The tap cannot give a consumer what it asked for (an unknown processor, an unplaced call)."""
 
 
 @dataclass(frozen=True)
