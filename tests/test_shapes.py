@@ -232,6 +232,68 @@ def test_coverage_term_is_binary_cross_entropy_of_the_peak_scaled_map():
     assert float(grounding_loss([full], labels, torch.tensor([[1]]), 1, coverage=0.5)) == pytest.approx(0, abs=1e-5)
 
 
+def _explicit_cross_maps(unet, run) -> tuple[list[torch.Tensor], list]:
+    """Every ``attn2`` call's head-mean softmax(QKᵀ/√d), rebuilt from the module's own to_q / to_k on the hidden
+    states it received, independently of any processor or tap; and ``run()``'s result."""
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, args, kwargs: seen.append((m, args[0], kwargs)), with_kwargs=True)
+             for name, m in unet.named_modules() if name.endswith("attn2")]
+    try:
+        out = run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    maps = []
+    for attn, hidden, kwargs in seen:
+        q, k = attn.to_q(hidden), attn.to_k(kwargs["encoder_hidden_states"])
+        q, k = (t.unflatten(-1, (attn.heads, -1)).transpose(1, 2) for t in (q, k))  # (batch, heads, tokens, d)
+        maps.append((q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1).mean(1))
+    return maps, out
+
+
+def test_grounding_loss_through_the_tap_equals_explicit_attention_and_trains_the_same():
+    """The training grounding term reads the UNet's cross-attention through the tap: its maps, loss and gradients
+    equal those of softmax(QKᵀ/√d) computed by hand from each attn2 module's inputs."""
+    from types import SimpleNamespace
+
+    from probe.shapes.grounding import capture_cross, grounding_loss, token_objects
+
+    torch.manual_seed(0)
+    arch = M.ShapesConfig(unet_channels=(32, 32, 32), attention_head_dim=2, text_layers=1)
+    unet, tok = M.unet(arch), M.tokenizer()
+    text = M.text_encoder(arch, len(tok))
+    parts = SimpleNamespace(unet=unet, scheduler=M.scheduler(), vae_scale_factor=4)  # what the tap reads of a pipeline
+    scenes = [scene_for(5, i, 2, distinct_shapes=True) for i in range(3)]
+    labels = torch.from_numpy(np.stack([render(s)[1] for s in scenes]))
+    ids = tok([caption(s) for s in scenes], padding="max_length", max_length=M.MAX_TOKENS,
+              return_tensors="pt").input_ids
+    assign = token_objects(tok, [[(o.colour, o.shape) for o in s] for s in scenes], [[True, True]] * 3, ids)
+    latents, t = torch.randn(3, 4, 16, 16), torch.tensor([100, 500, 900])
+    emb = text(ids).last_hidden_state
+    before = dict(unet.attn_processors)
+
+    def loss_and_grads(maps):
+        loss = grounding_loss(maps, labels, assign, 2, coverage=1.0)
+        params = [emb, *unet.parameters()]
+        return loss, torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+
+    with capture_cross(parts) as tapped:
+        explicit, _ = _explicit_cross_maps(unet, lambda: unet(latents, t, emb))
+    assert dict(unet.attn_processors) == before  # the tap left the UNet's own processors in place
+    assert [m.shape for m in tapped] == [m.shape for m in explicit] and len(tapped) == 7  # 16, 8, 4, 8, 8, 16, 16
+    for a, b in zip(tapped, explicit):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    loss, grads = loss_and_grads(tapped)
+    loss_ref, grads_ref = loss_and_grads(explicit)
+    assert 0 < float(loss.detach()) and (assign > 0).sum() == 12  # every colour word and noun is supervised
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=0)
+    assert sum(g is not None for g in grads) > 10
+    for g, g_ref in zip(grads, grads_ref):
+        assert (g is None) == (g_ref is None)
+        if g is not None:
+            torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-7)
+
+
 def test_own_mass_and_grounding_loss_by_hand():
     from probe.shapes.grounding import grounding_loss, own_mass
 

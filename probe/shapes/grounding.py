@@ -10,52 +10,48 @@ after a few hundred steps.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from probe.tap import attention_probs
+from probe.tap import Call, Consumer, Tap
 
 GRIDS = (16, 8)  # attention grids (side) at which grounding is trained and read
 UNSUPERVISED, ABSENT = -1, -2  # token_objects' codes beside k+1 (object k) and 0 (no object word)
 
 
-class CrossCapture:
-    """Cross-attention processor that keeps each call's head-mean probabilities (batch, queries, tokens).
+class CrossMaps(Consumer):
+    """Tap consumer that keeps each cross-attention call's head-mean probabilities (batch, queries, tokens).
 
-    Same arithmetic as diffusers' ``AttnProcessor2_0`` for the UNet's ``attn2`` layers (no masks,
-    norms or residuals there), with the probabilities explicit so that a loss can reach them.
+    They are the probabilities the UNet's own processor computes, in the autograd graph where the pass has one, so
+    the grounding loss trains through them exactly as the denoising loss trains through the outputs.
     """
 
-    def __init__(self, store: list):
-        self.store = store
+    mean_heads = True  # only the head mean is read: a pass without gradients may hand (batch, 1, queries, tokens)
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        batch, n, _ = hidden_states.shape
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-        q, k, v = (t.view(batch, -1, attn.heads, t.shape[-1] // attn.heads).transpose(1, 2) for t in (q, k, v))
-        probs = attention_probs(q, k, scale=attn.scale)
-        self.store.append(probs.mean(1))
-        out = (probs @ v).transpose(1, 2).reshape(batch, n, -1)
-        return attn.to_out[1](attn.to_out[0](out))
+    def __init__(self):
+        self.maps: list[torch.Tensor] = []
+
+    def wants(self, call: Call) -> bool:
+        return call.layer.kind == "cross"
+
+    def on_probs(self, call: Call, probs: torch.Tensor) -> None:
+        self.maps.append(probs.mean(1))
 
 
-class capture_cross:
-    """``with capture_cross(unet) as maps: unet(...)`` → ``maps`` holds every cross-attention call's map."""
+@contextmanager
+def capture_cross(pipe) -> Iterator[list[torch.Tensor]]:
+    """``with capture_cross(pipe) as maps: pipe.unet(...)`` → ``maps`` holds every cross-attention call's map.
 
-    def __init__(self, unet):
-        self.unet, self.maps = unet, []
-
-    def __enter__(self) -> list:
-        self.saved = dict(self.unet.attn_processors)
-        capture = CrossCapture(self.maps)
-        self.unet.set_attn_processor({k: capture if k.endswith("attn2.processor") else p
-                                      for k, p in self.saved.items()})
-        return self.maps
-
-    def __exit__(self, *exc) -> None:
-        self.unet.set_attn_processor(self.saved)
+    ``pipe``: a pipeline, or whatever holds the parts the tap reads of one (``unet``, ``scheduler``,
+    ``vae_scale_factor``: the trainer has no pipeline). The UNet calls inside are a pass the caller runs (``user``).
+    """
+    consumer = CrossMaps()
+    with Tap(pipe, [consumer]) as tap, tap.pass_("user", -1):
+        yield consumer.maps
 
 
 def grid_masks(labels: torch.Tensor, objects: int, side: int) -> torch.Tensor:
@@ -163,7 +159,7 @@ def teacher_forced(pipe, n: int = 60, timesteps: tuple[int, ...] = (300, 500, 70
     for t in timesteps:
         noise = torch.randn(latents.shape, generator=gen)
         tt = torch.full((n,), t, dtype=torch.long)
-        with capture_cross(pipe.unet) as maps:
+        with capture_cross(pipe) as maps:
             pipe.unet(pipe.scheduler.add_noise(latents, noise, tt), tt, emb)
         for side in GRIDS:
             layer_maps = [m for m in maps if m.shape[1] == side * side]

@@ -12,6 +12,7 @@ import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -232,6 +233,11 @@ class Trainer:
         """What the UNet learns to output: the noise, or the velocity √ᾱ·ε − √(1−ᾱ)·x₀."""
         return noise if self.cfg.arch.prediction == "epsilon" else self.sched.get_velocity(x0, noise, t)
 
+    def _tap_parts(self) -> SimpleNamespace:
+        """What the attention tap reads of a pipeline (denoiser, scheduler, autoencoder scale): training has none."""
+        scale = 2 ** (len(self.vae.config.block_out_channels) - 1)  # as StableDiffusionPipeline computes it
+        return SimpleNamespace(unet=self.unet, scheduler=self.sched, vae_scale_factor=scale)
+
     def unet_step_once(self, minutes_left: float = float("inf")) -> float:
         c = self.cfg
         latents, ids, masks, labels, assign = self.pool
@@ -247,7 +253,7 @@ class Trainer:
         emb = self.text(tok.to(self.dev), attention_mask=mask.long().to(self.dev) if c.arch.text_mask else None)
         emb = emb.last_hidden_state
         if c.grounding_weight > 0:
-            with capture_cross(self.unet) as maps:
+            with capture_cross(self._tap_parts()) as maps:
                 pred = self.unet(xt, t, emb).sample
             ground = grounding_loss(maps, labels[idx].to(self.dev), assign.to(self.dev), len(c.object_weights),
                                     c.coverage_weight, c.absent_weight)
