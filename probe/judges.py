@@ -18,12 +18,15 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from probe.prompts import subjects_of
-from probe.shapes import judge as shapes_judge
+
+if TYPE_CHECKING:  # the shapes world loads only when its judge is used
+    from probe.shapes import judge as shapes_judge
 
 CLIP_MODEL = "openai/clip-vit-base-patch16"  # the CLIP that Attend-and-Excite reports similarities with
 DETECTOR_MODEL = "google/owlv2-base-patch16-ensemble"
@@ -86,14 +89,23 @@ def _device(device) -> torch.device:
 class ExactJudge:
     """The shapes world's exact judge: ``judge(image, "a red circle and a blue square")`` → one status per subject."""
 
-    statuses = shapes_judge.STATUSES
+    @property
+    def statuses(self) -> tuple[str, ...]:
+        """The statuses a verdict can take (the shapes judge's, loaded when first used)."""
+        from probe.shapes.judge import STATUSES
+
+        return STATUSES
 
     def __call__(self, image, prompt: str | list[tuple[str, str]]) -> list[shapes_judge.SubjectStatus]:
-        return shapes_judge.judge(image, prompt)
+        from probe.shapes.judge import judge
+
+        return judge(image, prompt)
 
     def summary(self, image, prompt: str | list[tuple[str, str]]) -> dict[str, int | bool]:
         """Counts per status and ``all_present`` / ``any_missing`` / ``any_mixed``."""
-        return shapes_judge.summary(self(image, prompt))
+        from probe.shapes.judge import summary
+
+        return summary(self(image, prompt))
 
 
 # -- CLIP -------------------------------------------------------------------------------------------------------------
@@ -258,7 +270,9 @@ def judge_from_spec(spec: str, device=None):
     (:func:`parse_judge_spec`) before a model loads."""
     parsed = parse_judge_spec(spec)
     if parsed.kind == "exact":
-        return shapes_judge.judge
+        from probe.shapes.judge import judge
+
+        return judge
     if parsed.kind == "clip":
         clip = ClipJudge(parsed.model or CLIP_MODEL, device=device)
         cut = CLIP_PRESENT if parsed.threshold is None else parsed.threshold
