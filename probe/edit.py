@@ -39,7 +39,8 @@ from tqdm.auto import tqdm
 
 from probe import checks
 from probe.checks import step_count, text_to_image
-from probe.inversion import Inversion, _image_size, _null_text, _to_uint8, inversion_guidance, invert
+from probe.images import to_uint8
+from probe.inversion import Inversion, image_size, inversion_guidance, invert, null_text_callback
 from probe.models import Layer, attention_layers, denoiser, latent_size, load, select_layers
 from probe.pipelines import initial_noise, noise_sigma
 from probe.tap import Call, Consumer, Tap, family_of
@@ -232,6 +233,61 @@ def _pin_source(inversion: Inversion, rows: int, user_callback: Callable | None)
     return callback
 
 
+def _checked(pipe, source_prompt, target_prompt, seed, inject: str, cross_tokens: str, image, guidance_scale,
+             pipeline_kwargs: dict) -> float:
+    """Refuse what :func:`edit` cannot do before anything runs; the guidance scale, checked."""
+    guidance_scale = checks.cfg_scale(guidance_scale)
+    for name, text in (("source_prompt", source_prompt), ("target_prompt", target_prompt)):
+        checks.prompt_fits(pipe, checks.prompt_text(text, name))
+    if seed is not None:
+        checks.seed_value(seed)
+    for side in ("height", "width"):
+        checks.image_side(pipeline_kwargs.get(side), side)
+    checks.sequence_length(pipeline_kwargs.get("max_sequence_length"))
+    if inject not in INJECTS:
+        raise ValueError(f"inject must be one of {INJECTS}, got {inject!r}")
+    if cross_tokens not in CROSS_TOKENS:
+        raise ValueError(f"cross_tokens must be one of {CROSS_TOKENS}, got {cross_tokens!r}")
+    if pipeline_kwargs.get("num_images_per_prompt", 1) != 1:
+        raise ValueError("edit makes one source and one target image; num_images_per_prompt must be 1")
+    if image is None and seed is None:
+        raise ValueError("give seed= (generated source) or image= (real source)")
+    return guidance_scale
+
+
+def _real_source(pipe, image, source_prompt: str, steps: int, guidance_scale: float, pipeline_kwargs: dict,
+                 callback):
+    """For a real source image: the start latent (its inverted noise) and the step callback that pins the source row
+    to its inversion (and, after null-text inversion, swaps in its per-step unconditional embeddings)."""
+    height, width, net = pipeline_kwargs.get("height"), pipeline_kwargs.get("width"), denoiser(pipe)
+    embedded = family_of(net).embeds_guidance(net)  # guidance an input of the denoiser, not CFG
+    if isinstance(image, Inversion):
+        inversion = image
+    else:  # consistent with the edit's guidance: null-text inversion where CFG is on (SD 1.x/2.x)
+        scale = inversion_guidance(pipe, guidance_scale)
+        if scale != guidance_scale:
+            warnings.warn(f"{type(pipe).__name__}: the real image is inverted without classifier-free guidance "
+                          "(no null-text inversion there); edit at guidance_scale=1 for a faithful source",
+                          RuntimeWarning, stacklevel=3)  # the caller of edit
+        inversion = invert(pipe, image, source_prompt, steps, height=height, width=width,
+                           guidance_scale=scale)
+    if inversion.steps != steps:
+        raise ValueError(f"the inversion has {inversion.steps} steps, the edit {steps}")
+    if (inversion.null_embeds is not None or embedded) and inversion.guidance_scale != guidance_scale:
+        raise ValueError(f"the inversion was made for guidance_scale={inversion.guidance_scale}, the "
+                         f"edit runs at {guidance_scale}: invert again at the edit's scale")
+    start = inversion.noise[None] / noise_sigma(pipe)
+    callback = _pin_source(inversion, 1, callback)
+    needed = ["latents"]
+    if inversion.null_embeds is not None and guidance_scale > 1:
+        pipeline_kwargs["negative_prompt_embeds"] = inversion.null_embeds[:1].expand(2, -1, -1).clone()
+        callback = null_text_callback(inversion, callback)
+        needed.append("prompt_embeds")
+    inputs = list(pipeline_kwargs.get("callback_on_step_end_tensor_inputs", ["latents"]))
+    pipeline_kwargs["callback_on_step_end_tensor_inputs"] = [*inputs, *(n for n in needed if n not in inputs)]
+    return start, callback
+
+
 def edit(
     pipe,
     source_prompt: str,
@@ -271,57 +327,20 @@ def edit(
     checks.pipeline_keywords(pipe, pipeline_kwargs, "edit", {
         key: "one batch [source, target] from one start latent" for key in ("latents", "prompt", "prompt_embeds")},
         own=edit)
-    guidance_scale = checks.cfg_scale(guidance_scale)
-    for name, text in (("source_prompt", source_prompt), ("target_prompt", target_prompt)):
-        checks.prompt_fits(pipe, checks.prompt_text(text, name))
-    if seed is not None:
-        seed = checks.seed_value(seed)
-    for side in ("height", "width"):
-        checks.image_side(pipeline_kwargs.get(side), side)
-    checks.sequence_length(pipeline_kwargs.get("max_sequence_length"))
-    if inject not in INJECTS:
-        raise ValueError(f"inject must be one of {INJECTS}, got {inject!r}")
-    if cross_tokens not in CROSS_TOKENS:
-        raise ValueError(f"cross_tokens must be one of {CROSS_TOKENS}, got {cross_tokens!r}")
-    if pipeline_kwargs.get("num_images_per_prompt", 1) != 1:
-        raise ValueError("edit makes one source and one target image; num_images_per_prompt must be 1")
-    if image is None and seed is None:
-        raise ValueError("give seed= (generated source) or image= (real source)")
+    guidance_scale = _checked(pipe, source_prompt, target_prompt, seed, inject, cross_tokens, image,
+                              guidance_scale, pipeline_kwargs)
+    seed = None if seed is None else checks.seed_value(seed)
     height, width = pipeline_kwargs.get("height"), pipeline_kwargs.get("width")
     step_indices = injected_steps(inject_steps, steps)
     chosen = injected_layers(pipe, inject, layers, height, width)
     key_mask = _cross_key_mask(pipe, source_prompt, target_prompt, cross_tokens) if inject == "cross" else None
 
-    device, net = pipe._execution_device, denoiser(pipe)
+    device = pipe._execution_device
     callback = pipeline_kwargs.pop("callback_on_step_end", None)
     if image is None:
         start = initial_noise(pipe, torch.Generator(device).manual_seed(int(seed)), height, width)
     else:
-        embedded = family_of(net).embeds_guidance(net)  # guidance an input of the denoiser, not CFG
-        if isinstance(image, Inversion):
-            inversion = image
-        else:  # consistent with the edit's guidance: null-text inversion where CFG is on (SD 1.x/2.x)
-            scale = inversion_guidance(pipe, guidance_scale)
-            if scale != guidance_scale:
-                warnings.warn(f"{type(pipe).__name__}: the real image is inverted without classifier-free guidance "
-                              "(no null-text inversion there); edit at guidance_scale=1 for a faithful source",
-                              RuntimeWarning, stacklevel=2)
-            inversion = invert(pipe, image, source_prompt, steps, height=height, width=width,
-                               guidance_scale=scale)
-        if inversion.steps != steps:
-            raise ValueError(f"the inversion has {inversion.steps} steps, the edit {steps}")
-        if (inversion.null_embeds is not None or embedded) and inversion.guidance_scale != guidance_scale:
-            raise ValueError(f"the inversion was made for guidance_scale={inversion.guidance_scale}, the "
-                             f"edit runs at {guidance_scale}: invert again at the edit's scale")
-        start = inversion.noise[None] / noise_sigma(pipe)
-        callback = _pin_source(inversion, 1, callback)
-        needed = ["latents"]
-        if inversion.null_embeds is not None and guidance_scale > 1:
-            pipeline_kwargs["negative_prompt_embeds"] = inversion.null_embeds[:1].expand(2, -1, -1).clone()
-            callback = _null_text(inversion, callback)
-            needed.append("prompt_embeds")
-        inputs = list(pipeline_kwargs.get("callback_on_step_end_tensor_inputs", ["latents"]))
-        pipeline_kwargs["callback_on_step_end_tensor_inputs"] = [*inputs, *(n for n in needed if n not in inputs)]
+        start, callback = _real_source(pipe, image, source_prompt, steps, guidance_scale, pipeline_kwargs, callback)
     if callback is not None:
         pipeline_kwargs["callback_on_step_end"] = callback
 
@@ -514,7 +533,7 @@ def study(
                 configs += [(inject, float(f), name, names) for f in steps_fractions]
     if "none" not in injects:
         configs = configs[1:]
-    size = _image_size(pipe, None, None)[0]
+    size = image_size(pipe, None, None)[0]
     rows = []
     jobs = list(itertools.product(range(n_seeds), enumerate(edits), origins))
     bar = tqdm(total=len(jobs) * len(configs), desc="edit study", disable=not progress)
@@ -531,7 +550,7 @@ def study(
                 result = edit(pipe, source_prompt, target_prompt, seed=seed, inject=inject, layers=list(names) or None,
                               inject_steps=0.0 if math.isnan(fraction) else fraction, image=image,
                               steps=steps, guidance_scale=scale, output_type="np")
-                done[key] = compare(_to_uint8(result.source), _to_uint8(result.edited), source_prompt, target_prompt)
+                done[key] = compare(to_uint8(result.source), to_uint8(result.edited), source_prompt, target_prompt)
             rows.append({
                 "edit": edit_name, "origin": origin, "seed": seed, "source_prompt": source_prompt,
                 "target_prompt": target_prompt, "inject": inject, "fraction": fraction, "layer_set": set_name,

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from probe.checks import cfg_scale, rgb_pixels, step_count
 from probe.families import family
+from probe.images import to_uint8
 from probe.models import denoiser, latent_size, load
 from probe.pipelines import conditioned, noise_sigma, set_schedule, unet_conditioning
 
@@ -55,7 +56,7 @@ class Inversion:
 
 
 
-def _image_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
+def image_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
     lh, lw = latent_size(pipe, height, width)
     scale = getattr(pipe, "vae_scale_factor", 8)
     return lh * scale, lw * scale
@@ -100,7 +101,7 @@ def encode(pipe, image, height: int | None = None, width: int | None = None) -> 
     """The image's VAE latent in the pipeline's own latent layout, without the batch dimension: (channels, h, w),
     (latent_dist.mean − shift_factor) × scaling_factor; FLUX packs it into (tokens, channels·4) as it samples."""
     pixels = _as_pixels(image)
-    _check_size(pixels, _image_size(pipe, height, width))
+    _check_size(pixels, image_size(pipe, height, width))
     vae = pipe.vae
     x = torch.from_numpy(pixels).permute(2, 0, 1)[None].to(pipe._execution_device, vae.dtype) * 2 - 1
     shift = getattr(vae.config, "shift_factor", None) or 0.0
@@ -116,7 +117,7 @@ def decode(pipe, latent: torch.Tensor, height: int | None = None, width: int | N
     latent = family(pipe).unpack(pipe, latent[None], height, width)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     x = vae.decode(latent.to(vae.dtype) / vae.config.scaling_factor + shift).sample
-    return _to_uint8(pipe.image_processor.postprocess(x, output_type="np")[0])
+    return to_uint8(pipe.image_processor.postprocess(x, output_type="np")[0])
 
 
 def clean_and_noise(output: torch.Tensor, latent: torch.Tensor, alpha: torch.Tensor,
@@ -159,7 +160,7 @@ def invert(pipe, image, prompt: str = "", steps: int = 50, *, height: int | None
     if guidance_scale <= 1:
         return inversion
     return null_text_inversion(pipe, inversion, guidance_scale, null_text_steps, null_text_lr,
-                               _image_size(pipe, height, width))
+                               image_size(pipe, height, width))
 
 
 @torch.no_grad()
@@ -186,7 +187,7 @@ def flow_invert(pipe, image, prompt: str = "", steps: int = 50, *, height: int |
         raise ValueError(f"{kind.title} inverts on the conditional branch alone (guidance_scale=1): edit real "
                          "images at guidance_scale=1 for a faithful source")
     steps = step_count(steps)
-    size = _image_size(pipe, height, width)
+    size = image_size(pipe, height, width)
     latent = encode(pipe, image, *size)[None]
     velocity = conditioned(pipe, prompt, *size, guidance=guidance_scale)
     timesteps = set_schedule(pipe, steps, *size)
@@ -219,7 +220,7 @@ def ddim_invert(pipe, image, prompt: str = "", steps: int = 50, *, height: int |
             "pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config) first"
         )
     steps = step_count(steps)
-    size = _image_size(pipe, height, width)
+    size = image_size(pipe, height, width)
     latent = encode(pipe, image, *size)[None]
     device = latent.device
     embeds, extra = unet_conditioning(pipe, prompt, *size)
@@ -247,7 +248,7 @@ def null_text_inversion(pipe, inversion: Inversion, guidance_scale: float, inner
     if hasattr(pipe, "text_encoder_2"):
         raise TypeError("null-text inversion supports Stable Diffusion 1.x/2.x pipelines; on SDXL edit real images at "
                         "guidance_scale=1 (the plain DDIM inversion is consistent with it)")
-    size = size or _image_size(pipe, None, None)
+    size = size or image_size(pipe, None, None)
     scheduler, net = pipe.scheduler, denoiser(pipe)
     scheduler.set_timesteps(inversion.steps, device=inversion.latents.device)
     timesteps, alphas = _ddim_alphas(scheduler)
@@ -292,7 +293,7 @@ def regenerate(pipe, inversion: Inversion, prompt: str | None = None, guidance_s
     noise = inversion.noise[None] / noise_sigma(pipe)
     if inversion.null_embeds is not None and scale > 1:
         pipeline_kwargs.update(negative_prompt_embeds=inversion.null_embeds[:1].clone(),
-                               callback_on_step_end=_null_text(inversion, None),
+                               callback_on_step_end=null_text_callback(inversion, None),
                                callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
     return pipe(prompt=inversion.prompt if prompt is None else prompt, latents=noise,
                 num_inference_steps=inversion.steps, guidance_scale=scale, **pipeline_kwargs).images[0]
@@ -316,19 +317,10 @@ def reconstruction_psnr(pipe, image, prompt: str, steps: int = 50) -> float:
     height, width = pixels.shape[:2]
     inversion = invert(pipe, image, prompt, steps, height=height, width=width)
     regenerated = regenerate(pipe, inversion, output_type="np", height=height, width=width)
-    return psnr(_to_uint8(pixels), _to_uint8(regenerated))
+    return psnr(to_uint8(pixels), to_uint8(regenerated))
 
 
-def _to_uint8(image) -> np.ndarray:
-    """As diffusers' ``numpy_to_pil``: round(x·255) for floats in 0–1; PIL and uint8 pass through."""
-    array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
-    if np.issubdtype(array.dtype, np.integer):
-        return array.astype(np.uint8)
-    return (array * PIXEL_MAX).round().clip(0, PIXEL_MAX).astype(np.uint8)
-
-
-
-def _null_text(inversion: Inversion, user_callback: Callable | None) -> Callable:
+def null_text_callback(inversion: Inversion, user_callback: Callable | None) -> Callable:
     """A ``callback_on_step_end`` that gives the next step the null-text inversion's unconditional embedding (the
     unconditional rows of the guided batch come first)."""
 

@@ -69,8 +69,10 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from probe.checks import room_for
+from probe.images import to_uint8
 from probe.models import load
-from probe.record import Plan, Recorder, _datasets, _to_uint8, plan, zarr_encoding
+from probe.record import Plan, Recorder, RecordSettings, plan, zarr_encoding
+from probe.record.schema import batch_datasets
 from probe.tap import Tap
 from probe.writes import locked
 
@@ -267,7 +269,7 @@ class _Context:
                               dtype=np.float16) for g in self.plan.groups}
         h, w = self.plan.image_hw
         images = da.zeros((n, h, w, 3), chunks=(1, h, w, 3), dtype=np.uint8)
-        groups = _datasets(full, slice(0, n), arrays, images, self.timesteps)
+        groups = batch_datasets(full, slice(0, n), arrays, images, self.timesteps)
         extra = {"source": ("sample", np.array([it.prompt for it in self.items], dtype=object)),
                  "method": ("sample", np.array([it.method for it in self.items], dtype=object))}
         return {g: ds.assign_coords(extra) for g, ds in groups.items()}
@@ -463,7 +465,7 @@ def _run(ctx: _Context, item: Item) -> tuple[dict[str, np.ndarray], np.ndarray, 
                       output_type="np", **size)
         maps = {g: a[1:2] for g, a in recorder.to_host().items()}
         s = result.settings
-        return maps, _to_uint8(np.asarray(result.edited)[None]), {"injected_layers": len(s.layers),
+        return maps, to_uint8(np.asarray(result.edited)[None]), {"injected_layers": len(s.layers),
                                                                    "injected_steps": len(s.steps)}
     recorder = Recorder(ctx.item_plan([item.prompt], item.seed), slice(0, 1), device, ctx.steps)
     if item.kind == "guide":
@@ -479,12 +481,12 @@ def _run(ctx: _Context, item: Item) -> tuple[dict[str, np.ndarray], np.ndarray, 
         start, end = result.objective_span
         extra = {"subjects": ",".join(item.subjects), "guided_steps": len(history), "loss_start": start,
                  "loss_end": end}
-        return recorder.to_host(), _to_uint8(np.asarray(result.images)), extra
+        return recorder.to_host(), to_uint8(np.asarray(result.images)), extra
     with Tap(pipe, [recorder], **size):
         result = pipe(prompt=[item.prompt], generator=[torch.Generator(device).manual_seed(item.seed)],
                       num_inference_steps=ctx.steps, guidance_scale=ctx.guidance_scale, output_type="np",
                       **{k: v for k, v in size.items() if v is not None})
-    return recorder.to_host(), _to_uint8(result.images), {}
+    return recorder.to_host(), to_uint8(result.images), {}
 
 
 def _write(out: Path, ctx: _Context, item: Item, maps: dict[str, np.ndarray], image: np.ndarray, row: dict,
@@ -603,12 +605,7 @@ def sweep(
     out: str | Path,
     targets=None,
     subjects=None,
-    steps: int = 50,
-    guidance_scale: float = 7.5,
-    kinds=("cross", "self"),
-    layers=None,
-    heads="mean",
-    keep_steps=None,
+    settings: RecordSettings | None = None,
     height: int | None = None,
     width: int | None = None,
     edit_steps=0.8,
@@ -618,15 +615,18 @@ def sweep(
     durable: bool = True,
     progress: bool = True,
     threads: int | None = None,
+    **fields,
 ) -> SweepRun:
     """Run this process's share of the sweep prompts × seeds × methods into ``out`` (resuming a stopped one).
 
-    Recording settings (``kinds``, ``layers``, ``heads``, ``keep_steps``) are :func:`probe.record.record`'s;
+    Recording settings are :func:`probe.record.record`'s: ``settings`` (a :class:`probe.record.RecordSettings`) or
+    its fields as keywords (``steps``, ``guidance_scale``, ``kinds``, ``layers``, ``heads``, ``keep_steps``);
     ``edit_steps`` is :func:`probe.edit.edit`'s ``steps`` and ``schedule`` a :class:`probe.guide.Schedule` (or
     its fields as a dict) for the guided methods. ``shard=(index, count)`` runs one share without a process group;
     otherwise the share is ``accelerate.PartialState()``'s. ``durable``: fsync each item's files before its marker.
     ``threads``: torch threads while the sweep runs (None: leave torch's setting).
     """
+    chosen = _sweep_settings(settings, fields)
     out = Path(out)
     if out.exists() and not out.is_dir() or out.is_symlink():
         raise ValueError(f"out={out} is a file or a symbolic link; a sweep writes a folder: give a folder's path")
@@ -640,12 +640,26 @@ def sweep(
     try:
         with lock:
             return _sweep(model, prompts, out=out, rank=rank, world=world, state=state, seeds=seeds, methods=methods,
-                          targets=targets, subjects=subjects, steps=steps, guidance_scale=guidance_scale, kinds=kinds,
-                          layers=layers, heads=heads, keep_steps=keep_steps, height=height, width=width,
+                          targets=targets, subjects=subjects, settings=chosen, height=height, width=width,
                           edit_steps=edit_steps, schedule=schedule, device=device, durable=durable,
                           progress=progress)
     finally:
         torch.set_num_threads(previous)
+
+
+def _sweep_settings(settings: RecordSettings | None, fields: dict) -> RecordSettings:
+    """The recording settings of a sweep: every item is recorded as :func:`probe.record.record` would, with the
+    settings a sweep's shared store can hold (maps of every query and key, the prompt's own tokens)."""
+    chosen, unknown = RecordSettings.split(fields, settings)
+    if unknown:
+        raise TypeError(f"sweep got unknown keywords {sorted(unknown)}; its recording settings are "
+                        f"{RecordSettings.names()}")
+    plain = RecordSettings()
+    odd = [name for name in ("keep_padding", "self_keys", "self_queries", "self_store")
+           if getattr(chosen, name) != getattr(plain, name)]
+    if odd:
+        raise ValueError(f"a sweep records full maps of the prompt's tokens; {', '.join(odd)} is for probe.record")
+    return chosen
 
 
 @contextmanager
@@ -660,11 +674,12 @@ def _shard_lock(out: Path, shard: tuple[int, int] | None):
         yield
 
 
-def _sweep(model, prompts, *, out: Path, rank: int, world: int, state, seeds, methods, targets, subjects, steps,
-           guidance_scale, kinds, layers, heads, keep_steps, height, width, edit_steps, schedule, device, durable,
-           progress) -> SweepRun:
+def _sweep(model, prompts, *, out: Path, rank: int, world: int, state, seeds, methods, targets, subjects,
+           settings: RecordSettings, height, width, edit_steps, schedule, device, durable, progress) -> SweepRun:
     from probe.guide import Schedule
 
+    steps, guidance_scale, kinds = settings.steps, settings.guidance_scale, settings.kinds
+    layers, heads, keep_steps = settings.layers, settings.heads, settings.keep_steps
     started = time.perf_counter()
     todo = items(prompts, seeds, methods, targets=targets, subjects=subjects)
     schedule = _as_schedule(schedule)
@@ -673,12 +688,11 @@ def _sweep(model, prompts, *, out: Path, rank: int, world: int, state, seeds, me
     pipe = load(model, device=device)
     _check_items(pipe, todo)
     texts = list(dict.fromkeys(p for it in todo for p in (it.recorded_prompt, it.prompt)))
-    sweep_plan = plan(pipe, texts, seeds=[0], steps=steps, kinds=kinds, layers=layers, heads=heads,
-                      keep_steps=keep_steps, height=height, width=width)
+    sweep_plan = plan(pipe, texts, seeds=[0], settings=settings, height=height, width=width)
     layouts = {p: (sweep_plan.tokens[i], sweep_plan.positions[i], sweep_plan.encoders[i])
                for i, p in enumerate(texts)}
+    from probe.fingerprint import weights_id
     from probe.pipelines import set_schedule
-    from probe.studies.common import weights_id
 
     timesteps = [float(t) for t in set_schedule(pipe, steps, *sweep_plan.image_hw)]
     uses = {it.kind for it in todo}
@@ -823,7 +837,9 @@ def launch(processes: int, *, out: str | Path, threads: int | None = None, env: 
         raise ValueError("launch runs new processes: give model as a name or a folder, not a pipeline object")
     threads = threads or THREADS
     with locked(out / "sweep", what=f"the sweep in {out}") as lock:
-        spec = _jsonable({**kwargs, "out": str(out), "threads": threads})
+        settings = kwargs.pop("settings", None)  # as its fields: the workers read JSON
+        fields = {} if settings is None else {n: getattr(settings, n) for n in RecordSettings.names()}
+        spec = _jsonable({**fields, **kwargs, "out": str(out), "threads": threads})
         _write_json(out / LAUNCH, spec)
         environment = {**os.environ, **(env or {}), LAUNCHED_ENV: "1", "OMP_NUM_THREADS": str(threads)}
         lock.share()  # the workers share it; another launch still cannot take it

@@ -16,7 +16,7 @@ from probe.guide import generate
 from probe.prompts import subject_indices
 
 PROMPT = "a cat and a dog"
-rec = sys.modules["probe.record"]  # the module (probe.record is also the function)
+rec = sys.modules["probe.record.run"]  # the module that appends each batch (probe.record is also the function)
 
 
 def test_zero_steps(tiny):
@@ -127,8 +127,8 @@ def test_disk_full_mid_write(tiny, tmp_path, monkeypatch):
         writes.append(path)
         original(path, groups, attrs, first)
 
-    original = rec._append_zarr
-    monkeypatch.setattr(rec, "_append_zarr", fill)
+    original = rec.append_zarr
+    monkeypatch.setattr(rec, "append_zarr", fill)
     with pytest.raises(OSError, match="the disk filled while writing .*nothing was kept"):
         probe.record(tiny, PROMPT, seeds=[0, 1], steps=2, out=out)
     assert writes and not list(tmp_path.iterdir())
@@ -145,8 +145,8 @@ def test_interrupted_write_keeps_the_old_recording(tiny, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         original(path, groups, attrs, first)
 
-    original = rec._append_zarr
-    monkeypatch.setattr(rec, "_append_zarr", interrupt)
+    original = rec.append_zarr
+    monkeypatch.setattr(rec, "append_zarr", interrupt)
     with pytest.raises(KeyboardInterrupt):
         probe.record(tiny, PROMPT, seeds=[0, 1], steps=2, out=out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rec.zarr"]  # no .partial left
