@@ -240,30 +240,49 @@ def _megabytes(value: str) -> float:
     return mb
 
 
-STUDY_ALIASES = {"edit": "editing", "self-cross": "self_cross"}  # other spellings of the study names
+def _takes(study, keyword: str) -> bool:
+    """Does the study function take ``keyword`` (``sets`` for --prompts, ``judge`` for --judge)?"""
+    import inspect
+
+    return keyword in inspect.signature(study.run).parameters
+
+
+def _names(names: list[str]) -> str:
+    return " and ".join(names) if len(names) < 3 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def cmd_study(args) -> None:
+    """Run one registered study: by its own command line where it has one, else through ``run_all``."""
     import probe
     from probe import studies
+    from probe.studies.registry import get_study, registered_studies
     from probe.studies.report import check_settings
 
-    settings = check_settings(args.name, dict(_setting(item) for item in args.set))  # before the model loads
-    if args.prompts:
-        if args.name not in ("guidance", "self_cross"):
-            raise SystemExit(f"--prompts applies to the guidance and self_cross studies; the {args.name} study "
-                             "draws the shapes world's scenes")
+    study = get_study(args.name)
+    if study.main is not None:  # a study with commands of its own (probe study intervention run e1 …)
+        code = study.main(args.args)
+        if code:
+            raise SystemExit(code)
+        return
+    options = _study_options(study).parse_args(args.args)
+    settings = check_settings(study.name, dict(_setting(item) for item in options.set))  # before the model loads
+    if options.prompts:
+        if not _takes(study, "sets"):
+            takers = [s.name for s in registered_studies(in_run_all=True) if _takes(s, "sets")]
+            raise SystemExit(f"--prompts applies to the {_names(takers)} studies; the {study.name} study draws the "
+                             "shapes world's scenes")
         from probe.prompts import check_prompt_sets
 
-        settings["sets"] = tuple(check_prompt_sets(args.prompts))  # a missing or empty file: before the model loads
-    if args.judge:
+        settings["sets"] = tuple(check_prompt_sets(options.prompts))  # a missing or empty file: before the model loads
+    if options.judge:
         from probe.judges import judge_from_spec
 
-        if args.name == "editing":
-            raise SystemExit("the editing study judges with the shapes world's rules; --judge is for the others")
-        settings["judge"] = judge_from_spec(args.judge, device=args.device)
-    headlines = studies.run_all(probe.load(args.model, device=args.device), quick=args.quick, out=args.out,
-                                only=[args.name], sizes={args.name: settings})
+        if not _takes(study, "judge"):
+            raise SystemExit(f"the {study.name} study judges with the shapes world's rules; --judge is for the others")
+        settings["judge"] = judge_from_spec(options.judge, device=options.device)
+    model = options.model or _model_default()
+    headlines = studies.run_all(probe.load(model, device=options.device), quick=options.quick, out=options.out,
+                                only=[study.name], sizes={study.name: settings})
     _print_headlines(headlines)
 
 
@@ -311,10 +330,7 @@ def cmd_sweep(args) -> None:
     print(sweeps.sweep(**kwargs, shard=shard, device=args.device, threads=args.threads or sweeps.THREADS).summary())
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="probe", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_record(sub) -> None:
     r = sub.add_parser("record", help="generate and record attention maps")
     r.add_argument("--model", default=None, help="built-in name (shapes, tiny, tiny-xl), folder or hub id")
     r.add_argument("--prompt", nargs="+", required=True)
@@ -343,11 +359,15 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="replace a file or folder at --out that is not a recording")
     r.set_defaults(func=cmd_record)
 
+
+def _add_info(sub) -> None:
     i = sub.add_parser("info", help="groups, sizes and prompts of a recording")
     i.add_argument("recording")
     i.add_argument("--verify", action="store_true", help="read every chunk and check its checksum")
     i.set_defaults(func=cmd_info)
 
+
+def _add_show(sub) -> None:
     s = sub.add_parser("show", help="heat-map overlay of one word per layer resolution")
     s.add_argument("recording")
     s.add_argument("--token", required=True, help="a word of the prompt (cat#2: its second occurrence; on SD3 the "
@@ -358,12 +378,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_show)
 
+
+def _add_demo(sub) -> None:
     d = sub.add_parser("demo", help="record the built-in model and draw its maps")
     d.add_argument("--model", default=None)
     d.add_argument("--steps", type=int, default=50)
     d.add_argument("--out", default="runs/demo")
     d.set_defaults(func=cmd_demo)
 
+
+def _add_train_shapes(sub) -> None:
     t = sub.add_parser("train-shapes", help="train the built-in shapes model")
     t.add_argument("--out", required=True, help="training folder (checkpoints)")
     t.add_argument("--minutes", type=float, required=True)
@@ -385,6 +409,8 @@ def parser() -> argparse.ArgumentParser:
                    help="override a TrainConfig or ShapesConfig field, e.g. --set grounding_weight=0")
     t.set_defaults(func=cmd_train_shapes)
 
+
+def _add_edit(sub) -> None:
     ed = sub.add_parser("edit", help="tuning-free editing by attention injection (FPE)")
     ed.add_argument("--model", default=None)
     ed.add_argument("--source", required=True, help="source prompt")
@@ -397,6 +423,8 @@ def parser() -> argparse.ArgumentParser:
     ed.add_argument("--out", required=True, type=_argument(_image_out), help="PNG with source | edited")
     ed.set_defaults(func=cmd_edit)
 
+
+def _add_figures(sub) -> None:
     f = sub.add_parser("figures", help="regenerate every figure and table of the studies")
     f.add_argument("--model", default=None)
     f.add_argument("--quick", action="store_true", help="reduced sizes (minutes on a CPU)")
@@ -405,9 +433,30 @@ def parser() -> argparse.ArgumentParser:
                    help="make no image: recompute every headline from the per-image tables in --out and compare")
     f.set_defaults(func=cmd_figures)
 
-    st = sub.add_parser("study", help="run one study")
-    st.add_argument("name", choices=["probe", "overlap", "editing", "guidance", "self_cross"],
-                    type=lambda name: STUDY_ALIASES.get(name, name), help="also: edit, self-cross")
+
+def _add_study(sub) -> None:
+    """``probe study NAME ARGS…``: the names come from the study registry; ARGS are the study's own (the options
+    below for a study of ``probe figures``, its own commands for one such as the intervention study)."""
+    from probe.studies.registry import registered_studies
+
+    studies = registered_studies()
+    aliases = {alias: study.name for study in studies for alias in study.aliases}
+    width = max(len(study.name) for study in studies)
+    listing = "\n".join(f"  {study.name:<{width}}  {study.title}" + ("" if study.in_run_all else " (its own commands)")
+                         for study in studies)
+    st = sub.add_parser("study", help="run one study", description=f"Run one study:\n{listing}",
+                        epilog="probe study NAME --help: that study's options or commands",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    st.add_argument("name", choices=[study.name for study in studies], metavar="NAME",
+                    type=lambda name: aliases.get(name, name),
+                    help=f"{', '.join(study.name for study in studies)} (also: {', '.join(aliases)})")
+    st.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="the study's options or commands")
+    st.set_defaults(func=cmd_study)
+
+
+def _study_options(study) -> argparse.ArgumentParser:
+    """The options of a study that ``probe figures`` runs (``probe study NAME [options]``)."""
+    st = argparse.ArgumentParser(prog=f"probe study {study.name}", description=study.title)
     st.add_argument("--model", default=None, help="built-in name, a local diffusers folder or a hub id")
     st.add_argument("--prompts", nargs="+", default=None, metavar="SET",
                     help="prompt sets (animals, animals_objects, objects, SSD-2, SSD-3, shapes-2 …, or a .txt file)")
@@ -419,8 +468,10 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a keyword of the study function, e.g. n_images=96, steps=25, "
                          "methods=\"('none','ae','iou')\", initno=\"(False,)\" (repeatable)")
-    st.set_defaults(func=cmd_study)
+    return st
 
+
+def _add_evaluate_shapes(sub) -> None:
     e = sub.add_parser("evaluate-shapes", help="measure the built-in model with its judge")
     e.add_argument("--model", default="shapes", help="built-in name or folder")
     e.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
@@ -438,6 +489,8 @@ def parser() -> argparse.ArgumentParser:
                    help="seeds per prompt in the control (1: every pair a different prompt, the narrowest interval)")
     e.set_defaults(func=cmd_evaluate_shapes)
 
+
+def _add_sweep(sub) -> None:
     sw = sub.add_parser("sweep", help="prompts × seeds × methods into one store, split across processes, resumable")
     sw.add_argument("--model", default=None, help="built-in name, folder or hub id")
     sw.add_argument("--prompt", nargs="+", required=True)
@@ -463,6 +516,15 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--device", default=None)
     sw.add_argument("--out", required=True, help="output folder (maps.zarr, rows/, done/); run again to resume")
     sw.set_defaults(func=cmd_sweep)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The ``probe`` command line: one builder per sub-command."""
+    p = argparse.ArgumentParser(prog="probe", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_record, _add_info, _add_show, _add_demo, _add_train_shapes, _add_edit, _add_figures, _add_study,
+                _add_evaluate_shapes, _add_sweep):
+        add(sub)
     return p
 
 

@@ -3,7 +3,9 @@ would give them by hand."""
 
 import pandas as pd
 
-from probe.studies.answers import guidance_answer, probe_answer, self_cross_answer
+from probe.studies.guidance import guidance_answer
+from probe.studies.probing import probe_answer
+from probe.studies.self_cross import self_cross_answer
 
 NAN = float("nan")
 
@@ -78,7 +80,7 @@ def test_probe_answer_needs_disjoint_intervals_for_better():
 
 
 def test_editing_answer_gives_both_injections_against_no_injection():
-    from probe.studies.answers import editing_answer
+    from probe.studies.editing import editing_answer
 
     def row(inject, diff, low, high, success):
         return {"edit": "colour", "origin": "generated", "inject": inject, "iou_vs_none": diff,

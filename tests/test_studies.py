@@ -10,6 +10,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from probe.fingerprint import weights_id
 from probe.guide import InitNO, Schedule, generate
 from probe.models import Layer, attention_layers
 from probe.probes import COLUMNS, attn_tensor
@@ -17,7 +18,7 @@ from probe.record import record
 from probe.shapes.judge import parse_prompt
 from probe.shapes.world import COLOURS, SHAPES
 from probe.stats import cluster_sign_flip, clustered_bootstrap, holm
-from probe.studies.common import mean_interval, nearest_grid, weights_id
+from probe.studies.common import mean_interval, nearest_grid
 from probe.studies.editing import EDIT_KEYS, edit_headline, edit_study, edit_summary
 from probe.studies.guidance import GUIDANCE_SETS, POOLED, guidance_headline, guidance_study, versus_baseline
 from probe.studies.guided import (

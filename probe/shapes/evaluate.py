@@ -18,12 +18,10 @@ import torch
 from tqdm.auto import tqdm
 
 from probe.shapes.judge import detect, judge
+from probe.shapes.settings import GUIDANCE, HELD_OUT_SEED, STEPS
 from probe.shapes.world import COLOURS, SHAPES, sample_attributes
 from probe.writes import save_figure, write_csv
 
-HELD_OUT_SEED = 10_000  # seeds used by evaluation start here; training never draws them
-STEPS = 50
-GUIDANCE = 7.5
 LATE_STEPS = 10  # localisation uses the mean map of the last this many steps
 
 
@@ -277,17 +275,11 @@ def _p(value: float) -> str:
     return "p < 0.001" if value < 0.001 else f"p = {value:.3f}"
 
 
-def write_card(folder, metrics: dict, training: dict) -> str:
-    """The model card (markdown): how the model is built and trained, what it measures against its targets, and the
-    folder's ``HISTORY.md`` (what was tried, measured when it was tried) when there is one."""
+def _targets(metrics: dict) -> str:
+    """The card's targets table rows (what each target asks, what was measured, whether it is met)."""
     from probe.guide import Schedule  # a control read before its step was recorded ran at the schedule's own
 
-    s, t, loc = metrics["single_object"], metrics["two_objects"], metrics["localisation"]
-    per_grid = "\n".join(
-        f"| {key} | {v['iou']:.2f} | {v['own_mass']:.2f} | {v['other_mass']:.2f} | {v['own_gt_other']:.0%} |"
-        for key, v in loc.get("per_grid", {}).items()
-    )
-    arch, data = training["arch"], training.get("data", {})
+    s, loc = metrics["single_object"], metrics["localisation"]
     speed = metrics["seconds_per_image_50_steps"]
     rows = [("judge accuracy per object ≥ 99%", metrics["judge_accuracy"], 0.99),
             ("single object correct ≥ 95%", s["correct"], 0.95)]
@@ -323,20 +315,41 @@ def write_card(folder, metrics: dict, training: dict) -> str:
     if "weights_mb" in metrics:
         mb = metrics["weights_mb"]
         status += f"\n| weights ≤ 30 MB | {mb:.1f} MB | {'yes' if mb <= 30 else 'no'} |"
+    return status
+
+
+def _recipe(data: dict) -> str:
+    """The training data's recipe in words (the scenes, the caption noise, the grounding)."""
+    if not data:
+        return "scenes of 1–3 objects, 10% empty captions"
+    return (f"scenes of 1–{len(data.get('object_weights', (0, 0, 0)))} objects in shares "
+            f"{', '.join(f'{w:.0%}' for w in data.get('object_weights', ()))}"
+            f"{', no noun repeated within a caption' if data.get('distinct_shapes') else ''}; "
+            f"{_shares(data.get('caption_noise', 0))} of multi-object captions name one object the image lacks; "
+            f"{data.get('attribute_noise', 0):.0%} swap two objects' colour words; grounding of "
+            f"nouns, and colour words in {float(data.get('ground_colours', 1.0)):.0%} of captions; "
+            f"{_absent(data.get('absent_weight', 0))}"
+            f"{data.get('caption_dropout', 0.1):.0%} empty captions; cross-attention grounding weight "
+            f"{data.get('grounding_weight', 0)}")
+
+
+def write_card(folder, metrics: dict, training: dict) -> str:
+    """The model card (markdown): how the model is built and trained, what it measures against its targets, and the
+    folder's ``HISTORY.md`` (what was tried, measured when it was tried) when there is one."""
+    s, t, loc = metrics["single_object"], metrics["two_objects"], metrics["localisation"]
+    per_grid = "\n".join(
+        f"| {key} | {v['iou']:.2f} | {v['own_mass']:.2f} | {v['other_mass']:.2f} | {v['own_gt_other']:.0%} |"
+        for key, v in loc.get("per_grid", {}).items()
+    )
+    arch = training["arch"]
+    speed = metrics["seconds_per_image_50_steps"]
+    status = _targets(metrics)
     heads = arch["attention_head_dim"]
     control = metrics.get("positive_control")
     reproduce = "" if control is None else f" --control {control['pairs']} --control-seeds {control.get('seeds', 5)}"
     history = Path(folder) / "HISTORY.md"
     history = history.read_text() if history.exists() else ""
-    recipe = (f"scenes of 1–{len(data.get('object_weights', (0, 0, 0)))} objects in shares "
-              f"{', '.join(f'{w:.0%}' for w in data.get('object_weights', ()))}"
-              f"{', no noun repeated within a caption' if data.get('distinct_shapes') else ''}; "
-              f"{_shares(data.get('caption_noise', 0))} of multi-object captions name one object the image lacks; "
-              f"{data.get('attribute_noise', 0):.0%} swap two objects' colour words; grounding of "
-              f"nouns, and colour words in {float(data.get('ground_colours', 1.0)):.0%} of captions; "
-              f"{_absent(data.get('absent_weight', 0))}"
-              f"{data.get('caption_dropout', 0.1):.0%} empty captions; cross-attention grounding weight "
-              f"{data.get('grounding_weight', 0)}") if data else "scenes of 1–3 objects, 10% empty captions"
+    recipe = _recipe(training.get("data", {}))
     return f"""# The built-in shapes model
 
 A small text-to-image diffusion model trained by this project on the synthetic shapes world

@@ -7,8 +7,15 @@
 - :mod:`~probe.studies.editing`: self- vs cross-attention injection editing (:func:`probe.edit.study`), aggregated.
 - :mod:`~probe.studies.guidance`: the causal test: does guidance that lowers overlap lower entity missing, beyond
   Attend-and-Excite? :mod:`~probe.studies.self_cross`: does Self-Cross guidance lower mixing on similar subjects?
+- :mod:`~probe.studies.intervention`: a pre-registered experiment that moves the subjects' maps' overlap directly
+  (``probe study intervention run|analyse E``); not part of ``run_all``, its analysed tables are checked with the rest.
 - :mod:`~probe.studies.report`: every study, every figure and table, from fixed seeds, and their index; every
   headline recomputed from the per-image tables (:func:`~probe.studies.report.headline_differences`).
+
+Each study module declares its :class:`~probe.studies.registry.Study` at its bottom (title, study function, tables,
+headline and how it is recomputed, answer, figures); importing this package imports every study module, which
+registers them, and the report and the command line read the registry (:mod:`probe.studies.registry`): a new study
+is one module, imported here.
 
 Statistics (clustered bootstrap, paired tests, Holm, power) live in :mod:`probe.stats`; the maths of maps and
 overlap in :mod:`probe.maps` / :mod:`probe.overlap`. Every study uses fixed seeds, records in chunks and reduces each
@@ -17,13 +24,24 @@ shapes-world judge is the default; any callable ``judge(image, prompt)`` returni
 ``.status`` (and ``.detection.mask`` for positions) can replace it (:func:`probe.judges.judge_from_spec`).
 """
 
+from probe.studies import intervention  # noqa: F401  (registers the intervention study)
 from probe.studies.editing import edit_headline, edit_study
 from probe.studies.guidance import guidance_headline, guidance_study
 from probe.studies.overlap import overlap_headline, overlap_study
 from probe.studies.probing import probe_headline, probe_study
-from probe.studies.report import STUDIES, headline_differences, recompute_headlines, run_all
+from probe.studies.registry import Study, get_study, register, registered_studies, study_names, unregister
+from probe.studies.report import headline_differences, recompute_headlines, run_all
 from probe.studies.self_cross import self_cross_headline, self_cross_study
 
-__all__ = ["STUDIES", "edit_headline", "edit_study", "guidance_headline", "guidance_study", "headline_differences",
-           "overlap_headline", "overlap_study", "probe_headline", "probe_study", "recompute_headlines", "run_all",
-           "self_cross_headline", "self_cross_study"]
+__all__ = ["STUDIES", "Study", "edit_headline", "edit_study", "get_study", "guidance_headline", "guidance_study",
+           "headline_differences", "overlap_headline", "overlap_study", "probe_headline", "probe_study",
+           "recompute_headlines", "register", "registered_studies", "run_all", "self_cross_headline",
+           "self_cross_study", "study_names", "unregister"]
+
+
+def __getattr__(name: str):
+    """``STUDIES``: the names of the studies ``run_all`` runs, read from the registry when asked (a study registered
+    later is in it)."""
+    if name == "STUDIES":
+        return study_names(in_run_all=True)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,7 +12,6 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-import torch
 
 from probe.models import BUILTIN, attention_layers
 from probe.shapes.judge import detect
@@ -103,17 +102,6 @@ def judged(image: np.ndarray, prompt: str, judge: Judge = exact_judge) -> dict:
         "quality": float(np.mean([d.confidence for d in found])) if found else math.nan,
         "precision": len(used) / len(detections) if detections else math.nan,
     }
-
-
-def weights_id(pipe) -> str:
-    """A short hash of every weight of the pipeline's modules (sums taken on their device): two pipelines with the
-    same id make the same images, whatever folder or step count they were loaded from."""
-    import hashlib
-
-    sums = [torch.stack([p.detach().double().sum(), p.detach().double().square().sum()]).cpu()
-            for _, module in sorted(pipe.components.items()) if isinstance(module, torch.nn.Module)
-            for p in module.parameters()]
-    return hashlib.sha1(torch.cat(sums).numpy().tobytes()).hexdigest()[:12]
 
 
 def settings_id(**settings) -> str:

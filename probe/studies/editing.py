@@ -14,10 +14,11 @@ from probe.checks import step_count, whole_number
 from probe.edit import DEFAULT_FRACTION, FPE_LAYERS, STEPS_FRACTIONS
 from probe.edit import study as edit_sweep
 from probe.models import load
-from probe.shapes.evaluate import STEPS
 from probe.shapes.judge import judge as exact_judge
 from probe.shapes.judge import require_shapes_world
+from probe.shapes.settings import STEPS
 from probe.studies.common import BOOTSTRAPS, QUICK_BOOTSTRAPS, QUICK_STEPS, _save, mean_interval
+from probe.studies.registry import Study, register
 
 EDIT_SEEDS = 20
 QUICK_EDIT_SEEDS = 1
@@ -99,3 +100,34 @@ def edit_headline(summary: pd.DataFrame) -> pd.DataFrame:
             frame = frame[frame.layer_set == (preferred[0] if preferred else frame.layer_set.iloc[0])]
         rows.append(frame.iloc[0])
     return pd.DataFrame(rows, columns=summary.columns).reset_index(drop=True)
+
+
+def _clear(low: float, high: float) -> bool:
+    return low > 0 or high < 0
+
+
+def editing_answer(headline: pd.DataFrame) -> str:
+    """Per edit and image origin, how much of the source object's mask self- and cross-attention injection kept
+    beyond no injection (IoU difference, paired interval), and the self edit's success rate."""
+    parts = []
+    for (edit, origin), rows in headline.groupby(["edit", "origin"], sort=False):
+        said = []
+        for row in rows[rows.inject.isin(["self", "cross"])].itertuples(index=False):
+            if math.isnan(row.iou_vs_none):
+                continue
+            clear = _clear(row.iou_vs_none_ci_low, row.iou_vs_none_ci_high)
+            said.append(f"{row.inject} {row.iou_vs_none:+.3f} [{row.iou_vs_none_ci_low:+.3f}, "
+                        f"{row.iou_vs_none_ci_high:+.3f}]{'' if clear else ' (no clear difference)'}, "
+                        f"success {row.success_rate:.0%}")
+        if said:
+            parts.append(f"{edit} edits of {origin} images: " + ", ".join(said))
+    return ("Mask IoU with the source beyond no injection: " + "; ".join(parts) + ".") if parts else \
+        "No attention-injection edit was run."
+
+
+register(Study(
+    name="editing", title="Tuning-free editing: self- vs cross-attention injection", order=30, run=edit_study,
+    tables=lambda study: {"edit_results": study.results, "edit_summary": study.summary},
+    headline=lambda study: edit_headline(study.summary),
+    source="edit_results", recompute=lambda table, n_boot: edit_headline(edit_summary(table, n_boot)),
+    answer=editing_answer, figures=("edit_success",), aliases=("edit",)))

@@ -14,9 +14,9 @@ from probe import plots
 from probe.checks import step_count, whole_number
 from probe.guide import InitNO, Schedule
 from probe.models import load
-from probe.shapes.evaluate import GUIDANCE, HELD_OUT_SEED, STEPS
 from probe.shapes.judge import judge as exact_judge
 from probe.shapes.judge import require_shapes_world
+from probe.shapes.settings import GUIDANCE, HELD_OUT_SEED, STEPS
 from probe.stats import (
     cluster_sign_flip,
     detectable_effect,
@@ -26,6 +26,7 @@ from probe.stats import (
     pairs_for_power,
     power_of_pairs,
 )
+from probe.studies.answers import _acted, _direction, _interval, _p, _points, _row, _signed
 from probe.studies.common import BOOTSTRAPS, QUICK_BOOTSTRAPS, QUICK_STEPS, Judge, Subject, _save, _store, mean_interval
 from probe.studies.guided import (
     BASELINE,
@@ -35,6 +36,7 @@ from probe.studies.guided import (
     study_prompts,
     study_steps,
 )
+from probe.studies.registry import Study, register
 
 GUIDANCE_SEED = HELD_OUT_SEED + 40_000  # seeds of the guidance study's images (shared by every method)
 GUIDANCE_SETS = ("shapes-2", "shapes-3")  # the built-in world's two- and three-object prompts
@@ -316,3 +318,81 @@ def guidance_headline(summary: pd.DataFrame) -> pd.DataFrame:
     if summary.empty:
         return pd.DataFrame(columns=columns)
     return summary[columns].sort_values(["missing_rate", "method"], kind="stable").reset_index(drop=True)
+
+
+def _without_initno(headline: pd.DataFrame) -> pd.DataFrame:
+    """The rows without INITNO where there are any (the comparisons a reader meets first)."""
+    if "initno" not in headline:
+        return headline
+    plain = headline[~headline.initno.astype(str).str.lower().eq("true")]
+    return plain if len(plain) else headline
+
+
+def _beyond_baseline(row: pd.Series) -> bool:
+    """Did the methods lower overlap at step 10 below the baseline's own images (the interval's upper end, else the
+    estimate; unknown counts as yes)? Without that, a comparison with A&E does not isolate overlap: A&E lowers
+    overlap too."""
+    high = row.get("iou_t10_diff_ci_high", float("nan"))
+    high = row.get(f"iou_t10_diff_vs_{BASELINE}", float("nan")) if math.isnan(high) else high
+    return bool(math.isnan(high) or high < 0)
+
+
+def _kept(row: pd.Series) -> str:
+    """How much of the change in soft IoU from unguided generation at step 10 is left at the last step."""
+    t10, end = row.get("iou_t10_vs_none", float("nan")), row.get("iou_end_vs_none", float("nan"))
+    if math.isnan(t10) or math.isnan(end) or t10 >= 0:
+        return ""
+    return f" ({max(0.0, end / t10):.0%} of it left at the end)"
+
+
+def guidance_answer(headline: pd.DataFrame) -> str:
+    """The positive control (A&E vs none), then the pooled overlap methods vs A&E on missing and mixing, with their
+    manipulation check (how often the objective fell, how far the maps moved from unguided generation and from
+    A&E's, and whether the change lasted); directions are the study's Holm-corrected verdicts."""
+    table = _without_initno(headline)
+    none, pooled = _row(table, method="none"), _row(table, method=POOLED)
+    parts = []
+    if none is not None and not math.isnan(none[f"diff_vs_{BASELINE}"]):
+        effect, low, high = -none[f"diff_vs_{BASELINE}"], -none.diff_ci_high, -none.diff_ci_low
+        held = str(none.verdict).startswith("more")  # no guidance misses more than A&E
+        parts.append(f"Attend-and-Excite changed missing by {_points(effect)} {_interval(low, high)} against no "
+                     f"guidance ({int(none.n)} pairs{_p(none.get('p_holm'))}): the positive control "
+                     f"{'holds' if held else 'is not met at this size'}")
+    if pooled is not None:
+        missing = (f"missing by {_points(pooled[f'diff_vs_{BASELINE}'])} "
+                   f"{_interval(pooled.diff_ci_low, pooled.diff_ci_high)}{_p(pooled.get('p_holm'))}")
+        mixing = (f"mixing by {_points(pooled[f'mixed_diff_vs_{BASELINE}'])} "
+                  f"{_interval(pooled.mixed_diff_ci_low, pooled.mixed_diff_ci_high)}{_p(pooled.get('mixed_p_holm'))}")
+        check = ""
+        if not math.isnan(pooled.get("loss_fell", float("nan"))):
+            check = (f"; their objective fell in {pooled.loss_fell:.0%} of images and soft IoU moved "
+                     f"{_signed(pooled.iou_t10_vs_none)} at step 10{_kept(pooled)} from unguided generation")
+        against = pooled.get(f"iou_t10_diff_vs_{BASELINE}", float("nan"))
+        if not math.isnan(against):
+            check += f" and {_signed(against)}"
+            if not math.isnan(pooled.get("iou_t10_diff_ci_low", float("nan"))):
+                check += f" [{pooled.iou_t10_diff_ci_low:+.3f}, {pooled.iou_t10_diff_ci_high:+.3f}]"
+            check += " from A&E's images"
+        effect = _direction(str(pooled.verdict))
+        if not _acted(pooled):
+            conclusion = (f"the guidance {effect} entity missing relative to Attend-and-Excite, but as it did not "
+                          "lower its objective in most images, or did not lower overlap, this does not test whether "
+                          "lower overlap lowers missing")
+        elif not _beyond_baseline(pooled):
+            conclusion = (f"they {effect} entity missing relative to Attend-and-Excite, but as they did not lower "
+                          "overlap below A&E's own, this comparison cannot tell whether lower overlap lowers missing "
+                          "beyond A&E")
+        else:
+            conclusion = f"so guidance that lowers overlap {effect} entity missing relative to Attend-and-Excite"
+        parts.append(f"the overlap-lowering methods, pooled, changed {missing} and {mixing} against A&E{check}; "
+                     + conclusion)
+    return ("; ".join(parts) + ".") if parts else "No comparison with Attend-and-Excite was run."
+
+
+register(Study(
+    name="guidance", title="Guidance: does lowering overlap lower entity missing?", order=40, run=guidance_study,
+    tables=lambda study: {"guidance_summary": study.summary, "guidance_versus_ae": study.versus_ae,  # images: stored
+                          "guidance_step_sizes": study.step_sizes},
+    headline=lambda study: guidance_headline(study.summary),
+    source="guidance_images", recompute=lambda table, n_boot: guidance_headline(guidance_tables(table, n_boot)[0]),
+    answer=guidance_answer, figures=("guidance_missing", "guidance_overlap_vs_missing")))

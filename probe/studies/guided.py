@@ -21,14 +21,15 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from probe.fingerprint import weights_id
 from probe.guide import OBJECTIVES, InitNO, Schedule, generate
 from probe.maps import aggregate_self_attention, gaussian_smooth, token_map, token_softmax
 from probe.models import attention_layers
 from probe.overlap import pair_indices
 from probe.prompts import prompt_set, subject_indices, text_keys_tokenizer, word_positions
-from probe.shapes.evaluate import GUIDANCE
 from probe.shapes.judge import judge as exact_judge
-from probe.studies.common import ImageRows, Judge, Subject, judged, nearest_grid, settings_id, weights_id
+from probe.shapes.settings import GUIDANCE
+from probe.studies.common import ImageRows, Judge, Subject, judged, nearest_grid, settings_id
 from probe.studies.overlap import METRICS, pair_metrics
 from probe.tap import Call, Consumer
 

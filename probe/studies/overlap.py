@@ -34,10 +34,11 @@ from probe.probes import (
     step_bins,
 )
 from probe.record import record
-from probe.shapes.evaluate import HELD_OUT_SEED, STEPS
 from probe.shapes.judge import judge as exact_judge
 from probe.shapes.judge import parse_prompt, require_shapes_world
+from probe.shapes.settings import HELD_OUT_SEED, STEPS
 from probe.shapes.world import COLOURS, SHAPES
+from probe.studies.answers import overlap_answer
 from probe.studies.common import (
     BOOTSTRAPS,
     CHUNK,
@@ -51,6 +52,7 @@ from probe.studies.common import (
     nearest_grid,
     subject_word,
 )
+from probe.studies.registry import Study, register
 
 OVERLAP_SEED = HELD_OUT_SEED + 30_000  # seeds and prompt draw of the overlap study
 OVERLAP_SEEDS_PER_PROMPT = 4
@@ -311,3 +313,11 @@ def overlap_headline(association: pd.DataFrame) -> pd.DataFrame:
                      "strongest_clear": bool(clear), "n": int(last.n), "n_prompts": int(last.n_prompts),
                      "n_cases": int(last.n_cases)})
     return pd.DataFrame(rows)
+
+register(Study(
+    name="overlap", title="Overlap between the subjects' maps vs entity missing and mixing", order=20,
+    run=overlap_study, headline=lambda study: overlap_headline(study.association),
+    tables=lambda study: {"overlap_metrics": study.metrics, "overlap_association": study.association},
+    source="overlap_metrics",
+    recompute=lambda table, n_boot: overlap_headline(failure_association(table, n_boot=n_boot)),
+    answer=overlap_answer, figures=("overlap_auc", "overlap_examples")))

@@ -21,14 +21,16 @@ from probe.probes import (
     subject_features,
 )
 from probe.record import record
-from probe.shapes.evaluate import HELD_OUT_SEED, STEPS
 from probe.shapes.judge import judge as exact_judge
 from probe.shapes.judge import parse_prompt, require_shapes_world
+from probe.shapes.settings import HELD_OUT_SEED, STEPS
 from probe.shapes.world import COLOURS, SHAPES
 from probe.studies.common import CHUNK, Judge, Subject, _chunks, _samples, _save, subject_word
+from probe.studies.registry import Study, register
 
 PROBE_SEED = HELD_OUT_SEED + 20_000  # seeds of the probe study's images (shared by all prompts)
 SELF_MAX_GRID = 16  # self-attention is recorded only at grids up to this (memory grows as grid⁴)
+LAYOUT_TARGETS = ("position", "extent", "size", "judge_shape")  # where and shape: what FPE says self-attention holds
 STEPS_PER_BIN = 2  # probe study: steps kept at the centre of each of early / middle / late
 POSITION_BINS = 3  # object centre binned into a 3×3 grid of the image
 ROW_NAMES = ("top", "middle", "bottom")
@@ -150,3 +152,35 @@ def probe_headline(accuracy: pd.DataFrame) -> pd.DataFrame:
     columns = ["target", "given_by_prompt", "kind", "feature", "accuracy", "ci_low", "ci_high", "chance",
                "resolution", "layer", "step_bin", "n"]
     return best[columns].sort_values(["target", "kind", "feature"]).reset_index(drop=True)
+
+
+def probe_answer(headline: pd.DataFrame) -> str:
+    """FPE's claim on targets the prompt does not give away: does self-attention carry where and shape better than
+    cross-attention? Per layout target, the best probe of each kind; "better" needs disjoint Wilson intervals."""
+    targets = [t for t in LAYOUT_TARGETS if t in set(headline.target)]
+    if not targets:
+        return "No layout target was probed."
+    verdicts = []
+    for target in targets:
+        rows = headline[headline.target == target]
+        best = {kind: rows[rows.kind == kind].sort_values("accuracy").iloc[-1] for kind in ("self", "cross")
+                if (rows.kind == kind).any()}
+        if len(best) < 2:
+            continue
+        s, c = best["self"], best["cross"]
+        word = "better" if s.ci_low > c.ci_high else "worse" if s.ci_high < c.ci_low else "as well (intervals overlap)"
+        verdicts.append((target, word, s.accuracy, c.accuracy))
+    better = sum(w == "better" for _, w, _, _ in verdicts)
+    listed = "; ".join(f"{t}: self {s:.2f} vs cross {c:.2f}, {w}" for t, w, s, c in verdicts)
+    return (f"Self-attention carries where and shape better than cross-attention on {better} of {len(verdicts)} "
+            f"targets the prompt does not give away ({listed}), so FPE's claim is "
+            f"{'confirmed' if better == len(verdicts) else 'partly confirmed' if better else 'not confirmed'} "
+            "on this model.")
+
+
+register(Study(
+    name="probe", title="Linear probes: what cross- and self-attention encode", order=10, run=probe_study,
+    tables=lambda study: {"probe_labels": study.labels, "probe_accuracy": study.accuracy},
+    headline=lambda study: probe_headline(study.accuracy),
+    source="probe_accuracy", recompute=lambda table, n_boot: probe_headline(table),  # probes' scores: features not kept
+    answer=probe_answer, figures=("probe_accuracy",)))

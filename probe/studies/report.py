@@ -12,7 +12,6 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from probe.models import BUILTIN, load
-from probe.studies.answers import ANSWERS
 from probe.studies.common import (
     BOOTSTRAPS,
     QUICK_BOOTSTRAPS,
@@ -21,36 +20,25 @@ from probe.studies.common import (
     cell_differences,
     model_label,
 )
-from probe.studies.editing import edit_headline, edit_study, edit_summary
-from probe.studies.guidance import guidance_headline, guidance_study, guidance_tables
-from probe.studies.overlap import failure_association, overlap_headline, overlap_study
-from probe.studies.probing import probe_headline, probe_study
-from probe.studies.self_cross import self_cross_headline, self_cross_study, self_cross_summary
+from probe.studies.registry import Study, UnknownStudy, get_study, registered_studies, study_names
 from probe.writes import write_csv, write_text
 
-STUDIES = ("probe", "overlap", "editing", "guidance", "self_cross")
-STUDY_TITLES = {
-    "probe": "Linear probes: what cross- and self-attention encode",
-    "overlap": "Overlap between the subjects' maps vs entity missing and mixing",
-    "editing": "Tuning-free editing: self- vs cross-attention injection",
-    "guidance": "Guidance: does lowering overlap lower entity missing?",
-    "self_cross": "Self-Cross guidance on similar subjects: mixing",
+_VIEWS = {  # the names these views had as dicts of their own, now read from the registry when asked
+    "STUDIES": lambda: study_names(in_run_all=True),
+    "STUDY_TITLES": lambda: {s.name: s.title for s in registered_studies()},
+    "STUDY_FIGURES": lambda: {s.name: s.figures for s in registered_studies()},
+    "HEADLINE_SOURCES": lambda: {s.name: (s.source, s.recompute) for s in registered_studies() if s.source},
+    "STUDY_FUNCTIONS": lambda: {s.name: s.run for s in registered_studies(in_run_all=True)},
+    "ANSWERS": lambda: {s.name: s.answer for s in registered_studies() if s.answer},
 }
-STUDY_FIGURES = {
-    "probe": ("probe_accuracy",),
-    "overlap": ("overlap_auc", "overlap_examples"),
-    "editing": ("edit_success",),
-    "guidance": ("guidance_missing", "guidance_overlap_vs_missing"),
-    "self_cross": ("self_cross_mixing",),
-}
-# the per-row table each study's headline is recomputed from, and how (bootstraps as the study ran them)
-HEADLINE_SOURCES = {
-    "probe": ("probe_accuracy", lambda table, n_boot: probe_headline(table)),  # probes' scores: features not kept
-    "overlap": ("overlap_metrics", lambda table, n_boot: overlap_headline(failure_association(table, n_boot=n_boot))),
-    "editing": ("edit_results", lambda table, n_boot: edit_headline(edit_summary(table, n_boot))),
-    "guidance": ("guidance_images", lambda table, n_boot: guidance_headline(guidance_tables(table, n_boot)[0])),
-    "self_cross": ("self_cross_images", lambda table, n_boot: self_cross_headline(self_cross_summary(table, n_boot))),
-}
+
+
+def __getattr__(name: str):
+    """``STUDIES``, ``STUDY_TITLES``, ``STUDY_FIGURES``, ``HEADLINE_SOURCES``, ``STUDY_FUNCTIONS``, ``ANSWERS``:
+    read-only views of :mod:`probe.studies.registry`, made when asked (so a study registered later is in them)."""
+    if name in _VIEWS:
+        return _VIEWS[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def recompute_headlines(out: str | Path = "figures") -> dict[str, pd.DataFrame]:
@@ -61,23 +49,25 @@ def recompute_headlines(out: str | Path = "figures") -> dict[str, pd.DataFrame]:
     timing = pd.read_csv(out / "timing.csv")
     headlines = {}
     for row in timing.itertuples(index=False):
-        source, headline = HEADLINE_SOURCES[row.study]
-        path = out / f"{source}.csv"
+        study = get_study(row.study)
+        if study.source is None:
+            continue  # a study whose headline is not recomputed from rows (its own differences check it)
+        path = out / f"{study.source}.csv"
         if not path.exists():
             raise FileNotFoundError(f"{path}: the {row.study} study's rows, which its headline is computed from")
         table = pd.read_csv(path, dtype={"settings_id": str})
-        headlines[row.study] = headline(table, QUICK_BOOTSTRAPS if row.quick else BOOTSTRAPS)
+        headlines[row.study] = study.recompute(table, QUICK_BOOTSTRAPS if row.quick else BOOTSTRAPS)
     return headlines
 
 
 def headline_differences(out: str | Path = "figures", rtol: float = 1e-4, atol: float = 1e-6) -> list[str]:
     """Where a committed ``headline_<study>.csv`` in ``out`` disagrees with :func:`recompute_headlines` (the
     tables are written to six significant digits, hence the tolerances): one line per differing cell, none when every
-    number reproduces."""
-    from probe.studies.intervention import differences
-
+    number reproduces. Studies with a check of their own (a pre-registered experiment's analysed tables) give it as
+    their ``differences``; it runs first."""
     out = Path(out)
-    problems = differences(out, rtol, atol)  # the intervention study's registered analysis
+    problems = [line for study in registered_studies() if study.differences is not None
+                for line in study.differences(out, rtol, atol)]
     for study, fresh in recompute_headlines(out).items():
         problems += cell_differences(study, pd.read_csv(out / f"headline_{study}.csv"), fresh, rtol, atol)
     return problems
@@ -131,17 +121,18 @@ def write_index(out: str | Path) -> Path:
         settings = json.loads(row.settings) if isinstance(row.settings, str) and row.settings else {}
         model = getattr(row, "model", None)
         model = model if isinstance(model, str) else "not recorded"
-        parts += ["", f"## {STUDY_TITLES[row.study]}", "",
+        study = get_study(row.study)
+        parts += ["", f"## {study.title}", "",
                   f"Model: {model}. Sizes: the {'quick' if row.quick else 'full'} defaults"
                   + (", with " + ", ".join(f"{k}={v!r}" for k, v in settings.items()) if settings else "")
                   + f". {row.seconds / 60:.1f} min on this machine.", "",
                   f"```\n{study_command(row.study, out, bool(row.quick), settings, _text(row, 'model_path'))}\n```", ""]
-        parts += [f"![{name}]({name}.png)" for name in STUDY_FIGURES[row.study] if (out / f"{name}.png").exists()]
+        parts += [f"![{name}]({name}.png)" for name in study.figures if (out / f"{name}.png").exists()]
         headline = out / f"headline_{row.study}.csv"
         if headline.exists():
             table = pd.read_csv(headline)
-            if len(table):
-                parts += ["", f"**Answer.** {ANSWERS[row.study](table)}"]
+            if len(table) and study.answer is not None:
+                parts += ["", f"**Answer.** {study.answer(table)}"]
             parts += ["", _markdown(table)]
     path = out / "README.md"
     return write_text(path, "\n".join(parts) + "\n")
@@ -152,8 +143,6 @@ def _write_tables(tables: dict[str, pd.DataFrame], out: Path) -> None:
         write_csv(table, out / f"{name}.csv", float_format=TABLE_FLOAT_FORMAT)
 
 
-STUDY_FUNCTIONS = {"probe": probe_study, "overlap": overlap_study, "editing": edit_study,
-                   "guidance": guidance_study, "self_cross": self_cross_study}
 RUN_ALL_KEYWORDS = ("quick", "out", "progress")  # what run_all (and the command line's own options) set itself
 _ANNOTATION_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),),
                      "Path": (str, Path)}
@@ -176,6 +165,15 @@ def _accepted_types(annotation) -> tuple[type, ...] | None:
     return tuple(accepted)
 
 
+def _run_all_study(name: str) -> Study:
+    """The registered study ``name`` that :func:`run_all` runs (the others have commands of their own)."""
+    study = get_study(name)
+    if not study.in_run_all:
+        raise UnknownStudy(f"the {study.name} study is not run by run_all and takes no settings here; it has commands "
+                           f"of its own: probe study {study.name} --help")
+    return study
+
+
 def check_settings(study: str, settings: dict) -> dict:
     """Keywords for a study function (``sizes`` of :func:`run_all`, ``--set`` of ``probe study``), checked before
     any model loads: a misspelt keyword would otherwise fail only as Python's "unexpected keyword", and a word
@@ -184,9 +182,7 @@ def check_settings(study: str, settings: dict) -> dict:
     import difflib
     import inspect
 
-    if study not in STUDY_FUNCTIONS:
-        raise ValueError(f"unknown study {study!r}; known: {list(STUDIES)}")
-    function = STUDY_FUNCTIONS[study]
+    function = _run_all_study(study).run
     params = {k: p for k, p in inspect.signature(function).parameters.items() if k != "pipe"}
     for key, value in settings.items():
         if key in RUN_ALL_KEYWORDS:
@@ -210,7 +206,8 @@ def run_all(pipe, quick: bool = False, out: str | Path = "figures", sizes: dict[
             progress: bool = True, only: Sequence[str] | None = None) -> dict[str, pd.DataFrame]:
     """Every study from its fixed seeds; every figure (PNG) and table (CSV) into ``out``; the headline tables.
 
-    Studies: linear probes, overlap vs missing, editing, guidance, self-cross mixing; ``README.md`` indexes them
+    Studies: those registered to run here (:func:`~probe.studies.registry.registered_studies`: linear probes,
+    overlap vs missing, editing, guidance, self-cross mixing), in their order; ``README.md`` indexes them
     (:func:`write_index`). ``quick`` runs each at its quick size with :data:`QUICK_STEPS` steps. ``sizes``: per
     study (a name of :data:`STUDIES`), keyword arguments that override its defaults, e.g.
     ``{"guidance": {"n_images": 2, "steps": 3}}``. ``only``: run just these studies (earlier rows of ``timing.csv``
@@ -218,47 +215,33 @@ def run_all(pipe, quick: bool = False, out: str | Path = "figures", sizes: dict[
     counting the images an earlier run made where a study resumed; its ``quick`` flag and ``sizes`` overrides),
     which are written as ``headline_<study>.csv`` and ``timing.csv``.
     """
+    sizes = dict(sizes or {})
+    unknown = [name for name in {**sizes, **dict.fromkeys(only or ())} if name not in study_names(in_run_all=True)]
+    if unknown:
+        raise ValueError(f"unknown studies {sorted(unknown)}; known: {list(study_names(in_run_all=True))}"
+                         + "".join(f"; {name} is run by its own commands: probe study {name} --help"
+                                   for name in unknown if name in study_names(in_run_all=False)))
+    for name, settings in sizes.items():
+        check_settings(name, settings)
     pipe = load(pipe)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    sizes = dict(sizes or {})
-    unknown = (set(sizes) | set(only or ())) - set(STUDIES)
-    if unknown:
-        raise ValueError(f"unknown studies {sorted(unknown)}; known: {list(STUDIES)}")
-    for name, settings in sizes.items():
-        check_settings(name, settings)
 
     def kwargs(name: str) -> dict:
         return {"quick": quick, "out": out, "progress": progress, **({"steps": QUICK_STEPS} if quick else {}),
                 **sizes.get(name, {})}
 
     headlines, timing = {}, []
-    for name in [s for s in STUDIES if only is None or s in only]:
+    for study in registered_studies(in_run_all=True):
+        name = study.name
+        if only is not None and name not in only:
+            continue
         start = time.perf_counter()
-        if name == "probe":
-            study = probe_study(pipe, **kwargs(name))
-            tables = {"probe_labels": study.labels, "probe_accuracy": study.accuracy}
-            headlines[name] = probe_headline(study.accuracy)
-        elif name == "overlap":
-            study = overlap_study(pipe, **kwargs(name))
-            tables = {"overlap_metrics": study.metrics, "overlap_association": study.association}
-            headlines[name] = overlap_headline(study.association)
-        elif name == "editing":
-            study = edit_study(pipe, **kwargs(name))
-            tables = {"edit_results": study.results, "edit_summary": study.summary}
-            headlines[name] = edit_headline(study.summary)
-        elif name == "guidance":
-            study = guidance_study(pipe, **kwargs(name))
-            tables = {"guidance_summary": study.summary, "guidance_versus_ae": study.versus_ae,  # images: stored
-                      "guidance_step_sizes": study.step_sizes}
-            headlines[name] = guidance_headline(study.summary)
-        else:
-            study = self_cross_study(pipe, **kwargs(name))
-            tables = {"self_cross_summary": study.summary, "self_cross_step_sizes": study.step_sizes}  # images: stored
-            headlines[name] = self_cross_headline(study.summary)
-        _write_tables({**tables, f"headline_{name}": headlines[name]}, out)
+        result = study.run(pipe, **kwargs(name))
+        headlines[name] = study.headline(result)
+        _write_tables({**study.tables(result), f"headline_{name}": headlines[name]}, out)
         plt.close("all")
-        reused = getattr(study, "images", pd.DataFrame()).attrs.get("reused_seconds", 0.0)  # earlier runs' images
+        reused = getattr(result, "images", pd.DataFrame()).attrs.get("reused_seconds", 0.0)  # earlier runs' images
         timing.append({"study": name, "seconds": time.perf_counter() - start + reused, "quick": quick,
                        "settings": json.dumps(sizes.get(name, {}), default=str), "model": model_label(pipe),
                        "model_path": str(getattr(pipe, "name_or_path", "") or "")})
@@ -267,7 +250,7 @@ def run_all(pipe, quick: bool = False, out: str | Path = "figures", sizes: dict[
     if only is not None and earlier.exists():  # keep the other studies' rows of an earlier run
         kept = pd.read_csv(earlier)
         kept = kept[~kept.study.isin(headlines["timing"].study)]
-        order = {name: i for i, name in enumerate(STUDIES)}
+        order = {name: i for i, name in enumerate(study_names())}
         merged = pd.concat([kept, headlines["timing"]], ignore_index=True)
         headlines["timing"] = merged.sort_values("study", key=lambda c: c.map(order)).reset_index(drop=True)
     _write_tables({"timing": headlines["timing"]}, out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,9 +13,10 @@ from probe import plots
 from probe.checks import step_count, whole_number
 from probe.guide import InitNO, Schedule
 from probe.models import load
-from probe.shapes.evaluate import GUIDANCE, HELD_OUT_SEED, STEPS
 from probe.shapes.judge import judge as exact_judge
 from probe.shapes.judge import require_shapes_world
+from probe.shapes.settings import GUIDANCE, HELD_OUT_SEED, STEPS
+from probe.studies.answers import _acted, _direction, _interval, _p, _points
 from probe.studies.common import BOOTSTRAPS, QUICK_BOOTSTRAPS, QUICK_STEPS, Judge, Subject, _save, _store
 from probe.studies.guidance import (
     GUIDANCE_SEEDS_PER_PROMPT,
@@ -32,6 +34,7 @@ from probe.studies.guided import (
     study_prompts,
     study_steps,
 )
+from probe.studies.registry import Study, register
 
 SELF_CROSS_SEED = HELD_OUT_SEED + 50_000  # seeds of the self-cross study's images
 SIMILAR_SET = "shapes-similar"  # confusable subjects (red/orange, blue/purple, circle/ellipse)
@@ -112,3 +115,36 @@ def self_cross_headline(summary: pd.DataFrame) -> pd.DataFrame:
     if summary.empty:
         return pd.DataFrame(columns=columns)
     return summary[columns].sort_values(["mixed_rate", "method"], kind="stable").reset_index(drop=True)
+
+
+def self_cross_answer(headline: pd.DataFrame) -> str:
+    """Self-Cross vs A&E on mixing of similar subjects (the study's Holm-corrected verdict), with its manipulation
+    check."""
+    rows = headline[headline.method == "self_cross"] if "method" in headline else headline.iloc[:0]
+    parts = []
+    for _, row in rows.iterrows():
+        if math.isnan(row[f"mixed_diff_vs_{BASELINE}"]):
+            continue
+        diff, low, high = row[f"mixed_diff_vs_{BASELINE}"], row.mixed_diff_ci_low, row.mixed_diff_ci_high
+        fell = row.get("loss_fell", float("nan"))
+        check = (f"; its loss fell in {fell:.0%} of images (median {row.loss_start_median:.3f} → "
+                 f"{row.loss_end_median:.3f})" if not math.isnan(fell) else "")
+        verdict = (f"it {_direction(str(row.mixed_verdict))} mixing" if _acted(row) else
+                   "the guidance did not act, so the comparison says nothing about the method")
+        with_initno = str(row.get("initno", False)).lower() == "true"
+        parts.append(f"{'with' if with_initno else 'without'} INITNO, Self-Cross changed mixing of similar subjects "
+                     f"by {_points(diff)} {_interval(low, high)} against Attend-and-Excite ({int(row.n)} pairs"
+                     f"{_p(row.get('mixed_p_holm'))}){check}: {verdict}")
+    if not parts:
+        return "Self-Cross was not compared with Attend-and-Excite."
+    text = "; ".join(parts)
+    return text[0].upper() + text[1:] + "."
+
+
+register(Study(
+    name="self_cross", title="Self-Cross guidance on similar subjects: mixing", order=50, run=self_cross_study,
+    tables=lambda study: {"self_cross_summary": study.summary,  # images: stored as they are made
+                          "self_cross_step_sizes": study.step_sizes},
+    headline=lambda study: self_cross_headline(study.summary),
+    source="self_cross_images", recompute=lambda table, n_boot: self_cross_headline(self_cross_summary(table, n_boot)),
+    answer=self_cross_answer, figures=("self_cross_mixing",), aliases=("self-cross",)))

@@ -28,11 +28,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from probe.fingerprint import weights_id
 from probe.intervene import SHAM, OverlapShift, Unit
 from probe.models import attention_layers, load
 from probe.prompts import subject_keys
-from probe.shapes.evaluate import GUIDANCE, HELD_OUT_SEED, STEPS
 from probe.shapes.judge import judge as exact_judge
+from probe.shapes.settings import GUIDANCE, HELD_OUT_SEED, STEPS
 from probe.stats import cluster_sign_flip, clustered_bootstrap, holm
 from probe.studies.common import (
     ImageRows,
@@ -41,8 +42,8 @@ from probe.studies.common import (
     judged,
     nearest_grid,
     settings_id,
-    weights_id,
 )
+from probe.studies.registry import Study, register
 from probe.tap import Tap
 
 INTERVENTION_SEED = HELD_OUT_SEED + 60_000  # seeds of this study's images
@@ -280,7 +281,7 @@ def units_for_power(pilot: pd.DataFrame, effect: float = EFFECT_POINTS, power: f
 
 # -- the registered design -------------------------------------------------------------------------------------------
 
-REGISTRATION = Path(__file__).resolve().parents[2] / "figures" / "intervention_registration.md"
+REGISTRATION = Path(__file__).resolve().parents[3] / "figures" / "intervention_registration.md"
 
 
 def registration(path: str | Path = REGISTRATION) -> dict:
@@ -383,12 +384,13 @@ def _detectable(spec: dict) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m probe.studies.intervention run E [--shard I/N] [--model DIR] [--out figures]``: run (or resume) a
-    registered experiment into ``<out>/intervention_<E>_images.csv`` (a shard: ``…_shard<I>of<N>.csv``);
-    ``… analyse E``: its registered analysis, once every registered image is made."""
+    """``probe study intervention run E [--shard I/N] [--model DIR] [--out figures]`` (or ``python -m
+    probe.studies.intervention run E …``): run (or resume) a registered experiment into
+    ``<out>/intervention_<E>_images.csv`` (a shard: ``…_shard<I>of<N>.csv``); ``… analyse E``: its registered
+    analysis, once every registered image is made. The study's command line, registered on its :class:`Study`."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m probe.studies.intervention")
+    parser = argparse.ArgumentParser(prog="probe study intervention")
     parser.add_argument("action", choices=("run", "analyse"))
     parser.add_argument("experiment", choices=sorted(registration()["experiments"]))
     parser.add_argument("--shard", default=None, metavar="I/N")
@@ -550,5 +552,6 @@ def differences(out: str | Path = "figures", rtol: float = 1e-4, atol: float = 1
     return problems
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+register(Study(
+    name="intervention", title="Intervention: does moving the subjects' maps' overlap change entity missing?",
+    order=60, in_run_all=False, main=main, differences=differences))
