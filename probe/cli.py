@@ -38,14 +38,23 @@ def cmd_record(args) -> None:
 
     tree = probe.record(
         probe.load(args.model, device=args.device, scheduler=args.scheduler), args.prompt, seeds=args.seed,
-        steps=args.steps, guidance_scale=args.guidance, kinds=tuple(args.kinds), layers=args.layers,
-        heads=_heads(args.heads), self_keys=args.self_keys, self_queries=_points(args.self_query),
-        self_store=args.self_store,
-        out=args.out, max_bytes=args.max_mb * 1e6 if args.max_mb else None, batch_size=args.batch_size,
-        force=args.force,
+        settings=_record_settings(args), out=args.out, max_bytes=args.max_mb * 1e6 if args.max_mb else None,
+        batch_size=args.batch_size, force=args.force,
     )
     print(_summary(tree))
     print(f"written to {args.out}")
+
+
+def _record_settings(args):
+    """The recording settings a command's options give (``probe record``, ``probe sweep``): one object, as
+    :func:`probe.record` and :func:`probe.sweep` take it."""
+    from probe.record import RecordSettings
+
+    fields = {"steps": args.steps, "guidance_scale": args.guidance, "kinds": tuple(args.kinds), "layers": args.layers,
+              "heads": _heads(args.heads)}
+    if hasattr(args, "self_store"):
+        fields.update(self_keys=args.self_keys, self_queries=_points(args.self_query), self_store=args.self_store)
+    return RecordSettings(**fields)
 
 
 def _heads(value: str):
@@ -320,9 +329,8 @@ def cmd_sweep(args) -> None:
     from probe import sweeps
 
     kwargs = dict(model=args.model, prompts=args.prompt, seeds=args.seed, methods=args.method, out=args.out,
-                  targets=args.target, subjects=args.subjects, steps=args.steps, guidance_scale=args.guidance,
-                  kinds=tuple(args.kinds), layers=args.layers, heads=args.heads, edit_steps=args.edit_steps,
-                  height=args.height, width=args.width)
+                  targets=args.target, subjects=args.subjects, settings=_record_settings(args),
+                  edit_steps=args.edit_steps, height=args.height, width=args.width)
     sweeps.items(args.prompt, args.seed, args.method, targets=args.target, subjects=args.subjects)  # errors first
     if args.processes > 1 and not sweeps.launched():
         raise SystemExit(sweeps.launch(args.processes, threads=args.threads, **kwargs))
