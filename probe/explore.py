@@ -26,8 +26,10 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from probe.maps import aggregate_self_attention, recorded_step, resize, token_map
+from probe.analysis.subjects import subject_maps, word_tokens
+from probe.maps import aggregate_self_attention, recorded_step, resize
 from probe.overlap import (
+    PAIR_STATISTICS,
     center_of_mass,
     intensity,
     pair_indices,
@@ -35,17 +37,15 @@ from probe.overlap import (
     self_cross_overlap,
     spread,
 )
-from probe.prompts import recorded_subject_tokens, subjects_of, token_indices, word_occurrences
+from probe.prompts import subjects_of, token_indices, word_occurrences
 from probe.record import full_self
 
 ALL = "all"
 MEAN = "mean"
-CMAP = "inferno"
-OVERLAY_ALPHA = 0.6
 DISPLAY = 288  # panel width in screen pixels: small images are enlarged, large ones shrunk
 MARKER = (0, 255, 255)  # the query pixel's outline
 CACHE_SLICES = 8  # step slices kept, so changing only the token or the query pixel reads nothing again
-PAIR_COLUMNS = ("a", "b", "soft_iou", "com_distance", "kl_sym", "compactness", "self_cross")
+PAIR_COLUMNS = ("a", "b", *PAIR_STATISTICS)
 SUBJECT_COLUMNS = ("subject", "tokens", "intensity", "spread", "com_y", "com_x")
 
 
@@ -98,16 +98,16 @@ def _groups(tree: xr.DataTree, kind: str) -> list[str]:
 
 
 def _subject_tokens(texts: list[str], encoders: list[str] | None, prompt: str) -> list[tuple[str, list[int]]]:
-    """The prompt's subject nouns with their token indices (:func:`probe.prompts.recorded_subject_tokens`: every
-    copy of a word, SD3's CLIP and T5 alike); none where the prompt's nouns cannot be found, and a word missing from
-    the tokens is left out (its statistics cannot be shown)."""
+    """The prompt's subject nouns with their token indices (:func:`probe.analysis.subjects.word_tokens`: every copy
+    of a word, SD3's CLIP and T5 alike); none where the prompt's nouns cannot be found, and a word missing from the
+    tokens is left out (its statistics cannot be shown)."""
     try:
         words = subjects_of(prompt)
     except ValueError:
         return []
     words = [w for w in words if word_occurrences(texts, w)]
     try:
-        return list(zip(words, recorded_subject_tokens(texts, encoders, words, prompt)))
+        return list(zip(words, word_tokens(texts, words, encoders, prompt)))
     except ValueError:
         return []
 
@@ -268,8 +268,7 @@ class ViewModel:
 
         subjects = self.subjects(c.sample)
         by_token = torch.from_numpy(np.moveaxis(cross_all, 0, -1))  # (H, W, T)
-        maps = (torch.stack([token_map(by_token, ix) for _, ix in subjects]) if subjects
-                else torch.zeros(0, *grid))
+        maps = subject_maps(by_token, [ix for _, ix in subjects])  # (S, H, W), S = 0 without subjects
 
         self_parts, self_source = self._self_parts(c.layer)
         self_map, self_query, self_full = None, None, None
@@ -322,7 +321,7 @@ def _statistics(subjects: list[tuple[str, list[int]]], maps: torch.Tensor, self_
         cross_self = (float(self_cross_overlap(maps[[i, j]], aggregated[[i, j]])) if aggregated is not None
                       else math.nan)
         overlap = pair_overlap(a, b)
-        rows.append({"a": words[i], "b": words[j], **{k: float(overlap[k]) for k in PAIR_COLUMNS[2:-1]},
+        rows.append({"a": words[i], "b": words[j], **{k: float(overlap[k]) for k in PAIR_STATISTICS[:-1]},
                      "self_cross": cross_self})
     centres = center_of_mass(maps) if len(subjects) else torch.zeros(0, 2)
     own = [{"subject": w, "tokens": ix, "intensity": float(intensity(maps[k])), "spread": float(spread(maps[k])),
@@ -347,6 +346,8 @@ def render_panel(heat: np.ndarray, image: np.ndarray | None = None, cell: tuple[
     """
     from matplotlib import colormaps
     from PIL import Image
+
+    from probe.plots import CMAP, OVERLAY_ALPHA  # the figures' colours (imported here: matplotlib is drawn late)
 
     if image is not None:
         h, w = image.shape[:2]

@@ -28,16 +28,10 @@ import torch
 from tqdm.auto import tqdm
 
 from probe import checks
+from probe.analysis.subjects import diffusers_softmax_tokens, subject_maps
 from probe.checks import finite_noise, step_count, text_to_image
-from probe.maps import (
-    AE_KERNEL_SIZE,
-    AE_SIGMA,
-    AE_TEMPERATURE,
-    aggregate_self_attention,
-    gaussian_smooth,
-    token_map,
-    token_softmax,
-)
+from probe.consumers.maps import GUIDANCE_PASSES, MapCollector
+from probe.maps import AE_KERNEL_SIZE, AE_SIGMA, AE_TEMPERATURE, aggregate_self_attention
 from probe.models import Layer, denoiser, latent_size, load
 from probe.overlap import (
     ISOLATION_MARGIN,
@@ -53,7 +47,7 @@ from probe.overlap import (
 )
 from probe.pipelines import conditioned, initial_noise, noise_sigma, set_schedule
 from probe.prompts import subject_keys
-from probe.tap import Call, Consumer, Tap
+from probe.tap import Consumer, Tap
 
 # -- settings --------------------------------------------------------------------------------------------------------
 
@@ -119,8 +113,9 @@ class InitNO:
 class GuidanceMaps:
     """What an objective sees: the subjects' maps at one latent, batch first.
 
-    ``subjects`` (B, S, H, W): per subject, softmax(temperature·A) over tokens, mean over the subject's word pieces,
-    Gaussian smoothed (A&E's maps). ``cross`` (B, H, W, T): the raw cross-attention, mean over layers and heads.
+    ``subjects`` (B, S, H, W): per subject, softmax(temperature·A) over the prompt's word tokens, mean over the
+    subject's word pieces, Gaussian smoothed (A&E's maps, :func:`probe.analysis.subjects.subject_maps`).
+    ``cross`` (B, H, W, T): the raw cross-attention, mean over layers and heads.
     ``self_attention`` (B, H·W, H·W): mean self-attention of the same layers' grid, when the objective needs it.
     """
 
@@ -242,36 +237,6 @@ def as_objective(spec: ObjectiveSpec) -> Objective:
 # -- the consumer -----------------------------------------------------------------------------------------------------
 
 
-class _MapCollector(Consumer):
-    """Sums attention over the chosen layers and heads during guidance passes only (fused attention otherwise)."""
-
-    def __init__(self, layers: list[Layer]):
-        self.keys = {layer.key for layer in layers}
-        self.active = False
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-
-    def start(self) -> None:
-        self.active, self.sums, self.counts = True, {}, {}
-
-    def wants(self, call: Call) -> bool:
-        return self.active and call.pass_ == "guidance" and call.layer.key in self.keys
-
-    def on_probs(self, call: Call, probs: torch.Tensor) -> None:
-        kind = call.layer.kind
-        summed = call.conditional(probs).float().sum(1)  # over heads: (B, queries, keys)
-        self.sums[kind] = summed if kind not in self.sums else self.sums[kind] + summed
-        self.counts[kind] = self.counts.get(kind, 0) + probs.shape[1]
-
-    def finish(self) -> dict[str, torch.Tensor]:
-        """Mean over every (layer, head) pair of each kind, as A&E's ``aggregate_attention``."""
-        wanted = {kind for _, kind in self.keys}
-        if set(self.sums) != wanted:
-            raise RuntimeError(f"guidance expected {sorted(wanted)} attention from {sorted(self.keys)} but the "
-                               f"denoiser produced {sorted(self.sums)}; do these layers run at this image size?")
-        return {kind: total / self.counts[kind] for kind, total in self.sums.items()}
-
-
 def _closest_grid(layers: list[Layer], resolution: int) -> tuple[int, int]:
     grids = {layer.grid for layer in layers if layer.kind == "cross"}
     if not grids:
@@ -309,7 +274,7 @@ class Guide:
         self.schedule = schedule or Schedule()
         if self.schedule.tokens not in ("words", "diffusers"):
             raise ValueError(f"Schedule.tokens must be 'words' or 'diffusers', not {self.schedule.tokens!r}")
-        self.softmax_tokens = words if self.schedule.tokens == "words" else None
+        self.softmax_tokens = words if self.schedule.tokens == "words" else None  # None: diffusers' slots
         scale = getattr(self.pipe, "vae_scale_factor", 8)
         lh, lw = latent_size(self.pipe, height, width)
         self.height, self.width = lh * scale, lw * scale
@@ -317,7 +282,7 @@ class Guide:
         self.grid = _closest_grid(list(self.tap.layers.values()), self.schedule.resolution)
         kinds = ("cross", "self") if self.objective.needs_self else ("cross",)
         chosen = [layer for layer in self.tap.layers.values() if layer.grid == self.grid and layer.kind in kinds]
-        self.collector = _MapCollector(chosen)
+        self.collector = MapCollector(chosen, passes=GUIDANCE_PASSES, detach=False)
         self.tap.consumers.append(self.collector)
         self.timesteps = set_schedule(self.pipe, steps, self.height, self.width)
         self.step_sizes = self.schedule.step_sizes(len(self.timesteps))
@@ -339,13 +304,11 @@ class Guide:
         """Loss (a scalar for one latent) and maps at ``latents`` (1, C, h, w) and step ``step``'s timestep."""
         if self.denoise is None:
             raise RuntimeError("a Guide evaluates inside its context: `with Guide(pipe, ...) as guide:`")
-        self.collector.start()
-        try:
-            with self.tap.pass_("guidance", step):
-                self.denoise(latents, self.timesteps[step])
-        finally:
-            self.collector.active = False
-        found = self.collector.finish()
+        self.collector.clear()
+        with self.tap.pass_("guidance", step):
+            self.denoise(latents, self.timesteps[step])
+        found = self.collector.mean(step)
+        self.collector.clear()
         maps = self._maps(found["cross"], found.get("self"))
         value = self.objective(maps)
         if not isinstance(value, torch.Tensor):
@@ -375,9 +338,9 @@ class Guide:
     def _maps(self, cross: torch.Tensor, self_attention: torch.Tensor | None) -> GuidanceMaps:
         s = self.schedule
         grid = cross.reshape(cross.shape[0], *self.grid, cross.shape[-1])
-        soft = token_softmax(grid, s.temperature, keep=self.softmax_tokens)
-        subjects = torch.stack([token_map(soft, idx) for idx in self.indices], dim=1)
-        subjects = gaussian_smooth(subjects, s.kernel_size, s.sigma)
+        words = self.softmax_tokens or diffusers_softmax_tokens(grid.shape[-1])
+        subjects = subject_maps(grid, self.indices, words, view="ae", temperature=s.temperature,
+                                kernel_size=s.kernel_size, sigma=s.sigma)
         return GuidanceMaps(subjects, grid, self_attention, s)
 
     # -- updates ------------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import torch
 import xarray as xr
 
 from probe import overlap
-from probe.maps import recorded_word_tokens
+from probe.analysis.subjects import layer_mean, recorded_subject_maps, sample_tokens
 from probe.prompts import attributes_of, subjects_of, word_occurrences
 from probe.shapes.judge import judge as exact_judge
 
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 PARTS = ("observe", "measure", "intervene")
 GROUP = "cross/res16"  # the grid the exercises read: the built-in model's finest cross-attention
-STATISTICS = ("soft_iou", "com_distance", "kl_sym", "compactness")  # columns of overlap_table
+STATISTICS = tuple(n for n in overlap.PAIR_STATISTICS if n != "self_cross")  # overlap_table's (no self maps)
 SETTLE_GROUP = "cross/res8"  # observe.settle_step reads the grid where colour words localise best on this model
 SETTLE_CORRELATION = 0.9  # observe.settle_step: "correlated at least 0.9 with the last step's map"
 SETTLE_SLACK = (-0.01, 0.0, 0.01)  # thresholds around it whose answers count too (float16 rounding at the border)
@@ -157,16 +157,14 @@ def _prompt(tree: xr.DataTree, sample: int = 0, group: str = GROUP) -> str:
 
 def _layer_mean(tree: xr.DataTree, sample: int = 0, group: str = GROUP) -> np.ndarray:
     """(step, y, x, token) float32: one sample's cross-attention, mean over layers (and heads, where recorded)."""
-    attn = tree[group]["attn"].isel(sample=sample)
-    values = np.asarray(attn.values, np.float32)
-    axes = tuple(i for i, d in enumerate(attn.dims) if d in ("layer", "head"))
-    return values.mean(axes)
+    attn = layer_mean(tree[group]["attn"].isel(sample=sample))
+    return np.asarray(attn.transpose("step", "y", "x", "token").values, np.float32)
 
 
 def _word_tokens(tree: xr.DataTree, sample: int, group: str, words: list[str]) -> list[list[int]]:
     """Token indices of each word in one sample, by the rule every analysis of a recording shares
-    (:func:`probe.maps.recorded_word_tokens`; a repeated word takes its next occurrence)."""
-    return recorded_word_tokens(tree[group].ds.isel(sample=sample), words)
+    (:func:`probe.analysis.subjects.sample_tokens`; a repeated word takes its next occurrence)."""
+    return sample_tokens(tree[group].ds.isel(sample=sample), words)[0]
 
 
 def subject_maps(tree: xr.DataTree, sample: int = 0, step: int = -1, group: str = GROUP) -> xr.DataArray:
@@ -177,10 +175,8 @@ def subject_maps(tree: xr.DataTree, sample: int = 0, step: int = -1, group: str 
     """
     step = _step(tree, step, group)
     words = subjects_of(_prompt(tree, sample, group))
-    cross = _layer_mean(tree, sample, group)[_steps(tree, group).index(step)]
-    indices = _word_tokens(tree, sample, group, words)
-    maps = np.stack([cross[..., ix].mean(-1) for ix in indices])
-    return xr.DataArray(maps, dims=("subject", "y", "x"), coords={"subject": words}, name="attn")
+    maps = recorded_subject_maps(tree[group], sample, words, step=step).isel(step=0)
+    return xr.DataArray(maps.values, dims=("subject", "y", "x"), coords={"subject": words}, name="attn")
 
 
 def _pair_statistics(maps: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -201,9 +197,7 @@ def overlap_table(tree: xr.DataTree, group: str = GROUP) -> pd.DataFrame:
     rows = []
     for sample in range(ds.sizes["sample"]):
         prompt = _prompt(tree, sample, group)
-        cross = torch.from_numpy(_layer_mean(tree, sample, group))  # (step, y, x, token)
-        indices = _word_tokens(tree, sample, group, subjects_of(prompt))
-        maps = torch.stack([cross[..., ix].mean(-1) for ix in indices], dim=1)  # (step, S, y, x)
+        maps = torch.from_numpy(recorded_subject_maps(tree[group], sample, subjects_of(prompt)).values)  # (step, S, …)
         stats = {name: values.numpy() for name, values in _pair_statistics(maps).items()}
         for k, step in enumerate(steps):
             rows.append({"sample": sample, "seed": int(ds["seed"].values[sample]), "prompt": prompt, "step": step,
@@ -389,15 +383,15 @@ def _grade_word_map(answer: Any, tree: xr.DataTree) -> tuple[bool, str]:
     _require_function(answer, "word_map(tree, word, step)")
     tokens = _tokens(tree, 0)
     prompt = _prompt(tree, 0)
-    words = [w for w in dict.fromkeys(prompt.lower().split()) if word_occurrences(tokens, w)
-             and w not in ("a", "an", "and", "the", "with")]
+    words = [w for w in dict.fromkeys(prompt.lower().split()) if len(word_occurrences(tokens, w)) == 1
+             and w not in ("a", "an", "and", "the", "with")]  # words the prompt holds once: one map each
     steps = _steps(tree)
     cross = _layer_mean(tree, 0)
     attn = np.asarray(tree[GROUP]["attn"].isel(sample=0).values, np.float32)
     if "head" in tree[GROUP]["attn"].dims:
         attn = attn.mean(tree[GROUP]["attn"].isel(sample=0).dims.index("head"))
     for word in words:
-        indices = word_occurrences(tokens, word)[0]
+        indices = _word_tokens(tree, 0, GROUP, [word])[0]
         for step in sorted({steps[0], steps[len(steps) // 2], steps[-1]}):
             got = _call(answer, tree, word, step)
             if got is None:

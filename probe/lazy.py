@@ -11,9 +11,9 @@ results (``tests/test_lazy.py`` analyses a store 4× its memory limit in the sam
 
 Statistics are :mod:`probe.overlap`'s, pairs by :func:`probe.overlap.pair_overlap` as the overlap study reads them
 (centre distance and KL on min-max maps), on the subjects'
-layer-and-head mean cross-attention maps (``maps``), their Attend-and-Excite view (token softmax up to the end
-token, Gaussian smoothing) and, where the store has the same grid's self-attention, the Otsu-aggregated
-self-attention maps.
+layer-and-head mean cross-attention maps (``maps``), their Attend-and-Excite view (token softmax over the prompt's
+word tokens, Gaussian smoothing; :mod:`probe.analysis.subjects` makes both) and, where the store has the same grid's
+self-attention, the Otsu-aggregated self-attention maps.
 """
 
 from __future__ import annotations
@@ -27,8 +27,11 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from probe.maps import aggregate_self_attention, gaussian_smooth, token_map, token_softmax
+from probe.analysis.subjects import REDUCED, VIEWS, softmax_tokens, word_tokens
+from probe.analysis.subjects import subject_maps as _maps_of
+from probe.maps import aggregate_self_attention
 from probe.overlap import (
+    PAIR_STATISTICS,
     ae_response,
     aggregation_loss,
     intensity,
@@ -37,13 +40,12 @@ from probe.overlap import (
     self_cross_overlap,
     spread,
 )
-from probe.prompts import recorded_subject_tokens, recorded_words, subjects_of
+from probe.prompts import subjects_of
 from probe.record import full_self, recording_schema_problems, stored_chunks, zarr_encoding  # noqa: F401
 from probe.writes import replacing
 
-PAIR_STATS = ("soft_iou", "com_distance", "kl_sym", "compactness", "self_cross")
+PAIR_STATS = PAIR_STATISTICS  # the pair statistics' names, in the order they are packed
 SUBJECT_STATS = ("intensity", "spread", "aggregation", "ae")
-REDUCED = ("layer", "head")  # averaged before maps are made (A&E: over layers and heads)
 BATCH = 64  # samples per dask computation when computing here
 
 Subjects = None | Sequence[str] | Mapping[str, Sequence[str]] | Callable[[str], Sequence[str]]
@@ -99,7 +101,7 @@ def subject_tokens(cross, subjects: Subjects = None) -> xr.Dataset:
         if not words:
             raise ValueError(f"no subjects for sample {i} ({prompt!r}): the statistics are of subjects' maps; give "
                              "at least one subject word (subjects=None takes each prompt's nouns)")
-        found.append(recorded_subject_tokens([str(t) for t in row], encoders[i], words, prompt))
+        found.append(word_tokens(row, words, encoders[i], prompt))
         words_per_sample.append(words)
     n_subjects = max((len(w) for w in words_per_sample), default=0)
     n_pieces = max((len(p) for ps in found for p in ps), default=1)
@@ -109,7 +111,9 @@ def subject_tokens(cross, subjects: Subjects = None) -> xr.Dataset:
         for j, run in enumerate(pieces):
             index[i, j, : len(run)] = run
             labels[i, j] = words_per_sample[i][j]
-    words = np.array([recorded_words([str(t) for t in row]) for row in texts], dtype=bool).reshape(texts.shape)
+    words = np.zeros(texts.shape, dtype=bool)
+    for i, row in enumerate(texts):
+        words[i, softmax_tokens(row)] = True
     sample = ds["sample"].values
     return xr.Dataset(
         {"pieces": (("sample", "subject", "piece"), index), "words": (("sample", "token"), words)},
@@ -130,18 +134,17 @@ def _mean_of(block: np.ndarray, n_reduced: int, first: int) -> torch.Tensor:
 
 def _maps_block(attn: np.ndarray, pieces: np.ndarray, words: np.ndarray, *, n_reduced: int, view: str
                 ) -> np.ndarray:
-    """(s, step, [layer, head], y, x, token) → (s, step, subject, y, x): one chunk's subject maps."""
+    """(s, step, [layer, head], y, x, token) → (s, step, subject, y, x): one chunk's subject maps
+    (:func:`probe.analysis.subjects.subject_maps`; NaN for a sample's missing subjects)."""
     cross = _mean_of(attn, n_reduced, 2)  # (s, step, y, x, T)
     n, steps, h, w, _ = cross.shape
     out = torch.full((n, steps, pieces.shape[1], h, w), float("nan"))
     for b in range(n):
-        source = token_softmax(cross[b], keep=np.flatnonzero(words[b]).tolist()) if view == "ae" else cross[b]
-        for j, run in enumerate(pieces[b]):
-            run = [int(i) for i in run if i >= 0]
-            if run:
-                out[b, :, j] = token_map(source, run)
-    if view == "ae":
-        out = gaussian_smooth(out)
+        runs = [[int(i) for i in run if i >= 0] for run in pieces[b]]
+        present = [j for j, run in enumerate(runs) if run]
+        if present:
+            out[b][:, present] = _maps_of(cross[b], [runs[j] for j in present], np.flatnonzero(words[b]).tolist(),
+                                          view=view)
     return out.numpy()
 
 
@@ -153,8 +156,8 @@ def subject_maps(cross, subjects: Subjects = None, *, view: str = "maps", tokens
     :func:`probe.maps.token_map`) or ``"ae"`` (Attend-and-Excite's: :func:`probe.maps.token_softmax` over the
     prompt's words, then :func:`probe.maps.gaussian_smooth`). Missing subjects (a prompt with fewer) are NaN.
     """
-    if view not in ("maps", "ae"):
-        raise ValueError(f"view must be 'maps' or 'ae', not {view!r}")
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {VIEWS}, not {view!r}")
     ds = _dataset(cross)
     attn = ds["attn"]
     tokens = subject_tokens(ds, subjects) if tokens is None else tokens

@@ -210,14 +210,22 @@ def word_map(cross, sample: int, word: str):
     return xr.DataArray(values.numpy(), dims=dims, coords=coords, name=word)
 
 
-def recorded_word_tokens(one, words: Sequence[str]) -> list[list[int]]:
-    """Token indices of each word in one sample of a recorded group (a Dataset with ``token_text`` and, on SD3,
-    ``encoder``), by :func:`probe.prompts.recorded_subject_tokens`: what every map made from a recording reads."""
-    from probe.prompts import recorded_subject_tokens
-
+def recorded_text(one) -> tuple[list[str], list[str] | None, str]:
+    """One recorded sample's token texts (empty for padding), their encoders (SD3: "clip" / "t5"; else None) and
+    its prompt, from a group's coordinates: what a word's tokens are found in."""
     texts = [str(t) for t in one["token_text"].values]
     encoders = [str(e) for e in one["encoder"].values] if "encoder" in one.coords else None
     prompt = str(one["prompt"].values) if "prompt" in one.coords else " ".join(t for t in texts if t)
+    return texts, encoders, prompt
+
+
+def recorded_word_tokens(one, words: Sequence[str]) -> list[list[int]]:
+    """Token indices of each word in one sample of a recorded group (a Dataset with ``token_text`` and, on SD3,
+    ``encoder``), by :func:`probe.prompts.recorded_subject_tokens`: what every map made from a recording reads
+    (:mod:`probe.analysis.subjects` reads a recording's words by the same rule)."""
+    from probe.prompts import recorded_subject_tokens
+
+    texts, encoders, prompt = recorded_text(one)
     return recorded_subject_tokens(texts, encoders, words, prompt)
 
 

@@ -190,6 +190,11 @@ def self_cross_overlap(
 PAIR_OVERLAP = ("soft_iou", "cosine", "com_distance", "kl_sym", "compactness")
 """The statistics of :func:`pair_overlap`, in its order."""
 
+PAIR_STATISTICS = ("soft_iou", "com_distance", "kl_sym", "compactness", "self_cross")
+"""The overlap statistics of a pair of subjects that the readers show (:mod:`probe.lazy`, :mod:`probe.lab`, the
+explorer), in their order: :data:`PAIR_OVERLAP` without cosine, then :func:`self_cross_overlap`, last because it
+needs self-attention that a reader may not have. The one list of these names: import it."""
+
 
 def pair_overlap(a: torch.Tensor, b: torch.Tensor, eps: float = EPS) -> dict[str, torch.Tensor]:
     """How two subjects' raw maps (..., H, W) overlap and sit apart: the one definition every reader uses.

@@ -34,8 +34,8 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+from probe.analysis.subjects import sample_tokens, word_tokens
 from probe.maps import aggregate_self_attention, token_map
-from probe.prompts import token_indices
 from probe.record import full_self
 
 FOLDS = 5
@@ -157,11 +157,10 @@ def step_bins(steps: int | Sequence[int], n_bins: int = len(STEP_BIN_NAMES), per
 
 
 def phrase_indices(tokens: list[str], phrase: str) -> list[int]:
-    """Token indices of every word of ``phrase`` ("red circle" → the pieces of "red" and "circle"): one subject map."""
-    indices: list[int] = []
-    for word in phrase.split():
-        indices += [i for i in token_indices(tokens, word) if i not in indices]
-    return indices
+    """Token indices of every word of ``phrase`` ("red circle" → the pieces of "red" and "circle"): one subject map,
+    by the one rule of :func:`probe.analysis.subjects.word_tokens` (every copy of each word; a word the prompt holds
+    more often than the phrase names it is an error that says to name the occurrence, ``red#2``)."""
+    return word_tokens(tokens, [phrase])[0]
 
 
 def _block_name(layer: str) -> str:
@@ -228,9 +227,8 @@ def subject_features(tree, words: str | Sequence[str], bins: int | Mapping[str, 
     subject_maps: dict[int, torch.Tensor] = {}  # resolution → layer-mean cross map (sample, step, h, w)
     for group in cross_groups:
         attn, ds = attn_tensor(tree["cross"][group])
-        texts = ds["token_text"].values
-        maps = torch.stack([token_map(attn[i], phrase_indices([str(t) for t in texts[i]], words[i]))
-                            for i in range(n_samples)])  # (sample, step, layer, h, w)
+        maps = torch.stack([token_map(attn[i], sample_tokens(ds.isel(sample=i), [words[i]])[0][0])
+                            for i in range(n_samples)])  # (sample, step, layer, h, w): a map per layer
         subject_maps[int(ds.sizes["y"])] = maps.mean(2)
         if "cross" in kinds:
             _add_blocks(out, "cross", "map", ds, maps, bins, per_layer)

@@ -21,17 +21,18 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from probe.analysis.subjects import subject_maps
+from probe.consumers.maps import REAL_PASSES, MapCollector
 from probe.fingerprint import weights_id
 from probe.guide import OBJECTIVES, InitNO, Schedule, generate
-from probe.maps import aggregate_self_attention, gaussian_smooth, token_map, token_softmax
+from probe.maps import aggregate_self_attention
 from probe.models import attention_layers
 from probe.overlap import pair_indices
-from probe.prompts import prompt_set, subject_indices, text_keys_tokenizer, word_positions
+from probe.prompts import prompt_set, subject_keys
 from probe.shapes.judge import judge as exact_judge
 from probe.shapes.settings import GUIDANCE
 from probe.studies.common import ImageRows, Judge, Subject, judged, nearest_grid, settings_id
 from probe.studies.overlap import METRICS, pair_metrics
-from probe.tap import Call, Consumer
 
 NO_GUIDANCE = "none"  # plain generation through the same code path (tap, callback, noise), nothing guided
 BASELINE = "ae"  # Attend-and-Excite: what the overlap-lowering methods must beat
@@ -62,33 +63,11 @@ def scaled_schedule(steps: int, base: Schedule | None = None) -> Schedule:
     return replace(base, thresholds=thresholds)
 
 
-class RealPassMaps(Consumer):
-    """Layer-and-head mean cross- and self-attention of the chosen layers at the chosen steps, from the pipeline's
-    real denoising pass only, never from guidance's own passes.
-
-    The tap tells the pass: the pipeline's own (``cfg``: its conditional half; ``cond`` without guidance) counts,
-    guidance's own evaluations do not. ``maps[step][kind]``: (queries, keys) means.
-    """
-
-    def __init__(self, layers: Sequence, steps: Sequence[int]):
-        self.keys = {layer.key for layer in layers}
-        self.steps = frozenset(steps)
-        self._passes: dict[int, tuple[dict, dict]] = {}  # step → (sums, counts)
-
-    def wants(self, call: Call) -> bool:
-        return call.pass_ in ("cfg", "cond") and call.layer.key in self.keys and call.step in self.steps
-
-    def on_probs(self, call: Call, probs: torch.Tensor) -> None:
-        sums, counts = self._passes.setdefault(call.step, ({}, {}))
-        kind = call.layer.kind
-        summed = call.conditional(probs).detach().float().sum(1)[0]  # heads summed: (queries, keys) of one image
-        sums[kind] = summed if kind not in sums else sums[kind] + summed
-        counts[kind] = counts.get(kind, 0) + probs.shape[1]
-
-    @property
-    def maps(self) -> dict[int, dict[str, torch.Tensor]]:
-        return {step: {kind: sums[kind] / counts[kind] for kind in sums}
-                for step, (sums, counts) in sorted(self._passes.items())}
+def RealPassMaps(layers: Sequence, steps: Sequence[int]) -> MapCollector:  # noqa: N802 (the class it was)
+    """Layer-and-head mean cross- and self-attention of ``layers`` at ``steps`` of one image, from the pipeline's
+    real denoising pass only (its conditional half), never from guidance's own passes: a :class:`MapCollector`.
+    ``maps[step][kind]``: (queries, keys) means."""
+    return MapCollector(layers, passes=REAL_PASSES, steps=steps, detach=True, image=0)
 
 
 def subject_metrics(cross: torch.Tensor, self_attention: torch.Tensor, indices: Sequence[Sequence[int]],
@@ -104,8 +83,8 @@ def subject_metrics(cross: torch.Tensor, self_attention: torch.Tensor, indices: 
     """
     if len(indices) < 2:
         raise ValueError(f"overlap needs at least two subjects, got {len(indices)}")
-    maps = torch.stack([token_map(cross, ix) for ix in indices], -3)
-    ae_maps = gaussian_smooth(torch.stack([token_map(token_softmax(cross, keep=words), ix) for ix in indices], -3))
+    maps = subject_maps(cross, indices)
+    ae_maps = subject_maps(cross, indices, words, view="ae")
     self_maps = aggregate_self_attention(maps, self_attention[None])
     first, second = (list(side) for side in zip(*pair_indices(len(indices))))
 
@@ -203,9 +182,7 @@ def guided_images(pipe, prompts: Sequence[dict], seeds: Sequence[int], configs: 
                           output_type="np", progress=False, consumers=[capture])
         seconds = time.perf_counter() - start
         image = (np.asarray(result.images[0]) * 255).round().clip(0, 255).astype(np.uint8)
-        tokenizer = text_keys_tokenizer(pipe)  # as guidance places words (FLUX: T5's positions, not CLIP's)
-        words_at = word_positions(tokenizer, item["prompt"])
-        indices = subject_indices(tokenizer, item["prompt"], words)
+        indices, words_at = subject_keys(pipe, item["prompt"], words)  # the tokens guidance itself reads
         maps = capture.maps
         loss_start, loss_end = result.objective_span
         row = {"method": method, "initno": initno, "set": item["set"], "prompt": item["prompt"], "seed": seed,

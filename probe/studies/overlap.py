@@ -16,10 +16,12 @@ from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
 from tqdm.auto import tqdm
 
 from probe import plots
+from probe.analysis.subjects import sample_tokens, subject_maps
 from probe.checks import step_count, whole_number
-from probe.maps import aggregate_self_attention, gaussian_smooth, token_map, token_softmax
+from probe.maps import aggregate_self_attention
 from probe.models import load
 from probe.overlap import (
+    PAIR_OVERLAP,
     ae_response,
     aggregation_loss,
     intensity,
@@ -30,7 +32,6 @@ from probe.overlap import (
 from probe.probes import (
     LinearProbe,
     attn_tensor,
-    phrase_indices,
     step_bins,
 )
 from probe.record import record
@@ -59,8 +60,7 @@ OVERLAP_SEEDS_PER_PROMPT = 4
 FOLDS = 5
 EXAMPLES_PER_CLASS = 3  # images kept per outcome class (present, missing, mixed) for the examples figure
 QUICK_OVERLAP_IMAGES = 16  # four prompts, four seeds: one chunk
-METRICS = ("soft_iou", "cosine", "com_distance", "kl_sym", "compactness", "self_cross", "intensity_min", "spread_max",
-           "ae_loss", "aggregation_max")
+METRICS = (*PAIR_OVERLAP, "self_cross", "intensity_min", "spread_max", "ae_loss", "aggregation_max")
 ALL_METRICS = "all (logistic)"
 OVERLAP_OUTCOMES = ("missing", "mixed")  # an image's failures whose association with overlap is measured
 
@@ -133,13 +133,11 @@ def pair_metrics(maps: torch.Tensor, self_maps: torch.Tensor, ae_maps: torch.Ten
     }
 
 
-def _subject_maps(cross: torch.Tensor, tokens: list[str], words: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sample's subject maps (step, 2, H, W) and their A&E view, from layer-mean cross (step, H, W, T)."""
-    indices = [phrase_indices(tokens, w) for w in words]
-    maps = torch.stack([token_map(cross, ix) for ix in indices], -3)
-    end = sum(1 for t in tokens if t) - 1  # the end token; padding after it is not recorded
-    soft = token_softmax(cross, last=end)
-    return maps, gaussian_smooth(torch.stack([token_map(soft, ix) for ix in indices], -3))
+def _subject_maps(cross: torch.Tensor, one, words: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sample's subject maps (step, 2, H, W) and their A&E view, from layer-mean cross (step, H, W, T) and the
+    sample's recorded coordinates ``one`` (:func:`probe.analysis.subjects.sample_tokens`)."""
+    tokens, softmax_over = sample_tokens(one, words)
+    return subject_maps(cross, tokens), subject_maps(cross, tokens, softmax_over, view="ae")
 
 
 def overlap_chunk(tree, grid: int, subject: Subject = "noun", judge: Judge = exact_judge
@@ -149,9 +147,8 @@ def overlap_chunk(tree, grid: int, subject: Subject = "noun", judge: Judge = exa
     selfattn, _ = attn_tensor(tree["self"][f"res{grid}"])
     cross, selfattn = cross.mean(2), selfattn.mean(2)  # layer means: (S, step, y, x, T), (S, step, y, x, ky, kx)
     prompts, seeds, images = _samples(tree)
-    texts = ds["token_text"].values
     words = [[subject_word(c, s, subject) for c, s in parse_prompt(p)] for p in prompts]
-    pairs = [_subject_maps(cross[i], [str(t) for t in texts[i]], words[i]) for i in range(len(prompts))]
+    pairs = [_subject_maps(cross[i], ds.isel(sample=i), words[i]) for i in range(len(prompts))]
     maps, ae_maps = torch.stack([m for m, _ in pairs]), torch.stack([a for _, a in pairs])
     values = pair_metrics(maps, aggregate_self_attention(maps, selfattn[:, :, None]), ae_maps)
     values = {name: v.numpy() for name, v in values.items()}
@@ -313,6 +310,7 @@ def overlap_headline(association: pd.DataFrame) -> pd.DataFrame:
                      "strongest_clear": bool(clear), "n": int(last.n), "n_prompts": int(last.n_prompts),
                      "n_cases": int(last.n_cases)})
     return pd.DataFrame(rows)
+
 
 register(Study(
     name="overlap", title="Overlap between the subjects' maps vs entity missing and mixing", order=20,
