@@ -273,7 +273,7 @@ def cmd_study(args) -> None:
         if code:
             raise SystemExit(code)
         return
-    options = _study_options(study).parse_args(args.args)
+    options = args
     settings = check_settings(study.name, dict(_setting(item) for item in options.set))  # before the model loads
     if options.prompts:
         if not _takes(study, "sets"):
@@ -443,28 +443,32 @@ def _add_figures(sub) -> None:
 
 
 def _add_study(sub) -> None:
-    """``probe study NAME ARGS…``: the names come from the study registry; ARGS are the study's own (the options
-    below for a study of ``probe figures``, its own commands for one such as the intervention study)."""
+    """``probe study NAME …``: one sub-command per registered study, its options checked as the command line is read
+    (before any model loads); a study with commands of its own (the intervention study) takes the rest as they are."""
     from probe.studies.registry import registered_studies
 
     studies = registered_studies()
-    aliases = {alias: study.name for study in studies for alias in study.aliases}
     width = max(len(study.name) for study in studies)
     listing = "\n".join(f"  {study.name:<{width}}  {study.title}" + ("" if study.in_run_all else " (its own commands)")
                          for study in studies)
     st = sub.add_parser("study", help="run one study", description=f"Run one study:\n{listing}",
                         epilog="probe study NAME --help: that study's options or commands",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    st.add_argument("name", choices=[study.name for study in studies], metavar="NAME",
-                    type=lambda name: aliases.get(name, name),
-                    help=f"{', '.join(study.name for study in studies)} (also: {', '.join(aliases)})")
-    st.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="the study's options or commands")
-    st.set_defaults(func=cmd_study)
+    names = st.add_subparsers(dest="name", required=True, metavar="NAME")
+    for study in studies:
+        if study.main is not None:
+            own = names.add_parser(study.name, aliases=list(study.aliases), help=study.title, add_help=False,
+                                   prefix_chars="\0")
+            own.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="the study's own commands")
+        else:
+            own = names.add_parser(study.name, aliases=list(study.aliases), help=study.title,
+                                   description=study.title, parents=[_study_options(study)])
+        own.set_defaults(func=cmd_study, name=study.name)  # the name, not the alias typed
 
 
 def _study_options(study) -> argparse.ArgumentParser:
     """The options of a study that ``probe figures`` runs (``probe study NAME [options]``)."""
-    st = argparse.ArgumentParser(prog=f"probe study {study.name}", description=study.title)
+    st = argparse.ArgumentParser(add_help=False)
     st.add_argument("--model", default=None, help="built-in name, a local diffusers folder or a hub id")
     st.add_argument("--prompts", nargs="+", default=None, metavar="SET",
                     help="prompt sets (animals, animals_objects, objects, SSD-2, SSD-3, shapes-2 …, or a .txt file)")
