@@ -1,4 +1,4 @@
-"""Speed of ``probe.guide.generate(objective="ae")`` against diffusers' own Attend-and-Excite pipeline.
+"""Speed of ``probe.steer.guide.generate(objective="ae")`` against diffusers' own Attend-and-Excite pipeline.
 
 Both run on the same pipeline components, prompt, token indices, seed and schedule (A&E's: a gradient step in the
 first half of the steps, step size 20·sqrt(linspace(1, 0.5)), refinement at steps 0, 10, 20 while the loss exceeds
@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import clock, quiet_torch, sd15_pipeline  # noqa: E402
 
 import probe  # noqa: E402
-from probe.guide import Schedule, generate  # noqa: E402
 from probe.models import BUILTIN  # noqa: E402
 from probe.prompts import subject_indices  # noqa: E402
+from probe.steer.guide import Schedule, generate  # noqa: E402
 
 PROMPT = "a red circle and a blue square"
 SUBJECTS = ["circle", "square"]
@@ -155,7 +155,7 @@ def table(s: Settings, r: dict) -> str:
     return "\n".join([
         "| benchmark | setting | ours / diffusers | max latent difference | target | met |",
         "|---|---|---|---|---|---|",
-        f"| A&E: `probe.guide.generate` vs `StableDiffusionAttendAndExcitePipeline` | {s.describe()} "
+        f"| A&E: `probe.steer.guide.generate` vs `StableDiffusionAttendAndExcitePipeline` | {s.describe()} "
         f"| **{r['median_ratio']:.3f}** ({detail}) | {r['max_latent_diff']:.1e} | ≤ {TARGET:.1f} | {met} |",
     ])
 

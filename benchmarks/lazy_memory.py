@@ -1,7 +1,9 @@
-"""Peak memory of the out-of-core analysis (``probe.lazy.overlap_table``) at several store sizes, each in a fresh
+"""Peak memory of the out-of-core analysis (``probe.analysis.lazy.overlap_table``) at several store sizes, each in a
+fresh
 process under an address-space limit or, with ``--cgroup MB``, in a fresh memory cgroup of that size.
 
-Stores: ``probe.lazy.synthetic_store`` with the layout of a tiny-model recording (cross + self maps at 16² and 8²,
+Stores: ``probe.analysis.lazy.synthetic_store`` with the layout of a tiny-model recording (cross + self maps at 16² and
+8²,
 ``--steps`` steps), ``--samples`` samples each. Each analysis runs in its own process: imports and a warm-up on a
 2-sample store first, then ``RLIMIT_AS`` = that process's address space + ``--headroom`` MB (torch, dask and zarr
 map ~3 GB that do not depend on the data, so the limit is set above them), VmHWM reset, the analysis, and an eager
@@ -27,14 +29,14 @@ import textwrap
 from pathlib import Path
 
 import probe
-from probe import lazy
+from probe.analysis import lazy
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 2**20
 ANALYSE = textwrap.dedent("""
     import json, resource, sys
     import xarray as xr
-    from probe import lazy
+    from probe.analysis import lazy
 
     def status(key):
         for line in open("/proc/self/status"):

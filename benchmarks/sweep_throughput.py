@@ -1,6 +1,6 @@
 """Sweep throughput: the same items in 1 and in 2 processes (``accelerate launch``), side by side in one run.
 
-Each configuration is a fresh launch into its own folder (``probe.sweeps.launch``), so its wall time includes
+Each configuration is a fresh launch into its own folder (``probe.record.sweep.launch``), so its wall time includes
 starting Python, importing torch and loading the model in every process. Reported per configuration: items per
 second end to end (items / launch wall time) and while computing (items / the span from the first item's start to
 the last item's end, read from the sweep's table), and the ratio 2 processes / 1 process of both. The two stores
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from probe import sweeps
 from probe.prompts import shapes_prompts
+from probe.record import sweep as sweeps
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,10 +18,10 @@ class _NoImageProcessorFallbackNote(logging.Filter):
 
 logging.getLogger("transformers.utils.import_utils").addFilter(_NoImageProcessorFallbackNote())
 
-from probe.explore import explore  # noqa: E402
 from probe.models import load  # noqa: E402
 from probe.record import estimate, open_recording, record, save  # noqa: E402
-from probe.sweeps import sweep as sweep  # noqa: E402
+from probe.record.sweep import sweep as sweep  # noqa: E402
 from probe.tap import Consumer, Tap  # noqa: E402
+from probe.ui.explore import explore  # noqa: E402
 
 __all__ = ["Consumer", "Tap", "estimate", "explore", "load", "open_recording", "record", "save", "__version__"]

@@ -83,7 +83,7 @@ def cmd_info(args) -> None:
 
 def cmd_show(args) -> None:
     import probe
-    from probe.maps import recorded_step
+    from probe.analysis.maps import recorded_step
     from probe.plots import cross_groups, token_overlay
 
     tree = probe.open_recording(args.recording)
@@ -138,7 +138,7 @@ def cmd_edit(args) -> None:
     from PIL import Image
 
     import probe
-    from probe.edit import edit
+    from probe.steer.edit import edit
 
     pipe = probe.load(args.model)
     image = Image.open(args.image).convert("RGB") if args.image else None
@@ -326,7 +326,7 @@ def cmd_evaluate_shapes(args) -> None:
 
 def cmd_sweep(args) -> None:
     """Run or resume a sweep; ``--processes N`` splits it across N processes under ``accelerate launch``."""
-    from probe import sweeps
+    from probe.record import sweep as sweeps
 
     kwargs = dict(model=args.model, prompts=args.prompt, seeds=args.seed, methods=args.method, out=args.out,
                   targets=args.target, subjects=args.subjects, settings=_record_settings(args),
@@ -354,7 +354,8 @@ def _add_record(sub) -> None:
     r.add_argument("--self-keys", type=int, default=None, metavar="SIDE",
                    help="sum self-attention keys onto a SIDE×SIDE grid (affordable maps at FLUX sizes)")
     r.add_argument("--self-store", default="maps", choices=["maps", "qk"],
-                   help="qk: keep self-attention's q and k (UNets; maps made on read by probe.lazy.self_from_qk)")
+                   help="qk: keep self-attention's q and k (UNets; maps made on read by "
+                        "probe.analysis.lazy.self_from_qk)")
     r.add_argument("--self-query", action="append", default=None, metavar="Y,X",
                    help="record self-attention of this query point only (fractions of the image; repeatable)")
     r.add_argument("--scheduler", default=None, help="ddim, euler, euler-a, heun, dpm++, dpm++-karras, unipc … "

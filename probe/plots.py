@@ -1,4 +1,5 @@
-"""Figures. Functions here draw; they compute nothing that ``probe.maps`` / ``probe.overlap`` do not."""
+"""Figures. Functions here draw; they compute nothing that ``probe.analysis.maps`` / ``probe.analysis.overlap`` do
+not."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pandas as pd
 import seaborn as sns
 import torch
 
-from probe.maps import resize, word_map
+from probe.analysis.maps import resize, word_map
 
 CMAP = "inferno"
 OVERLAY_ALPHA = 0.6
@@ -96,7 +97,7 @@ def _short_layer(layer: str) -> str:
 def probe_accuracy(table: pd.DataFrame):
     """Probe accuracy (Wilson interval) per layer, cross vs self features; rows targets, columns step bins.
 
-    ``table``: :func:`probe.probes.probe_features`'s output. The dashed line is chance (majority class).
+    ``table``: :func:`probe.analysis.probes.probe_features`'s output. The dashed line is chance (majority class).
     """
     table = table.assign(
         where=[f"{r}·{_short_layer(str(la))}" for r, la in zip(table.resolution, table.layer)],

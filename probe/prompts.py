@@ -251,11 +251,13 @@ def place_subjects(tokens: Sequence[str], subjects: Sequence[str], prompt: str) 
 def recorded_subject_tokens(tokens: Sequence[str], encoders: Sequence[str] | None, subjects: Sequence[str],
                             prompt: str) -> list[list[int]]:
     """Which of a recording's tokens each subject word means: the one rule for every map made from a recording
-    (:func:`probe.maps.word_map`, ``probe show``, the explorer's subjects, :mod:`probe.lazy`, :mod:`probe.lab`).
+    (:func:`probe.analysis.maps.word_map`, ``probe show``, the explorer's subjects, :mod:`probe.analysis.lazy`,
+    :mod:`probe.ui.lab`).
 
     A word means every copy of it among the prompt's text keys: on SD3 the CLIP copy and the T5 copy (the
     recording's ``encoder`` coordinate, "clip" / "t5", tells them apart; UNets and FLUX have one copy). Its map is
-    the mean over all its word pieces in all copies, as :func:`probe.maps.token_map` averages a word's pieces, so
+    the mean over all its word pieces in all copies, as :func:`probe.analysis.maps.token_map` averages a word's pieces,
+    so
     each copy's piece counts once. Guidance's maps on SD3 use the CLIP copy alone (:func:`subject_indices`
     places words in CLIP's sequence), so on SD3 a recording's subject map and guidance's differ by the T5 copy.
     Within each copy words are placed as :func:`place_subjects` places them for guidance: a word listed as often as

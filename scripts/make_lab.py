@@ -1,6 +1,6 @@
 """Write the classroom lab's notebooks under notebooks/lab/ from the cell lists below (outputs stay empty).
 
-The exercises' questions come from ``probe.lab.EXERCISES``, so a notebook and its checker never disagree about what
+The exercises' questions come from ``probe.ui.lab.EXERCISES``, so a notebook and its checker never disagree about what
 is asked. The first code cell is scripts/notebook_cells.py's, as the other notebooks'.
 """
 
@@ -10,7 +10,7 @@ import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell
 from notebook_cells import setup_cell, write_notebooks
 
-from probe.lab import EXERCISES
+from probe.ui.lab import EXERCISES
 
 ROOT = Path(__file__).resolve().parents[1] / "notebooks" / "lab"
 
@@ -19,7 +19,7 @@ def setup(full_size: str, seeds: str) -> str:
     """The first code cell: the sizes a teacher may change, then the model."""
     return setup_cell(f"{full_size}; False: the classroom size (minutes on a laptop CPU)",
                       "the built-in model (the exercises read its 16×16 cross-attention)",
-                      imports="from probe import lab", after=f"SEEDS = {seeds}")
+                      imports="from probe.ui import lab", after=f"SEEDS = {seeds}")
 
 
 HOW = ("**Exercises.** Write your answer (a value or a small function) where it says `# your code` and run the "
@@ -56,7 +56,7 @@ NOTEBOOKS = {
             "cross-attention over the image, the right one the self-attention of the query pixel (click a pixel "
             "or move the sliders). Below, the subjects' overlap statistics, the subject of part 2."
         ),
-        new_code_cell("probe.explore(tree)"),
+        new_code_cell("probe.ui.explore(tree)"),
         new_markdown_cell("Each word's map over the denoising steps (res16, layer mean) and, at the last step, each "
                           "8×8 layer on its own:"),
         new_code_cell(
@@ -64,7 +64,7 @@ NOTEBOOKS = {
             'token_maps_over_steps(tree, ["red", "circle", "blue", "square"], "cross/res16", sample=0);'
         ),
         new_code_cell(
-            "from probe import maps\n\n"
+            "from probe.analysis import maps\n\n"
             'circle = maps.word_map(tree["cross/res8"], sample=0, word="circle")  # (step, layer, y, x)\n'
             'circle.isel(step=-1).plot(col="layer", cmap="inferno");'
         ),
@@ -98,7 +98,7 @@ NOTEBOOKS = {
             "(*missing*) or one object that mixes both (*mixed*). Record a two- and a three-object prompt over a "
             "handful of seeds, judge every image exactly (the shapes world is known pixel by pixel) and measure how "
             "the subjects' maps overlap: soft IoU, centre-of-mass distance, symmetric KL, compactness "
-            "(`probe.overlap`).\n\n" + HOW
+            "(`probe.analysis.overlap`).\n\n" + HOW
         ),
         new_code_cell(setup("40 seeds per prompt and 50 steps", "list(range(40 if FULL else 10))")),
         new_code_cell(
@@ -153,7 +153,7 @@ NOTEBOOKS = {
         new_markdown_cell("Unguided images (the guidance code path with no guidance) and the judge's verdicts; the "
                           "lab goes on with the first seed where a subject went missing:"),
         new_code_cell(
-            "from probe.guide import generate\n"
+            "from probe.steer.guide import generate\n"
             "from probe.plots import image_row\n"
             "from probe.prompts import subjects_of\n"
             "from probe.studies.guided import NO_GUIDANCE_SCHEDULE, scaled_schedule\n\n"
@@ -188,7 +188,7 @@ NOTEBOOKS = {
         question("intervene.objective", 2),
         new_code_cell(
             "def overlap_loss(maps):\n"
-            "    return None  # your code (probe.overlap: soft_iou, pair_indices)\n\n\n"
+            "    return None  # your code (probe.analysis.overlap: soft_iou, pair_indices)\n\n\n"
             'lab.check("intervene.objective", overlap_loss)'
         ),
         new_code_cell(
@@ -203,7 +203,7 @@ NOTEBOOKS = {
             "with `\"cross\"` its cross-attention (prompt-to-prompt), with `\"none\"` only the noise is shared."
         ),
         new_code_cell(
-            "from probe.edit import edit\n\n"
+            "from probe.steer.edit import edit\n\n"
             'source, target = "a red circle", "a blue circle"\n'
             "edits = {inject: edit(pipe, source, target, seed=0, inject=inject, steps=STEPS)\n"
             '         for inject in ("self", "cross", "none")}\n'

@@ -106,7 +106,7 @@ NOTEBOOKS = {
         ),
         new_code_cell(SETUP),
         new_code_cell(
-            "from probe.edit import compare, edit\n"
+            "from probe.steer.edit import compare, edit\n"
             "from probe.plots import image_row\n\n"
             'source, target = "a red circle", "a blue circle"\n'
             "edits = {inject: edit(pipe, source, target, seed=0, inject=inject, steps=STEPS)\n"
@@ -140,7 +140,7 @@ NOTEBOOKS = {
         ),
         new_code_cell(SETUP),
         new_code_cell(
-            "from probe.guide import generate\n"
+            "from probe.steer.guide import generate\n"
             "from probe.plots import image_row\n"
             "from probe.studies.guided import NO_GUIDANCE_SCHEDULE\n\n"
             'prompt, subjects = "a red circle and a blue square", ["circle", "square"]\n'
@@ -185,7 +185,7 @@ NOTEBOOKS = {
         ),
         new_code_cell(SETUP),
         new_code_cell(
-            "from probe.guide import generate\n"
+            "from probe.steer.guide import generate\n"
             "from probe.plots import image_row\n"
             "from probe.studies.guided import NO_GUIDANCE_SCHEDULE\n\n"
             'prompt, subjects = "a blue circle and a purple ellipse", ["circle", "ellipse"]\n'

@@ -1,4 +1,5 @@
-"""Small float64 inputs shared by the tests of probe.maps and probe.overlap, and the guidance tests' descent check."""
+"""Small float64 inputs shared by the tests of probe.analysis.maps and probe.analysis.overlap, and the guidance tests'
+descent check."""
 
 import torch
 

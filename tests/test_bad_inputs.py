@@ -11,9 +11,9 @@ import torch
 from diffusers import StableDiffusionImg2ImgPipeline
 
 import probe
-from probe.edit import edit
-from probe.guide import generate
 from probe.prompts import subject_indices
+from probe.steer.edit import edit
+from probe.steer.guide import generate
 
 PROMPT = "a cat and a dog"
 rec = sys.modules["probe.record.run"]  # the module that appends each batch (probe.record is also the function)
@@ -66,7 +66,7 @@ def test_repeated_subject_word(tiny):
 
 
 def test_nan_noise(tiny):
-    from probe.pipelines import initial_noise
+    from probe.steer.pipelines import initial_noise
 
     noise = initial_noise(tiny, torch.Generator().manual_seed(0), None, None)
     noise[0, 0, 0, 0] = float("nan")
@@ -156,7 +156,7 @@ def test_interrupted_write_keeps_the_old_recording(tiny, tmp_path, monkeypatch):
 
 
 def test_a_sweep_larger_than_the_free_disk_is_refused_before_it_starts(tiny, tmp_path, monkeypatch):
-    from probe import sweeps
+    from probe.record import sweep as sweeps
 
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=10))

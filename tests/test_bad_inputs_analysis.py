@@ -9,11 +9,11 @@ import torch
 import xarray as xr
 
 import probe
-from probe import lazy
+from probe.analysis import lazy
+from probe.analysis.maps import gaussian_smooth, word_map
 from probe.cli import main, parser
-from probe.explore import ViewModel
-from probe.maps import gaussian_smooth, word_map
 from probe.prompts import subjects_of
+from probe.ui.explore import ViewModel
 
 SD3_PROMPTS = ["a cat and a dog", "a cat and a cat"]
 
@@ -100,13 +100,13 @@ def test_overlap_table_needs_two_subjects(sd3_store):
 def test_explorer_refuses_a_recording_without_samples(sd3_tree):
     empty = sd3_tree.isel(sample=[], missing_dims="ignore")
     with pytest.raises(ValueError, match="holds no samples .* record at least one prompt and seed"):
-        probe.explore(empty)
+        probe.ui.explore(empty)
 
 
 def test_explorer_without_ipywidgets_says_how_to_install_it(sd3_tree, monkeypatch):
     monkeypatch.setitem(sys.modules, "ipywidgets", None)
     with pytest.raises(ImportError, match='ipywidgets, which is not installed.*pip install "probe\\[notebooks\\]"'):
-        probe.explore(sd3_tree)
+        probe.ui.explore(sd3_tree)
 
 
 # -- 3. the command line -------------------------------------------------------------------------------------------

@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 import probe
-from probe.edit import _edit_steps, edit, study
-from probe.guide import generate
-from probe.inversion import encode, invert
 from probe.record import plan as record_plan
+from probe.steer.edit import _edit_steps, edit, study
+from probe.steer.guide import generate
+from probe.steer.inversion import encode, invert
 
 PROMPT = "a cat and a dog"
 TARGET = "a cat and a fox"

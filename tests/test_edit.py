@@ -7,10 +7,19 @@ import pytest
 import torch
 
 import probe
-from probe.edit import COLUMNS, EDITS, LAYER_SETS, compare, edit, injected_layers, study
-from probe.inversion import Inversion, clean_and_noise, decode, encode, invert, psnr, reconstruction_psnr, regenerate
 from probe.models import Layer, attention_layers, latent_size
 from probe.shapes.world import Shape, render
+from probe.steer.edit import COLUMNS, EDITS, LAYER_SETS, compare, edit, injected_layers, study
+from probe.steer.inversion import (
+    Inversion,
+    clean_and_noise,
+    decode,
+    encode,
+    invert,
+    psnr,
+    reconstruction_psnr,
+    regenerate,
+)
 from probe.tap import Call, Consumer
 
 STEPS = 4

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import probe
-from probe.edit import edit, injected_layers
-from probe.inversion import decode, encode, flow_invert, invert, regenerate
 from probe.models import attention_layers
 from probe.shapes.world import Shape, render
+from probe.steer.edit import edit, injected_layers
+from probe.steer.inversion import decode, encode, flow_invert, invert, regenerate
 from probe.tap import Call, Consumer
 
 FAMILIES = ["tiny-sd3", "tiny-flux"]

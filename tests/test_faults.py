@@ -19,8 +19,9 @@ import pandas as pd
 import pytest
 
 import probe
-from probe import sweeps, writes
+from probe import writes
 from probe.cli import main
+from probe.record import sweep as sweeps
 from probe.studies.common import ImageRows
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,9 +6,8 @@ import torch
 from diffusers.pipelines.deprecated.stable_diffusion_attend_and_excite import StableDiffusionAttendAndExcitePipeline
 from tensors import assert_a_small_step_descends
 
-from probe.guide import OBJECTIVES, GuidanceMaps, Guide, InitNO, Schedule, as_objective, generate, response
-from probe.maps import gaussian_smooth
-from probe.overlap import ae_loss
+from probe.analysis.maps import gaussian_smooth
+from probe.analysis.overlap import ae_loss
 from probe.prompts import (
     FILE_SETS,
     SHAPES_SETS,
@@ -20,6 +19,7 @@ from probe.prompts import (
     word_positions,
 )
 from probe.shapes.world import SIMILAR_COLOURS, SIMILAR_SHAPES
+from probe.steer.guide import OBJECTIVES, GuidanceMaps, Guide, InitNO, Schedule, as_objective, generate, response
 
 PROMPT, SUBJECTS = "a cat and a dog", ["cat", "dog"]
 SEED = 3

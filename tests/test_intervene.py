@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import probe
-from probe.intervene import SHAM, OverlapShift, Unit, shift, spread
-from probe.overlap import center_of_mass, soft_iou
+from probe.analysis.overlap import center_of_mass, soft_iou
 from probe.prompts import subject_keys
+from probe.steer.intervene import SHAM, OverlapShift, Unit, shift, spread
 from probe.tap import Call, Consumer, Tap
 
 PROMPT = "a cat and a dog"

@@ -20,12 +20,12 @@ import pytest
 import torch
 
 import probe
-from probe import lab
-from probe.edit import EditResult, EditSettings
-from probe.guide import GuideResult
-from probe.overlap import com_distance, compactness, kl_divergence, pair_indices, soft_iou
+from probe.analysis.overlap import com_distance, compactness, kl_divergence, pair_indices, soft_iou
 from probe.shapes.judge import judge
 from probe.shapes.world import Shape, render
+from probe.steer.edit import EditResult, EditSettings
+from probe.steer.guide import GuideResult
+from probe.ui import lab
 
 ROOT = Path(__file__).resolve().parents[1]
 LAB = ROOT / "notebooks" / "lab"
@@ -98,7 +98,7 @@ def _auc(scores, labels):
 
 def _two_object_separation(tree):
     """|AUC − 0.5| per statistic at the last step among the two-object images (maps from xarray, statistics from
-    probe.overlap's definitions)."""
+    probe.analysis.overlap's definitions)."""
     judged = _judged(tree)
     two = [k for k, (_, p) in enumerate(judged) if p == TWO]
     stats = {name: [] for name in lab.STATISTICS}
@@ -352,7 +352,7 @@ session = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(session)
 
 NOTEBOOKS = sorted(LAB.glob("*.ipynb"))
-SHOWN = {"1_observe": "probe.explore(tree)", "2_measure": "lab.plot_statistics", "3_intervene": "runs.update"}
+SHOWN = {"1_observe": "probe.ui.explore(tree)", "2_measure": "lab.plot_statistics", "3_intervene": "runs.update"}
 _TEXT = """() => {
   const cells = window.jupyterapp.shell.currentWidget.content.model.cells;
   const text = [];

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import probe
-from probe import lazy
-from probe.maps import aggregate_self_attention, normalize, token_map
-from probe.overlap import com_distance, compactness, kl_divergence, self_cross_overlap, soft_iou
+from probe.analysis import lazy
+from probe.analysis.maps import aggregate_self_attention, normalize, token_map
+from probe.analysis.overlap import com_distance, compactness, kl_divergence, self_cross_overlap, soft_iou
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red circle and a blue square", "a cat and a dog"]
@@ -73,7 +73,7 @@ ANALYSE = textwrap.dedent("""
     import json, resource, sys
     import numpy as np
     import xarray as xr
-    from probe import lazy
+    from probe.analysis import lazy
 
     def status(key):
         for line in open("/proc/self/status"):

@@ -1,11 +1,11 @@
-"""Hand-checked values for probe.maps; tiny tensors only."""
+"""Hand-checked values for probe.analysis.maps; tiny tensors only."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from tensors import F64, grad_input, rand
 
-from probe.maps import (
+from probe.analysis.maps import (
     aggregate_self_attention,
     gaussian_kernel1d,
     gaussian_smooth,

@@ -1,4 +1,4 @@
-"""Hand-checked values for probe.overlap; tiny tensors only."""
+"""Hand-checked values for probe.analysis.overlap; tiny tensors only."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from tensors import F64, grad_input, rand
 
-from probe.overlap import (
+from probe.analysis.overlap import (
     ae_loss,
     ae_response,
     aggregation_loss,
@@ -286,7 +286,7 @@ def test_gradcheck() -> None:
 
 
 def test_cosine_similarity_and_the_cosine_isolation_by_hand():
-    from probe.overlap import cosine_similarity, isolation_loss
+    from probe.analysis.overlap import cosine_similarity, isolation_loss
 
     a = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
     b = torch.tensor([[1.0, 1.0], [0.0, 0.0]])

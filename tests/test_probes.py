@@ -6,8 +6,8 @@ import xarray as xr
 from sklearn.base import clone
 
 import probe
-from probe.maps import word_map
-from probe.probes import (
+from probe.analysis.maps import word_map
+from probe.analysis.probes import (
     COLUMNS,
     MEAN_LAYER,
     FeatureKey,
@@ -140,7 +140,7 @@ def test_probes_on_a_real_recording_give_sane_numbers(recording):
 
 def test_grouped_cross_validation_never_splits_a_group():
     """Labels carried only by a group identity: with groups kept together a probe cannot memorise them."""
-    from probe.probes import LinearProbe
+    from probe.analysis.probes import LinearProbe
 
     rng = np.random.default_rng(0)
     groups = np.repeat(np.arange(20), 5)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from probe.stats import clustered_bootstrap
+from probe.analysis.stats import clustered_bootstrap
 
 
 def test_identical_clusters_give_a_point_interval():
@@ -21,7 +21,7 @@ def test_clustering_widens_the_interval_when_prompts_differ():
 
 
 def test_holm_by_hand():
-    from probe.stats import holm
+    from probe.analysis.stats import holm
 
     # sorted 0.01, 0.02, 0.04 with 3 tests → 0.03, 0.04, 0.04 (monotone), NaN ignored
     adjusted = holm([0.04, 0.01, np.nan, 0.02])
@@ -32,7 +32,7 @@ def test_holm_by_hand():
 def test_mcnemar_is_the_binomial_test_of_discordant_pairs():
     from math import comb
 
-    from probe.stats import mcnemar
+    from probe.analysis.stats import mcnemar
 
     before = [True] * 7 + [False] * 1 + [True] * 5 + [False] * 5  # 7 only-before, 1 only-after, 10 concordant
     after = [False] * 7 + [True] * 1 + [True] * 5 + [False] * 5
@@ -42,7 +42,7 @@ def test_mcnemar_is_the_binomial_test_of_discordant_pairs():
 
 
 def test_cluster_sign_flip_enumerates_prompts_not_images():
-    from probe.stats import cluster_sign_flip
+    from probe.analysis.stats import cluster_sign_flip
 
     # three prompts with summed differences 3, 1, 2 (|total| = 6): of the 8 sign patterns only ±(+,+,+) reach 6
     diffs, prompts = [1, 1, 1, 1, 1, 1], ["a", "a", "a", "b", "c", "c"]
@@ -55,7 +55,7 @@ def test_cluster_sign_flip_enumerates_prompts_not_images():
 def test_power_matches_connors_formula_and_inverts():
     from scipy.stats import norm
 
-    from probe.stats import pairs_for_power, power_of_pairs
+    from probe.analysis.stats import pairs_for_power, power_of_pairs
 
     za, zb = norm.ppf(0.975), norm.ppf(0.8)
     by_hand = (za * 0.2**0.5 + zb * (0.2 - 0.05**2) ** 0.5) ** 2 / 0.05**2  # ≈ 617 pairs
@@ -65,7 +65,7 @@ def test_power_matches_connors_formula_and_inverts():
 
 
 def test_detectable_effect_inverts_the_power_and_the_size():
-    from probe.stats import detectable_effect, pairs_for_power, power_of_pairs
+    from probe.analysis.stats import detectable_effect, pairs_for_power, power_of_pairs
 
     effect = detectable_effect(600, 0.24, alpha=0.05 / 7, design_effect=1.1)
     assert power_of_pairs(600, effect, 0.24, 0.05 / 7, 1.1) == pytest.approx(0.8, abs=1e-6)
@@ -74,7 +74,7 @@ def test_detectable_effect_inverts_the_power_and_the_size():
 
 
 def test_intraclass_correlation_against_a_hand_worked_anova():
-    from probe.stats import intraclass_correlation
+    from probe.analysis.stats import intraclass_correlation
 
     values, groups = [1, 2, 3, 5, 6, 7, 2, 2, 5], list("aaabbbccc")
     # means 2, 6, 3; grand 11/3; MSB = 3·((2−11/3)² + (6−11/3)² + (3−11/3)²)/2 = 13; MSW = (2 + 2 + 6)/6 = 5/3

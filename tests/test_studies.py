@@ -10,14 +10,14 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from probe.analysis.probes import COLUMNS, attn_tensor
+from probe.analysis.stats import cluster_sign_flip, clustered_bootstrap, holm
 from probe.fingerprint import weights_id
-from probe.guide import InitNO, Schedule, generate
 from probe.models import Layer, attention_layers
-from probe.probes import COLUMNS, attn_tensor
 from probe.record import record
 from probe.shapes.judge import parse_prompt
 from probe.shapes.world import COLOURS, SHAPES
-from probe.stats import cluster_sign_flip, clustered_bootstrap, holm
+from probe.steer.guide import InitNO, Schedule, generate
 from probe.studies.common import mean_interval, nearest_grid
 from probe.studies.editing import EDIT_KEYS, edit_headline, edit_study, edit_summary
 from probe.studies.guidance import GUIDANCE_SETS, POOLED, guidance_headline, guidance_study, versus_baseline
@@ -223,7 +223,7 @@ def test_real_pass_maps_equal_the_recorded_maps(tiny):
 def test_subject_metrics_softmax_runs_over_the_words_wherever_padding_puts_them():
     """Left padding: the words sit at 8–10 of 12 slots; A&E's loss of each subject is 1 − the peak of its smoothed
     map after softmax(100·A) over those slots alone (the start, end and padding slots take no part)."""
-    from probe.maps import gaussian_smooth
+    from probe.analysis.maps import gaussian_smooth
 
     generator = torch.Generator().manual_seed(0)
     cross = torch.rand(8, 8, 12, generator=generator) * 0.01

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import probe
-from probe import lab, lazy
+from probe.analysis import lazy
+from probe.analysis.probes import attn_tensor, phrase_indices
 from probe.analysis.subjects import (
     diffusers_softmax_tokens,
     softmax_tokens,
@@ -17,13 +18,13 @@ from probe.analysis.subjects import (
     word_tokens,
 )
 from probe.consumers.maps import GUIDANCE_PASSES, REAL_PASSES, MapCollector
-from probe.explore import Controls, ViewModel
-from probe.guide import Schedule, generate
 from probe.models import Layer, attention_layers
-from probe.probes import attn_tensor, phrase_indices
 from probe.prompts import subject_keys, word_positions
+from probe.steer.guide import Schedule, generate
 from probe.studies.overlap import _subject_maps, overlap_chunk
 from probe.tap import Call
+from probe.ui import lab
+from probe.ui.explore import Controls, ViewModel
 
 PROMPT, SUBJECTS = "a red circle and a blue square", ["circle", "square"]
 SEED, STEPS, GROUP = 5, 3, "cross/res16"

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 import probe
-from probe import lazy, sweeps
+from probe.analysis import lazy
 from probe.cli import main
+from probe.record import sweep as sweeps
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red circle and a blue square", "a cat and a dog"]
@@ -147,7 +148,8 @@ def test_two_processes_write_the_one_process_store_bit_for_bit(tmp_path):
 
 KILLER = textwrap.dedent("""
     import json, os, random, signal, sys, time, traceback
-    from probe import lazy, sweeps
+    from probe.analysis import lazy
+from probe.record import sweep as sweeps
 
     cfg = json.loads(sys.argv[1])
     rng = random.Random(cfg["seed"])

@@ -6,8 +6,8 @@ import torch
 from tensors import assert_a_small_step_descends
 
 import probe
-from probe.guide import OBJECTIVES, Guide, Schedule, generate
-from probe.pipelines import initial_noise
+from probe.steer.guide import OBJECTIVES, Guide, Schedule, generate
+from probe.steer.pipelines import initial_noise
 from probe.tap import Call, Consumer, Tap
 
 PROMPT = "a cat and a dog"

@@ -1,6 +1,7 @@
 """Subjects' attention maps, made in one place: a subject word → its text tokens → its map.
 
-Guidance (live cross-attention inside the autograd graph), the studies, the out-of-core analysis (:mod:`probe.lazy`),
+Guidance (live cross-attention inside the autograd graph), the studies, the out-of-core analysis
+(:mod:`probe.analysis.lazy`),
 the lab and the explorer all call these functions, so a subject's map means the same thing wherever it is read.
 Three rules, each written once:
 
@@ -10,7 +11,7 @@ Three rules, each written once:
   pipeline's text layout. A word listed as often as it occurs takes successive occurrences, ``cat#2`` names one, a
   word that occurs more often than it is listed is an error. A phrase ("red circle") is the union of its words.
 - **A subject's map.** The mean of its tokens' columns of cross-attention (..., H, W, T), after whatever mean over
-  layers, heads and steps the caller chose (:func:`probe.maps.token_map`).
+  layers, heads and steps the caller chose (:func:`probe.analysis.maps.token_map`).
 - **Attend-and-Excite's view.** softmax(temperature · A) over the prompt's *word* tokens only, with no start, end
   or padding token, as A&E's official code does (:func:`probe.prompts.word_positions`; on a recording
   :func:`probe.prompts.recorded_words`, see :func:`softmax_tokens`); then each subject's mean over its tokens, then
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from probe.maps import (
+from probe.analysis.maps import (
     AE_KERNEL_SIZE,
     AE_SIGMA,
     AE_TEMPERATURE,

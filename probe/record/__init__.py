@@ -25,5 +25,5 @@ from probe.record.store import (
 )
 
 __all__ = ["BYTES_PER_VALUE", "COMPLETE", "MAP_VARIABLES", "PIXEL_BYTES", "Plan", "RecordSettings", "Recorder",
-           "contradictions", "damaged_chunks", "estimate", "full_self", "open_recording", "plan", "record", "recording_schema_problems",
-           "save", "stored_chunks", "zarr_encoding"]
+           "contradictions", "damaged_chunks", "estimate", "full_self", "open_recording", "plan", "record",
+           "recording_schema_problems", "save", "stored_chunks", "zarr_encoding"]

@@ -43,7 +43,7 @@ def record(pipe, prompts, *, seeds, settings: RecordSettings | None = None, out:
     ``point``, ``ky``, ``kx`` with the cell of each point in ``query_y``, ``query_x``). Both reduce on the device.
     ``self_store="qk"`` (UNets) keeps a self layer's q and k as the model scores them instead of its maps
     (h·w·2·dim values per head instead of (h·w)²: 50× smaller per head at Stable Diffusion's 64², and no extra
-    arithmetic while generating); :func:`probe.lazy.self_from_qk` makes the maps on read, lazily.
+    arithmetic while generating); :func:`probe.analysis.lazy.self_from_qk` makes the maps on read, lazily.
     Other keywords (height, width, negative_prompt …) go to the pipeline call.
     """
 
@@ -54,7 +54,7 @@ def record(pipe, prompts, *, seeds, settings: RecordSettings | None = None, out:
         "prompt": "from prompts=", "generator": "each sample's from its seed", "output_type": "images are stored",
         "num_images_per_prompt": "one image per (prompt, seed) sample: give more seeds",
         "latents": "the seed draws each sample's initial noise, so latents= would give every seed the same one; for "
-                   "noise of your own use probe.guide.generate(pipe, prompt, ..., init_noise=tensor)"}, own=own)
+                   "noise of your own use probe.steer.guide.generate(pipe, prompt, ..., init_noise=tensor)"}, own=own)
     steps, guidance_scale = checks.step_count(chosen.steps), checks.cfg_scale(chosen.guidance_scale)
     batch_size = checks.whole_number(batch_size, "batch_size", "the number of samples generated together")
     max_bytes = checks.byte_limit(max_bytes)

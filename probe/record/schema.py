@@ -67,7 +67,8 @@ def batch_datasets(plan: Plan, batch: slice, arrays: dict[str, np.ndarray], imag
 
 
 def _qk_dataset(plan: Plan, group: str, arrays: dict[str, np.ndarray], sample: dict, timesteps) -> xr.Dataset:
-    """A self group stored as the q and k its scores are made of (:func:`probe.lazy.self_from_qk` makes the maps)."""
+    """A self group stored as the q and k its scores are made of (:func:`probe.analysis.lazy.self_from_qk` makes the
+    maps)."""
     layers = plan.groups[group]
     h, w = layers[0].grid
     heads, dim = plan.qk[group]

@@ -107,7 +107,7 @@ def localisation(pipe, n: int = 200, steps: int = STEPS, batch_size: int = 16) -
     that falls on its own object versus the other object (meaningful when Otsu masks are not).
     """
     import probe
-    from probe.maps import otsu_mask, word_map
+    from probe.analysis.maps import otsu_mask, word_map
 
     prompts = two_object_prompts(n, seed=HELD_OUT_SEED + 1)
     seeds = [HELD_OUT_SEED + 50_000 + i for i in range(n)]
@@ -277,7 +277,7 @@ def _p(value: float) -> str:
 
 def _targets(metrics: dict) -> str:
     """The card's targets table rows (what each target asks, what was measured, whether it is met)."""
-    from probe.guide import Schedule  # a control read before its step was recorded ran at the schedule's own
+    from probe.steer.guide import Schedule  # a control read before its step was recorded ran at the schedule's own
 
     s, loc = metrics["single_object"], metrics["localisation"]
     speed = metrics["seconds_per_image_50_steps"]

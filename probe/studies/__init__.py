@@ -4,7 +4,8 @@
   by layer and step (Free-Prompt-Editing's probing argument).
 - :mod:`~probe.studies.overlap`: how the subjects' maps overlap, step by step, and how well each overlap statistic
   predicts that the judge finds a subject missing or mixed (Marioriyad et al.'s entity-missing argument).
-- :mod:`~probe.studies.editing`: self- vs cross-attention injection editing (:func:`probe.edit.study`), aggregated.
+- :mod:`~probe.studies.editing`: self- vs cross-attention injection editing (:func:`probe.steer.edit.study`),
+aggregated.
 - :mod:`~probe.studies.guidance`: the causal test: does guidance that lowers overlap lower entity missing, beyond
   Attend-and-Excite? :mod:`~probe.studies.self_cross`: does Self-Cross guidance lower mixing on similar subjects?
 - :mod:`~probe.studies.intervention`: a pre-registered experiment that moves the subjects' maps' overlap directly
@@ -17,8 +18,9 @@ headline and how it is recomputed, answer, figures); importing this package impo
 registers them, and the report and the command line read the registry (:mod:`probe.studies.registry`): a new study
 is one module, imported here.
 
-Statistics (clustered bootstrap, paired tests, Holm, power) live in :mod:`probe.stats`; the maths of maps and
-overlap in :mod:`probe.maps` / :mod:`probe.overlap`. Every study uses fixed seeds, records in chunks and reduces each
+Statistics (clustered bootstrap, paired tests, Holm, power) live in :mod:`probe.analysis.stats`; the maths of maps and
+overlap in :mod:`probe.analysis.maps` / :mod:`probe.analysis.overlap`. Every study uses fixed seeds, records in chunks
+and reduces each
 chunk to what it keeps, so memory does not grow with the number of images; ``quick=True`` shrinks every size. The
 shapes-world judge is the default; any callable ``judge(image, prompt)`` returning per-subject objects with
 ``.status`` (and ``.detection.mask`` for positions) can replace it (:func:`probe.judges.judge_from_spec`).

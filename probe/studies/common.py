@@ -13,10 +13,10 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from probe.analysis.stats import clustered_bootstrap
 from probe.models import BUILTIN, attention_layers
 from probe.shapes.judge import detect
 from probe.shapes.judge import judge as exact_judge
-from probe.stats import clustered_bootstrap
 from probe.writes import save_figure, write_csv
 
 CHUNK = 16  # samples recorded and reduced at a time

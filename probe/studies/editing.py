@@ -11,12 +11,12 @@ import pandas as pd
 
 from probe import plots
 from probe.checks import step_count, whole_number
-from probe.edit import DEFAULT_FRACTION, FPE_LAYERS, STEPS_FRACTIONS
-from probe.edit import study as edit_sweep
 from probe.models import load
 from probe.shapes.judge import judge as exact_judge
 from probe.shapes.judge import require_shapes_world
 from probe.shapes.settings import STEPS
+from probe.steer.edit import DEFAULT_FRACTION, FPE_LAYERS, STEPS_FRACTIONS
+from probe.steer.edit import study as edit_sweep
 from probe.studies.common import BOOTSTRAPS, QUICK_BOOTSTRAPS, QUICK_STEPS, _save, mean_interval
 from probe.studies.registry import Study, register
 
@@ -31,7 +31,7 @@ HEADLINE_LAYER_SETS = (FPE_LAYERS, "all")  # FPE's layer set first
 
 @dataclass
 class EditStudy:
-    """``results``: :func:`probe.edit.study`'s rows; ``summary``: one row per edit × origin × inject × layer set ×
+    """``results``: :func:`probe.steer.edit.study`'s rows; ``summary``: one row per edit × origin × inject × layer set ×
     fraction."""
 
     results: pd.DataFrame
@@ -41,7 +41,7 @@ class EditStudy:
 
 
 def edit_summary(results: pd.DataFrame, n_boot: int = BOOTSTRAPS, seed: int = 0) -> pd.DataFrame:
-    """Aggregate :func:`probe.edit.study`: success rate (bootstrap CI), structure IoU and displacement (means over
+    """Aggregate :func:`probe.steer.edit.study`: success rate (bootstrap CI), structure IoU and displacement (means over
     edits where the objects were found), leak rate and the share of sources that show their own prompt.
 
     ``iou_vs_none`` (with ``iou_vs_none_ci_low`` / ``_high``): the structure IoU minus that of no injection on the
@@ -69,7 +69,7 @@ def edit_summary(results: pd.DataFrame, n_boot: int = BOOTSTRAPS, seed: int = 0)
 def edit_study(pipe, n_seeds: int = EDIT_SEEDS, steps: int = STEPS, quick: bool = False,
                out: str | Path | None = None, steps_fractions: Sequence[float] = STEPS_FRACTIONS,
                progress: bool = True) -> EditStudy:
-    """Free-Prompt-Editing's claim on the shapes world (:func:`probe.edit.study`), aggregated and drawn.
+    """Free-Prompt-Editing's claim on the shapes world (:func:`probe.steer.edit.study`), aggregated and drawn.
 
     Colour and shape edits of generated and of rendered (DDIM-inverted) sources; self- vs cross-attention injection
     vs none, per injected fraction of the steps and layer set. ``quick``: one seed, fraction 0.8 only, at most 20

@@ -11,13 +11,7 @@ import numpy as np
 import pandas as pd
 
 from probe import plots
-from probe.checks import step_count, whole_number
-from probe.guide import InitNO, Schedule
-from probe.models import load
-from probe.shapes.judge import judge as exact_judge
-from probe.shapes.judge import require_shapes_world
-from probe.shapes.settings import GUIDANCE, HELD_OUT_SEED, STEPS
-from probe.stats import (
+from probe.analysis.stats import (
     cluster_sign_flip,
     detectable_effect,
     holm,
@@ -26,6 +20,12 @@ from probe.stats import (
     pairs_for_power,
     power_of_pairs,
 )
+from probe.checks import step_count, whole_number
+from probe.models import load
+from probe.shapes.judge import judge as exact_judge
+from probe.shapes.judge import require_shapes_world
+from probe.shapes.settings import GUIDANCE, HELD_OUT_SEED, STEPS
+from probe.steer.guide import InitNO, Schedule
 from probe.studies.answers import _acted, _direction, _interval, _p, _points, _row, _signed
 from probe.studies.common import BOOTSTRAPS, QUICK_BOOTSTRAPS, QUICK_STEPS, Judge, Subject, _save, _store, mean_interval
 from probe.studies.guided import (
@@ -253,7 +253,7 @@ def guidance_study(pipe, n_images: int | None = None, steps: int = STEPS, quick:
     The same ``n_images`` (prompt, seed) pairs per method (default: as many as ``design`` needs for its power, the
     calculation printed at the start): the first prompts of the two- and three-object sets, each
     with ``seeds_per_prompt`` seeds. Methods: ``none`` (no guidance, same code path), ``ae`` and the overlap-lowering
-    objectives of :data:`probe.guide.OBJECTIVES`, each without and with INITNO (``none`` without only). Schedule:
+    objectives of :data:`probe.steer.guide.OBJECTIVES`, each without and with INITNO (``none`` without only). Schedule:
     Attend-and-Excite's, refinement steps scaled to ``steps`` (:func:`scaled_schedule`). Per image: the judge's
     verdict (missing, number missing, mixed), overlap statistics of the subjects' maps at step 10 (of 50, scaled)
     and at the last step, the quality proxies of :func:`judged`, seconds. An image is missing when any subject is.

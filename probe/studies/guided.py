@@ -1,6 +1,6 @@
 """Guided images measured alike for every method: the engine of the guidance and Self-Cross studies.
 
-Each (prompt, seed, method) image is generated through :func:`probe.guide.generate`, judged, and its subjects'
+Each (prompt, seed, method) image is generated through :func:`probe.steer.guide.generate`, judged, and its subjects'
 overlap read from the real denoising pass at step 10 (of 50) and at the end; :func:`calibrate_steps` chooses each
 method's step size on pilot prompts the study does not use, so that a method is compared at a step that does what
 it intends (A&E: fewer missing subjects; an overlap objective: less overlap).
@@ -21,16 +21,16 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from probe.analysis.maps import aggregate_self_attention
+from probe.analysis.overlap import pair_indices
 from probe.analysis.subjects import subject_maps
 from probe.consumers.maps import REAL_PASSES, MapCollector
 from probe.fingerprint import weights_id
-from probe.guide import OBJECTIVES, InitNO, Schedule, generate
-from probe.maps import aggregate_self_attention
 from probe.models import attention_layers
-from probe.overlap import pair_indices
 from probe.prompts import prompt_set, subject_keys
 from probe.shapes.judge import judge as exact_judge
 from probe.shapes.settings import GUIDANCE
+from probe.steer.guide import OBJECTIVES, InitNO, Schedule, generate
 from probe.studies.common import ImageRows, Judge, Subject, judged, nearest_grid, settings_id
 from probe.studies.overlap import METRICS, pair_metrics
 
@@ -132,7 +132,7 @@ def guided_images(pipe, prompts: Sequence[dict], seeds: Sequence[int], configs: 
                   progress: bool = True, desc: str = "guidance", store: str | Path | None = None) -> pd.DataFrame:
     """One row per (prompt, seed, method, initno): judge's verdict, overlap at ``t10`` and at the end, seconds.
 
-    Every configuration runs through :func:`probe.guide.generate` (``none`` with a schedule that never moves the
+    Every configuration runs through :func:`probe.steer.guide.generate` (``none`` with a schedule that never moves the
     latent); the images of one (prompt, seed) are made back to back so that a busy machine slows all methods alike.
     Overlap: the layer-and-head mean attention of the real pass at the cross-attention grid closest to 16×16
     (:class:`RealPassMaps`), measured with :func:`subject_metrics`. ``subject``: "noun" or "colour" words.

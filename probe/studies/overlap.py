@@ -16,11 +16,8 @@ from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
 from tqdm.auto import tqdm
 
 from probe import plots
-from probe.analysis.subjects import sample_tokens, subject_maps
-from probe.checks import step_count, whole_number
-from probe.maps import aggregate_self_attention
-from probe.models import load
-from probe.overlap import (
+from probe.analysis.maps import aggregate_self_attention
+from probe.analysis.overlap import (
     PAIR_OVERLAP,
     ae_response,
     aggregation_loss,
@@ -29,11 +26,14 @@ from probe.overlap import (
     self_cross_overlap,
     spread,
 )
-from probe.probes import (
+from probe.analysis.probes import (
     LinearProbe,
     attn_tensor,
     step_bins,
 )
+from probe.analysis.subjects import sample_tokens, subject_maps
+from probe.checks import step_count, whole_number
+from probe.models import load
 from probe.record import record
 from probe.shapes.judge import judge as exact_judge
 from probe.shapes.judge import parse_prompt, require_shapes_world
@@ -118,7 +118,7 @@ def pair_metrics(maps: torch.Tensor, self_maps: torch.Tensor, ae_maps: torch.Ten
     ``maps``: cross-attention; ``self_maps``: Otsu-aggregated self-attention; ``ae_maps``: token-softmaxed and
     smoothed cross-attention (Attend-and-Excite's view). Suffix ``_a`` / ``_b``: first / second subject of the
     prompt; ``_min`` / ``_max``: the weaker subject, which is the one that goes missing. The pair's overlap is
-    :func:`probe.overlap.pair_overlap` (centre-of-mass distance and KL on min-max normalised maps).
+    :func:`probe.analysis.overlap.pair_overlap` (centre-of-mass distance and KL on min-max normalised maps).
     """
     own = {"intensity": intensity(maps), "spread": spread(maps), "ae": ae_response(ae_maps),
            "aggregation": aggregation_loss(maps)}

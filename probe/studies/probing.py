@@ -11,15 +11,15 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from probe import plots
-from probe.checks import step_count, whole_number
-from probe.models import attention_layers, load
-from probe.probes import (
+from probe.analysis.probes import (
     LinearProbe,
     concat_features,
     probe_features,
     step_bins,
     subject_features,
 )
+from probe.checks import step_count, whole_number
+from probe.models import attention_layers, load
 from probe.record import record
 from probe.shapes.judge import judge as exact_judge
 from probe.shapes.judge import parse_prompt, require_shapes_world
@@ -46,7 +46,7 @@ WIDE, TALL = 0.8, 1.25  # bounding-box height / width below / above which an obj
 
 @dataclass
 class ProbeStudy:
-    """``labels``: one row per image; ``accuracy``: the probe table (:func:`probe.probes.probe_features`)."""
+    """``labels``: one row per image; ``accuracy``: the probe table (:func:`probe.analysis.probes.probe_features`)."""
 
     labels: pd.DataFrame
     accuracy: pd.DataFrame

@@ -11,11 +11,11 @@ import pandas as pd
 
 from probe import plots
 from probe.checks import step_count, whole_number
-from probe.guide import InitNO, Schedule
 from probe.models import load
 from probe.shapes.judge import judge as exact_judge
 from probe.shapes.judge import require_shapes_world
 from probe.shapes.settings import GUIDANCE, HELD_OUT_SEED, STEPS
+from probe.steer.guide import InitNO, Schedule
 from probe.studies.answers import _acted, _direction, _interval, _p, _points
 from probe.studies.common import BOOTSTRAPS, QUICK_BOOTSTRAPS, QUICK_STEPS, Judge, Subject, _save, _store
 from probe.studies.guidance import (

@@ -1,4 +1,4 @@
-"""Does attention overlap cause entity missing? A direct intervention on the maps (:mod:`probe.intervene`).
+"""Does attention overlap cause entity missing? A direct intervention on the maps (:mod:`probe.steer.intervene`).
 
 Units are distinct object sets of the built-in world (two objects, distinct shapes and colours) in both word orders,
 each with its own seeds; every arm of a unit runs on the same seed, in one batch. Experiments:
@@ -28,13 +28,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from probe.analysis.stats import cluster_sign_flip, clustered_bootstrap, holm
 from probe.fingerprint import weights_id
-from probe.intervene import SHAM, OverlapShift, Unit
 from probe.models import attention_layers, load
 from probe.prompts import subject_keys
 from probe.shapes.judge import judge as exact_judge
 from probe.shapes.settings import GUIDANCE, HELD_OUT_SEED, STEPS
-from probe.stats import cluster_sign_flip, clustered_bootstrap, holm
+from probe.steer.intervene import SHAM, OverlapShift, Unit
 from probe.studies.common import (
     ImageRows,
     Judge,
@@ -263,7 +263,7 @@ def units_for_power(pilot: pd.DataFrame, effect: float = EFFECT_POINTS, power: f
     (design effect 1 + (m − 1)·ICC, m units per set) measured on the pilot."""
     from scipy.stats import norm
 
-    from probe.stats import intraclass_correlation
+    from probe.analysis.stats import intraclass_correlation
 
     lo, hi = f"dose {min(DOSES):g}", f"dose {max(DOSES):g}"
     wide = pilot.assign(ok=pilot.category == "all_present").pivot_table(index=["unit", "set_id"], columns="method",

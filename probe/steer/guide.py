@@ -1,0 +1,574 @@
+"""Attention guidance: move a pipeline's latent so that the subjects' attention maps satisfy an objective.
+
+Guidance is a consumer of the tap plus the pipeline's own ``callback_on_step_end``. At the end of step i the callback
+runs the denoiser once more on the conditional latent at step i+1 (``Tap.pass_("guidance", i+1)``), the tap hands
+the cross- (and, if needed, self-) attention of the chosen layers to the consumer inside the autograd graph, and the
+latent takes gradient steps on the objective before the pipeline denoises it. Step 0's update happens before the
+pipeline call and enters as ``latents=``. No pipeline loop is copied, so guidance runs on every pipeline the tap
+understands (Stable Diffusion 1.x/2.x and SDXL).
+
+The default :class:`Schedule` is Attend-and-Excite's (Chefer et al., 2023): maps of the 16×16 layers averaged over
+layers and heads, softmax(100·A) over the prompt's word tokens (start, end and padding excluded, as in the official
+code), 3×3 Gaussian smoothing, one step α_i = 20·sqrt(linspace(1, 0.5, T)[i]) for the first half of the steps, and
+iterative refinement at steps 0, 10 and 20 until the loss is at most 1 − {0.05, 0.5, 0.8} (at most 20 iterations).
+``Schedule(tokens="diffusers")`` softmaxes over every slot but the first and last instead (padding included), and
+then ``objective="ae"`` reproduces diffusers' ``StableDiffusionAttendAndExcitePipeline``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from probe import checks
+from probe.analysis.maps import AE_KERNEL_SIZE, AE_SIGMA, AE_TEMPERATURE, aggregate_self_attention
+from probe.analysis.overlap import (
+    ISOLATION_MARGIN,
+    ae_loss,
+    aggregation_loss,
+    com_distance,
+    compactness,
+    isolation_loss,
+    kl_divergence,
+    pairwise,
+    self_cross_overlap,
+    soft_iou,
+)
+from probe.analysis.subjects import diffusers_softmax_tokens, subject_maps
+from probe.checks import finite_noise, step_count, text_to_image
+from probe.consumers.maps import GUIDANCE_PASSES, MapCollector
+from probe.models import Layer, denoiser, latent_size, load
+from probe.prompts import subject_keys
+from probe.steer.pipelines import conditioned, initial_noise, noise_sigma, set_schedule
+from probe.tap import Consumer, Tap
+
+# -- settings --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Every number of a guided generation. Defaults: Attend-and-Excite as in diffusers (50 steps)."""
+
+    resolution: int = 16  # maps from the cross-attention layers whose grid is closest to resolution²
+    temperature: float = AE_TEMPERATURE  # softmax(temperature · A) over the prompt's tokens
+    tokens: str = "words"  # which tokens that softmax covers: "words" (official A&E: no start, end or padding)
+    # or "diffusers" (diffusers' pipeline: every slot but the first and the last, padding included)
+    kernel_size: int = AE_KERNEL_SIZE  # Gaussian smoothing of each subject's map
+    sigma: float = AE_SIGMA
+    scale_factor: float = 20.0  # step size α_i = scale_factor · sqrt(linspace(*scale_range, T)[i])
+    scale_range: tuple[float, float] = (1.0, 0.5)
+    alter_fraction: float = 0.5  # one gradient step at every step i < alter_fraction · T (A&E: 25 of 50)
+    thresholds: Mapping[int, float] = field(default_factory=lambda: {0: 0.05, 10: 0.5, 20: 0.8})
+    """Refinement: at step i (an index, as in diffusers) refine while the loss exceeds 1 − thresholds[i]."""
+    max_refinement: int = 20  # refinement iterations at most (diffusers' fixed cap)
+    response_weight: float = 1.0  # λ of the response term in ``self_cross`` and ``ai_t2i``
+    response_top_k: int = 1  # response = 1 − mean of the k largest map values (k = 1: A&E's max)
+    aggregation_weight: float = 1.0  # ``ai_t2i``: weight of the aggregation loss
+    isolation_weight: float = 1.0  # ``ai_t2i``: weight of the isolation loss
+    isolation_margin: float = ISOLATION_MARGIN  # ``ai_t2i``: centre distance (fraction of the diagonal) to reach
+    isolation_form: str = "distance"  # ``ai_t2i``: "distance" (centres apart) or "cosine" (maps' cosine similarity)
+
+    def alter_steps(self, n_steps: int) -> int:
+        """Number of leading steps that take a gradient step (rounded half up)."""
+        return math.floor(self.alter_fraction * n_steps + 0.5)
+
+    def step_sizes(self, n_steps: int) -> np.ndarray:
+        return self.scale_factor * np.sqrt(np.linspace(*self.scale_range, n_steps))
+
+
+@dataclass(frozen=True)
+class InitNO:
+    """INITNO-style initial-noise optimisation (Guo et al., 2024): z = μ + σ·ε with μ, log σ² optimised by Adam.
+
+    Rounds of ``steps`` iterations each start from fresh noise until the objective at the first step is accepted;
+    if none is, the best round's noise is optimised again for ``final_steps``. Accepted: below ``target`` when one is
+    given (INITNO's absolute thresholds, set for Stable Diffusion's losses), else at most ``1 − relative`` times the
+    objective at the seed's own noise, a criterion every objective can reach whatever its scale (A&E's loss on a
+    model whose maps are spread never falls to 0.2). After every step the KL divergence of N(μ, σ²) from N(0, 1) is
+    pushed back under ``kl_bound`` so the latent stays a plausible sample.
+    """
+
+    rounds: int = 5
+    steps: int = 10
+    final_steps: int = 50
+    lr: float = 1e-2
+    adam_eps: float = 1e-3
+    target: float | None = None
+    relative: float = 0.3
+    kl_bound: float = 1e-3
+    kl_max_iterations: int = 100  # KL-only Adam steps at most after each objective step
+
+
+# -- maps and objectives ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GuidanceMaps:
+    """What an objective sees: the subjects' maps at one latent, batch first.
+
+    ``subjects`` (B, S, H, W): per subject, softmax(temperature·A) over the prompt's word tokens, mean over the
+    subject's word pieces, Gaussian smoothed (A&E's maps, :func:`probe.analysis.subjects.subject_maps`).
+    ``cross`` (B, H, W, T): the raw cross-attention, mean over layers and heads.
+    ``self_attention`` (B, H·W, H·W): mean self-attention of the same layers' grid, when the objective needs it.
+    """
+
+    subjects: torch.Tensor
+    cross: torch.Tensor
+    self_attention: torch.Tensor | None
+    schedule: Schedule
+
+    @property
+    def max_attention(self) -> torch.Tensor:
+        """(B, S) peak of each subject's map: A&E's per-token excitation."""
+        return self.subjects.amax((-2, -1))
+
+
+def _pair_mean(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], maps: torch.Tensor) -> torch.Tensor:
+    values = pairwise(fn, maps)
+    return values.sum(-1) / max(values.shape[-1], 1)
+
+
+def response(maps: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """The most neglected subject's 1 − (mean of its k largest values); k = 1 is Attend-and-Excite's loss."""
+    if k == 1:
+        return ae_loss(maps)
+    top = maps.flatten(-2).topk(k, dim=-1).values.mean(-1)
+    return (1 - top).clamp_min(0).amax(-1)
+
+
+def _ae(m: GuidanceMaps) -> torch.Tensor:
+    return ae_loss(m.subjects)
+
+
+def _iou(m: GuidanceMaps) -> torch.Tensor:
+    return _pair_mean(soft_iou, m.subjects)
+
+
+def _com(m: GuidanceMaps) -> torch.Tensor:
+    """1 − mean centre-of-mass distance (fraction of the diagonal): lower when the subjects sit apart."""
+    return 1 - _pair_mean(com_distance, m.subjects)
+
+
+def _kl(m: GuidanceMaps) -> torch.Tensor:
+    """exp(−symmetric KL): 1 for identical maps, towards 0 as they separate."""
+    return torch.exp(-_pair_mean(lambda a, b: kl_divergence(a, b, "sym"), m.subjects))
+
+
+def _cc(m: GuidanceMaps) -> torch.Tensor:
+    """c / (1 + c) of the clustering compactness c: bounded, lower for compact subjects far apart."""
+    c = _pair_mean(compactness, m.subjects)
+    return c / (1 + c)
+
+
+def _self_cross(m: GuidanceMaps) -> torch.Tensor:
+    """Self-Cross: overlap of each subject's Otsu-aggregated self-attention with the others' cross-attention
+    (per pixel, so resolution free) plus λ · response."""
+    if m.self_attention is None:
+        raise RuntimeError("the self_cross objective needs self-attention maps; they were not collected")
+    height, width = m.subjects.shape[-2:]
+    keys = m.self_attention.reshape(-1, 1, height, width, height * width)
+    aggregated = aggregate_self_attention(m.subjects, keys)
+    overlap = self_cross_overlap(m.subjects, aggregated) / (height * width)
+    s = m.schedule
+    return overlap + s.response_weight * response(m.subjects, s.response_top_k)
+
+
+def _ai_t2i(m: GuidanceMaps) -> torch.Tensor:
+    """Aggregating-and-Isolating: pull each subject's fragments together, push subjects apart, keep them excited."""
+    s = m.schedule
+    aggregation = aggregation_loss(m.subjects).mean(-1)
+    isolation = isolation_loss(m.subjects, margin=s.isolation_margin, form=s.isolation_form)
+    return (s.aggregation_weight * aggregation + s.isolation_weight * isolation
+            + s.response_weight * response(m.subjects, s.response_top_k))
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A named loss of :class:`GuidanceMaps` → (B,); ``needs_self`` asks the tap for self-attention too."""
+
+    name: str
+    fn: Callable[[GuidanceMaps], torch.Tensor]
+    needs_self: bool = False
+
+    def __call__(self, maps: GuidanceMaps) -> torch.Tensor:
+        return self.fn(maps)
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "ae": Objective("ae", _ae),
+    "iou": Objective("iou", _iou),
+    "com": Objective("com", _com),
+    "kl": Objective("kl", _kl),
+    "cc": Objective("cc", _cc),
+    "self_cross": Objective("self_cross", _self_cross, needs_self=True),
+    "ai_t2i": Objective("ai_t2i", _ai_t2i),
+}
+
+ObjectiveSpec = str | Mapping[str, float] | Objective | Callable[[GuidanceMaps], torch.Tensor]
+
+
+def as_objective(spec: ObjectiveSpec) -> Objective:
+    """An :class:`Objective` from a registry name, a weighted sum ``{"ae": 1, "iou": 1}`` or a callable of the maps."""
+    if isinstance(spec, Objective):
+        return spec
+    if isinstance(spec, str):
+        if spec not in OBJECTIVES:
+            raise ValueError(f"unknown objective {spec!r}; known: {sorted(OBJECTIVES)}, or a dict of weights")
+        return OBJECTIVES[spec]
+    if isinstance(spec, Mapping):
+        parts = [(as_objective(name), checks.finite_number(weight, f"objective[{name!r}]", "the weight of that term"))
+                 for name, weight in spec.items()]
+        if not parts:
+            raise ValueError("a weighted objective needs at least one term, e.g. {'ae': 1, 'iou': 1}")
+        name = " + ".join(f"{w:g}·{o.name}" for o, w in parts)
+        return Objective(name, lambda m: sum(w * o(m) for o, w in parts), any(o.needs_self for o, _ in parts))
+    if callable(spec):
+        return Objective(getattr(spec, "__name__", "custom"), spec, bool(getattr(spec, "needs_self", False)))
+    raise TypeError(f"objective must be a name, a dict of weights or a callable, not {type(spec).__name__}")
+
+
+# -- the consumer -----------------------------------------------------------------------------------------------------
+
+
+def _closest_grid(layers: list[Layer], resolution: int) -> tuple[int, int]:
+    grids = {layer.grid for layer in layers if layer.kind == "cross"}
+    if not grids:
+        raise ValueError("this denoiser has no cross-attention layers to guide with")
+    return min(grids, key=lambda g: (abs(math.log(g[0] * g[1] / resolution**2)), -g[0] * g[1]))
+
+
+# -- the guide --------------------------------------------------------------------------------------------------------
+
+
+class Guide:
+    """Evaluates an objective on the pipeline's own attention at a latent and moves the latent downhill.
+
+    A context manager (it installs the tap). :func:`generate` is the usual entry point; use a ``Guide`` directly to
+    look at losses and maps at a latent of your own:
+
+    >>> with Guide(pipe, "a cat and a dog", ["cat", "dog"], steps=50) as g:
+    ...     loss, maps = g.evaluate(latents.requires_grad_(), step=0)
+    """
+
+    def __init__(self, pipe, prompt: str, subjects: Sequence[str], objective: ObjectiveSpec = "ae",
+                 schedule: Schedule | None = None, *, steps: int = 50, height: int | None = None,
+                 width: int | None = None, consumers: Sequence[Consumer] = (), max_sequence_length: int | None = None):
+        self.pipe = load(pipe)
+        text_to_image(self.pipe)
+        steps = step_count(steps)
+        height, width = checks.image_side(height, "height"), checks.image_side(width, "width")
+        max_sequence_length = checks.sequence_length(max_sequence_length)
+        self.prompt = checks.prompt_fits(self.pipe, checks.prompt_text(prompt))
+        self.subjects = checks.subject_words(subjects)
+        if not self.subjects:
+            raise ValueError("give at least one subject word to guide")
+        self.indices, words = subject_keys(self.pipe, prompt, self.subjects, max_sequence_length)
+        self.objective = as_objective(objective)
+        self.schedule = schedule or Schedule()
+        if self.schedule.tokens not in ("words", "diffusers"):
+            raise ValueError(f"Schedule.tokens must be 'words' or 'diffusers', not {self.schedule.tokens!r}")
+        self.softmax_tokens = words if self.schedule.tokens == "words" else None  # None: diffusers' slots
+        scale = getattr(self.pipe, "vae_scale_factor", 8)
+        lh, lw = latent_size(self.pipe, height, width)
+        self.height, self.width = lh * scale, lw * scale
+        self.tap = Tap(self.pipe, consumers, self.height, self.width)
+        self.grid = _closest_grid(list(self.tap.layers.values()), self.schedule.resolution)
+        kinds = ("cross", "self") if self.objective.needs_self else ("cross",)
+        chosen = [layer for layer in self.tap.layers.values() if layer.grid == self.grid and layer.kind in kinds]
+        self.collector = MapCollector(chosen, passes=GUIDANCE_PASSES, detach=False)
+        self.tap.consumers.append(self.collector)
+        self.timesteps = set_schedule(self.pipe, steps, self.height, self.width)
+        self.step_sizes = self.schedule.step_sizes(len(self.timesteps))
+        self.labels = _labels(self.subjects)
+        self.denoise = None
+        self.max_sequence_length = max_sequence_length
+        self._loss_checked = False
+
+    def __enter__(self) -> Guide:
+        self.denoise = conditioned(self.pipe, self.prompt, self.height, self.width, self.max_sequence_length)
+        self.tap.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.tap.__exit__(*exc)
+
+    # -- evaluation ---------------------------------------------------------------------------------------------------
+    def evaluate(self, latents: torch.Tensor, step: int) -> tuple[torch.Tensor, GuidanceMaps]:
+        """Loss (a scalar for one latent) and maps at ``latents`` (1, C, h, w) and step ``step``'s timestep."""
+        if self.denoise is None:
+            raise RuntimeError("a Guide evaluates inside its context: `with Guide(pipe, ...) as guide:`")
+        self.collector.clear()
+        with self.tap.pass_("guidance", step):
+            self.denoise(latents, self.timesteps[step])
+        found = self.collector.mean(step)
+        self.collector.clear()
+        maps = self._maps(found["cross"], found.get("self"))
+        value = self.objective(maps)
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"objective {self.objective.name!r} returned {type(value).__name__}, not a tensor: return "
+                            "the (B,) losses as a torch tensor computed from the GuidanceMaps")
+        loss = value.sum()
+        self._check_first_loss(loss, latents)
+        return loss, maps
+
+    def _check_first_loss(self, loss: torch.Tensor, latents: torch.Tensor) -> None:
+        """The objective's first loss must be finite and, where a gradient is asked for, depend on the latent: else
+        guidance would skip every step and change nothing (a later non-finite step is skipped with a warning)."""
+        if self._loss_checked:
+            return
+        name = self.objective.name
+        if not torch.isfinite(loss):
+            raise ValueError(f"objective {name!r} gave a loss of {loss.item()} at the first guided evaluation, so "
+                             "guidance could never move the latent; check it on Guide.evaluate's maps (a division "
+                             "by zero or the log of 0?) and return finite values")
+        if latents.requires_grad and torch.is_grad_enabled():
+            if not loss.requires_grad:
+                raise ValueError(f"objective {name!r} returned a loss without a gradient with respect to the latent, "
+                                 "so guidance cannot move it; compute it from the GuidanceMaps tensors with torch "
+                                 "operations (no .item(), .detach(), numpy or torch.no_grad())")
+            self._loss_checked = True
+
+    def _maps(self, cross: torch.Tensor, self_attention: torch.Tensor | None) -> GuidanceMaps:
+        s = self.schedule
+        grid = cross.reshape(cross.shape[0], *self.grid, cross.shape[-1])
+        words = self.softmax_tokens or diffusers_softmax_tokens(grid.shape[-1])
+        subjects = subject_maps(grid, self.indices, words, view="ae", temperature=s.temperature,
+                                kernel_size=s.kernel_size, sigma=s.sigma)
+        return GuidanceMaps(subjects, grid, self_attention, s)
+
+    # -- updates ------------------------------------------------------------------------------------------------------
+    def _descend(self, latents: torch.Tensor, loss: torch.Tensor, size: float, step: int) -> tuple[torch.Tensor, bool]:
+        """One gradient step; a non-finite loss, gradient or result leaves the latent as it was, with a warning."""
+        if not torch.isfinite(loss):
+            return self._skip(latents, step, "the loss is not finite")
+        if not loss.requires_grad:
+            return self._skip(latents, step, "the loss does not depend on the latent")
+        (grad,) = torch.autograd.grad(loss, [latents])
+        if not torch.isfinite(grad).all():
+            return self._skip(latents, step, "the gradient is not finite")
+        moved = latents.detach() - size * grad
+        if not torch.isfinite(moved).all():
+            return self._skip(latents, step, "the updated latent is not finite")
+        return moved.requires_grad_(True), True
+
+    @staticmethod
+    def _skip(latents: torch.Tensor, step: int, why: str) -> tuple[torch.Tensor, bool]:
+        warnings.warn(f"guidance at step {step}: {why}; the latent is left unchanged", RuntimeWarning, stacklevel=3)
+        return latents, False
+
+    def step(self, latents: torch.Tensor, step: int) -> tuple[torch.Tensor, dict | None]:
+        """The update before denoising step ``step``: refinement where scheduled, then one gradient step.
+
+        Returns the new latent (detached) and a diagnostics row (None where the schedule does nothing).
+        """
+        s = self.schedule
+        threshold = s.thresholds.get(step)
+        alter = step < s.alter_steps(len(self.timesteps))
+        if not alter and threshold is None:
+            return latents, None
+        size = float(self.step_sizes[step])
+        x = latents.detach().requires_grad_(True)
+        loss, maps = self.evaluate(x, step)
+        first, iterations, skipped = loss.item(), 0, 0
+        if threshold is not None and loss > 1 - threshold:
+            # As diffusers' A&E: each iteration evaluates, then steps; the loop test sees the loss from before the
+            # last step, and after the loop the latent is evaluated once more.
+            target, check, known = max(0.0, 1.0 - threshold), loss, loss  # known: the loss at x, if evaluated
+            while check > target:
+                iterations += 1
+                here = known if known is not None else self.evaluate(x, step)[0]
+                check, known = here, None
+                if here != 0:
+                    x, ok = self._descend(x, here, size, step)
+                    skipped += not ok
+                if iterations >= s.max_refinement:
+                    break
+            loss, maps = self.evaluate(x, step)
+        final = loss.item()
+        if alter and loss != 0:
+            x, ok = self._descend(x, loss, size, step)
+            skipped += not ok
+        row = {"step": step, "timestep": float(self.timesteps[step]), "loss": final, "initial_loss": first,
+               "refinement_iterations": iterations, "step_size": size if alter else 0.0, "skipped": skipped}
+        peaks = maps.max_attention[0].detach().cpu().tolist()
+        row.update({f"max_attention[{label}]": value for label, value in zip(self.labels, peaks)})
+        return x.detach(), row
+
+    # -- initial noise ------------------------------------------------------------------------------------------------
+    def optimise_noise(self, noise: torch.Tensor, settings: InitNO, draw: Callable[[], torch.Tensor]
+                       ) -> tuple[torch.Tensor, pd.DataFrame]:
+        """INITNO rounds from ``noise`` (then ``draw()`` for fresh noise); returns the noise to start from."""
+        if settings.target is None and not 0 < settings.relative < 1:
+            raise ValueError(f"InitNO.relative must lie in (0, 1), got {settings.relative}")
+        if settings.target is not None:
+            threshold = settings.target
+        else:
+            with torch.no_grad():
+                start, _ = self.evaluate(noise * noise_sigma(self.pipe), 0)
+            threshold = (1 - settings.relative) * start.item()
+        rows, pool = [], []
+        for round_ in range(settings.rounds):
+            eps = noise if round_ == 0 else draw()
+            z, loss, ok = self._optimise_round(eps, settings.steps, settings, threshold)
+            rows.append({"round": round_, "loss": loss, "threshold": threshold, "reached_target": ok})
+            if ok:
+                return z, pd.DataFrame(rows)
+            pool.append((loss if math.isfinite(loss) else math.inf, round_, eps))
+        _, best, eps = min(pool, key=lambda p: (p[0], p[1]))
+        z, loss, ok = self._optimise_round(eps, settings.final_steps, settings, threshold)
+        rows.append({"round": f"final (from {best})", "loss": loss, "threshold": threshold, "reached_target": ok})
+        return z, pd.DataFrame(rows)
+
+    def _optimise_round(self, eps: torch.Tensor, n_steps: int, settings: InitNO, threshold: float
+                        ) -> tuple[torch.Tensor, float, bool]:
+        sigma = noise_sigma(self.pipe)
+        log_var = torch.zeros_like(eps, dtype=torch.float32, requires_grad=True)
+        mu = torch.zeros_like(eps, dtype=torch.float32, requires_grad=True)
+        optimiser = torch.optim.Adam([log_var, mu], lr=settings.lr, eps=settings.adam_eps)
+
+        def sample() -> torch.Tensor:
+            return (eps * torch.exp(0.5 * log_var) + mu).to(eps.dtype)
+
+        def descend(loss: torch.Tensor) -> None:
+            optimiser.zero_grad()
+            log_var.grad, mu.grad = torch.autograd.grad(loss, [log_var, mu])
+            optimiser.step()
+
+        value, ok = math.inf, False
+        for _ in range(n_steps):
+            loss, _ = self.evaluate(sample() * sigma, 0)
+            value = loss.item()
+            if not math.isfinite(value):
+                warnings.warn("INITNO: the objective is not finite; this round stops", RuntimeWarning, stacklevel=3)
+                break
+            if value <= threshold:
+                ok = True
+                break
+            descend(loss)
+            for _ in range(settings.kl_max_iterations):
+                kl = _gaussian_kl(log_var, mu)
+                if kl <= settings.kl_bound:
+                    break
+                descend(kl)
+        z = sample().detach()
+        if not torch.isfinite(z).all():
+            warnings.warn("INITNO: the optimised noise is not finite; keeping the round's start", RuntimeWarning,
+                          stacklevel=3)
+            z = eps
+        return z, value, ok
+
+
+def _gaussian_kl(log_var: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """Mean per-element KL(N(μ, σ²) ‖ N(0, 1))."""
+    return -0.5 * torch.mean(1 + log_var - mu**2 - log_var.exp())
+
+
+def _labels(words: list[str]) -> list[str]:
+    """Column labels for subjects; a repeated word gets #2, #3 …"""
+    seen: dict[str, int] = {}
+    labels = []
+    for word in words:
+        seen[word] = seen.get(word, 0) + 1
+        labels.append(word if seen[word] == 1 else f"{word}#{seen[word]}")
+    return labels
+
+
+# -- generation -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GuideResult:
+    """A guided generation: the pipeline's images, the final latents and one diagnostics row per guided step."""
+
+    images: list
+    latents: torch.Tensor
+    history: pd.DataFrame
+    init_history: pd.DataFrame | None = None  # INITNO rounds, when asked for
+
+    @property
+    def objective_span(self) -> tuple[float, float]:
+        """The objective before guidance first moved the latent (step 0's loss before refinement) and at the last
+        guided step: what a manipulation check compares (NaN, NaN when nothing was guided)."""
+        if self.history.empty:
+            return math.nan, math.nan
+        return float(self.history.initial_loss.iloc[0]), float(self.history.loss.iloc[-1])
+
+
+def generate(pipe, prompt: str, *, subjects: Sequence[str], objective: ObjectiveSpec = "ae", seed: int,
+             schedule: Schedule | None = None, init_noise: str | InitNO | torch.Tensor | None = None,
+             steps: int = 50, guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
+             output_type: str = "pil", progress: bool = True, consumers: Sequence[Consumer] = (),
+             **pipe_kwargs) -> GuideResult:
+    """Generate one image of ``prompt`` while guiding the attention of its ``subjects`` (words of the prompt).
+
+    ``objective``: a name from :data:`OBJECTIVES`, a weighted sum such as ``{"ae": 1, "iou": 1}`` or a callable of
+    :class:`GuidanceMaps`. ``init_noise``: None (the seed's noise), ``"initno"`` or an :class:`InitNO` (optimise the
+    initial noise first), or a tensor of initial noise. ``consumers`` join the tap (e.g. a recorder). Other keyword
+    arguments go to the pipeline; one it does not take is refused.
+    """
+    pipe = load(pipe)
+    checks.pipeline_keywords(pipe, pipe_kwargs, "generate", {
+        "prompt": "from prompt=", "generator": "from seed=", "callback_on_step_end": "guidance runs through it",
+        "latents": "guidance starts from the seed's noise: give noise of your own as init_noise=tensor"}, own=generate)
+    guidance_scale = checks.cfg_scale(guidance_scale)
+    height, width = checks.image_side(height, "height"), checks.image_side(width, "width")
+    generator = torch.Generator("cpu").manual_seed(checks.seed_value(seed))
+
+    def draw() -> torch.Tensor:
+        return initial_noise(pipe, generator, height, width)
+
+    if isinstance(init_noise, torch.Tensor):
+        shape = draw().shape
+        if init_noise.numel() != math.prod(shape):
+            raise ValueError(f"init_noise has shape {tuple(init_noise.shape)}; this pipeline at this size starts "
+                             f"from noise of shape {tuple(shape)}")
+        noise = finite_noise(init_noise).to(device=pipe._execution_device, dtype=denoiser(pipe).dtype).reshape(shape)
+    else:
+        noise = draw()
+    init_history = None
+    with Guide(pipe, prompt, subjects, objective, schedule, steps=steps, height=height, width=width,
+               consumers=consumers, max_sequence_length=pipe_kwargs.get("max_sequence_length")) as guide:
+        if init_noise is not None and not isinstance(init_noise, torch.Tensor):
+            settings = init_noise if isinstance(init_noise, InitNO) else InitNO() if init_noise == "initno" else None
+            if settings is None:
+                raise ValueError(f"init_noise must be None, 'initno', an InitNO or a tensor, not {init_noise!r}")
+            with torch.enable_grad():
+                noise, init_history = guide.optimise_noise(noise, settings, draw)
+        sigma = noise_sigma(pipe)
+        n_steps = len(guide.timesteps)
+        rows: list[dict] = []
+        final: dict[str, torch.Tensor] = {}
+        bar = tqdm(total=n_steps, desc=f"guide {guide.objective.name}", disable=not progress)
+
+        def advance(latents: torch.Tensor, step: int) -> torch.Tensor:
+            with torch.enable_grad():
+                latents, row = guide.step(latents, step)
+            if row is not None:
+                rows.append(row)
+                bar.set_postfix(loss=f"{row['loss']:.3f}")
+            return latents
+
+        def on_step_end(_pipe, i: int, t, kwargs: dict) -> dict:
+            bar.update()
+            latents = kwargs["latents"]
+            if i + 1 < n_steps:
+                latents = advance(latents, i + 1)
+            else:
+                final["latents"] = latents.detach().clone()
+            return {"latents": latents}
+
+        try:
+            start = advance(noise * sigma, 0)
+            out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, height=guide.height,
+                       width=guide.width, latents=start / sigma, generator=generator, output_type=output_type,
+                       callback_on_step_end=on_step_end, **pipe_kwargs)
+        finally:
+            bar.close()
+    return GuideResult(out.images, final["latents"], pd.DataFrame(rows), init_history)
