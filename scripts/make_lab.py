@@ -153,9 +153,9 @@ NOTEBOOKS = {
         new_markdown_cell("Unguided images (the guidance code path with no guidance) and the judge's verdicts; the "
                           "lab goes on with the first seed where a subject went missing:"),
         new_code_cell(
-            "from probe.steer.guide import generate\n"
             "from probe.plots import image_row\n"
             "from probe.prompts import subjects_of\n"
+            "from probe.steer.guide import generate\n"
             "from probe.studies.guided import NO_GUIDANCE_SCHEDULE, scaled_schedule\n\n"
             'prompt = "a red circle and a blue square"\n'
             "subjects = subjects_of(prompt)\n"

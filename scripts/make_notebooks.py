@@ -106,8 +106,8 @@ NOTEBOOKS = {
         ),
         new_code_cell(SETUP),
         new_code_cell(
-            "from probe.steer.edit import compare, edit\n"
-            "from probe.plots import image_row\n\n"
+            "from probe.plots import image_row\n"
+            "from probe.steer.edit import compare, edit\n\n"
             'source, target = "a red circle", "a blue circle"\n'
             "edits = {inject: edit(pipe, source, target, seed=0, inject=inject, steps=STEPS)\n"
             '         for inject in ("self", "cross", "none")}\n'
@@ -140,8 +140,8 @@ NOTEBOOKS = {
         ),
         new_code_cell(SETUP),
         new_code_cell(
-            "from probe.steer.guide import generate\n"
             "from probe.plots import image_row\n"
+            "from probe.steer.guide import generate\n"
             "from probe.studies.guided import NO_GUIDANCE_SCHEDULE\n\n"
             'prompt, subjects = "a red circle and a blue square", ["circle", "square"]\n'
             "runs = {method: generate(pipe, prompt, subjects=subjects, objective=method, seed=0, steps=STEPS,\n"
@@ -185,8 +185,8 @@ NOTEBOOKS = {
         ),
         new_code_cell(SETUP),
         new_code_cell(
-            "from probe.steer.guide import generate\n"
             "from probe.plots import image_row\n"
+            "from probe.steer.guide import generate\n"
             "from probe.studies.guided import NO_GUIDANCE_SCHEDULE\n\n"
             'prompt, subjects = "a blue circle and a purple ellipse", ["circle", "ellipse"]\n'
             'methods = {"none": ("ae", NO_GUIDANCE_SCHEDULE), "ae": ("ae", None), "self_cross": ("self_cross", None)}\n'
