@@ -2,7 +2,11 @@
 
 __version__ = "0.1.0"
 
+import importlib  # noqa: E402
 import logging  # noqa: E402
+import sys  # noqa: E402
+import types  # noqa: E402
+import warnings  # noqa: E402
 
 
 class _NoImageProcessorFallbackNote(logging.Filter):
@@ -25,3 +29,18 @@ from probe.tap import Consumer, Tap  # noqa: E402
 from probe.ui.explore import explore  # noqa: E402
 
 __all__ = ["Consumer", "Tap", "estimate", "explore", "load", "open_recording", "record", "save", "__version__"]
+
+
+class _MovedExplore(types.ModuleType):
+    """The old module path ``probe.explore`` (now :mod:`probe.ui.explore`). ``probe.explore`` on the package is the
+    function, so the old path is registered here rather than as a file: importing it cannot put a module in the
+    function's place. Each name read through it warns."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        warnings.warn("probe.explore moved to probe.ui.explore", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module("probe.ui.explore"), name)
+
+
+sys.modules.setdefault("probe.explore", _MovedExplore("probe.explore"))

@@ -100,13 +100,13 @@ def test_overlap_table_needs_two_subjects(sd3_store):
 def test_explorer_refuses_a_recording_without_samples(sd3_tree):
     empty = sd3_tree.isel(sample=[], missing_dims="ignore")
     with pytest.raises(ValueError, match="holds no samples .* record at least one prompt and seed"):
-        probe.ui.explore(empty)
+        probe.explore(empty)
 
 
 def test_explorer_without_ipywidgets_says_how_to_install_it(sd3_tree, monkeypatch):
     monkeypatch.setitem(sys.modules, "ipywidgets", None)
     with pytest.raises(ImportError, match='ipywidgets, which is not installed.*pip install "probe\\[notebooks\\]"'):
-        probe.ui.explore(sd3_tree)
+        probe.explore(sd3_tree)
 
 
 # -- 3. the command line -------------------------------------------------------------------------------------------

@@ -161,7 +161,7 @@ def test_statistics_are_probe_overlaps_of_the_shown_maps(heads_tree):
 
 
 def test_changing_sample_offers_its_tokens(heads_tree):
-    ex = probe.ui.explore(heads_tree, token="square", step=-1)
+    ex = probe.explore(heads_tree, token="square", step=-1)
     assert ex.view.token_text == "square" and ex.view.controls.step == 2
     ex.sample.value = 1
     assert [label.split(": ", 1)[1] for label, _ in ex.token.options] == [
@@ -188,7 +188,7 @@ def test_lazy_zarr_shows_the_same_and_a_slider_move_reads_one_slice(stored, monk
         read.append(key)
         return await original(self, key, *args, **kwargs)
 
-    ex = probe.ui.explore(path, sample=1)
+    ex = probe.explore(path, sample=1)
     store = zarr.open_group(path, mode="r")
     monkeypatch.setattr(zarr.storage.LocalStore, "get", get)
 

@@ -22,7 +22,7 @@ CELLS = [
     "pipe = probe.load('shapes')\n"
     "tree = probe.record(pipe, ['a red circle and a blue square', 'a green triangle and a yellow ellipse'],\n"
     "                    seeds=[0, 1], steps=10, progress=False)",
-    "explorer = probe.ui.explore(tree)\nexplorer",
+    "explorer = probe.explore(tree)\nexplorer",
 ]
 
 

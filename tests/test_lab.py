@@ -352,7 +352,7 @@ session = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(session)
 
 NOTEBOOKS = sorted(LAB.glob("*.ipynb"))
-SHOWN = {"1_observe": "probe.ui.explore(tree)", "2_measure": "lab.plot_statistics", "3_intervene": "runs.update"}
+SHOWN = {"1_observe": "probe.explore(tree)", "2_measure": "lab.plot_statistics", "3_intervene": "runs.update"}
 _TEXT = """() => {
   const cells = window.jupyterapp.shell.currentWidget.content.model.cells;
   const text = [];

@@ -153,7 +153,7 @@ def test_pooled_keys_and_query_points_are_the_full_maps_reduced(tiny, tmp_path):
     path = tmp_path / "points.zarr"
     probe.record(tiny, "a red circle", self_queries=points, out=path, **kw)
     with pytest.raises(ValueError, match="needs full self-attention maps.*chosen query points"):
-        probe.ui.explore(probe.open_recording(path))
+        probe.explore(probe.open_recording(path))
     for bad, match in (({"self_keys": 3}, "does not divide"), ({"self_keys": 0}, "an int ≥ 1"),
                        ({"self_queries": [(0.5, 1.0)]}, r"fractions in \[0, 1\)"),
                        ({"self_queries": [0.5]}, "takes \\(y, x\\) pairs")):
@@ -186,7 +186,7 @@ def test_a_qk_store_makes_the_recorded_maps_on_read(tiny, tmp_path):
     cross = sum(qk[f"cross/{g}"]["attn"].size * 2 for g in qk["cross"].children)
     assert estimate == stored + cross + qk["images"]["image"].size
     with pytest.raises(ValueError, match="self_store='qk'"):
-        probe.ui.explore(probe.open_recording(path))
+        probe.explore(probe.open_recording(path))
     with pytest.raises(ValueError, match="drop self_keys"):
         probe.record(tiny, "a red circle", self_store="qk", self_keys=4, **kw)
     with pytest.raises(ValueError, match="'maps' or 'qk'"):

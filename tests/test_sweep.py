@@ -149,7 +149,7 @@ def test_two_processes_write_the_one_process_store_bit_for_bit(tmp_path):
 KILLER = textwrap.dedent("""
     import json, os, random, signal, sys, time, traceback
     from probe.analysis import lazy
-from probe.record import sweep as sweeps
+    from probe.record import sweep as sweeps
 
     cfg = json.loads(sys.argv[1])
     rng = random.Random(cfg["seed"])
