@@ -31,10 +31,10 @@ def _imported(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     ``if TYPE_CHECKING``): the named module and each package above it that does not hold ``name`` itself (importing
     ``probe.a.b`` runs ``probe/a/__init__.py``)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    skipped = {id(n) for node in ast.walk(ast.parse(path.read_text())) if _is_type_checking(node)
-               for n in ast.walk(node)}
+    tree = ast.parse(path.read_text())
+    skipped = {id(n) for node in ast.walk(tree) if _is_type_checking(node) for n in ast.walk(node)}
     targets = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             targets += [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -106,11 +106,13 @@ def test_the_cycle_finder_finds_a_cycle_through_a_package():
 
 def test_importing_a_submodule_runs_its_package(tmp_path):
     modules = {"probe.a": tmp_path / "a/__init__.py", "probe.a.x": tmp_path / "a/x.py",
-               "probe.b.y": tmp_path / "b/y.py"}
+               "probe.b.y": tmp_path / "b/y.py", "probe.c": tmp_path / "c/__init__.py",
+               "probe.c.z": tmp_path / "c/z.py"}
     source = tmp_path / "b" / "y.py"
     source.parent.mkdir()
-    source.write_text("from probe.a.x import f\n\ndef g():\n    from probe.a import x\n")
-    assert _imported("probe.b.y", source, modules) == {"probe.a", "probe.a.x"}
+    source.write_text("from probe.a.x import f\n\ndef g():\n    from probe.a import x\n\n"
+                      "if TYPE_CHECKING:\n    from probe.c import z\n")
+    assert _imported("probe.b.y", source, modules) == {"probe.a", "probe.a.x"}  # not probe.c: types only
 
 
 def test_no_import_cycles():
@@ -189,4 +191,15 @@ def test_old_paths_still_import_with_a_warning(old):
 def test_nothing_in_probe_imports_an_old_path():
     found = {name: sorted(set(imported) & set(MOVED)) for name, imported in import_graph().items()
              if name not in MOVED and set(imported) & set(MOVED)}
+    assert not found, found
+
+
+def test_no_module_takes_another_modules_private_names():
+    """A name with a leading underscore is its module's own; one that others need is public, with a docstring."""
+    found = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("probe"):
+                found += [f"{name} takes {node.module}.{a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
     assert not found, found

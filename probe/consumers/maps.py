@@ -12,8 +12,7 @@ from collections.abc import Collection, Iterable
 
 import torch
 
-from probe.models import Layer
-from probe.tap import Call, Consumer
+from probe.tap import Call, Consumer, Layer
 
 REAL_PASSES = ("cfg", "cond")  # the pipeline's own pass: its conditional half under CFG, all of it without
 GUIDANCE_PASSES = ("guidance",)  # guidance's own evaluations (Tap.pass_("guidance", step))

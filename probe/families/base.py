@@ -74,7 +74,7 @@ class Family:
         (``guidance``: guidance embedded in the denoiser's input, where the family has it; ignored otherwise)."""
         raise NotImplementedError
 
-    def set_schedule(self, pipe, steps: int, height: int, width: int) -> None:
+    def set_timesteps(self, pipe, steps: int, height: int, width: int) -> None:
         """Set the scheduler's timesteps as the pipeline itself will."""
         pipe.scheduler.set_timesteps(steps, device=pipe._execution_device)
 

@@ -90,7 +90,7 @@ class Flux(Family):
                        img_ids=image_ids, return_dict=False)[0]
         return call
 
-    def set_schedule(self, pipe, steps: int, height: int, width: int) -> None:
+    def set_timesteps(self, pipe, steps: int, height: int, width: int) -> None:
         """FluxPipeline's sigmas and its resolution-dependent shift."""
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 

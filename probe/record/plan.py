@@ -9,10 +9,10 @@ import numpy as np
 
 from probe import checks
 from probe.checks import head_choice, prompt_fits, step_count, text_to_image
-from probe.models import Layer, attention_layers, denoiser, latent_size, load, select_layers
+from probe.models import load
 from probe.prompts import TextLayout, text_layout
 from probe.record.config import RecordSettings
-from probe.tap import family_of
+from probe.tap import Layer, attention_layers, denoiser, family_of, latent_size, select_layers
 from probe.tap.layers import TEXT_QUERIES
 
 BYTES_PER_VALUE = 2  # float16 storage

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 import xarray as xr
 
-from probe.models import Layer
 from probe.record.plan import Plan
+from probe.tap import Layer
 from probe.tap.layers import KINDS
 
 COMPLETE = "all_chunks_written"  # root attribute of a recording whose every chunk was written (fill values too)

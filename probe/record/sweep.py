@@ -203,7 +203,7 @@ def items(prompts, seeds, methods=("record",), *, targets=None, subjects=None) -
 def _check_items(pipe, todo: list[Item]) -> None:
     """What only the model can tell: guided words in the prompt, token-aligned prompts for cross injection."""
     from probe.prompts import subject_indices, text_keys_tokenizer
-    from probe.steer.edit import _cross_key_mask
+    from probe.steer.edit import cross_key_mask
 
     tokenizer = text_keys_tokenizer(pipe)
     seen = set()
@@ -216,7 +216,7 @@ def _check_items(pipe, todo: list[Item]) -> None:
             if item.kind == "guide":
                 subject_indices(tokenizer, item.prompt, list(item.subjects))
             if item.method == "edit:cross":
-                _cross_key_mask(pipe, item.prompt, item.target, "all")
+                cross_key_mask(pipe, item.prompt, item.target, "all")
         except ValueError as err:
             raise ValueError(f"item {item.index} ({item.method}, {item.prompt!r}): {err}") from err
 
@@ -694,9 +694,9 @@ def _sweep(model, prompts, *, out: Path, rank: int, world: int, state, seeds, me
     layouts = {p: (sweep_plan.tokens[i], sweep_plan.positions[i], sweep_plan.encoders[i])
                for i, p in enumerate(texts)}
     from probe.fingerprint import weights_id
-    from probe.steer.pipelines import set_schedule
+    from probe.steer.pipelines import set_timesteps
 
-    timesteps = [float(t) for t in set_schedule(pipe, steps, *sweep_plan.image_hw)]
+    timesteps = [float(t) for t in set_timesteps(pipe, steps, *sweep_plan.image_hw)]
     uses = {it.kind for it in todo}
     spec = _jsonable({
         "items": len(todo), "prompts": list(dict.fromkeys(it.prompt for it in todo)),

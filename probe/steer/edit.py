@@ -40,10 +40,10 @@ from tqdm.auto import tqdm
 from probe import checks
 from probe.checks import step_count, text_to_image
 from probe.images import to_uint8
-from probe.models import Layer, attention_layers, denoiser, latent_size, load, select_layers
+from probe.models import load
 from probe.steer.inversion import Inversion, image_size, inversion_guidance, invert, null_text_callback
 from probe.steer.pipelines import initial_noise, noise_sigma
-from probe.tap import Call, Consumer, Tap, family_of
+from probe.tap import Call, Consumer, Layer, Tap, attention_layers, denoiser, family_of, latent_size, select_layers
 
 INJECTS = ("self", "cross", "none")
 DEFAULT_FRACTION = 0.8  # FPE injects during the first 80 % of the steps
@@ -199,7 +199,7 @@ def _token_ids(pipe, prompt: str) -> dict[str, list[int]]:
     return ids
 
 
-def _cross_key_mask(pipe, source_prompt: str, target_prompt: str, cross_tokens: str) -> torch.Tensor | None:
+def cross_key_mask(pipe, source_prompt: str, target_prompt: str, cross_tokens: str) -> torch.Tensor | None:
     """Check that the prompts align token by token; for ``shared``, the key columns with equal tokens."""
     source, target = _token_ids(pipe, source_prompt), _token_ids(pipe, target_prompt)
     for name in source:
@@ -333,7 +333,7 @@ def edit(
     height, width = pipeline_kwargs.get("height"), pipeline_kwargs.get("width")
     step_indices = injected_steps(inject_steps, steps)
     chosen = injected_layers(pipe, inject, layers, height, width)
-    key_mask = _cross_key_mask(pipe, source_prompt, target_prompt, cross_tokens) if inject == "cross" else None
+    key_mask = cross_key_mask(pipe, source_prompt, target_prompt, cross_tokens) if inject == "cross" else None
 
     device = pipe._execution_device
     callback = pipeline_kwargs.pop("callback_on_step_end", None)

@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 from probe.checks import cfg_scale, rgb_pixels, step_count
 from probe.families import family
 from probe.images import to_uint8
-from probe.models import denoiser, latent_size, load
-from probe.steer.pipelines import conditioned, noise_sigma, set_schedule, unet_conditioning
+from probe.models import load
+from probe.steer.pipelines import conditioned, noise_sigma, set_timesteps, unet_conditioning
+from probe.tap import denoiser, latent_size
 
 PIXEL_MAX = 255.0  # PSNR on 8-bit images
 
@@ -190,7 +191,7 @@ def flow_invert(pipe, image, prompt: str = "", steps: int = 50, *, height: int |
     size = image_size(pipe, height, width)
     latent = encode(pipe, image, *size)[None]
     velocity = conditioned(pipe, prompt, *size, guidance=guidance_scale)
-    timesteps = set_schedule(pipe, steps, *size)
+    timesteps = set_timesteps(pipe, steps, *size)
     sigmas = pipe.scheduler.sigmas.to(latent.device, torch.float64)
     trajectory = [latent[0]]
     for i in tqdm(reversed(range(steps)), total=steps, desc="flow inversion", leave=False):

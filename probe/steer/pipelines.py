@@ -35,12 +35,15 @@ def noise_sigma(pipe) -> float:
     return float(getattr(pipe.scheduler, "init_noise_sigma", 1.0))
 
 
-def set_schedule(pipe, steps: int, height: int, width: int) -> torch.Tensor:
+def set_timesteps(pipe, steps: int, height: int, width: int) -> torch.Tensor:
     """Set the scheduler's timesteps as the pipeline itself will (FLUX: its sigmas and resolution-dependent shift)."""
-    family(pipe).set_schedule(pipe, steps, height, width)
+    family(pipe).set_timesteps(pipe, steps, height, width)
     return pipe.scheduler.timesteps.clone()
 
 
 def initial_noise(pipe, generator: torch.Generator, height: int | None, width: int | None) -> torch.Tensor:
     """The noise the pipeline would draw from ``generator`` for one image, in its latent layout."""
     return family(pipe).initial_noise(pipe, generator, latent_size(pipe, height, width))
+
+
+set_schedule = set_timesteps  # the name before 0.2; guidance's settings are guide.Schedule

@@ -11,39 +11,39 @@ import math
 import pandas as pd
 
 
-def _signed(value: float, digits: int = 3) -> str:
+def signed_text(value: float, digits: int = 3) -> str:
     """An estimate, signed, where −0.0 prints as +0.0 (an interval's bounds keep their sign: −0.000 says the bound
     is below zero, which is what the verdict reads)."""
     return f"{round(value, digits) + 0.0:+.{digits}f}"
 
 
-def _points(value: float) -> str:
-    return f"{_signed(100 * value, 1)} points"
+def points_text(value: float) -> str:
+    return f"{signed_text(100 * value, 1)} points"
 
 
-def _interval(low: float, high: float) -> str:
+def interval_text(low: float, high: float) -> str:
     return f"[{100 * low:+.1f}, {100 * high:+.1f}]"
 
 
-def _p(value) -> str:
+def p_text(value) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f", Holm p = {value:.3g}"
 
 
-def _row(table: pd.DataFrame, **match) -> pd.Series | None:
+def row_where(table: pd.DataFrame, **match) -> pd.Series | None:
     rows = table
     for key, value in match.items():
         rows = rows[rows[key] == value]
     return rows.iloc[0] if len(rows) else None
 
 
-def _acted(row: pd.Series) -> bool:
+def acted(row: pd.Series) -> bool:
     """The manipulation check of an overlap-lowering guidance: its objective fell in at least half of the images and
     soft IoU at step 10 ended below unguided generation's (unknown counts as acted)."""
     fell, moved = row.get("loss_fell", float("nan")), row.get("iou_t10_vs_none", float("nan"))
     return bool((math.isnan(fell) or fell >= 0.5) and (math.isnan(moved) or moved < 0))
 
 
-def _direction(verdict: str) -> str:
+def direction_of(verdict: str) -> str:
     """A study's Holm-corrected verdict ("less missing than ae", "no clear difference from ae") as a verb."""
     return "lowered" if verdict.startswith("less") else "raised" if verdict.startswith("more") else \
         "did not clearly change"

@@ -14,9 +14,10 @@ import numpy as np
 import pandas as pd
 
 from probe.analysis.stats import clustered_bootstrap
-from probe.models import BUILTIN, attention_layers
+from probe.models import BUILTIN
 from probe.shapes.judge import detect
 from probe.shapes.judge import judge as exact_judge
+from probe.tap import attention_layers
 from probe.writes import save_figure, write_csv
 
 CHUNK = 16  # samples recorded and reduced at a time
@@ -43,7 +44,7 @@ def subject_word(colour: str, shape: str, subject: Subject = "noun") -> str:
     return {"noun": shape, "colour": colour, "phrase": f"{colour} {shape}"}[subject]
 
 
-def _chunks(prompts: Sequence[str], seeds: Sequence[int], size: int = CHUNK):
+def sample_chunks(prompts: Sequence[str], seeds: Sequence[int], size: int = CHUNK):
     """(prompts, seeds) pieces whose product (what ``record`` generates) has at most ``size`` samples."""
     if len(seeds) >= size:
         for prompt in prompts:
@@ -55,7 +56,7 @@ def _chunks(prompts: Sequence[str], seeds: Sequence[int], size: int = CHUNK):
             yield list(prompts[start : start + per]), list(seeds)
 
 
-def _save(figures: dict, out: str | Path | None) -> dict[str, Path]:
+def save_figures(figures: dict, out: str | Path | None) -> dict[str, Path]:
     if out is None:
         return {}
     out = Path(out)
@@ -67,12 +68,12 @@ def _save(figures: dict, out: str | Path | None) -> dict[str, Path]:
     return paths
 
 
-def _store(out: str | Path | None, table: str) -> Path | None:
+def rows_path(out: str | Path | None, table: str) -> Path | None:
     """Where a long study keeps its per-image rows as it goes (:class:`ImageRows`): its own table in ``out``."""
     return None if out is None else Path(out) / f"{table}.csv"
 
 
-def _samples(tree) -> tuple[list[str], list[int], np.ndarray]:
+def recorded_samples(tree) -> tuple[list[str], list[int], np.ndarray]:
     images = tree["images"]
     return [str(p) for p in images["prompt"].values], [int(s) for s in images["seed"].values], images["image"].values
 

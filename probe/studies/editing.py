@@ -17,7 +17,7 @@ from probe.shapes.judge import require_shapes_world
 from probe.shapes.settings import STEPS
 from probe.steer.edit import DEFAULT_FRACTION, FPE_LAYERS, STEPS_FRACTIONS
 from probe.steer.edit import study as edit_sweep
-from probe.studies.common import BOOTSTRAPS, QUICK_BOOTSTRAPS, QUICK_STEPS, _save, mean_interval
+from probe.studies.common import BOOTSTRAPS, QUICK_BOOTSTRAPS, QUICK_STEPS, mean_interval, save_figures
 from probe.studies.registry import Study, register
 
 EDIT_SEEDS = 20
@@ -85,7 +85,7 @@ def edit_study(pipe, n_seeds: int = EDIT_SEEDS, steps: int = STEPS, quick: bool 
                          progress=progress)
     summary = edit_summary(results, QUICK_BOOTSTRAPS if quick else BOOTSTRAPS)
     figures = {"edit_success": plots.edit_success(summary)}
-    return EditStudy(results, summary, figures, _save(figures, out))
+    return EditStudy(results, summary, figures, save_figures(figures, out))
 
 
 def edit_headline(summary: pd.DataFrame) -> pd.DataFrame:

@@ -26,8 +26,17 @@ from probe.shapes.judge import judge as exact_judge
 from probe.shapes.judge import require_shapes_world
 from probe.shapes.settings import GUIDANCE, HELD_OUT_SEED, STEPS
 from probe.steer.guide import InitNO, Schedule
-from probe.studies.answers import _acted, _direction, _interval, _p, _points, _row, _signed
-from probe.studies.common import BOOTSTRAPS, QUICK_BOOTSTRAPS, QUICK_STEPS, Judge, Subject, _save, _store, mean_interval
+from probe.studies.answers import acted, direction_of, interval_text, p_text, points_text, row_where, signed_text
+from probe.studies.common import (
+    BOOTSTRAPS,
+    QUICK_BOOTSTRAPS,
+    QUICK_STEPS,
+    Judge,
+    Subject,
+    mean_interval,
+    rows_path,
+    save_figures,
+)
 from probe.studies.guided import (
     BASELINE,
     NO_GUIDANCE,
@@ -149,7 +158,7 @@ def outcome_summary(images: pd.DataFrame, outcomes: Sequence[str] = ("missing", 
     return pd.DataFrame(rows)
 
 
-def _with_versus(summary: pd.DataFrame, versus: pd.DataFrame, prefix: str) -> pd.DataFrame:
+def with_versus(summary: pd.DataFrame, versus: pd.DataFrame, prefix: str) -> pd.DataFrame:
     renamed = versus.drop(columns=["n_paired", "n_prompts", "p_value", "p_mcnemar"]).rename(columns={
         "difference": f"{prefix}diff_vs_{BASELINE}", "ci_low": f"{prefix}diff_ci_low",
         "ci_high": f"{prefix}diff_ci_high", "overlap_difference": f"iou_t10_diff_vs_{BASELINE}",
@@ -166,9 +175,9 @@ def guidance_tables(images: pd.DataFrame, n_boot: int = BOOTSTRAPS) -> tuple[pd.
     """The study's summary and its comparisons with A&E on missing, from the per-image rows alone (so that the
     committed ``guidance_images.csv`` reproduces every number of the headline)."""
     versus = versus_baseline(images, "missing", n_boot=n_boot)
-    summary = _with_versus(outcome_summary(images, n_boot=n_boot), versus, "")
+    summary = with_versus(outcome_summary(images, n_boot=n_boot), versus, "")
     # mixing too: on a model that rarely loses a subject, binding is the failure guidance can move
-    return _with_versus(summary, versus_baseline(images, "mixed", n_boot=n_boot), "mixed_"), versus
+    return with_versus(summary, versus_baseline(images, "mixed", n_boot=n_boot), "mixed_"), versus
 
 
 @dataclass
@@ -298,11 +307,11 @@ def guidance_study(pipe, n_images: int | None = None, steps: int = STEPS, quick:
                                      quick=quick, progress=progress, **options)
     images = guided_images(pipe, prompts, seeds, configs, steps=steps, initno_settings=initno_settings,
                            step_sizes=sizes, progress=progress, desc="guidance study",
-                           store=_store(out, "guidance_images"), **options)
+                           store=rows_path(out, "guidance_images"), **options)
     summary, versus = guidance_tables(images, n_boot)
     figures = {"guidance_missing": plots.outcome_rates(summary, ("missing", "mixed"), baseline=BASELINE),
                "guidance_overlap_vs_missing": plots.overlap_vs_outcome(summary, ("missing", "mixed"))}
-    return GuidanceStudy(images, summary, versus, calibration, figures, _save(figures, out))
+    return GuidanceStudy(images, summary, versus, calibration, figures, save_figures(figures, out))
 
 
 def guidance_headline(summary: pd.DataFrame) -> pd.DataFrame:
@@ -350,31 +359,32 @@ def guidance_answer(headline: pd.DataFrame) -> str:
     manipulation check (how often the objective fell, how far the maps moved from unguided generation and from
     A&E's, and whether the change lasted); directions are the study's Holm-corrected verdicts."""
     table = _without_initno(headline)
-    none, pooled = _row(table, method="none"), _row(table, method=POOLED)
+    none, pooled = row_where(table, method="none"), row_where(table, method=POOLED)
     parts = []
     if none is not None and not math.isnan(none[f"diff_vs_{BASELINE}"]):
         effect, low, high = -none[f"diff_vs_{BASELINE}"], -none.diff_ci_high, -none.diff_ci_low
         held = str(none.verdict).startswith("more")  # no guidance misses more than A&E
-        parts.append(f"Attend-and-Excite changed missing by {_points(effect)} {_interval(low, high)} against no "
-                     f"guidance ({int(none.n)} pairs{_p(none.get('p_holm'))}): the positive control "
+        parts.append(f"Attend-and-Excite changed missing by {points_text(effect)} {interval_text(low, high)} "
+                     f"against no guidance ({int(none.n)} pairs{p_text(none.get('p_holm'))}): the positive control "
                      f"{'holds' if held else 'is not met at this size'}")
     if pooled is not None:
-        missing = (f"missing by {_points(pooled[f'diff_vs_{BASELINE}'])} "
-                   f"{_interval(pooled.diff_ci_low, pooled.diff_ci_high)}{_p(pooled.get('p_holm'))}")
-        mixing = (f"mixing by {_points(pooled[f'mixed_diff_vs_{BASELINE}'])} "
-                  f"{_interval(pooled.mixed_diff_ci_low, pooled.mixed_diff_ci_high)}{_p(pooled.get('mixed_p_holm'))}")
+        missing = (f"missing by {points_text(pooled[f'diff_vs_{BASELINE}'])} "
+                   f"{interval_text(pooled.diff_ci_low, pooled.diff_ci_high)}{p_text(pooled.get('p_holm'))}")
+        mixing = (f"mixing by {points_text(pooled[f'mixed_diff_vs_{BASELINE}'])} "
+                  f"{interval_text(pooled.mixed_diff_ci_low, pooled.mixed_diff_ci_high)}"
+                  f"{p_text(pooled.get('mixed_p_holm'))}")
         check = ""
         if not math.isnan(pooled.get("loss_fell", float("nan"))):
             check = (f"; their objective fell in {pooled.loss_fell:.0%} of images and soft IoU moved "
-                     f"{_signed(pooled.iou_t10_vs_none)} at step 10{_kept(pooled)} from unguided generation")
+                     f"{signed_text(pooled.iou_t10_vs_none)} at step 10{_kept(pooled)} from unguided generation")
         against = pooled.get(f"iou_t10_diff_vs_{BASELINE}", float("nan"))
         if not math.isnan(against):
-            check += f" and {_signed(against)}"
+            check += f" and {signed_text(against)}"
             if not math.isnan(pooled.get("iou_t10_diff_ci_low", float("nan"))):
                 check += f" [{pooled.iou_t10_diff_ci_low:+.3f}, {pooled.iou_t10_diff_ci_high:+.3f}]"
             check += " from A&E's images"
-        effect = _direction(str(pooled.verdict))
-        if not _acted(pooled):
+        effect = direction_of(str(pooled.verdict))
+        if not acted(pooled):
             conclusion = (f"the guidance {effect} entity missing relative to Attend-and-Excite, but as it did not "
                           "lower its objective in most images, or did not lower overlap, this does not test whether "
                           "lower overlap lowers missing")

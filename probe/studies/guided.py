@@ -26,13 +26,13 @@ from probe.analysis.overlap import pair_indices
 from probe.analysis.subjects import subject_maps
 from probe.consumers.maps import REAL_PASSES, MapCollector
 from probe.fingerprint import weights_id
-from probe.models import attention_layers
 from probe.prompts import prompt_set, subject_keys
 from probe.shapes.judge import judge as exact_judge
 from probe.shapes.settings import GUIDANCE
 from probe.steer.guide import OBJECTIVES, InitNO, Schedule, generate
 from probe.studies.common import ImageRows, Judge, Subject, judged, nearest_grid, settings_id
 from probe.studies.overlap import METRICS, pair_metrics
+from probe.tap import attention_layers
 
 NO_GUIDANCE = "none"  # plain generation through the same code path (tap, callback, noise), nothing guided
 BASELINE = "ae"  # Attend-and-Excite: what the overlap-lowering methods must beat

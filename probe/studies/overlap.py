@@ -47,10 +47,10 @@ from probe.studies.common import (
     QUICK_BOOTSTRAPS,
     Judge,
     Subject,
-    _chunks,
-    _samples,
-    _save,
     nearest_grid,
+    recorded_samples,
+    sample_chunks,
+    save_figures,
     subject_word,
 )
 from probe.studies.registry import Study, register
@@ -146,7 +146,7 @@ def overlap_chunk(tree, grid: int, subject: Subject = "noun", judge: Judge = exa
     cross, ds = attn_tensor(tree["cross"][f"res{grid}"])
     selfattn, _ = attn_tensor(tree["self"][f"res{grid}"])
     cross, selfattn = cross.mean(2), selfattn.mean(2)  # layer means: (S, step, y, x, T), (S, step, y, x, ky, kx)
-    prompts, seeds, images = _samples(tree)
+    prompts, seeds, images = recorded_samples(tree)
     words = [[subject_word(c, s, subject) for c, s in parse_prompt(p)] for p in prompts]
     pairs = [_subject_maps(cross[i], ds.isel(sample=i), words[i]) for i in range(len(prompts))]
     maps, ae_maps = torch.stack([m for m, _ in pairs]), torch.stack([a for _, a in pairs])
@@ -196,7 +196,7 @@ def overlap_study(pipe, n_images: int = 400, steps: int = STEPS, quick: bool = F
     keep = sorted({s for v in step_bins(steps, per_bin=1).values() for s in v}) if quick else None
     grid = nearest_grid(pipe)
     rows, examples = [], []
-    chunks = list(_chunks(prompts, seeds))
+    chunks = list(sample_chunks(prompts, seeds))
     for chunk_prompts, chunk_seeds in tqdm(chunks, desc="overlap study", disable=not progress):
         tree = record(pipe, chunk_prompts, seeds=chunk_seeds, steps=steps, layers=[grid], keep_steps=keep,
                       batch_size=CHUNK, progress=False)
@@ -206,7 +206,7 @@ def overlap_study(pipe, n_images: int = 400, steps: int = STEPS, quick: bool = F
     metrics = pd.DataFrame(rows)
     association = failure_association(metrics, n_boot=QUICK_BOOTSTRAPS if quick else BOOTSTRAPS)
     figures = {"overlap_auc": plots.overlap_auc(association), "overlap_examples": plots.overlap_examples(examples)}
-    return OverlapStudy(metrics, association, examples, figures, _save(figures, out))
+    return OverlapStudy(metrics, association, examples, figures, save_figures(figures, out))
 
 
 def _auc_rows(y: np.ndarray, scores: np.ndarray) -> np.ndarray:

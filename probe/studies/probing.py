@@ -19,14 +19,15 @@ from probe.analysis.probes import (
     subject_features,
 )
 from probe.checks import step_count, whole_number
-from probe.models import attention_layers, load
+from probe.models import load
 from probe.record import record
 from probe.shapes.judge import judge as exact_judge
 from probe.shapes.judge import parse_prompt, require_shapes_world
 from probe.shapes.settings import HELD_OUT_SEED, STEPS
 from probe.shapes.world import COLOURS, SHAPES
-from probe.studies.common import CHUNK, Judge, Subject, _chunks, _samples, _save, subject_word
+from probe.studies.common import CHUNK, Judge, Subject, recorded_samples, sample_chunks, save_figures, subject_word
 from probe.studies.registry import Study, register
+from probe.tap import attention_layers
 
 PROBE_SEED = HELD_OUT_SEED + 20_000  # seeds of the probe study's images (shared by all prompts)
 SELF_MAX_GRID = 16  # self-attention is recorded only at grids up to this (memory grows as grid⁴)
@@ -122,11 +123,11 @@ def probe_study(pipe, n_images: int = 500, steps: int = STEPS, quick: bool = Fal
     keep = sorted({s for steps_ in bins.values() for s in steps_})
     layers = probe_layers(pipe)
     parts, rows = [], []
-    chunks = list(_chunks(prompts, seeds))
+    chunks = list(sample_chunks(prompts, seeds))
     for chunk_prompts, chunk_seeds in tqdm(chunks, desc="probe study", disable=not progress):
         tree = record(pipe, chunk_prompts, seeds=chunk_seeds, steps=steps, layers=layers, keep_steps=keep,
                       batch_size=CHUNK, progress=False)
-        chunk_prompts_, chunk_seeds_, images = _samples(tree)
+        chunk_prompts_, chunk_seeds_, images = recorded_samples(tree)
         words = [subject_word(*parse_prompt(p)[0], subject) for p in chunk_prompts_]
         parts.append(subject_features(tree, words, bins, per_layer=not quick))
         rows += [{"prompt": p, "seed": s, **object_labels(im, p, judge)}
@@ -137,7 +138,7 @@ def probe_study(pipe, n_images: int = 500, steps: int = STEPS, quick: bool = Fal
                               groups=labels.seed.to_numpy() if labels.seed.nunique() >= 2 else None)
     accuracy["given_by_prompt"] = accuracy.target.isin(PROMPT_GIVEN)
     figures = {"probe_accuracy": plots.probe_accuracy(accuracy)}
-    return ProbeStudy(labels, accuracy, figures, _save(figures, out))
+    return ProbeStudy(labels, accuracy, figures, save_figures(figures, out))
 
 
 def probe_headline(accuracy: pd.DataFrame) -> pd.DataFrame:

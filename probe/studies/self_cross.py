@@ -16,15 +16,15 @@ from probe.shapes.judge import judge as exact_judge
 from probe.shapes.judge import require_shapes_world
 from probe.shapes.settings import GUIDANCE, HELD_OUT_SEED, STEPS
 from probe.steer.guide import InitNO, Schedule
-from probe.studies.answers import _acted, _direction, _interval, _p, _points
-from probe.studies.common import BOOTSTRAPS, QUICK_BOOTSTRAPS, QUICK_STEPS, Judge, Subject, _save, _store
+from probe.studies.answers import acted, direction_of, interval_text, p_text, points_text
+from probe.studies.common import BOOTSTRAPS, QUICK_BOOTSTRAPS, QUICK_STEPS, Judge, Subject, rows_path, save_figures
 from probe.studies.guidance import (
     GUIDANCE_SEEDS_PER_PROMPT,
     QUICK_INITNO,
     QUICK_SCHEDULE,
-    _with_versus,
     outcome_summary,
     versus_baseline,
+    with_versus,
 )
 from probe.studies.guided import (
     BASELINE,
@@ -59,7 +59,7 @@ def self_cross_summary(images: pd.DataFrame, n_boot: int = BOOTSTRAPS) -> pd.Dat
     """Per (method, initno): mixing and missing rates and mixing's paired difference from A&E, from the per-image
     rows alone (``self_cross_images.csv`` reproduces the headline)."""
     summary = outcome_summary(images, ("mixed", "missing"), pooled=(), n_boot=n_boot)
-    return _with_versus(summary, versus_baseline(images, "mixed", pooled=(), n_boot=n_boot), "mixed_")
+    return with_versus(summary, versus_baseline(images, "mixed", pooled=(), n_boot=n_boot), "mixed_")
 
 
 def self_cross_study(pipe, n_images: int = SELF_CROSS_IMAGES, steps: int = STEPS, quick: bool = False,
@@ -98,10 +98,10 @@ def self_cross_study(pipe, n_images: int = SELF_CROSS_IMAGES, steps: int = STEPS
                                      quick=quick, progress=progress, **options)
     images = guided_images(pipe, prompts, seeds, configurations(methods, initno), steps=steps, step_sizes=sizes,
                            initno_settings=initno_settings, progress=progress, desc="self-cross study",
-                           store=_store(out, "self_cross_images"), **options)
+                           store=rows_path(out, "self_cross_images"), **options)
     summary = self_cross_summary(images, n_boot)
     figures = {"self_cross_mixing": plots.outcome_rates(summary, ("mixed", "missing"), baseline=BASELINE)}
-    return SelfCrossStudy(images, summary, calibration, figures, _save(figures, out))
+    return SelfCrossStudy(images, summary, calibration, figures, save_figures(figures, out))
 
 
 def self_cross_headline(summary: pd.DataFrame) -> pd.DataFrame:
@@ -129,12 +129,12 @@ def self_cross_answer(headline: pd.DataFrame) -> str:
         fell = row.get("loss_fell", float("nan"))
         check = (f"; its loss fell in {fell:.0%} of images (median {row.loss_start_median:.3f} → "
                  f"{row.loss_end_median:.3f})" if not math.isnan(fell) else "")
-        verdict = (f"it {_direction(str(row.mixed_verdict))} mixing" if _acted(row) else
+        verdict = (f"it {direction_of(str(row.mixed_verdict))} mixing" if acted(row) else
                    "the guidance did not act, so the comparison says nothing about the method")
         with_initno = str(row.get("initno", False)).lower() == "true"
         parts.append(f"{'with' if with_initno else 'without'} INITNO, Self-Cross changed mixing of similar subjects "
-                     f"by {_points(diff)} {_interval(low, high)} against Attend-and-Excite ({int(row.n)} pairs"
-                     f"{_p(row.get('mixed_p_holm'))}){check}: {verdict}")
+                     f"by {points_text(diff)} {interval_text(low, high)} against Attend-and-Excite ({int(row.n)} pairs"
+                     f"{p_text(row.get('mixed_p_holm'))}){check}: {verdict}")
     if not parts:
         return "Self-Cross was not compared with Attend-and-Excite."
     text = "; ".join(parts)

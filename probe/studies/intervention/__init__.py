@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from probe.analysis.stats import cluster_sign_flip, clustered_bootstrap, holm
 from probe.fingerprint import weights_id
-from probe.models import attention_layers, load
+from probe.models import load
 from probe.prompts import subject_keys
 from probe.shapes.judge import judge as exact_judge
 from probe.shapes.settings import GUIDANCE, HELD_OUT_SEED, STEPS
@@ -44,7 +44,7 @@ from probe.studies.common import (
     settings_id,
 )
 from probe.studies.registry import Study, register
-from probe.tap import Tap
+from probe.tap import Tap, attention_layers
 
 INTERVENTION_SEED = HELD_OUT_SEED + 60_000  # seeds of this study's images
 DOSES = (0.05, 0.10, 0.20, 0.30)  # soft IoU, both sides of the natural overlap (pilot: 0.155, first 20 % of steps)
@@ -338,7 +338,7 @@ def analyse(experiment: str, out: str | Path = "figures", n_boot: int = 2000) ->
     family, per-arm summary, figure and, for E1, the answer; written beside the table. Refused before the
     registered size is complete."""
     from probe import plots
-    from probe.studies.common import _save
+    from probe.studies.common import save_figures
     from probe.writes import write_csv, write_text
 
     out = Path(out)
@@ -360,7 +360,7 @@ def analyse(experiment: str, out: str | Path = "figures", n_boot: int = 2000) ->
         found["answer"] = timing_answer(family, summary)
         write_text(out / "intervention_e2_answer.md", found["answer"] + "\n")
     if experiment == "e1":
-        _save({"intervention_dose_response": plots.dose_response(summary)}, out)
+        save_figures({"intervention_dose_response": plots.dose_response(summary)}, out)
         spec = registration()
         detectable = _detectable(spec)
         guidance = out / "guidance_images.csv"
