@@ -56,7 +56,7 @@ NOTEBOOKS = {
             "cross-attention over the image, the right one the self-attention of the query pixel (click a pixel "
             "or move the sliders). Below, the subjects' overlap statistics, the subject of part 2."
         ),
-        new_code_cell("probe.ui.explore(tree)"),
+        new_code_cell("probe.explore(tree)"),
         new_markdown_cell("Each word's map over the denoising steps (res16, layer mean) and, at the last step, each "
                           "8×8 layer on its own:"),
         new_code_cell(
