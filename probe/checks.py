@@ -237,6 +237,11 @@ def execution_device(device) -> torch.device | None:
     return parsed
 
 
+def keyword_names(function: Callable) -> list[str]:
+    """The keyword-only parameters of ``function``: the names a caller's typo is matched against."""
+    return [n for n, p in inspect.signature(function).parameters.items() if p.kind is p.KEYWORD_ONLY]
+
+
 def pipeline_keywords(pipe, kwargs: Mapping, caller: str, sets: Mapping[str, str] | None = None,
                       own: Callable | Iterable[str] = ()) -> None:
     """Keywords for the pipeline call are ones its ``__call__`` takes by name: diffusers pipelines accept ``**kwargs``
@@ -249,9 +254,7 @@ def pipeline_keywords(pipe, kwargs: Mapping, caller: str, sets: Mapping[str, str
     for key in kwargs:
         if key in sets:
             raise ValueError(f"{caller} sets {key}= itself ({sets[key]}); leave it out")
-    if callable(own):
-        own = [n for n, p in inspect.signature(own).parameters.items() if p.kind is p.KEYWORD_ONLY]
-    own = list(own)
+    own = keyword_names(own) if callable(own) else list(own)
     params = inspect.signature(pipe.__call__).parameters
     named = [n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
     unknown = [k for k in kwargs if k not in named]

@@ -138,6 +138,7 @@ def cmd_edit(args) -> None:
     from PIL import Image
 
     import probe
+    from probe.images import to_uint8
     from probe.steer.edit import edit
 
     pipe = probe.load(args.model)
@@ -147,7 +148,7 @@ def cmd_edit(args) -> None:
     pair = np.concatenate([result.source[0] if result.source.ndim == 4 else result.source,
                            result.edited[0] if result.edited.ndim == 4 else result.edited], axis=1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((pair * 255).round().clip(0, 255).astype(np.uint8)).save(args.out)
+    Image.fromarray(to_uint8(pair)).save(args.out)
     s = result.settings
     print(f"{args.source!r} → {args.target!r}: inject {s.inject} in {len(s.layers)} layers, "
           f"{len(s.steps)} of {s.num_inference_steps} steps; wrote {args.out}")

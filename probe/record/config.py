@@ -45,3 +45,12 @@ class RecordSettings:
             raise ValueError(f"{', '.join(clash)} given both in settings= and as keywords, with different values; "
                              "give each once")
         return replace(base, **own), {k: v for k, v in keywords.items() if k not in own}
+
+    @classmethod
+    def only(cls, keywords: Mapping, settings: RecordSettings | None, caller: str) -> RecordSettings:
+        """:meth:`split` for a caller that takes nothing but settings: any other keyword is an error."""
+        chosen, unknown = cls.split(keywords, settings)
+        if unknown:
+            raise TypeError(f"{caller} got unknown keywords {sorted(unknown)}; its recording settings are "
+                            f"{cls.names()}")
+        return chosen

@@ -102,10 +102,7 @@ def plan(pipe, prompts, *, seeds, settings: RecordSettings | None = None, height
     """Validate a recording's request and describe it (no generation). ``settings`` (or its fields as keywords, see
     :class:`~probe.record.config.RecordSettings`): what is recorded. Each (prompt, seed) sample is recorded once, so a
     repeated prompt or seed is refused."""
-    chosen_settings, unknown = RecordSettings.split(fields, settings)
-    if unknown:
-        raise TypeError(f"plan got unknown keywords {sorted(unknown)}; its settings are {RecordSettings.names()}")
-    s = chosen_settings
+    s = RecordSettings.only(fields, settings, "plan")
     steps, kinds, layers, heads, keep_steps = s.steps, s.kinds, s.layers, s.heads, s.keep_steps
     keep_padding, self_keys, self_queries, self_store = s.keep_padding, s.self_keys, s.self_queries, s.self_store
     pipe = load(pipe)

@@ -49,7 +49,7 @@ def record(pipe, prompts, *, seeds, settings: RecordSettings | None = None, out:
 
     pipe = load(pipe)
     chosen, pipeline_kwargs = RecordSettings.split(keywords, settings)
-    own = [*RecordSettings.names(), "settings", "out", "max_bytes", "batch_size", "progress", "force"]
+    own = [*RecordSettings.names(), *checks.keyword_names(record)]
     checks.pipeline_keywords(pipe, pipeline_kwargs, "record", {
         "prompt": "from prompts=", "generator": "each sample's from its seed", "output_type": "images are stored",
         "num_images_per_prompt": "one image per (prompt, seed) sample: give more seeds",

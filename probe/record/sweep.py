@@ -652,10 +652,7 @@ def sweep(
 def _sweep_settings(settings: RecordSettings | None, fields: dict) -> RecordSettings:
     """The recording settings of a sweep: every item is recorded as :func:`probe.record.record` would, with the
     settings a sweep's shared store can hold (maps of every query and key, the prompt's own tokens)."""
-    chosen, unknown = RecordSettings.split(fields, settings)
-    if unknown:
-        raise TypeError(f"sweep got unknown keywords {sorted(unknown)}; its recording settings are "
-                        f"{RecordSettings.names()}")
+    chosen = RecordSettings.only(fields, settings, "sweep")
     plain = RecordSettings()
     odd = [name for name in ("keep_padding", "self_keys", "self_queries", "self_store")
            if getattr(chosen, name) != getattr(plain, name)]

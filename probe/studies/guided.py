@@ -16,7 +16,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
@@ -26,6 +25,7 @@ from probe.analysis.overlap import pair_indices
 from probe.analysis.subjects import subject_maps
 from probe.consumers.maps import REAL_PASSES, MapCollector
 from probe.fingerprint import weights_id
+from probe.images import to_uint8
 from probe.prompts import prompt_set, subject_keys
 from probe.shapes.judge import judge as exact_judge
 from probe.shapes.settings import GUIDANCE
@@ -181,7 +181,7 @@ def guided_images(pipe, prompts: Sequence[dict], seeds: Sequence[int], configs: 
                           init_noise=settings if initno else None, steps=steps, guidance_scale=guidance_scale,
                           output_type="np", progress=False, consumers=[capture])
         seconds = time.perf_counter() - start
-        image = (np.asarray(result.images[0]) * 255).round().clip(0, 255).astype(np.uint8)
+        image = to_uint8(result.images[0])
         indices, words_at = subject_keys(pipe, item["prompt"], words)  # the tokens guidance itself reads
         maps = capture.maps
         loss_start, loss_end = result.objective_span

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from probe.analysis.stats import cluster_sign_flip, clustered_bootstrap, holm
 from probe.fingerprint import weights_id
+from probe.images import to_uint8
 from probe.models import load
 from probe.prompts import subject_keys
 from probe.shapes.judge import judge as exact_judge
@@ -163,7 +164,7 @@ def run(pipe, units: pd.DataFrame, arms: Sequence[Arm], *, experiment: str, step
                           output_type="np").images
         seconds = (time.perf_counter() - start) / len(arms)
         for arm, plan, image in zip(arms, plans, images):
-            pixels = (np.asarray(image) * 255).round().clip(0, 255).astype(np.uint8)
+            pixels = to_uint8(image)
             row = {"experiment": experiment, "steps": steps, "unit": k, "set_id": unit.set_id, "order": unit.order,
                    "prompt": unit.prompt, "seed": int(unit.seed), "method": arm.name, "initno": False,
                    "dose": arm.dose if isinstance(arm.dose, float) else math.nan, "window": f"{arm.window}",
