@@ -24,10 +24,7 @@ def conditioned(pipe, prompt: str, height: int, width: int, max_sequence_length:
         return chosen.conditioned(pipe, prompt, height, width, max_sequence_length, guidance)
 
 
-def unet_conditioning(pipe, prompt: str, height: int, width: int) -> tuple[torch.Tensor, dict]:
-    """A UNet pipeline's conditional text embeddings (no CFG) and its extra denoiser kwargs (SDXL's pooled
-    embeddings and size ids)."""
-    return conditioning(pipe, prompt, height, width)
+unet_conditioning = conditioning  # a UNet pipeline's conditional embeddings and extra denoiser kwargs
 
 
 def noise_sigma(pipe) -> float:
