@@ -99,3 +99,26 @@ def test_design_from_pilot_measures_discordance_and_correlation():
     assert design.effect == 0.1 and design.icc == pytest.approx((1 - 3 / 11) / 2)
     with pytest.raises(ValueError, match="needs 'ae'"):
         Design.from_pilot(pd.DataFrame(rows).query("method != 'ae'"))
+
+
+def test_format_p_prints_a_floor_not_the_resampling_limit():
+    from probe.analysis.stats import cluster_sign_flip, format_p, holm
+
+    # 40 prompts all pushing one way: the real p is about 2·2⁻⁴⁰; 10,000 flips can only say ~1e-4, Holm × 8 says 8e-4
+    flips = cluster_sign_flip(np.ones(40), np.arange(40))
+    adjusted = holm([flips] + [0.5] * 7)[0]
+    assert 0 < adjusted < 0.001
+    assert format_p(adjusted) == "< 0.001"
+    assert format_p(0.0123) == "0.012" and format_p(1.0) == "1" and format_p(float("nan")) == "n/a"
+
+
+def test_a_plus_joined_objective_is_the_equal_weight_sum():
+    import torch
+
+    from probe.steer.objectives import OBJECTIVES, GuidanceMaps, as_objective, is_objective_name
+
+    maps = torch.rand(2, 2, 8, 8)
+    seen = GuidanceMaps(subjects=maps, cross=torch.rand(2, 8, 8, 5), self_attention=None, schedule=None)
+    both = as_objective("ae+iou")(seen)
+    assert torch.allclose(both, OBJECTIVES["ae"](seen) + OBJECTIVES["iou"](seen))
+    assert is_objective_name("ae+iou") and is_objective_name("ae") and not is_objective_name("ae+nope")

@@ -65,6 +65,18 @@ def mcnemar(before: Sequence[bool], after: Sequence[bool]) -> float:
     return 1.0 if only_a + only_b == 0 else float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
 
 
+P_FLOOR = 0.001  # below this a resampled p-value says only how many resamples were drawn
+
+
+def format_p(p: float) -> str:
+    """A p-value as an answer prints it: "< 0.001" below :data:`P_FLOOR` (a sign-flip p-value's floor is 1 over the
+    number of flips, and Holm multiplies that floor, so "p = 0.0008" would state the resampling, not the data),
+    else two significant digits; "n/a" where there is none."""
+    if p is None or not np.isfinite(p):
+        return "n/a"
+    return f"< {P_FLOOR:g}" if p < P_FLOOR else f"{p:.2g}"
+
+
 def holm(pvalues: Sequence[float]) -> np.ndarray:
     """Holm's step-down adjustment (family-wise error); NaN p-values stay NaN and do not count."""
     p = np.asarray(pvalues, dtype=float)

@@ -134,9 +134,12 @@ ObjectiveSpec = str | Mapping[str, float] | Objective | Callable[[GuidanceMaps],
 
 
 def as_objective(spec: ObjectiveSpec) -> Objective:
-    """An :class:`Objective` from a registry name, a weighted sum ``{"ae": 1, "iou": 1}`` or a callable of the maps."""
+    """An :class:`Objective` from a registry name, a weighted sum ``{"ae": 1, "iou": 1}`` (or ``"ae+iou"``, equal
+    weights: a name a table's method column can hold) or a callable of the maps."""
     if isinstance(spec, Objective):
         return spec
+    if isinstance(spec, str) and "+" in spec:  # "ae+iou": the named terms summed with equal weights
+        return as_objective(dict.fromkeys((part.strip() for part in spec.split("+")), 1.0))
     if isinstance(spec, str):
         if spec not in OBJECTIVES:
             raise ValueError(f"unknown objective {spec!r}; known: {sorted(OBJECTIVES)}, or a dict of weights")
@@ -151,3 +154,8 @@ def as_objective(spec: ObjectiveSpec) -> Objective:
     if callable(spec):
         return Objective(getattr(spec, "__name__", "custom"), spec, bool(getattr(spec, "needs_self", False)))
     raise TypeError(f"objective must be a name, a dict of weights or a callable, not {type(spec).__name__}")
+
+
+def is_objective_name(name: str) -> bool:
+    """Whether ``name`` is a registered objective or a "+"-joined sum of them (``"ae+iou"``)."""
+    return all(part.strip() in OBJECTIVES for part in name.split("+"))

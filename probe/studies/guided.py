@@ -30,6 +30,7 @@ from probe.prompts import prompt_set, subject_keys
 from probe.shapes.judge import judge as exact_judge
 from probe.shapes.settings import GUIDANCE
 from probe.steer.guide import OBJECTIVES, InitNO, Schedule, generate
+from probe.steer.objectives import is_objective_name
 from probe.studies.common import ImageRows, Judge, Subject, judged, nearest_grid, settings_id
 from probe.studies.overlap import METRICS, pair_metrics
 from probe.tap import attention_layers
@@ -116,7 +117,7 @@ def study_prompts(sets: Sequence[str], n_images: int, seeds_per_prompt: int) -> 
 
 def configurations(methods: Sequence[str], initno: Sequence[bool]) -> list[tuple[str, bool]]:
     """(method, initno) pairs; "none" runs without INITNO only (there is no objective to optimise the noise for)."""
-    unknown = [m for m in methods if m != NO_GUIDANCE and m not in OBJECTIVES]
+    unknown = [m for m in methods if m != NO_GUIDANCE and not is_objective_name(m)]
     if unknown:
         raise ValueError(f"unknown guidance methods {unknown}; known: {[NO_GUIDANCE, *OBJECTIVES]}")
     configs = [(m, bool(i)) for m in methods for i in dict.fromkeys(initno) if not (m == NO_GUIDANCE and i)]
