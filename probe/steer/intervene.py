@@ -154,13 +154,19 @@ def _search(grids: list[torch.Tensor], gap: torch.Tensor, target: float, directi
 class Unit:
     """One conditional sample's intervention: its two subjects' text columns, the dose (a soft IoU to reach,
     :data:`SHAM`, or None for none: measured, not moved), the direction (radians) a push apart takes, and the steps
-    it acts at (None: the consumer's)."""
+    it acts at (None: the consumer's). A relative dose moves by a share of the overlap each call has (the maps' natural
+overlap falls tenfold over the schedule, so one soft IoU would push apart early and pull together late)."""
 
     columns: tuple[Sequence[int], Sequence[int]]
     dose: float | str | None
     angle: float = 0.0
     steps: frozenset[int] | None = None
+    relative: bool = False  # the dose is a factor of each call's own soft IoU (×0.5: halve it), not a soft IoU
     checks: list[dict] = field(default_factory=list)  # per intervened call: the manipulation check
+
+    def target(self, natural: float) -> float:
+        """The soft IoU this call's maps are moved to, given the one they have."""
+        return float(self.dose) * natural if self.relative else float(self.dose)
 
 
 class OverlapShift(Consumer):
@@ -204,7 +210,7 @@ class OverlapShift(Consumer):
         direction = torch.tensor([math.sin(unit.angle), math.cos(unit.angle)], device=x.device)
         gap = _gap(means[0], means[1])
         sigma, reachable = ((torch.zeros(1, device=x.device), True) if unit.dose in (SHAM, None)
-                            else _solve(grids, gap, float(unit.dose), direction))
+                            else _solve(grids, gap, unit.target(float(soft_iou(*means))), direction))
         moved = [m[0] for m in _moved(grids, gap, sigma, direction)]
         block = x.clone()
         subject = torch.zeros(n_keys, dtype=torch.bool, device=x.device)
