@@ -323,6 +323,26 @@ def image_row(images: dict, title: str | None = None, size: float = 2.2):
     return fig
 
 
+def arm_outcomes(summary: pd.DataFrame, categories=("all_present", "missing", "mixed"), title: str = ""):
+    """Each arm's outcome rates side by side (95% interval over object sets), one row per arm in the table's order:
+    the timing and factorial experiments, whose arms are not points on one dose axis."""
+    colours = dict(zip(categories, sns.color_palette(PALETTE, len(categories))))
+    fig, ax = plt.subplots(figsize=(5.6, 0.45 * len(summary) + 1.4))
+    ys = np.arange(len(summary))[::-1]
+    for k, c in enumerate(categories):
+        rate = f"{c}_rate"
+        ax.errorbar(summary[rate], ys + (k - 1) * 0.22, xerr=_error(summary, rate, f"{c}_ci_low", f"{c}_ci_high"),
+                    fmt="o", ms=5, capsize=3, color=colours[c], label=c.replace("_", " "))
+    ax.set_yticks(ys, summary.arm)
+    ax.set_xlabel("share of images")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, frameon=False, loc="lower right")
+    sns.despine(ax=ax)
+    fig.tight_layout()
+    return fig
+
+
 def dose_response(summary: pd.DataFrame, categories=("all_present", "missing", "mixed")):
     """The intervention study: each outcome's rate (95% interval over object sets) against the soft IoU the arm
     achieved at the intervened layers and steps, one point per arm; a causal dose–response reads left to right."""

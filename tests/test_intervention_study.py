@@ -192,7 +192,7 @@ def test_the_mediated_share_is_slope_times_overlap_change_over_effect():
                               "all_present": rng.random() < (0.8 if m == "ae" else 0.3),
                               "soft_iou_t10": rng.normal(0.12 if m == "ae" else 0.15, 0.02)}
                              for i in range(30) for s in range(2) for m in ("none", "ae")])
-    found = iv.mediated_share(e1, guidance, n_boot=100)
+    found = iv.mediated_share(e1, iv.guidance_pairs(guidance), n_boot=100)
     slope = np.mean([linregress(u.iou_after, (u.category == "all_present").astype(float)).slope * 100
                      for _, u in e1[e1.dose.notna()].groupby("unit")])
     wide = guidance.assign(all_present=guidance.all_present.astype(float)).pivot_table(

@@ -33,7 +33,7 @@ from probe.prompts import subject_keys
 from probe.shapes.judge import judge as exact_judge
 from probe.shapes.settings import GUIDANCE, STEPS
 from probe.steer.intervene import OverlapShift, Unit
-from probe.studies.common import ImageRows, Judge, cell_differences, judged, nearest_grid, settings_id
+from probe.studies.common import ImageRows, Judge, cell_differences, judged, settings_id
 from probe.studies.intervention.analysis import (  # noqa: F401 (the study's names, read as probe.studies.intervention.X)
     EXPLORATORY,
     MANIPULATION_TOLERANCE,
@@ -41,15 +41,22 @@ from probe.studies.intervention.analysis import (  # noqa: F401 (the study's nam
     arm_summary,
     contrast,
     dose_response,
+    guidance_pairs,
     manipulation_holds,
     mediated_share,
     primary_family,
+    relative_manipulation,
+    relative_timing_answer,
+    relative_timing_family,
     timing_answer,
     timing_family,
+    unit_slopes,
+    window_arms,
 )
 from probe.studies.intervention.design import (  # noqa: F401
     ALPHA,
     CATEGORIES,
+    COMMON_STEP,
     DOSES,
     EARLY,
     EFFECT_POINTS,
@@ -63,16 +70,20 @@ from probe.studies.intervention.design import (  # noqa: F401
     category,
     check_registered,
     design,
+    detectable_points,
     draw_units,
     e1_arms,
     e2_arms,
+    e2b_arms,
+    e3_arms,
+    intervened_layers,
     object_sets,
     registration,
     unit_angle,
     units_for_power,
 )
 from probe.studies.registry import Study, register
-from probe.tap import Tap, attention_layers
+from probe.tap import Tap
 
 
 def _summary(checks: list[dict]) -> dict:
@@ -81,6 +92,7 @@ def _summary(checks: list[dict]) -> dict:
         return {}
     frame = pd.DataFrame(checks)
     out = {"iou_before": frame.iou_before.mean(), "iou_after": frame.iou_after.mean(),
+           "iou_ratio": (frame.iou_after / frame.iou_before.where(frame.iou_before > 0)).mean(),
            "reachable": frame.reachable.astype(float).mean(), "clamped": frame.clamped_queries.mean(),
            "calls": len(frame)}
     for what in ("mass", "peak", "spread"):
@@ -99,11 +111,10 @@ def run(pipe, units: pd.DataFrame, arms: Sequence[Arm], *, experiment: str, step
     resumes); ``shard=(i, n)``: only the units ``k`` with ``k % n == i`` (merge the shards' tables with
     :func:`merge`)."""
     pipe = load(pipe)
-    grids = {nearest_grid(pipe, g) for g in GRIDS}  # the built-in model's 16² and 8²; a DiT's one grid
-    layers = [la for la in attention_layers(pipe) if la.kind == "cross" and la.grid[0] in grids]
+    layers = intervened_layers(pipe)
     keys = [(u.prompt, int(u.seed), arm.name, False) for u in units.itertuples() for arm in arms]
     rows = ImageRows(store, settings_id(weights=weights_id(pipe), steps=steps, guidance_scale=guidance_scale,
-                                        experiment=experiment, arms=[vars(a) for a in arms], grids=GRIDS,
+                                        experiment=experiment, arms=[a.settings() for a in arms], grids=GRIDS,
                                         judge=getattr(judge, "__qualname__", repr(judge))), keys)
     todo = [(k, u) for k, u in enumerate(units.itertuples())
             if (shard is None or k % shard[1] == shard[0]) and any(rows.get((u.prompt, int(u.seed), a.name, False))
@@ -112,7 +123,7 @@ def run(pipe, units: pd.DataFrame, arms: Sequence[Arm], *, experiment: str, step
     for k, unit in tqdm(todo, desc=experiment, disable=not progress):
         columns, _ = subject_keys(pipe, unit.prompt, list(unit.subjects))
         angle = unit_angle(unit.set_id, unit.seed)
-        plans = [Unit(tuple(columns), arm.dose, angle, arm.steps(steps)) for arm in arms]
+        plans = [Unit(tuple(columns), arm.dose, angle, arm.steps(steps), arm.relative) for arm in arms]
         start = time.perf_counter()
         with Tap(pipe, [OverlapShift(layers, (), plans)]):
             images = pipe([unit.prompt] * len(arms), num_inference_steps=steps, guidance_scale=guidance_scale,
@@ -124,6 +135,7 @@ def run(pipe, units: pd.DataFrame, arms: Sequence[Arm], *, experiment: str, step
             row = {"experiment": experiment, "steps": steps, "unit": k, "set_id": unit.set_id, "order": unit.order,
                    "prompt": unit.prompt, "seed": int(unit.seed), "method": arm.name, "initno": False,
                    "dose": arm.dose if isinstance(arm.dose, float) else math.nan, "window": f"{arm.window}",
+                   "relative": arm.relative,
                    **judged(pixels, unit.prompt, judge), "seconds": seconds, **_summary(plan.checks)}
             row["category"] = category(row)
             rows.add(row)
@@ -143,86 +155,149 @@ def merge(tables: Sequence[pd.DataFrame]) -> pd.DataFrame:
 
 
 
-def analyse(experiment: str, out: str | Path = "figures", n_boot: int = 2000) -> dict:
-    """The registered analysis of a whole experiment: its table (the shards merged into it where there are shards),
-    family, per-arm summary, figure and, for E1, the answer; written beside the table. Refused before the
-    registered size is complete."""
-    from probe import plots
-    from probe.studies.common import save_figures
-    from probe.writes import write_csv, write_text
+KINDS = {"e1": "dose_response", "e2": "timing"}  # the first registration's experiments name no analysis
 
-    out = Path(out)
+
+def kind(experiment: str) -> str:
+    """Which registered analysis an experiment has: dose_response, timing, timing_relative or factorial."""
+    return registration()["experiments"][experiment].get("analysis", KINDS.get(experiment, "timing"))
+
+
+def family_of(experiment: str, rows: pd.DataFrame, n_boot: int = 2000) -> pd.DataFrame:
+    """The experiment's registered family table (its tests, Holm-adjusted where registered)."""
+    from probe.studies.intervention.factorial import factorial_family
+
+    return {"dose_response": primary_family, "timing": timing_family, "timing_relative": relative_timing_family,
+            "factorial": factorial_family}[kind(experiment)](rows, n_boot)
+
+
+def read_experiment(experiment: str, out: Path) -> tuple[pd.DataFrame, bool]:
+    """An experiment's per-image table from ``out`` (its shards merged), and whether it came from shards."""
     name = f"intervention_{experiment}_images"
     parts = sorted(out.glob(f"{name}_shard*of*.csv"))
     tables = [pd.read_csv(p) for p in (parts or ([out / f"{name}.csv"] if (out / f"{name}.csv").exists() else []))]
     if not tables:
         raise FileNotFoundError(f"no {name}.csv (or shards) in {out}: run the experiment first")
-    rows = merge(tables) if len(tables) > 1 else tables[0]
+    return (merge(tables) if len(tables) > 1 else tables[0]), len(tables) > 1
+
+
+def analyse(experiment: str, out: str | Path = "figures", n_boot: int = 2000) -> dict:
+    """The registered analysis of a whole experiment: its table (the shards merged into it where there are shards),
+    family, per-arm summary, figure and answer, written beside the table. Refused before the registered size is
+    complete."""
+    from probe.writes import write_csv, write_text
+
+    out = Path(out)
+    rows, sharded = read_experiment(experiment, out)
     check_registered(rows, experiment)
-    if len(tables) > 1:
-        write_csv(rows, out / f"{name}.csv", float_format="%.6g")
+    if sharded:
+        write_csv(rows, out / f"intervention_{experiment}_images.csv", float_format="%.6g")
     summary = arm_summary(rows, n_boot)
-    family = primary_family(rows, n_boot) if experiment == "e1" else timing_family(rows, n_boot)
+    family = family_of(experiment, rows, n_boot)
     write_csv(summary, out / f"intervention_{experiment}_summary.csv", float_format="%.6g")
     write_csv(family, out / f"intervention_{experiment}_family.csv", float_format="%.6g")
-    found = {"rows": rows, "summary": summary, "family": family}
-    if experiment == "e2":
-        found["answer"] = timing_answer(family, summary)
-        write_text(out / "intervention_e2_answer.md", found["answer"] + "\n")
-    if experiment == "e1":
-        save_figures({"intervention_dose_response": plots.dose_response(summary)}, out)
-        spec = registration()
-        detectable = _detectable(spec)
-        guidance = out / "guidance_images.csv"
-        mediation = mediated_share(rows, pd.read_csv(guidance), n_boot) if guidance.exists() else None
-        if mediation is not None:
-            write_csv(pd.DataFrame([mediation]), out / "intervention_e1_mediation.csv", float_format="%.6g")
-        found["answer"] = answer(family, summary, detectable, mediation)
-        write_text(out / "intervention_e1_answer.md", found["answer"] + "\n")
+    found = {"rows": rows, "summary": summary, "family": family,
+             "answer": _answer(experiment, rows, summary, family, out, n_boot)}
+    write_text(out / f"intervention_{experiment}_answer.md", found["answer"] + "\n")
     return found
 
 
-def _detectable(spec: dict) -> float:
-    """The extreme-dose difference E1's registered size detects (points), from the pilot's figures it records."""
-    from scipy.stats import norm
+def _answer(experiment: str, rows: pd.DataFrame, summary: pd.DataFrame, family: pd.DataFrame, out: Path,
+            n_boot: int) -> str:
+    """The experiment's answer paragraph and figure (with the mediated share where the tables for it exist)."""
+    from probe import plots
+    from probe.studies.common import save_figures
+    from probe.studies.intervention.factorial import factorial_answer, factorial_pairs
+    from probe.writes import write_csv
 
-    e1, pilot = spec["experiments"]["e1"], spec["pilot"]
-    units, per_set = e1["sets"] * 2 * e1["seeds_per_order"], 2 * e1["seeds_per_order"]
-    design = 1 + (per_set - 1) * pilot["icc"]
-    z = norm.ppf(1 - e1["alpha"] / len(e1["family"]) / 2) + norm.ppf(POWER)
-    return float(z * pilot["sd_points"] * math.sqrt(design / units))
+    spec, analysis = registration()["experiments"][experiment], kind(experiment)
+    if analysis == "timing":
+        return timing_answer(family, summary)
+    if analysis == "timing_relative":
+        save_figures({f"intervention_{experiment}_windows": plots.arm_outcomes(summary, "overlap moved per window")},
+                     out)
+        return relative_timing_answer(family, summary, detectable_points(spec))
+    e1 = rows if analysis == "dose_response" else (pd.read_csv(out / "intervention_e1_images.csv")
+                                                   if (out / "intervention_e1_images.csv").exists() else None)
+    if analysis == "dose_response":
+        save_figures({"intervention_dose_response": plots.dose_response(summary)}, out)
+        guidance = out / "guidance_images.csv"
+        pairs = guidance_pairs(pd.read_csv(guidance)) if guidance.exists() else None
+    else:
+        save_figures({f"intervention_{experiment}_factorial": plots.arm_outcomes(summary, "A&E × overlap term")},
+                     out)
+        pairs = factorial_pairs(rows)
+    mediation = mediated_share(e1, pairs, n_boot) if e1 is not None and pairs is not None else None
+    if mediation is not None:
+        write_csv(pd.DataFrame([mediation]), out / f"intervention_{experiment}_mediation.csv", float_format="%.6g")
+    if analysis == "dose_response":
+        return answer(family, summary, detectable_points(spec), mediation)
+    return factorial_answer(family, detectable_points(spec), mediation)
+
+
+PILOTS = {  # pilots of the second registration: the pilot's object sets, seeds apart from every experiment's
+    "e2b": {"arms": e2b_arms, "seed_offset": 800, "power_arms": ("early x0.5", "early x2"), "family": 3},
+    "e3": {"arms": e3_arms, "seed_offset": 900, "power_arms": ("ae+iou", "ae"), "family": 2},
+}
+
+
+def pilot(experiment: str, pipe="shapes", out: str | Path = "figures", progress: bool = True) -> dict:
+    """Run (or resume) an experiment's pilot on the pilot's object sets (never reused) and return its power figures
+    (:func:`units_for_power`) and per-arm summary; the table is ``<out>/intervention_pilot_<E>_images.csv``."""
+    from probe.studies.intervention.factorial import run_factorial
+
+    plan = PILOTS[experiment]
+    units, arms = draw_units(PILOT_SETS, 1, seed_offset=plan["seed_offset"]), plan["arms"]()
+    store = Path(out) / f"intervention_pilot_{experiment}_images.csv"
+    if experiment == "e3":
+        rows = run_factorial(pipe, units, arms, step_size=COMMON_STEP, steps=STEPS, store=store,
+                             experiment=f"pilot {experiment}", progress=progress)
+    else:
+        rows = run(pipe, units, arms, experiment=f"pilot {experiment}", steps=STEPS, store=store, progress=progress)
+    power = units_for_power(rows, arms=plan["power_arms"], family=plan["family"])
+    return {"rows": rows, "summary": arm_summary(rows), "power": power}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``probe study intervention run E [--shard I/N] [--model DIR] [--out figures]`` (or ``python -m
     probe.studies.intervention run E …``): run (or resume) a registered experiment into
     ``<out>/intervention_<E>_images.csv`` (a shard: ``…_shard<I>of<N>.csv``); ``… analyse E``: its registered
-    analysis, once every registered image is made. The study's command line, registered on its :class:`Study`."""
+    analysis, once every registered image is made; ``… pilot E``: the pilot a registration is sized on. The study's
+    command line, registered on its :class:`Study`."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="probe study intervention")
-    parser.add_argument("action", choices=("run", "analyse"))
-    parser.add_argument("experiment", choices=sorted(registration()["experiments"]))
+    parser.add_argument("action", choices=("run", "analyse", "pilot"))
+    parser.add_argument("experiment", choices=sorted({*registration()["experiments"], *PILOTS}))
     parser.add_argument("--shard", default=None, metavar="I/N")
     parser.add_argument("--model", default="shapes")
     parser.add_argument("--out", default="figures")
     args = parser.parse_args(argv)
+    if args.action == "pilot":
+        found = pilot(args.experiment, args.model, args.out)
+        print(found["summary"].to_string(index=False))
+        print(found["power"])
+        return 0
+    if args.experiment not in registration()["experiments"]:
+        parser.error(f"{args.experiment} has a pilot but no registration yet: register it before it runs")
     if args.action == "analyse":
         found = analyse(args.experiment, args.out)
         print(found["family"].to_string(index=False))
-        print(found.get("answer", ""))
+        print(found["answer"])
         return 0
     units, arms, spec = design(args.experiment)
     shard = tuple(int(v) for v in args.shard.split("/")) if args.shard else None
     name = f"intervention_{args.experiment}_images" + (f"_shard{shard[0]}of{shard[1]}" if shard else "")
-    rows = run(args.model, units, arms, experiment=args.experiment, steps=spec["steps"],
-               store=Path(args.out) / f"{name}.csv", shard=shard)
-    print(f"{len(rows)} registered images in {Path(args.out) / name}.csv")
+    store = Path(args.out) / f"{name}.csv"
+    if kind(args.experiment) == "factorial":
+        from probe.studies.intervention.factorial import run_factorial
+
+        rows = run_factorial(args.model, units, arms, step_size=spec["step_size"], steps=spec["steps"], store=store,
+                             shard=shard, experiment=args.experiment)
+    else:
+        rows = run(args.model, units, arms, experiment=args.experiment, steps=spec["steps"], store=store, shard=shard)
+    print(f"{len(rows)} registered images in {store}")
     return 0
-
-
-
-
 
 
 def differences(out: str | Path = "figures", rtol: float = 1e-4, atol: float = 1e-6) -> list[str]:
@@ -235,8 +310,7 @@ def differences(out: str | Path = "figures", rtol: float = 1e-4, atol: float = 1
         if not images.exists() or not all(p.exists() for p in kept.values()):
             continue
         rows = pd.read_csv(images)
-        fresh = {"summary": arm_summary(rows),
-                 "family": primary_family(rows) if experiment == "e1" else timing_family(rows)}
+        fresh = {"summary": arm_summary(rows), "family": family_of(experiment, rows)}
         for what, path in kept.items():
             problems += cell_differences(f"intervention {experiment} {what}", pd.read_csv(path), fresh[what], rtol,
                                          atol)

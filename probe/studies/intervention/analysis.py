@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from probe.analysis.stats import cluster_sign_flip, clustered_bootstrap, holm
+from probe.analysis.stats import cluster_sign_flip, clustered_bootstrap, format_p, holm
 from probe.studies.intervention.design import CATEGORIES, DOSES
 
 
@@ -25,10 +25,12 @@ def dose_response(rows: pd.DataFrame, outcome: str = "all_present", n_boot: int 
             "p_value": cluster_sign_flip(slopes, clusters), "n_units": len(slopes)}
 
 
-def contrast(rows: pd.DataFrame, a: str, b: str, outcome: str = "all_present", n_boot: int = 2000) -> dict:
-    """Arm ``a`` minus arm ``b`` in ``outcome`` (points), paired on the unit, clustered by object set."""
+def contrast(rows: pd.DataFrame, a: str, b: str, outcome: str = "all_present", n_boot: int = 2000,
+             scale: float = 100.0) -> dict:
+    """Arm ``a`` minus arm ``b`` in ``outcome`` (× ``scale``: points of a 0/1 outcome), paired on the unit,
+    clustered by object set."""
     wide = rows.pivot_table(index=["unit", "set_id"], columns="method", values=outcome, aggfunc="mean")
-    diff = (wide[a].astype(float) - wide[b].astype(float)).dropna() * 100
+    diff = (wide[a].astype(float) - wide[b].astype(float)).dropna() * scale
     clusters = diff.index.get_level_values("set_id")
     mean, low, high = clustered_bootstrap(diff.to_numpy(), clusters, n_boot)
     return {"comparison": f"{a} − {b}", "outcome": outcome, "difference": mean, "ci_low": low, "ci_high": high,
@@ -59,17 +61,22 @@ EXPLORATORY = "exploratory (not registered)"
 
 
 
+CHECK_MEANS = {"iou_before": "iou_before", "iou_after": "iou_after", "iou_ratio": "iou_ratio", "reached": "reachable",
+               "peak_ratio": "peak_ratio", "spread_ratio": "spread_ratio", "iou_early": "iou_early"}
+CHECK_WORST = {"peak_worst": "peak_ratio_worst", "spread_worst": "spread_ratio_worst"}
+
+
 def arm_summary(rows: pd.DataFrame, n_boot: int = 2000) -> pd.DataFrame:
     """Per arm: the rate of each outcome category with its interval (object sets resampled), the achieved soft IoU
     at the intervened calls and the manipulation check (share of calls where the dose was reached, mean peak and
-    spread ratios, the worst call's deviation)."""
+    spread ratios, the worst call's deviation), of those the table measured (the factorial experiment measures the
+    early soft IoU only)."""
     out = []
     for arm, part in rows.groupby("method", sort=False):
-        row = {"arm": arm, "dose": part.dose.iloc[0], "n": len(part), "n_sets": part.set_id.nunique(),
-               "iou_before": part.iou_before.mean(), "iou_after": part.iou_after.mean(),
-               "reached": part.reachable.mean(), "peak_ratio": part.peak_ratio.mean(),
-               "spread_ratio": part.spread_ratio.mean(), "peak_worst": part.peak_ratio_worst.max(),
-               "spread_worst": part.spread_ratio_worst.max()}
+        row = {"arm": arm, "dose": part.dose.iloc[0] if "dose" in part else np.nan, "n": len(part),
+               "n_sets": part.set_id.nunique()}
+        row |= {name: part[col].mean() for name, col in CHECK_MEANS.items() if col in part}
+        row |= {name: part[col].max() for name, col in CHECK_WORST.items() if col in part}
         for c in CATEGORIES:
             rate, low, high = clustered_bootstrap((part.category == c).astype(float), part.set_id, n_boot)
             row |= {f"{c}_rate": rate, f"{c}_ci_low": low, f"{c}_ci_high": high}
@@ -91,37 +98,55 @@ def timing_family(e2: pd.DataFrame, n_boot: int = 2000) -> pd.DataFrame:
 
 
 
-def mediated_share(e1: pd.DataFrame, guidance: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> dict:
-    """The share of A&E's effect on all present that runs through overlap (registered secondary estimate): E1's
-    causal slope (points per unit of soft IoU) × A&E's own change in soft IoU against no guidance ÷ A&E's effect on
-    all present, both from the guidance study's two-object images paired on (prompt, seed). The interval resamples
-    E1's object sets and the guidance study's prompts, independently."""
+def unit_slopes(e1: pd.DataFrame) -> pd.Series:
+    """Per E1 unit, the least-squares slope of all present (points) on the achieved soft IoU across its dosed arms
+    (points per unit of soft IoU), indexed by (unit, set_id)."""
     flagged = e1[e1.dose.notna()].assign(ok=(e1.category == "all_present").astype(float))
-    slopes = flagged.groupby(["unit", "set_id"]).apply(
+    return flagged.groupby(["unit", "set_id"]).apply(
         lambda u: np.polyfit(u.iou_after, u.ok, 1)[0] * 100 if np.ptp(u.iou_after) > 0 else np.nan,
         include_groups=False).dropna()
+
+
+def guidance_pairs(guidance: pd.DataFrame) -> pd.DataFrame:
+    """A&E against none on the guidance study's two-object images, paired on (prompt, seed): its effect on all
+    present (points) and its change of soft IoU at step 10, clustered by prompt."""
     two = guidance[(guidance.set == "shapes-2") & ~guidance.initno.astype(bool)]
     two = two.assign(all_present=two.all_present.astype(float))  # a pivot's mean of booleans is not their rate
     wide = two.pivot_table(index=["prompt", "seed"], columns="method", values=["all_present", "soft_iou_t10"])
     pairs = pd.DataFrame({"effect": (wide["all_present"]["ae"] - wide["all_present"]["none"]) * 100,
                           "d_iou": wide["soft_iou_t10"]["ae"] - wide["soft_iou_t10"]["none"]}).dropna()
+    return pairs.assign(cluster=pairs.index.get_level_values("prompt")).reset_index(drop=True)
 
-    def share(s: pd.Series, p: pd.DataFrame) -> float:
-        return float(s.mean() * p.d_iou.mean() / p.effect.mean())
 
+def _cluster_sums(values: np.ndarray, clusters) -> tuple[np.ndarray, np.ndarray]:
+    """Per cluster, the sums of each column of ``values`` (n, k) and the counts: a resample of whole clusters is
+    then a sum over drawn rows of these."""
+    _, index = np.unique(np.asarray(clusters).astype(str), return_inverse=True)
+    sums = np.stack([np.bincount(index, weights=v) for v in np.atleast_2d(values.T)], 1)
+    return sums, np.bincount(index).astype(float)
+
+
+def mediated_share(e1: pd.DataFrame, pairs: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> dict:
+    """The share of A&E's effect on all present that runs through overlap (registered secondary estimate): E1's
+    causal slope (points per unit of soft IoU) × A&E's own change in soft IoU against no guidance ÷ A&E's effect on
+    all present. ``pairs`` (:func:`guidance_pairs` or the factorial experiment's): per pair ``effect``, ``d_iou``
+    and its ``cluster``. The interval resamples E1's object sets and the pairs' clusters, independently."""
+    slopes = unit_slopes(e1)
+    s_sums, s_counts = _cluster_sums(slopes.to_numpy()[:, None], slopes.index.get_level_values("set_id"))
+    p_sums, p_counts = _cluster_sums(pairs[["effect", "d_iou"]].to_numpy(float), pairs.cluster)
     rng = np.random.default_rng(seed)
-    sets, prompts = slopes.index.get_level_values("set_id"), pairs.index.get_level_values("prompt")
-    set_ids, prompt_ids = np.unique(sets), np.unique(prompts)
-    draws = []
-    for _ in range(n_boot):
-        s = pd.concat([slopes[sets == k] for k in rng.choice(set_ids, len(set_ids))])
-        p = pd.concat([pairs[prompts == k] for k in rng.choice(prompt_ids, len(prompt_ids))])
-        draws.append(share(s, p))
-    draws = np.asarray(draws)
+    s_draw = rng.integers(0, len(s_counts), (n_boot, len(s_counts)))
+    p_draw = rng.integers(0, len(p_counts), (n_boot, len(p_counts)))
+    slope = s_sums[s_draw, 0].sum(1) / s_counts[s_draw].sum(1)
+    effect, change = (p_sums[p_draw, j].sum(1) / p_counts[p_draw].sum(1) for j in (0, 1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        draws = slope * change / effect
     low, high = np.percentile(draws[np.isfinite(draws)], [2.5, 97.5])  # a resample without an A&E effect: no share
-    return {"share": share(slopes, pairs), "ci_low": float(low), "ci_high": float(high),
+    share = float(slopes.mean() * pairs.d_iou.mean() / pairs.effect.mean())
+    return {"share": share, "ci_low": float(low), "ci_high": float(high),
             "slope_points_per_iou": float(slopes.mean()), "ae_iou_change": float(pairs.d_iou.mean()),
             "ae_effect_points": float(pairs.effect.mean()), "n_units": len(slopes), "n_pairs": len(pairs)}
+
 
 MANIPULATION_TOLERANCE = 0.05  # mean peak and spread ratios within 5 % of 1 in every dosed arm (registered)
 
@@ -209,4 +234,77 @@ def timing_answer(family: pd.DataFrame, summary: pd.DataFrame) -> str:
     clear = primary[primary.p_holm < 0.05]
     parts.append("No window changed all present clearly." if clear.empty else
                  f"Clear: {', '.join(clear.comparison)}.")
+    return " ".join(parts)
+
+
+def window_arms(arms) -> dict[str, tuple[str, str]]:
+    """Per window of E2b, its (push apart, pull together) arms: the lowest and the highest factor."""
+    found: dict[str, dict[float, str]] = {}
+    for arm in arms:
+        if arm != "none":
+            window, factor = arm.rsplit(" x", 1)
+            found.setdefault(window, {})[float(factor)] = arm
+    return {w: (f[min(f)], f[max(f)]) for w, f in found.items()}
+
+
+def relative_timing_family(e2b: pd.DataFrame, n_boot: int = 2000) -> pd.DataFrame:
+    """E2b's registered family: in each window, the push apart minus the pull together in all present, paired on
+    the unit, Holm over the windows; missing and mixing beside; each arm against none, exploratory."""
+    flagged = e2b.assign(**{c: e2b.category == c for c in CATEGORIES})
+    rows = [{"test": f"{push} − {pull} (points)", "window": window,
+             "family": "primary" if c == "all_present" else "reported beside",
+             **contrast(flagged, push, pull, c, n_boot)}
+            for c in CATEGORIES for window, (push, pull) in window_arms(dict.fromkeys(e2b.method)).items()]
+    table = pd.DataFrame(rows)
+    primary = table.family == "primary"
+    table.loc[primary, "p_holm"] = holm(table.loc[primary, "p_value"].to_numpy())
+    loose = [{"test": f"{arm} − none (points)", "window": arm.rsplit(" x", 1)[0], "family": EXPLORATORY,
+              **contrast(flagged, arm, "none", "all_present", n_boot)}
+             for arm in dict.fromkeys(e2b.method) if arm != "none"]
+    return pd.concat([table, pd.DataFrame(loose)], ignore_index=True)
+
+
+def relative_manipulation(summary: pd.DataFrame) -> list[str]:
+    """E2b's registered checks that fail: per window the push lowers and the pull raises the achieved soft IoU
+    against the maps' own, and mean peak and spread stay within 5 % of 1."""
+    failed = []
+    for push, pull in window_arms(summary.arm).values():
+        a, b = (summary[summary.arm == arm].iloc[0] for arm in (push, pull))
+        if not a.iou_after < a.iou_before:
+            failed.append(f"{push} did not lower the soft IoU ({a.iou_before:.3f} → {a.iou_after:.3f})")
+        if not b.iou_after > b.iou_before:
+            failed.append(f"{pull} did not raise the soft IoU ({b.iou_before:.3f} → {b.iou_after:.3f})")
+        for arm, row in ((push, a), (pull, b)):
+            failed += [f"{arm}: mean {what.replace('_', ' ')} {row[what]:.3f}"
+                       for what in ("peak_ratio", "spread_ratio") if abs(row[what] - 1) > MANIPULATION_TOLERANCE]
+    return failed
+
+
+def relative_timing_answer(family: pd.DataFrame, summary: pd.DataFrame, detectable_points: float) -> str:
+    """The E2b answer from its tables: per window, halving minus doubling the maps' own overlap in all present
+    (Holm over the windows), what each move achieved, the manipulation check, and what the size can rule out."""
+    primary = family[family["family"] == "primary"]
+    moved = summary.set_index("arm")
+    said = []
+    for r in primary.itertuples():
+        push, pull = r.comparison.split(" − ")
+        said.append(f"{r.window} {r.difference:+.1f} points [{r.ci_low:+.1f}, {r.ci_high:+.1f}] (Holm p = "
+                    f"{format_p(r.p_holm)}; soft IoU {moved.iou_before[push]:.3f} moved to "
+                    f"{moved.iou_after[push]:.3f} and {moved.iou_after[pull]:.3f})")
+    parts = ["Halving minus doubling the subjects' own map overlap within one window changed all subjects present by "
+             + "; ".join(said) + "."]
+    failed = relative_manipulation(summary)
+    clear = primary[primary.p_holm < 0.05]
+    if failed:
+        parts.append(f"The manipulation check failed ({'; '.join(failed)}): those windows are not read.")
+    if clear.empty:
+        parts.append(f"No window's contrast was clear; the design detects {detectable_points:.1f} points with 80 % "
+                     "power, so larger effects of overlap in any one window are ruled out, smaller ones are not.")
+    else:
+        parts.append("Clear: " + ", ".join(f"{r.window} ({r.difference:+.1f} points)" for r in clear.itertuples())
+                     + "; positive means less overlap, more images with every subject present.")
+    beside = family[(family["family"] == "reported beside")]
+    parts.append("Beside the family (unadjusted): " + "; ".join(
+        f"{r.window} {r.outcome} {r.difference:+.1f} [{r.ci_low:+.1f}, {r.ci_high:+.1f}]" for r in beside.itertuples())
+        + ".")
     return " ".join(parts)

@@ -29,13 +29,25 @@ GRIDS = (16, 8)  # the cross-attention grids the maps are moved at (the nearest 
 CATEGORIES = ("all_present", "missing", "mixed")
 
 
+FACTORS = (0.5, 2.0)  # E2b: each window's own overlap halved (pushed apart) and doubled (pulled together)
+COMMON_STEP = 1.0  # E3: A&E's step on this model (chosen on 60 pilot prompts, figures/guidance_step_sizes.csv)
+
+
 @dataclass(frozen=True)
 class Arm:
-    """One way a unit's image is made: its name, its dose (None: none) and its share of the schedule."""
+    """One way a unit's image is made: its name, its dose (None: none; a soft IoU, or with ``relative`` a factor of
+    each call's own) and its share of the schedule; or, in the factorial experiment, the guidance ``objective``
+    (None there: unguided through the same code)."""
 
     name: str
     dose: float | str | None
     window: tuple[float, float] = (0.0, EARLY)
+    relative: bool = False
+    objective: str | None = None
+
+    def settings(self) -> dict:
+        """What decides this arm's images (the fields a default leaves out, so that older tables keep their ids)."""
+        return {k: v for k, v in vars(self).items() if k in ("name", "dose", "window") or v}
 
     def steps(self, steps: int) -> frozenset[int]:
         lo, hi = self.window
@@ -48,6 +60,18 @@ def e1_arms(doses: Sequence[float] = DOSES) -> list[Arm]:
 
 def e2_arms(dose: float = min(DOSES)) -> list[Arm]:
     return [Arm("none", None), *(Arm(f"{name} {dose:g}", float(dose), window) for name, window in WINDOWS.items())]
+
+
+def e2b_arms(factors: Sequence[float] = FACTORS) -> list[Arm]:
+    """None, and in each window the maps' own overlap scaled by each factor (relative doses: natural overlap falls
+    from 0.15 early to 0.02 late, so one soft IoU would push apart early and pull together late)."""
+    return [Arm("none", None), *(Arm(f"{name} x{f:g}", float(f), window, relative=True)
+                                 for name, window in WINDOWS.items() for f in factors)]
+
+
+def e3_arms() -> list[Arm]:
+    """The 2 × 2 of A&E's term and the soft-IoU overlap term, at one common step."""
+    return [Arm("none", None), *(Arm(o, None, objective=o) for o in ("ae", "iou", "ae+iou"))]
 
 
 def object_sets() -> list[tuple[tuple[str, str], tuple[str, str]]]:
@@ -100,15 +124,15 @@ POWER, ALPHA = 0.8, 0.05
 
 
 def units_for_power(pilot: pd.DataFrame, effect: float = EFFECT_POINTS, power: float = POWER,
-                    alpha: float = ALPHA, family: int = 2) -> dict:
-    """Units the primary contrast needs: a paired difference of ``effect`` points (lowest dose − highest dose, all
-    present), tested at ``alpha / family`` (Holm's first step), its per-unit spread and the object-set clustering
-    (design effect 1 + (m − 1)·ICC, m units per set) measured on the pilot."""
+                    alpha: float = ALPHA, family: int = 2, arms: tuple[str, str] | None = None) -> dict:
+    """Units the primary contrast needs: a paired difference of ``effect`` points between ``arms`` (default E1's
+    lowest dose − highest dose) in all present, tested at ``alpha / family`` (Holm's first step), its per-unit
+    spread and the object-set clustering (design effect 1 + (m − 1)·ICC, m units per set) measured on the pilot."""
     from scipy.stats import norm
 
     from probe.analysis.stats import intraclass_correlation
 
-    lo, hi = f"dose {min(DOSES):g}", f"dose {max(DOSES):g}"
+    lo, hi = arms or (f"dose {min(DOSES):g}", f"dose {max(DOSES):g}")
     wide = pilot.assign(ok=pilot.category == "all_present").pivot_table(index=["unit", "set_id"], columns="method",
                                                                           values="ok", aggfunc="mean")
     diff = (wide[lo].astype(float) - wide[hi].astype(float)) * 100
@@ -124,31 +148,41 @@ def units_for_power(pilot: pd.DataFrame, effect: float = EFFECT_POINTS, power: f
 
 # -- the registered design -------------------------------------------------------------------------------------------
 
-REGISTRATION = Path(__file__).resolve().parents[3] / "figures" / "intervention_registration.md"
+FIGURES = Path(__file__).resolve().parents[3] / "figures"
+REGISTRATION = FIGURES / "intervention_registration.md"  # E1, E2 (2026-12-04)
+REGISTRATIONS = (REGISTRATION, FIGURES / "intervention_registration_2.md")  # E2b, E3: after E2 failed its check
 
 
-def registration(path: str | Path = REGISTRATION) -> dict:
-    """The design the registration file fixes (its JSON block): per experiment the units, arms and settings."""
+def registration(path: str | Path | None = None) -> dict:
+    """The designs the registration files fix (each file's JSON block), one file's or all of them merged: per
+    experiment the units, arms and settings, each with the ``pilot`` of its own file."""
+    files = [Path(path)] if path is not None else [p for p in REGISTRATIONS if p.exists()]
+    merged: dict = {"experiments": {}}
+    for file in files:
+        block = re.search(r"```json\n(.*?)\n```", file.read_text(), re.S)
+        if block is None:
+            raise ValueError(f"{file} holds no ```json design block")
+        found = json.loads(block.group(1))
+        for name, spec in found["experiments"].items():
+            if name in merged["experiments"]:
+                raise ValueError(f"experiment {name!r} is registered twice ({file}): a new size is a new name")
+            merged["experiments"][name] = {**spec, "pilot": found.get("pilot", {}), "registration": file.name}
+    return merged
 
-    text = Path(path).read_text()
-    block = re.search(r"```json\n(.*?)\n```", text, re.S)
-    if block is None:
-        raise ValueError(f"{path} holds no ```json design block")
-    return json.loads(block.group(1))
 
-
-def design(experiment: str, path: str | Path = REGISTRATION) -> tuple[pd.DataFrame, list[Arm], dict]:
+def design(experiment: str, path: str | Path | None = None) -> tuple[pd.DataFrame, list[Arm], dict]:
     """The units, arms and settings of one registered experiment."""
-    spec = registration(path)["experiments"].get(experiment)
+    experiments = registration(path)["experiments"]
+    spec = experiments.get(experiment)
     if spec is None:
-        known = sorted(registration(path)["experiments"])
-        raise ValueError(f"no experiment {experiment!r} in {path}; registered: {known}")
+        raise ValueError(f"no experiment {experiment!r} registered; registered: {sorted(experiments)}")
     units = draw_units(spec["sets"], spec["seeds_per_order"], skip=spec["skip_sets"], seed_offset=spec["seed_offset"])
-    arms = [Arm(a["name"], a["dose"], tuple(a["window"])) for a in spec["arms"]]
+    arms = [Arm(a["name"], a.get("dose"), tuple(a.get("window", (0.0, EARLY))), bool(a.get("relative", False)),
+                a.get("objective")) for a in spec["arms"]]
     return units, arms, spec
 
 
-def check_registered(rows: pd.DataFrame, experiment: str, path: str | Path = REGISTRATION) -> None:
+def check_registered(rows: pd.DataFrame, experiment: str, path: str | Path | None = None) -> None:
     """Refuse to analyse a table that is not the registered experiment, whole: its units, arms and settings."""
     units, arms, spec = design(experiment, path)
     expected = {(p, int(s), a.name) for p, s in zip(units.prompt, units.seed) for a in arms}
@@ -160,3 +194,26 @@ def check_registered(rows: pd.DataFrame, experiment: str, path: str | Path = REG
     if set(rows["steps"].astype(int)) != {spec["steps"]}:
         raise ValueError(f"the {experiment} table was made at other settings than registered ({spec['steps']} steps)")
 
+
+
+def detectable_points(spec: dict, power: float = POWER) -> float:
+    """The difference (points) an experiment's registered size detects with ``power``, at Holm's first step over
+    its family, from the pilot figures its registration records (``power`` block, else its file's ``pilot``)."""
+    from scipy.stats import norm
+
+    pilot = spec.get("power") or spec["pilot"]
+    per_set = 2 * spec["seeds_per_order"]
+    units = spec["sets"] * per_set
+    design = 1 + (per_set - 1) * max(0.0, pilot["icc"])
+    z = norm.ppf(1 - spec["alpha"] / len(spec["family"]) / 2) + norm.ppf(power)
+    return float(z * pilot["sd_points"] * math.sqrt(design / units))
+
+
+def intervened_layers(pipe) -> list:
+    """The cross-attention layers the study moves and measures maps in: the grids nearest :data:`GRIDS` (the
+    built-in model's 16² and 8²; a DiT's one grid)."""
+    from probe.studies.common import nearest_grid
+    from probe.tap import attention_layers
+
+    grids = {nearest_grid(pipe, g) for g in GRIDS}
+    return [la for la in attention_layers(pipe) if la.kind == "cross" and la.grid[0] in grids]
