@@ -3,12 +3,15 @@
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 from scipy import ndimage
 
-from probe.shapes.judge import detect, evaluate_scene, judge, parse_prompt, summary
+from probe.shapes import judge_calibration
+from probe.shapes.judge import MIN_CONFIDENCE, detect, evaluate_scene, judge, parse_prompt, summary
 from probe.shapes.world import BACKGROUND, COLOURS, IMAGE_SIZE, Shape, coverage, render, sample_attributes, scene_for
+from probe.studies.common import judged
 
 HELD_OUT_SEED = 12345  # no dataset or other test draws scenes from this seed
 N_HELD_OUT = 2000
@@ -240,3 +243,66 @@ def test_blended_colour_is_mixed():
     # A pure palette colour between two subjects' colours is not a blend.
     orange_circle = Shape("circle", "orange", 18, 32, 11)
     assert statuses(render([orange_circle])[0], "a red circle and a yellow square") == ["wrong_colour", "missing"]
+
+
+# Minimum confidence.
+
+YELLOW_CIRCLE = Shape("circle", "yellow", 32, 32, 11)
+
+
+def rimmed(inner: Shape, rim: str, width: float) -> np.ndarray:
+    """``inner`` with a ring of colour ``rim``, ``width`` px wide, bled around it (drawn under it, one size up)."""
+    ring = Shape(inner.shape, rim, inner.cx, inner.cy, inner.size + width, inner.vertical)
+    return render([ring, inner])[0]
+
+
+@pytest.mark.parametrize("width", [1.5, 2.0, 3.0])
+def test_faint_rim_is_not_an_object(width):
+    image = rimmed(YELLOW_CIRCLE, "orange", width)
+    prompt = "a yellow circle and an orange circle"
+    rim = [d for d in detect(image) if d.colour == "orange"]
+    assert len(rim) == 1 and rim[0].confidence < MIN_CONFIDENCE  # the rim is found, at low confidence
+    assert statuses(image, prompt) == ["present", "missing"]
+    assert [s.status for s in judge(image, prompt, min_confidence=0)] == ["present", "present"]  # the old verdict
+    assert evaluate_scene(image, [YELLOW_CIRCLE], labels=render([YELLOW_CIRCLE])[1]) == [True]
+
+
+def test_clean_two_object_scenes_stay_present():
+    assert statuses(render([RED_CIRCLE, BLUE_SQUARE])[0]) == ["present", "present"]
+    for i in range(40):  # rendered scenes of the seeded stream, noise and all
+        objects = scene_for(HELD_OUT_SEED + 2, i, 2)
+        image = add_noise(render(objects)[0], seed=i)
+        assert all(s.status == "present" for s in judge(image, [(o.colour, o.shape) for o in objects])), i
+
+
+def test_judged_confidences_column():
+    image = render([RED_CIRCLE, BLUE_SQUARE])[0]
+    row = judged(image, "a red circle and a green triangle and a blue square")
+    found = {d.phrase: d.confidence for d in detect(image)}
+    expected = [f"{found['red circle']:.3f}", "", f"{found['blue square']:.3f}"]
+    assert row["confidences"] == ";".join(expected)
+    assert row["statuses"] == "present,missing,present" and row["precision"] == 1.0
+    rim = judged(rimmed(YELLOW_CIRCLE, "orange", 2.0), "a yellow circle and an orange circle")
+    statuses_ = judge(rimmed(YELLOW_CIRCLE, "orange", 2.0), "a yellow circle and an orange circle")
+    assert rim["confidences"] == f"{statuses_[0].detection.confidence:.3f};" and rim["n_missing"] == 1
+
+
+def test_min_confidence_is_the_calibrated_one():
+    """The committed table is what the calibration computes, and MIN_CONFIDENCE is its chosen row."""
+    committed = pd.read_csv(judge_calibration.TABLE)
+    assert judge_calibration.chosen_threshold(committed) == MIN_CONFIDENCE
+    assert committed["chosen"].sum() == 1
+    best = committed["accuracy"].max()
+    assert committed.loc[committed["accuracy"] == best, "threshold"].min() == MIN_CONFIDENCE  # lowest on a tie
+    assert committed.loc[committed["threshold"] == 0, "accuracy"].item() < best  # the floor helps
+    fresh = judge_calibration.calibrate_min_confidence(int(committed["n_scenes"].iloc[0]))
+    pd.testing.assert_frame_equal(fresh.round({"accuracy": 6, "scenes_right": 6}), committed, check_dtype=False)
+
+
+def test_calibration_scenes_hold_their_hard_cases():
+    scenes = [judge_calibration.calibration_scene(judge_calibration.SEED, i) for i in range(60)]
+    kinds = {k for s in scenes for k in s.kinds}
+    assert {"rim", "faint", "small", "blur", "noise", "tint"} <= kinds
+    assert any(not t for s in scenes for t in s.truth) and all(len(s.truth) == len(s.subjects) for s in scenes)
+    again = judge_calibration.calibration_scene(judge_calibration.SEED, 7)
+    assert np.array_equal(again.image, scenes[7].image) and again.subjects == scenes[7].subjects

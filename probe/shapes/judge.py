@@ -17,6 +17,9 @@ Method, per image:
    averaged over a 3×3 window so that pixel noise cannot speckle it.
 4. Each object's shape is the template (circle, square, triangle, ellipse) fitted to its bounding
    box that overlaps its mask best (IoU); the margin over the runner-up says how clear it is.
+
+Judging drops detections below :data:`MIN_CONFIDENCE` before matching them to subjects: a faint rim of one colour
+bled around an object of another is found as a low-confidence object, and it must not make a subject present.
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ CLEAR_SHAPE_MARGIN = 0.1  # IoU lead over the runner-up template at which a shap
 # Judging.
 BLEND_RANGE = (0.25, 0.75)  # share of one colour in a two-colour blend that counts as "mixed"
 BLEND_TOLERANCE = 30.0  # RGB distance from the blend line still counted as a blend
+# A detection below this confidence is not an object: chosen by probe.shapes.judge_calibration on rendered scenes
+# with known truth (figures/judge_min_confidence.csv; `python -m probe.shapes.judge_calibration` recomputes it).
+MIN_CONFIDENCE = 0.525
 STATUSES = ("present", "wrong_colour", "wrong_shape", "mixed", "missing")
 _FILLER_WORDS = frozenset({"a", "an", "the", "and", "one", "with"})
 
@@ -243,10 +249,22 @@ def _match(n_subjects: int, detections: list[Detection], fits) -> list[tuple[int
     return [(int(i), int(j)) for i, j in zip(rows, cols) if gain[i, j] > 0]
 
 
+def confident(detections: list[Detection], min_confidence: float = MIN_CONFIDENCE) -> list[Detection]:
+    """The detections that count as objects. One below ``min_confidence`` is dropped outright, not only kept from
+    "present": a faint rim or smear is no object, so it must not make a subject mixed, wrong_colour or wrong_shape
+    either (the calibration scores this rule; a rim kept for those statuses would read as "mixed")."""
+    return [d for d in detections if d.confidence >= min_confidence]
+
+
 def judge(
-    image: ImageLike, subjects: str | list[tuple[str, str]], detections: list[Detection] | None = None
+    image: ImageLike,
+    subjects: str | list[tuple[str, str]],
+    detections: list[Detection] | None = None,
+    min_confidence: float = MIN_CONFIDENCE,
 ) -> list[SubjectStatus]:
     """Status of each subject (a prompt or (colour, shape) pairs), in the subjects' order.
+
+    Detections below ``min_confidence`` are no objects (see :func:`confident`); 0 keeps them all.
 
     Precedence: present > mixed > wrong_colour > wrong_shape > missing. "present" matches are
     one-to-one, so one object cannot satisfy two subjects. A "mixed" object binds attributes of
@@ -254,7 +272,7 @@ def judge(
     may explain both of them. "wrong_colour" and "wrong_shape" objects are again one-to-one.
     """
     pairs = _subjects(subjects)
-    found = detect(image) if detections is None else detections
+    found = confident(detect(image) if detections is None else detections, min_confidence)
     status: dict[int, SubjectStatus] = {}
     free = list(range(len(found)))
 
@@ -316,13 +334,15 @@ def evaluate_scene(
     objects: list[Shape],
     detections: list[Detection] | None = None,
     labels: np.ndarray | None = None,
+    min_confidence: float = MIN_CONFIDENCE,
 ) -> list[bool]:
-    """Per truth object: found with its colour and shape, and a mask IoU ≥ 0.5 with its truth mask.
+    """Per truth object: found with its colour and shape, and a mask IoU ≥ 0.5 with its truth mask, by a
+    detection that :func:`judge` would count (confidence ≥ ``min_confidence``).
 
     The truth masks are ``labels`` (render()'s label map) or else come from rendering ``objects``
     at the image's size, so ``image`` may be a noisy, blurred or tinted copy of the rendering.
     """
-    found = detect(image) if detections is None else detections
+    found = confident(detect(image) if detections is None else detections, min_confidence)
     if labels is None:
         labels = render(objects, size=_as_rgb(image).shape[0])[1]
     correct = []

@@ -15,7 +15,7 @@ import pandas as pd
 
 from probe.analysis.stats import clustered_bootstrap
 from probe.models import BUILTIN
-from probe.shapes.judge import detect
+from probe.shapes.judge import confident, detect
 from probe.shapes.judge import judge as exact_judge
 from probe.tap import attention_layers
 from probe.writes import save_figure, write_csv
@@ -89,12 +89,16 @@ def judged(image: np.ndarray, prompt: str, judge: Judge = exact_judge) -> dict:
 
     ``quality``: mean judge confidence (template fit × shape margin × colour purity, 0–1) of the objects the judge
     tied to the prompt's subjects; NaN where it tied none. ``precision``: the share of the objects found in the
-    image that stand for some subject (1 − the share of stray objects); only with the exact judge, else NaN.
+    image that stand for some subject (1 − the share of stray objects); only with the exact judge, else NaN; objects
+    are the detections at or above the judge's minimum confidence (fainter ones are no objects to it).
+    ``confidences``: per subject, in order, the confidence of the object behind its status ("0.812;" for a present
+    subject and a missing one), so that a higher minimum confidence can be applied to a stored table later.
     """
-    detections = detect(image) if judge is exact_judge else None
+    detections = confident(detect(image)) if judge is exact_judge else None
     statuses = judge(image, prompt) if detections is None else exact_judge(image, prompt, detections=detections)
     names = [s.status for s in statuses]
-    found = [s.detection for s in statuses if s.status != "missing" and getattr(s, "detection", None) is not None]
+    behind = [getattr(s, "detection", None) if s.status != "missing" else None for s in statuses]
+    found = [d for d in behind if d is not None]
     used = {id(d) for d in found}
     return {
         "statuses": ",".join(names), "n_subjects": len(names), "missing": "missing" in names,
@@ -102,6 +106,7 @@ def judged(image: np.ndarray, prompt: str, judge: Judge = exact_judge) -> dict:
         "all_present": all(n == "present" for n in names),
         "quality": float(np.mean([d.confidence for d in found])) if found else math.nan,
         "precision": len(used) / len(detections) if detections else math.nan,
+        "confidences": ";".join("" if d is None else f"{d.confidence:.3f}" for d in behind),
     }
 
 
