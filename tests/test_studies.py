@@ -81,12 +81,16 @@ def test_auc_interval_and_association_on_planted_data():
     assert auc == pytest.approx(roc_auc_score(y, scores))
     assert 0.8 < low <= auc <= high <= 1
     assert np.isnan(auc_interval(np.zeros(5, bool), np.arange(5))[0])
-    metrics = pd.DataFrame({"step": 0, "timestep": 1.0, "missing": y, "mixed": ~y, "prompt": np.arange(y.size),
+    metrics = pd.DataFrame({"step": 0, "timestep": 1.0, "missing": y, "mixed": False, "prompt": np.arange(y.size),
                             "signal": y + rng.normal(0, 0.5, y.size), "noise": rng.normal(size=y.size)})
     table = failure_association(metrics, names=["signal", "noise"], n_boot=200).set_index(["outcome", "metric"])
-    assert table.loc[("missing", "signal"), "ci_low"] > 0.8 and table.loc[("mixed", "signal"), "ci_high"] < 0.2
+    assert table.loc[("missing", "signal"), "ci_low"] > 0.8 and table.loc["mixed", "auc"].isna().all()
     assert table.loc[("missing", "noise"), "ci_low"] < 0.5 < table.loc[("missing", "noise"), "ci_high"]
-    assert table.loc[("missing", ALL_METRICS), "auc"] > 0.8 and (table.n_cases == 60).all()
+    assert table.loc[("missing", ALL_METRICS), "auc"] > 0.8
+    assert (table.loc["missing", "n_cases"] == 60).all() and (table.n_controls == 60).all()
+    flipped = failure_association(metrics.assign(missing=False, mixed=y), names=["signal"], n_boot=50)
+    assert flipped.set_index(["outcome", "metric"]).loc[("mixed", "signal"), "auc"] == pytest.approx(
+        table.loc[("missing", "signal"), "auc"])  # mixing is measured the same way, against the same images
     # the same 120 images as 12 prompts of 10 look-alike seeds: the interval resamples prompts and widens
     prompt_scores = np.repeat(np.where(np.arange(12) < 6, 0.0, 1.0) + rng.normal(0, 0.8, 12), 10)
     alike = prompt_scores + rng.normal(0, 0.05, 120)
@@ -95,7 +99,7 @@ def test_auc_interval_and_association_on_planted_data():
     assert clustered[0] == plain[0] and clustered[2] - clustered[1] > 1.5 * (plain[2] - plain[1])
     # over several steps the chosen step's interval is Bonferroni-wide
     steps = pd.concat([metrics.assign(step=k, timestep=float(k)) for k in range(5)])
-    table = failure_association(steps, names=["noise"], n_boot=300).query("metric == 'noise'")
+    table = failure_association(steps, names=["noise"], n_boot=300).query("metric == 'noise' and outcome == 'missing'")
     assert ((table.ci_high_adj - table.ci_low_adj) > (table.ci_high - table.ci_low)).all()
 
 
@@ -151,7 +155,9 @@ def test_overlap_study_quick(tiny, tmp_path):
         assert row.n_cases == at[outcome].sum()
         if outcome == "missing" and metric != ALL_METRICS:
             assert row.auc == pytest.approx(roc_auc_score(at.missing, at[metric]))
-    assert len(overlap_headline(table)) == 2 * (len(METRICS) + 1)
+    headline = overlap_headline(table)  # step 10 of 50 scaled to 3 steps (step 1), and the last step beside it
+    assert len(headline) == 2 * 2 * (len(METRICS) + 1) and headline.iloc[0].step == 1 and headline.iloc[0].primary
+    assert set(headline[~headline.primary].step) == {STEPS - 1}
     assert all(e.missing or e.all_present for e in study.examples)
     for name in ("overlap_auc", "overlap_examples"):
         assert (tmp_path / f"{name}.png").stat().st_size > 0

@@ -1,4 +1,23 @@
-"""Overlap between the subjects' maps and entity missing / mixing (Marioriyad et al.'s argument)."""
+"""Overlap between the subjects' maps and entity missing / mixing (Marioriyad et al.'s argument).
+
+Comparison groups: each failure is compared with the images where every subject is present, missing vs all present
+and mixed vs all present. An image with a subject missing cannot show its subjects mixed, so it is no control for
+mixing (nor a mixed image for missing). "All present": no subject missing and none mixed; a subject drawn in the wrong
+colour or shape is present. An exact copy of an image (same prompt, same seed) counts once.
+
+Cause is read early. The headline's primary rows are step 10 of 50 (scaled to the run's steps: the nearest step
+the table has); the last step is reported beside them as an outcome read-out, not a cause. By the last step the
+maps show what was drawn: the built-in model is trained to keep a named-but-absent object's words off every object,
+so a missing subject's map ends flat by construction and any statistic of it then reads the outcome.
+
+All statistics together: a standardised logistic regression's out-of-fold AUC (folds grouped by prompt), averaged
+over :data:`FOLD_SEEDS` fold seeds and reported with its SD and min–max over them, since one seed's split moves it.
+
+Multiplicity: the study prints no p-value, so it has no Holm family (should one be added, print it with
+:func:`probe.analysis.stats.format_p`). Its 95% intervals are per comparison (outcome × statistic × step), not
+adjusted together; the association table's ``ci_low_adj`` / ``ci_high_adj`` are Bonferroni over the steps, for a
+step chosen after looking at all of them. The headline's two steps are fixed in advance.
+"""
 
 from __future__ import annotations
 
@@ -39,7 +58,6 @@ from probe.shapes.judge import judge as exact_judge
 from probe.shapes.judge import parse_prompt, require_shapes_world
 from probe.shapes.settings import HELD_OUT_SEED, STEPS
 from probe.shapes.world import COLOURS, SHAPES
-from probe.studies.answers import overlap_answer
 from probe.studies.common import (
     BOOTSTRAPS,
     CHUNK,
@@ -63,7 +81,16 @@ QUICK_OVERLAP_IMAGES = 16  # four prompts, four seeds: one chunk
 METRICS = (*PAIR_OVERLAP, "self_cross", "intensity_min", "spread_max", "ae_loss", "aggregation_max")
 ALL_METRICS = "all (logistic)"
 OVERLAP_OUTCOMES = ("missing", "mixed")  # an image's failures whose association with overlap is measured
-
+CONTROL = "all present"  # the comparison group of every outcome: no subject missing, none mixed
+IMAGE = ("prompt", "seed", "step")  # one image at one step: rows that repeat these are copies of one image
+FOLD_SEEDS = 20  # fold seeds the logistic regression's cross-validated AUC is averaged over
+EARLY_STEP, REFERENCE_STEPS = 10, 50  # cause is read at step 10 of 50, as the guidance studies read overlap
+CAUSE_READ, OUTCOME_READ = "cause (early step)", "outcome read-out, not cause"
+ASSOCIATION_COLUMNS = ["outcome", "metric", "step", "timestep", "n", "n_prompts", "n_cases", "auc", "ci_low",
+                       "ci_high", "ci_low_adj", "ci_high_adj", "control", "n_controls", "fold_seeds", "auc_sd",
+                       "auc_min", "auc_max"]
+HEADLINE_COLUMNS = ["outcome", "control", "metric", "read", "primary", "step", "timestep", "auc", "ci_low", "ci_high",
+                    "fold_seeds", "auc_sd", "auc_min", "auc_max", "n", "n_prompts", "n_cases", "n_controls"]
 
 
 @dataclass
@@ -101,15 +128,34 @@ class OverlapStudy:
     paths: dict[str, Path] = field(default_factory=dict)
 
 
+def distinct_prompts() -> list[str]:
+    """Every two-object prompt with two different colours and two different shapes (so nouns do not repeat), in a
+    fixed order; the two orders of one pair of objects are two prompts."""
+    return [f"a {c1} {s1} and a {c2} {s2}" for c1, c2 in itertools.permutations(COLOURS, 2)
+            for s1, s2 in itertools.permutations(SHAPES, 2)]
+
+
 def overlap_prompts(n: int, seed: int = OVERLAP_SEED) -> list[str]:
-    """``n`` two-object prompts with two different colours and two different shapes (so nouns do not repeat)."""
+    """``n`` distinct two-object prompts, drawn without replacement: a prompt drawn twice would make the same images
+    again (same prompt, same seeds), counted as new evidence."""
+    every = distinct_prompts()
+    if n > len(every):
+        raise ValueError(f"the overlap study draws distinct prompts: {n} asked for, but only {len(every)} distinct "
+                         f"two-object prompts exist ({len(COLOURS)} colours, {len(SHAPES)} shapes)")
     rng = np.random.default_rng(seed)
-    prompts = []
-    for _ in range(n):
-        colours = rng.choice(list(COLOURS), 2, replace=False)
-        shapes = rng.choice(list(SHAPES), 2, replace=False)
-        prompts.append(" and ".join(f"a {c} {s}" for c, s in zip(colours, shapes)))
-    return prompts
+    return [every[i] for i in rng.choice(len(every), n, replace=False)]
+
+
+def overlap_design(n_images: int, seeds_per_prompt: int = OVERLAP_SEEDS_PER_PROMPT) -> tuple[list[str], list[int]]:
+    """The study's prompts and seeds (every prompt with every seed): ``n_images / seeds_per_prompt`` distinct prompts,
+    so no (prompt, seed) pair repeats; too many images for the distinct prompts is an error that says how many."""
+    needed = max(1, math.ceil(n_images / seeds_per_prompt))
+    available = len(distinct_prompts())
+    if needed > available:
+        raise ValueError(f"{n_images} images at {seeds_per_prompt} seeds per prompt need {needed} prompts, but only "
+                         f"{available} distinct two-object prompts exist: ask for at most "
+                         f"{available * seeds_per_prompt} images, or more seeds per prompt")
+    return overlap_prompts(needed), [OVERLAP_SEED + i for i in range(seeds_per_prompt)]
 
 
 def pair_metrics(maps: torch.Tensor, self_maps: torch.Tensor, ae_maps: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -179,11 +225,12 @@ def overlap_study(pipe, n_images: int = 400, steps: int = STEPS, quick: bool = F
                   seeds_per_prompt: int = OVERLAP_SEEDS_PER_PROMPT, progress: bool = True) -> OverlapStudy:
     """Overlap statistics of two-object images at every step, and their association with entity missing and mixing.
 
-    ``n_images / seeds_per_prompt`` prompts (two colours, two shapes, all different), each with the same seeds.
+    ``n_images / seeds_per_prompt`` distinct prompts (two colours, two shapes, all different; drawn without
+    replacement), each with the same seeds.
     Maps are layer means at the cross-attention grid closest to 16×16; the self-cross overlap uses the
     Otsu-aggregated self-attention at that grid. An image counts as missing (mixed) when the judge finds any subject
-    missing (mixed with the other). ``quick``: at most 16 images, three steps (early / middle / late), 200 bootstrap
-    resamples.
+    missing (mixed with the other); each outcome is compared with the all-present images. ``quick``: at most 16 images,
+    the centre step of each third plus the headline's two steps, 200 bootstrap resamples.
     """
     pipe = load(pipe)
     n_images = whole_number(n_images, "n_images", "the number of two-object images")
@@ -191,9 +238,9 @@ def overlap_study(pipe, n_images: int = 400, steps: int = STEPS, quick: bool = F
     steps = step_count(steps)
     require_shapes_world(pipe, judge, "overlap")
     n_images = min(n_images, QUICK_OVERLAP_IMAGES) if quick else n_images
-    prompts = overlap_prompts(max(1, math.ceil(n_images / seeds_per_prompt)))
-    seeds = [OVERLAP_SEED + i for i in range(seeds_per_prompt)]
-    keep = sorted({s for v in step_bins(steps, per_bin=1).values() for s in v}) if quick else None
+    prompts, seeds = overlap_design(n_images, seeds_per_prompt)
+    keep = sorted({*(s for v in step_bins(steps, per_bin=1).values() for s in v), *headline_steps(range(steps))}
+                  ) if quick else None
     grid = nearest_grid(pipe)
     rows, examples = [], []
     chunks = list(sample_chunks(prompts, seeds))
@@ -221,15 +268,16 @@ def auc_interval(y: np.ndarray, scores: np.ndarray, clusters=None, n_boot: int =
                  confidence: float | Sequence[float] = CONFIDENCE, seed: int = 0) -> tuple[float, ...]:
     """ROC AUC of ``scores`` for the binary ``y`` and its percentile bootstrap interval, whole ``clusters``
     (prompts) resampled (default: each image its own). Several ``confidence`` levels give (auc, low, high, low₂,
-    high₂, …) from the same resamples.
+    high₂, …) from the same resamples. ``scores`` (k, n): k scorings of the same images (a logistic regression's
+    out-of-fold scores under k fold seeds), whose mean AUC is the estimate, resampled as one.
 
     NaN when ``y`` holds one class only; resamples with one class are skipped.
     """
     levels = [confidence] if np.isscalar(confidence) else list(confidence)
-    y, scores = np.asarray(y, bool), np.asarray(scores, np.float64)
+    y, scores = np.asarray(y, bool), np.atleast_2d(np.asarray(scores, np.float64))
     if y.all() or not y.any():
         return (float("nan"),) * (1 + 2 * len(levels))
-    auc = float(_auc_rows(y, scores))
+    auc = float(_auc_rows(y, scores).mean())
     _, cluster = np.unique(np.asarray(np.arange(len(y)) if clusters is None else clusters).astype(str),
                            return_inverse=True)
     members = [np.flatnonzero(cluster == c) for c in range(cluster.max() + 1)]
@@ -239,7 +287,7 @@ def auc_interval(y: np.ndarray, scores: np.ndarray, clusters=None, n_boot: int =
         index = np.concatenate([members[c] for c in rng.integers(0, len(members), len(members))])
         yb = y[index]
         if yb.any() and not yb.all():
-            boot.append(float(_auc_rows(yb, scores[index])))
+            boot.append(float(_auc_rows(yb, scores[:, index]).mean()))
     out = [auc]
     for level in levels:
         tail = (1 - level) / 2 * 100
@@ -260,56 +308,148 @@ def cross_validated_scores(X: np.ndarray, y: np.ndarray, groups=None, folds: int
     return cross_val_predict(LinearProbe()._pipeline(), X, y, cv=split, groups=groups, method="predict_proba")[:, 1]
 
 
+def fold_seed_scores(X: np.ndarray, y: np.ndarray, groups=None, seeds: Sequence[int] = range(FOLD_SEEDS),
+                     folds: int = FOLDS) -> np.ndarray | None:
+    """:func:`cross_validated_scores` under each fold seed, (seeds, n): one seed's split is an arbitrary pick that
+    moves the AUC, so it is read over many. None if a class is too rare."""
+    scores = [cross_validated_scores(X, y, groups, folds, seed=int(seed)) for seed in seeds]
+    return None if not scores or scores[0] is None else np.stack(scores)
+
+
+def distinct_images(metrics: pd.DataFrame) -> pd.DataFrame:
+    """``metrics`` with each image once per step: a copy (same prompt and seed) is the same image, not more evidence.
+    A table without seeds is kept as it is."""
+    keys = [key for key in IMAGE if key in metrics]
+    return metrics.drop_duplicates(keys) if "seed" in keys else metrics
+
+
+def all_present(metrics: pd.DataFrame, outcomes: Sequence[str] = OVERLAP_OUTCOMES) -> pd.Series:
+    """The images with none of the failures (no subject missing, none mixed): every outcome's comparison group."""
+    failed = [name for name in dict.fromkeys([*OVERLAP_OUTCOMES, *outcomes]) if name in metrics]
+    return ~metrics[failed].astype(bool).any(axis=1)
+
+
+def _seed_spread(y: np.ndarray, scores: np.ndarray | None) -> dict[str, float]:
+    """The joint score's AUC over fold seeds: how many, their SD (n − 1) and range."""
+    if scores is None or not y.any() or y.all():
+        return {"fold_seeds": len(scores) if scores is not None else np.nan, "auc_sd": np.nan, "auc_min": np.nan,
+                "auc_max": np.nan}
+    aucs = _auc_rows(y, scores)
+    return {"fold_seeds": len(aucs), "auc_sd": float(np.std(aucs, ddof=1)) if len(aucs) > 1 else np.nan,
+            "auc_min": float(aucs.min()), "auc_max": float(aucs.max())}
+
+
+def _association_rows(frame: pd.DataFrame, outcome: str, at: tuple[int, float], names: Sequence[str], n_boot: int,
+                      levels: tuple[float, float], seed: int, fold_seeds: int) -> list[dict]:
+    """One outcome at one step ``at`` (step, timestep): ``frame`` holds its cases and the all-present images."""
+    y = frame[outcome].to_numpy(bool)
+    prompts = frame.prompt.to_numpy()
+    base = {"outcome": outcome, "step": int(at[0]), "timestep": float(at[1]),
+            "n": len(y), "n_prompts": len(set(prompts)), "n_cases": int(y.sum()), "control": CONTROL,
+            "n_controls": int((~y).sum())}
+    joint = fold_seed_scores(frame[list(names)].to_numpy(np.float64), y, prompts, seed + np.arange(fold_seeds))
+    scored = [(name, frame[name].to_numpy(np.float64)) for name in names] + [(ALL_METRICS, joint)]
+    rows = []
+    for name, scores in scored:
+        known = scores is not None and not np.isnan(scores).all()
+        auc, low, high, low_adj, high_adj = (auc_interval(y, scores, prompts, n_boot, levels, seed=seed) if known
+                                             else (np.nan,) * 5)
+        spread = _seed_spread(y, scores) if name == ALL_METRICS else {}
+        rows.append({"metric": name, **base, "auc": auc, "ci_low": low, "ci_high": high, "ci_low_adj": low_adj,
+                     "ci_high_adj": high_adj, **spread})
+    return rows
+
+
 def failure_association(metrics: pd.DataFrame, outcomes: Sequence[str] = OVERLAP_OUTCOMES,
-                        names: Sequence[str] = METRICS, n_boot: int = BOOTSTRAPS, seed: int = 0) -> pd.DataFrame:
+                        names: Sequence[str] = METRICS, n_boot: int = BOOTSTRAPS, seed: int = 0,
+                        fold_seeds: int = FOLD_SEEDS) -> pd.DataFrame:
     """Per outcome and step: ROC AUC of each metric for the outcome (a boolean column of ``metrics``: "any subject
-    missing", "subjects mixed"), and of all metrics together, with intervals that resample prompts.
+    missing", "subjects mixed") against the all-present images (:func:`all_present`; an image with the other
+    failure is in neither group), and of all metrics together, with intervals that resample prompts.
 
     AUC > 0.5: larger values go with the failure (expected for soft IoU, self-cross overlap, A&E loss); < 0.5:
     smaller values do (expected for centre distance, KL, intensity). The joint row (``metric == ALL_METRICS``) is
-    the cross-validated AUC (folds grouped by prompt) of a logistic regression on every metric. ``ci_low`` /
-    ``ci_high``: 95%; ``ci_low_adj`` / ``ci_high_adj``: Bonferroni over the steps (95% family-wise for a step
-    chosen after looking at all of them). ``n_cases``: images with the outcome; where it is 0 or ``n`` the AUC is NaN.
+    the cross-validated AUC (folds grouped by prompt) of a logistic regression on every metric, the mean over
+    ``fold_seeds`` fold seeds (``auc_sd``, ``auc_min``, ``auc_max``: its spread over them; its interval resamples
+    the mean). ``ci_low`` / ``ci_high``: 95%; ``ci_low_adj`` / ``ci_high_adj``: Bonferroni over the steps (95%
+    family-wise for a step chosen after looking at all of them). ``n``: images compared, ``n_cases`` of them with
+    the outcome, ``n_controls`` all present; where either is 0 the AUC is NaN. Copies of an image count once.
     """
-    rows = []
+    metrics = distinct_images(metrics)
+    metrics = metrics.assign(_control=all_present(metrics, outcomes))
     steps = metrics.groupby(["step", "timestep"], sort=True)
-    adjusted = 1 - (1 - CONFIDENCE) / max(1, steps.ngroups)
-    for outcome, ((step, timestep), frame) in itertools.product(outcomes, steps):
-        y = frame[outcome].to_numpy(bool)
-        prompts = frame.prompt.to_numpy()
-        base = {"outcome": outcome, "step": int(step), "timestep": float(timestep), "n": len(y),
-                "n_prompts": len(set(prompts)), "n_cases": int(y.sum())}
-        scored = [(name, frame[name].to_numpy()) for name in names]
-        joint = cross_validated_scores(frame[list(names)].to_numpy(np.float64), y, prompts, seed=seed)
-        scored.append((ALL_METRICS, np.full(len(y), np.nan) if joint is None else joint))
-        for name, scores in scored:
-            auc, low, high, low_adj, high_adj = (
-                (np.nan,) * 5 if np.isnan(scores).all() else
-                auc_interval(y, scores, prompts, n_boot, (CONFIDENCE, adjusted), seed=seed))
-            rows.append({"metric": name, **base, "auc": auc, "ci_low": low, "ci_high": high,
-                         "ci_low_adj": low_adj, "ci_high_adj": high_adj})
-    return pd.DataFrame(rows, columns=["outcome", "metric", "step", "timestep", "n", "n_prompts", "n_cases", "auc",
-                                       "ci_low", "ci_high", "ci_low_adj", "ci_high_adj"])
+    levels = (CONFIDENCE, 1 - (1 - CONFIDENCE) / max(1, steps.ngroups))
+    rows = []
+    for outcome, (at, frame) in itertools.product(outcomes, steps):
+        compared = frame[frame[outcome].astype(bool) | frame._control]
+        rows += _association_rows(compared, outcome, at, names, n_boot, levels, seed, fold_seeds)
+    return pd.DataFrame(rows, columns=ASSOCIATION_COLUMNS)
+
+
+def headline_steps(steps) -> tuple[int, int]:
+    """(early, last) of the recorded ``steps``: the step nearest step 10 of 50 scaled to the run (its last step + 1
+    steps), where cause is read, and the last step, where the maps read the outcome out."""
+    steps = sorted({int(s) for s in steps})
+    target = round(EARLY_STEP / REFERENCE_STEPS * (steps[-1] + 1))
+    return min(steps, key=lambda s: (abs(s - target), s)), steps[-1]
+
+
+def headline_rows(metrics: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the headline's two steps (:func:`headline_steps`): all the headline needs, so recomputing it
+    from a per-image table skips the other steps."""
+    return metrics[metrics.step.isin(headline_steps(metrics.step))]
 
 
 def overlap_headline(association: pd.DataFrame) -> pd.DataFrame:
-    """Per outcome and metric: AUC at the last step (with CI), and the step where the AUC lies furthest from 0.5 with
-    its Bonferroni-adjusted interval (the step was chosen among all of them; ``strongest_clear``: that interval
-    excludes 0.5). None when the outcome never happened, so no AUC exists."""
-    rows = []
-    for (outcome, metric), frame in association.groupby(["outcome", "metric"], sort=False):
-        last = frame.loc[frame.step.idxmax()]
-        known = frame.dropna(subset=["auc"])
-        best = known.loc[(known.auc - 0.5).abs().idxmax()] if len(known) else None
-        clear = best is not None and not (best.ci_low_adj <= 0.5 <= best.ci_high_adj)
-        rows.append({"outcome": outcome, "metric": metric, "auc_last": last.auc, "ci_low_last": last.ci_low,
-                     "ci_high_last": last.ci_high, "strongest_step": pd.NA if best is None else int(best.step),
-                     "auc_strongest": math.nan if best is None else best.auc,
-                     "ci_low_strongest_adj": math.nan if best is None else best.ci_low_adj,
-                     "ci_high_strongest_adj": math.nan if best is None else best.ci_high_adj,
-                     "strongest_clear": bool(clear), "n": int(last.n), "n_prompts": int(last.n_prompts),
-                     "n_cases": int(last.n_cases)})
-    return pd.DataFrame(rows)
+    """Per outcome and metric (each outcome against the all-present images): the AUC at the early step first
+    (``primary``, read as cause), then at the last step, reported beside it as an outcome read-out, not a cause
+    (the maps then show what was drawn). One row when the run has one step."""
+    if association.empty:
+        return pd.DataFrame(columns=HEADLINE_COLUMNS)
+    early, last = headline_steps(association.step)
+    reads = [(early, CAUSE_READ, True)] + ([(last, OUTCOME_READ, False)] if last != early else [])
+    parts = [association[association.step == step].assign(read=read, primary=primary)
+             for step, read, primary in reads]
+    return pd.concat(parts, ignore_index=True)[HEADLINE_COLUMNS]
+
+
+def _joint_text(rows: pd.DataFrame) -> str:
+    joint = rows[rows.metric == ALL_METRICS]
+    if joint.empty or np.isnan(joint.auc.iloc[0]):
+        return ""
+    j = joint.iloc[0]
+    return (f"; all statistics together (logistic, mean over {int(j.fold_seeds)} fold seeds) AUC {j.auc:.2f}, SD "
+            f"{j.auc_sd:.3f}, range {j.auc_min:.3f}–{j.auc_max:.3f}")
+
+
+def _separates(rows: pd.DataFrame, outcome: str) -> str:
+    """The single statistic furthest from 0.5 whose interval excludes 0.5, for one outcome at one step."""
+    single = rows[rows.metric != ALL_METRICS].dropna(subset=["auc"])
+    clear = single[(single.ci_low > 0.5) | (single.ci_high < 0.5)]
+    counts = f"{int(rows.n_cases.max())} vs {int(rows.n_controls.max())} images"
+    if clear.empty:
+        return f"no single statistic separates {outcome} images from all-present ones ({counts})"
+    best = clear.loc[(clear.auc - 0.5).abs().idxmax()]
+    return (f"{best.metric} separates {outcome} images from all-present ones best (AUC {best.auc:.2f} "
+            f"[{best.ci_low:.2f}, {best.ci_high:.2f}], {counts})")
+
+
+def overlap_answer(headline: pd.DataFrame) -> str:
+    """Per outcome, the statistic that best separates it from the all-present images at the early step (cause),
+    and all statistics together; then the last step, named as the outcome read-out it is."""
+    if headline.empty:
+        return "No outcome was measured."
+    primary = headline.primary.map(lambda v: str(v).strip().lower() in ("true", "1", "1.0"))  # as read from CSV
+    cause, beside = headline[primary], headline[~primary]
+    early, steps = int(cause.step.iloc[0]), int(headline.step.max()) + 1
+    parts = [_separates(rows, outcome) + _joint_text(rows) for outcome, rows in cause.groupby("outcome", sort=False)]
+    text = f"Read at step {early} of {steps}, where cause is read: " + "; ".join(parts) + "."
+    if beside.empty:
+        return text
+    late = "; ".join(_separates(rows, outcome) for outcome, rows in beside.groupby("outcome", sort=False))
+    return (f"{text} At the last step (an outcome read-out, not cause) {late}: the built-in model is trained to "
+            "keep a named-but-absent object's words off every object, so a missing subject's map is flat at the end "
+            "by construction.")
 
 
 register(Study(
@@ -317,5 +457,5 @@ register(Study(
     run=overlap_study, headline=lambda study: overlap_headline(study.association),
     tables=lambda study: {"overlap_metrics": study.metrics, "overlap_association": study.association},
     source="overlap_metrics",
-    recompute=lambda table, n_boot: overlap_headline(failure_association(table, n_boot=n_boot)),
+    recompute=lambda table, n_boot: overlap_headline(failure_association(headline_rows(table), n_boot=n_boot)),
     answer=overlap_answer, figures=("overlap_auc", "overlap_examples")))
