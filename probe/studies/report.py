@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from probe.models import BUILTIN, load
+from probe.studies.answers import section_texts
 from probe.studies.common import (
     BOOTSTRAPS,
     QUICK_BOOTSTRAPS,
@@ -109,8 +110,9 @@ def _text(row, name: str) -> str | None:
 
 def write_index(out: str | Path) -> Path:
     """``out/README.md``: each study present in ``timing.csv``, what it ran on, its rerun command, figures, its
-    answer in one sentence (:mod:`probe.studies.answers`) and headline table, all read back from the files the
-    studies wrote (so it never disagrees with them)."""
+    answer in one sentence (:mod:`probe.studies.answers`), the paragraphs the study registered for its section
+    (:func:`~probe.studies.answers.section_texts`: its Holm families, how its size was fixed) and headline table,
+    all read back from the files the studies wrote (so it never disagrees with them)."""
     out = Path(out)
     timing = pd.read_csv(out / "timing.csv")
     parts = ["# Figures and tables of the studies", "",
@@ -129,10 +131,11 @@ def write_index(out: str | Path) -> Path:
                   f"```\n{study_command(row.study, out, bool(row.quick), settings, _text(row, 'model_path'))}\n```", ""]
         parts += [f"![{name}]({name}.png)" for name in study.figures if (out / f"{name}.png").exists()]
         headline = out / f"headline_{row.study}.csv"
-        if headline.exists():
-            table = pd.read_csv(headline)
-            if len(table) and study.answer is not None:
-                parts += ["", f"**Answer.** {study.answer(table)}"]
+        table = pd.read_csv(headline) if headline.exists() else None
+        if table is not None and len(table) and study.answer is not None:
+            parts += ["", f"**Answer.** {study.answer(table)}"]
+        parts += [line for text in section_texts(study.name, table) for line in ("", text)]
+        if table is not None:
             parts += ["", _markdown(table)]
     path = out / "README.md"
     return write_text(path, "\n".join(parts) + "\n")
