@@ -47,11 +47,9 @@ from probe.studies.intervention.analysis import (  # noqa: F401 (the study's nam
     primary_family,
     relative_manipulation,
     relative_timing_answer,
-    relative_timing_family,
     timing_answer,
     timing_family,
     unit_slopes,
-    window_arms,
 )
 from probe.studies.intervention.design import (  # noqa: F401
     ALPHA,
@@ -167,7 +165,7 @@ def family_of(experiment: str, rows: pd.DataFrame, n_boot: int = 2000) -> pd.Dat
     """The experiment's registered family table (its tests, Holm-adjusted where registered)."""
     from probe.studies.intervention.factorial import factorial_family
 
-    return {"dose_response": primary_family, "timing": timing_family, "timing_relative": relative_timing_family,
+    return {"dose_response": primary_family, "timing": timing_family, "timing_relative": timing_family,
             "factorial": factorial_family}[kind(experiment)](rows, n_boot)
 
 
@@ -236,7 +234,8 @@ def _answer(experiment: str, rows: pd.DataFrame, summary: pd.DataFrame, family: 
 
 
 PILOTS = {  # pilots of the second registration: the pilot's object sets, seeds apart from every experiment's
-    "e2b": {"arms": e2b_arms, "seed_offset": 800, "power_arms": ("early x0.5", "early x2"), "family": 3},
+    "e2b": {"arms": lambda: e2b_arms((0.5, 2.0)), "seed_offset": 800, "power_arms": ("early x2", "none"),
+            "family": 3},
     "e3": {"arms": e3_arms, "seed_offset": 900, "power_arms": ("ae+iou", "ae"), "family": 2},
 }
 

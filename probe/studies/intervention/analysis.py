@@ -237,74 +237,42 @@ def timing_answer(family: pd.DataFrame, summary: pd.DataFrame) -> str:
     return " ".join(parts)
 
 
-def window_arms(arms) -> dict[str, tuple[str, str]]:
-    """Per window of E2b, its (push apart, pull together) arms: the lowest and the highest factor."""
-    found: dict[str, dict[float, str]] = {}
-    for arm in arms:
-        if arm != "none":
-            window, factor = arm.rsplit(" x", 1)
-            found.setdefault(window, {})[float(factor)] = arm
-    return {w: (f[min(f)], f[max(f)]) for w, f in found.items()}
-
-
-def relative_timing_family(e2b: pd.DataFrame, n_boot: int = 2000) -> pd.DataFrame:
-    """E2b's registered family: in each window, the push apart minus the pull together in all present, paired on
-    the unit, Holm over the windows; missing and mixing beside; each arm against none, exploratory."""
-    flagged = e2b.assign(**{c: e2b.category == c for c in CATEGORIES})
-    rows = [{"test": f"{push} − {pull} (points)", "window": window,
-             "family": "primary" if c == "all_present" else "reported beside",
-             **contrast(flagged, push, pull, c, n_boot)}
-            for c in CATEGORIES for window, (push, pull) in window_arms(dict.fromkeys(e2b.method)).items()]
-    table = pd.DataFrame(rows)
-    primary = table.family == "primary"
-    table.loc[primary, "p_holm"] = holm(table.loc[primary, "p_value"].to_numpy())
-    loose = [{"test": f"{arm} − none (points)", "window": arm.rsplit(" x", 1)[0], "family": EXPLORATORY,
-              **contrast(flagged, arm, "none", "all_present", n_boot)}
-             for arm in dict.fromkeys(e2b.method) if arm != "none"]
-    return pd.concat([table, pd.DataFrame(loose)], ignore_index=True)
-
-
 def relative_manipulation(summary: pd.DataFrame) -> list[str]:
-    """E2b's registered checks that fail: per window the push lowers and the pull raises the achieved soft IoU
-    against the maps' own, and mean peak and spread stay within 5 % of 1."""
+    """E2b's registered checks that fail: each moved arm changes the achieved soft IoU against the maps' own in the
+    direction of its factor (above 1: raised), and mean peak and spread stay within 5 % of 1."""
     failed = []
-    for push, pull in window_arms(summary.arm).values():
-        a, b = (summary[summary.arm == arm].iloc[0] for arm in (push, pull))
-        if not a.iou_after < a.iou_before:
-            failed.append(f"{push} did not lower the soft IoU ({a.iou_before:.3f} → {a.iou_after:.3f})")
-        if not b.iou_after > b.iou_before:
-            failed.append(f"{pull} did not raise the soft IoU ({b.iou_before:.3f} → {b.iou_after:.3f})")
-        for arm, row in ((push, a), (pull, b)):
-            failed += [f"{arm}: mean {what.replace('_', ' ')} {row[what]:.3f}"
-                       for what in ("peak_ratio", "spread_ratio") if abs(row[what] - 1) > MANIPULATION_TOLERANCE]
+    for row in summary[summary.dose.notna()].itertuples():
+        raised = row.iou_after > row.iou_before
+        if raised != (row.dose > 1):
+            failed.append(f"{row.arm} did not {'raise' if row.dose > 1 else 'lower'} the soft IoU "
+                          f"({row.iou_before:.3f} → {row.iou_after:.3f})")
+        failed += [f"{row.arm}: mean {what.replace('_', ' ')} {getattr(row, what):.3f}"
+                   for what in ("peak_ratio", "spread_ratio") if abs(getattr(row, what) - 1) > MANIPULATION_TOLERANCE]
     return failed
 
 
 def relative_timing_answer(family: pd.DataFrame, summary: pd.DataFrame, detectable_points: float) -> str:
-    """The E2b answer from its tables: per window, halving minus doubling the maps' own overlap in all present
+    """The E2b answer from its tables: each window's move of the maps' own overlap against none in all present
     (Holm over the windows), what each move achieved, the manipulation check, and what the size can rule out."""
     primary = family[family["family"] == "primary"]
     moved = summary.set_index("arm")
-    said = []
-    for r in primary.itertuples():
-        push, pull = r.comparison.split(" − ")
-        said.append(f"{r.window} {r.difference:+.1f} points [{r.ci_low:+.1f}, {r.ci_high:+.1f}] (Holm p = "
-                    f"{format_p(r.p_holm)}; soft IoU {moved.iou_before[push]:.3f} moved to "
-                    f"{moved.iou_after[push]:.3f} and {moved.iou_after[pull]:.3f})")
-    parts = ["Halving minus doubling the subjects' own map overlap within one window changed all subjects present by "
+    said = [f"{r.comparison.split(' − ')[0]} {r.difference:+.1f} points [{r.ci_low:+.1f}, {r.ci_high:+.1f}] "
+            f"(Holm p = {format_p(r.p_holm)}; soft IoU {moved.iou_before[r.comparison.split(' − ')[0]]:.3f} → "
+            f"{moved.iou_after[r.comparison.split(' − ')[0]]:.3f})" for r in primary.itertuples()]
+    parts = ["Scaling the subjects' own map overlap within one window changed all subjects present against none by "
              + "; ".join(said) + "."]
     failed = relative_manipulation(summary)
-    clear = primary[primary.p_holm < 0.05]
     if failed:
         parts.append(f"The manipulation check failed ({'; '.join(failed)}): those windows are not read.")
+    clear = primary[primary.p_holm < 0.05]
     if clear.empty:
-        parts.append(f"No window's contrast was clear; the design detects {detectable_points:.1f} points with 80 % "
+        parts.append(f"No window's change was clear; the design detects {detectable_points:.1f} points with 80 % "
                      "power, so larger effects of overlap in any one window are ruled out, smaller ones are not.")
     else:
-        parts.append("Clear: " + ", ".join(f"{r.window} ({r.difference:+.1f} points)" for r in clear.itertuples())
-                     + "; positive means less overlap, more images with every subject present.")
-    beside = family[(family["family"] == "reported beside")]
+        parts.append("Clear: " + ", ".join(f"{r.comparison} ({r.difference:+.1f} points)" for r in clear.itertuples())
+                     + ".")
+    beside = family[family["family"] == "reported beside"]
     parts.append("Beside the family (unadjusted): " + "; ".join(
-        f"{r.window} {r.outcome} {r.difference:+.1f} [{r.ci_low:+.1f}, {r.ci_high:+.1f}]" for r in beside.itertuples())
-        + ".")
+        f"{r.comparison.split(' − ')[0]} {r.outcome} {r.difference:+.1f} [{r.ci_low:+.1f}, {r.ci_high:+.1f}]"
+        for r in beside.itertuples()) + ".")
     return " ".join(parts)

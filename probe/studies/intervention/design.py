@@ -29,7 +29,7 @@ GRIDS = (16, 8)  # the cross-attention grids the maps are moved at (the nearest 
 CATEGORIES = ("all_present", "missing", "mixed")
 
 
-FACTORS = (0.5, 2.0)  # E2b: each window's own overlap halved (pushed apart) and doubled (pulled together)
+FACTORS = (2.0,)  # E2b: each window's own overlap doubled (a push apart widened late maps in the pilot)
 COMMON_STEP = 1.0  # E3: A&E's step on this model (chosen on 60 pilot prompts, figures/guidance_step_sizes.csv)
 
 
@@ -64,7 +64,7 @@ def e2_arms(dose: float = min(DOSES)) -> list[Arm]:
 
 def e2b_arms(factors: Sequence[float] = FACTORS) -> list[Arm]:
     """None, and in each window the maps' own overlap scaled by each factor (relative doses: natural overlap falls
-    from 0.15 early to 0.02 late, so one soft IoU would push apart early and pull together late)."""
+    from 0.15 early to 0.013 late, so one soft IoU would push apart early and pull together late)."""
     return [Arm("none", None), *(Arm(f"{name} x{f:g}", float(f), window, relative=True)
                                  for name, window in WINDOWS.items() for f in factors)]
 
