@@ -3,68 +3,91 @@ would give them by hand."""
 
 import pandas as pd
 
-from probe.studies.guidance import guidance_answer
 from probe.studies.probing import probe_answer
 from probe.studies.self_cross import self_cross_answer
 
 NAN = float("nan")
 
 
-def _guidance_row(method, diff, low, high, mixed=NAN, mixed_low=NAN, mixed_high=NAN, **extra):
-    return {"method": method, "initno": False, "n": 300, "diff_vs_ae": diff, "diff_ci_low": low, "diff_ci_high": high,
-            "verdict": extra.pop("verdict", "no clear difference from ae"),
-            "p_holm": extra.pop("p_holm", NAN), "mixed_diff_vs_ae": mixed, "mixed_diff_ci_low": mixed_low,
-            "mixed_diff_ci_high": mixed_high, "mixed_p_holm": NAN, "loss_fell": extra.pop("loss_fell", NAN),
-            "iou_t10_vs_none": extra.pop("iou_t10_vs_none", NAN), "iou_end_vs_none": extra.pop("iou_end_vs_none", NAN),
-            "iou_t10_diff_vs_ae": extra.pop("against", NAN), "iou_t10_diff_ci_low": extra.pop("against_low", NAN),
-            "iou_t10_diff_ci_high": extra.pop("against_high", NAN)}
+def _contrasts(reference: str, all_present=(NAN, NAN, NAN, NAN), missing=(NAN, NAN, NAN, NAN),
+               mixed=(NAN, NAN, NAN, NAN)) -> dict:
+    """A headline row's columns for the three outcomes against ``reference``: (difference, low, high, Holm p)."""
+    out = {}
+    for outcome, values in (("all_present", all_present), ("missing", missing), ("mixed", mixed)):
+        name = f"{outcome}_vs_{reference}"
+        out.update(dict(zip([name, f"{name}_ci_low", f"{name}_ci_high", f"{name}_p_holm"], values)))
+    return out
 
 
-def test_guidance_answer_turns_none_minus_ae_into_the_control_effect_and_reads_the_pooled_row():
+def _guidance_row(method, pool="", **extra):
+    return {"method": method, "initno": False, "n": 300, "pool": pool, "manipulated": extra.pop("manipulated", True),
+            "loss_fell": extra.pop("loss_fell", NAN), "iou_t10_vs_none": extra.pop("iou_t10_vs_none", NAN),
+            "iou_end_vs_none": extra.pop("iou_end_vs_none", NAN), "iou_t10_vs_ae": extra.pop("against", NAN),
+            "iou_t10_vs_ae_ci_low": extra.pop("against_low", NAN),
+            "iou_t10_vs_ae_ci_high": extra.pop("against_high", NAN), **extra}
+
+
+def test_guidance_findings_read_the_control_every_method_and_the_pool_with_its_exclusions():
+    from probe.studies.guidance import POOLED, guidance_findings
+
     table = pd.DataFrame([
-        _guidance_row("none", 0.08, 0.04, 0.12, p_holm=0.001, verdict="more missing than ae"),  # none misses more
-        _guidance_row("ae", NAN, NAN, NAN),
-        _guidance_row("overlap methods (pooled)", 0.01, -0.02, 0.04, 0.05, 0.01, 0.09, loss_fell=0.9,
-                      iou_t10_vs_none=-0.08, iou_end_vs_none=-0.04, against=-0.03, against_low=-0.05,
-                      against_high=-0.01),
+        _guidance_row("ae", **_contrasts("none", (0.08, 0.04, 0.12, 0.0004), (-0.1, -0.14, -0.06, 0.0002),
+                                          (0.02, -0.01, 0.05, 0.4))),
+        _guidance_row("none", manipulated=NAN),
+        _guidance_row("iou", "pooled", against=-0.01, against_low=-0.02, against_high=-0.005,
+                      **_contrasts("ae", (0.01, -0.02, 0.04, 0.6), (-0.05, -0.08, -0.02, 0.01),
+                                   (0.04, 0.01, 0.07, 0.02)),
+                      **_contrasts("none", (0.09, 0.05, 0.13, 0.001), (-0.15, -0.2, -0.1, 0.001),
+                                   (0.06, 0, 0.1, 0.3))),
+        _guidance_row("kl", "left out: failed the manipulation check", manipulated=False,
+                      **_contrasts("ae", (-0.02, -0.05, 0.01, 0.5), (0.02, -0.01, 0.05, 0.5), (0, -0.03, 0.03, 1))),
+        _guidance_row("self_cross", "left out: contains A&E's own term",
+                      **_contrasts("ae", (-0.05, -0.09, -0.01, 0.2), (-0.04, -0.08, 0, 0.3),
+                                   (0.09, 0.05, 0.13, 0.004))),
+        _guidance_row("com", "pooled", **_contrasts("ae", *[(0, -0.03, 0.03, 1)] * 3)),
+        _guidance_row(POOLED, loss_fell=0.9, iou_t10_vs_none=-0.08, iou_end_vs_none=-0.04, against=-0.03,
+                      against_low=-0.05, against_high=-0.01,
+                      **_contrasts("ae", (0.01, -0.02, 0.04, 0.3), (-0.03, -0.06, 0.0, 0.2), (0.02, -0.01, 0.05, 0.4))),
     ])
-    answer = guidance_answer(table)
-    assert "changed missing by -8.0 points [-12.0, -4.0] against no guidance (300 pairs, Holm p = 0.001)" in answer
-    assert "the positive control holds" in answer
-    assert "missing by +1.0 points [-2.0, +4.0]" in answer and "mixing by +5.0 points [+1.0, +9.0]" in answer
-    assert "fell in 90% of images" in answer and "-0.080 at step 10 (50% of it left at the end)" in answer
-    assert "and -0.030 [-0.050, -0.010] from A&E's images" in answer
-    assert "did not clearly change entity missing" in answer
-    table.loc[0, ["diff_vs_ae", "diff_ci_low", "diff_ci_high", "verdict"]] = [0.03, -0.01, 0.07,
-                                                                          "no clear difference from ae"]
-    assert "is not met at this size" in guidance_answer(table)
-    table.loc[2, ["diff_vs_ae", "diff_ci_low", "diff_ci_high", "verdict"]] = [0.2, 0.15, 0.29,
-                                                                          "more missing than ae"]  # Holm: more
-    assert "so guidance that lowers overlap raised entity missing relative to" in guidance_answer(table)
-    table.loc[2, ["iou_t10_diff_vs_ae", "iou_t10_diff_ci_high"]] = [0.004, 0.01]  # no lower than A&E's own overlap
-    assert "cannot tell whether lower overlap lowers missing beyond A&E" in guidance_answer(table)
-    table.loc[2, ["iou_t10_diff_vs_ae", "iou_t10_diff_ci_high"]] = [-0.03, -0.01]
-    table.loc[2, "loss_fell"] = 0.44  # the objective mostly did not fall: the manipulation check fails
-    assert "does not test whether lower overlap lowers missing" in guidance_answer(table)
-    table.loc[2, ["loss_fell", "iou_t10_vs_none"]] = [0.9, 0.05]  # it fell, but overlap rose: fails as well
-    assert "does not test whether lower overlap lowers missing" in guidance_answer(table)
+    answer = guidance_findings(table)
+    assert answer.startswith("Positive control, A&E vs no guidance: all present +8.0 points [+4.0, +12.0] "
+                             "(Holm p < 0.001, gain), missing -10.0 (Holm p < 0.001, gain), mixing +2.0 (Holm p = 0.4, "
+                             "no clear difference) (300 pairs): the positive control holds")
+    assert "IoU vs A&E: all present +1.0 points [-2.0, +4.0] (Holm p = 0.6, no clear difference), missing -5.0 " \
+           "(Holm p = 0.01, gain), mixing +4.0 (Holm p = 0.02, harm); IoU vs no guidance: all present" in answer
+    assert "Pooled test of the overlap arms: IoU and CoM; left out before pooling: Self-Cross (contain A&E's own " \
+           "term" in answer and "KL (failed the pre-declared manipulation check" in answer
+    assert "Soft IoU at step 10 against A&E's own: lower for IoU -0.010 [-0.020, -0.005]" in answer
+    assert "moved -0.080 from unguided generation (50% of it left at the end) and -0.030 [-0.050, -0.010]" in answer
+    assert "so guidance that lowers overlap below A&E's did not clearly change the share" in answer
+    assert "Harms at Holm α = 0.05: IoU mixing +4.0 points vs A&E (Holm p = 0.02); Self-Cross mixing +9.0 points " \
+           "vs A&E (Holm p = 0.004)" in answer
+    table.loc[0, "all_present_vs_none_p_holm"] = 0.2
+    assert "the positive control is not met at this size" in guidance_findings(table)
+    table.loc[6, "iou_t10_vs_ae_ci_high"] = 0.01  # no lower than A&E's own overlap
+    assert "cannot tell whether lower overlap helps beyond A&E" in guidance_findings(table)
+    table.loc[6, "manipulated"] = False  # the pool did not lower overlap at all
+    assert "the pool did not lower overlap, so this does not test" in guidance_findings(table)
+    only = table[~table.method.isin(["com", POOLED])]
+    assert "IoU; left out" in guidance_findings(only) and "there is no pooled test" in guidance_findings(only)
 
 
-def test_self_cross_answer_says_a_guidance_that_did_not_act_tells_nothing():
-    row = {"method": "self_cross", "n": 130, "mixed_diff_vs_ae": 0.054, "mixed_diff_ci_low": 0.008,
-           "mixed_diff_ci_high": 0.1, "mixed_p_holm": 0.127, "loss_fell": 0.16, "loss_start_median": 0.947,
-           "loss_end_median": 0.995, "mixed_verdict": "no clear difference from ae"}
+def test_self_cross_answer_names_both_sides_and_says_a_failed_check_tells_nothing():
+    row = {"method": "self_cross", "initno": False, "n": 130, "loss_fell": 0.16, "loss_start_median": 0.947,
+           "loss_end_median": 0.995, "iou_t10_vs_none": 0.01, "iou_t10_vs_none_ci_low": -0.01,
+           "iou_t10_vs_none_ci_high": 0.03, "manipulated": False,
+           **_contrasts("ae", (0.054, 0.008, 0.1, 0.127), (-0.01, -0.03, 0.01, 1), (-0.044, -0.09, 0, 0.2)),
+           **_contrasts("none", (0.1, 0.05, 0.15, 0.001), (-0.2, -0.25, -0.15, 0.0001), (0.1, 0.05, 0.15, 0.002))}
     answer = self_cross_answer(pd.DataFrame([row]))
-    assert "+5.4 points [+0.8, +10.0]" in answer and "fell in 16% of images" in answer
-    assert "did not act" in answer
-    acted = {**row, "loss_fell": 0.9}  # the verdict is the study's Holm-corrected one, not the raw interval's
-    assert "it did not clearly change mixing" in self_cross_answer(pd.DataFrame([acted]))
-    assert "it raised mixing" in self_cross_answer(pd.DataFrame([{**acted, "mixed_verdict": "more mixed than ae"}]))
-    both = self_cross_answer(pd.DataFrame([{**acted, "initno": False},
-                                           {**acted, "initno": True, "mixed_diff_vs_ae": -0.1,
-                                            "mixed_verdict": "less mixed than ae"}]))  # one clause per initno
-    assert both.startswith("Without INITNO, Self-Cross changed mixing") and "; with INITNO, " in both
-    assert "-10.0 points" in both and "it lowered mixing" in both
+    assert answer.startswith("Self-Cross vs A&E: all present +5.4 points [+0.8, +10.0] (Holm p = 0.13, no clear ")
+    assert "Self-Cross vs no guidance: all present +10.0 points" in answer and "mixing +10.0 (Holm p = 0.002, harm)" \
+        in answer
+    assert "fell in 16% of images" in answer and "failed, so the comparisons say nothing about the method" in answer
+    assert "Harms at Holm α = 0.05: Self-Cross mixing +10.0 points vs no guidance (Holm p = 0.002)" in answer
+    passed = {**row, "manipulated": True, "iou_t10_vs_none_ci_high": -0.001}
+    assert ": passed" in self_cross_answer(pd.DataFrame([passed]))
+    both = self_cross_answer(pd.DataFrame([{**passed, "initno": False}, {**passed, "initno": True}]))
+    assert both.startswith("Without INITNO: Self-Cross vs A&E") and " With INITNO: Self-Cross vs A&E" in both
 
 
 def test_probe_answer_needs_disjoint_intervals_for_better():

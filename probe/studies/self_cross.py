@@ -1,4 +1,9 @@
-"""Self-Cross guidance on similar subjects: does it lower subject mixing?"""
+"""Self-Cross guidance on similar subjects: does it lower subject mixing, and at what cost?
+
+Each image has one outcome (any subject missing, else any mixed, else all present), all present the primary one;
+Self-Cross and A&E are each compared with A&E and with no guidance on all three (:mod:`probe.studies.guidance`'s
+machinery), so that less mixing bought with more missing shows.
+"""
 
 from __future__ import annotations
 
@@ -16,15 +21,20 @@ from probe.shapes.judge import judge as exact_judge
 from probe.shapes.judge import require_shapes_world
 from probe.shapes.settings import GUIDANCE, HELD_OUT_SEED, STEPS
 from probe.steer.guide import InitNO, Schedule
-from probe.studies.answers import acted, direction_of, interval_text, p_text, points_text
+from probe.studies.answers import add_section_text, initno_groups, row_where, signed_text, truthy
 from probe.studies.common import BOOTSTRAPS, QUICK_BOOTSTRAPS, QUICK_STEPS, Judge, Subject, rows_path, save_figures
 from probe.studies.guidance import (
+    CATEGORIES,
     GUIDANCE_SEEDS_PER_PROMPT,
     QUICK_INITNO,
     QUICK_SCHEDULE,
-    outcome_summary,
-    versus_baseline,
-    with_versus,
+    REFERENCES,
+    contrast_text,
+    family_text,
+    harms_text,
+    outcome_text,
+    ranked_headline,
+    study_tables,
 )
 from probe.studies.guided import (
     BASELINE,
@@ -46,20 +56,28 @@ QUICK_SELF_CROSS_IMAGES = 4
 
 @dataclass
 class SelfCrossStudy:
-    """``images``: one row per image; ``summary``: mixing and missing rates per method with intervals."""
+    """``images``: one row per image; ``summary``: per (method, initno) the three exclusive outcomes' rates, the
+    manipulation check and every comparison with A&E and with no guidance as columns; ``comparisons``: those
+    comparisons, one row per (method, initno, reference, outcome)."""
 
     images: pd.DataFrame
     summary: pd.DataFrame
     step_sizes: pd.DataFrame  # the step-size calibration (empty where the step sizes were given)
     figures: dict = field(default_factory=dict)
     paths: dict[str, Path] = field(default_factory=dict)
+    comparisons: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+def self_cross_tables(images: pd.DataFrame, n_boot: int = BOOTSTRAPS) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The summary and comparisons (:func:`probe.studies.guidance.study_tables`, no pool: one overlap arm) from the
+    per-image rows alone (``self_cross_images.csv`` reproduces the headline)."""
+    return study_tables(images, candidates=(), n_boot=n_boot)
 
 
 def self_cross_summary(images: pd.DataFrame, n_boot: int = BOOTSTRAPS) -> pd.DataFrame:
-    """Per (method, initno): mixing and missing rates and mixing's paired difference from A&E, from the per-image
-    rows alone (``self_cross_images.csv`` reproduces the headline)."""
-    summary = outcome_summary(images, ("mixed", "missing"), pooled=(), n_boot=n_boot)
-    return with_versus(summary, versus_baseline(images, "mixed", pooled=(), n_boot=n_boot), "mixed_")
+    """Per (method, initno): all present, missing and mixed (exclusive) with intervals over object sets, the
+    manipulation check, and each comparison with A&E and with no guidance (:func:`self_cross_tables`)."""
+    return self_cross_tables(images, n_boot)[0]
 
 
 def self_cross_study(pipe, n_images: int = SELF_CROSS_IMAGES, steps: int = STEPS, quick: bool = False,
@@ -74,9 +92,10 @@ def self_cross_study(pipe, n_images: int = SELF_CROSS_IMAGES, steps: int = STEPS
 
     Prompts of ``sets`` (default ``shapes-similar``; SSD-2 / SSD-3 on a real model) × seeds, each method without
     and with INITNO (Self-Cross's paper runs on INITNO's initial-noise optimisation; ``none`` without only),
-    through :func:`guided_images`. Per (method, initno): the rate of images with any subject judged "mixed" (a blend
-    or swapped attributes) and with any subject missing, each with an interval over prompts, and the paired
-    difference of the mixing rate from A&E at the same ``initno`` (Holm over the methods). ``quick``: at most 4
+    through :func:`guided_images`. Per (method, initno): the share of images with any subject missing, else any
+    judged "mixed" (a blend or swapped attributes), else all present, each with an interval over object sets, and
+    the paired differences from A&E (same ``initno``) and from no guidance on all three (Holm per outcome, all
+    present the primary one; :func:`probe.studies.guidance.comparison_table`). ``quick``: at most 4
     images (4 prompts, one seed), at most 20 steps, at most 5 refinement iterations, a short INITNO, 200
     bootstrap resamples.
     Step sizes as in :func:`guidance_study` (calibrated on pilot prompts unless ``step_sizes`` gives them).
@@ -99,52 +118,59 @@ def self_cross_study(pipe, n_images: int = SELF_CROSS_IMAGES, steps: int = STEPS
     images = guided_images(pipe, prompts, seeds, configurations(methods, initno), steps=steps, step_sizes=sizes,
                            initno_settings=initno_settings, progress=progress, desc="self-cross study",
                            store=rows_path(out, "self_cross_images"), **options)
-    summary = self_cross_summary(images, n_boot)
-    figures = {"self_cross_mixing": plots.outcome_rates(summary, ("mixed", "missing"), baseline=BASELINE)}
-    return SelfCrossStudy(images, summary, calibration, figures, save_figures(figures, out))
+    summary, comparisons = self_cross_tables(images, n_boot)
+    figures = {"self_cross_mixing": plots.outcome_rates(summary, CATEGORIES, baseline=BASELINE)}
+    return SelfCrossStudy(images, summary, calibration, figures, save_figures(figures, out), comparisons)
 
 
 def self_cross_headline(summary: pd.DataFrame) -> pd.DataFrame:
-    """Per (method, initno), least mixing first: mixing and missing rates (CIs), mixing minus A&E's (paired CI),
-    the manipulation check, overlap."""
-    columns = ["method", "initno", "n", "mixed_rate", "mixed_ci_low", "mixed_ci_high", "missing_rate",
-               "missing_ci_low", "missing_ci_high", f"mixed_diff_vs_{BASELINE}", "mixed_diff_ci_low",
-               "mixed_diff_ci_high", "mixed_p_holm", "mixed_verdict", "loss_start_median", "loss_end_median",
-               "loss_fell", "step_size", "iou_t10_vs_none", "iou_end_vs_none", "soft_iou_t10", "self_cross_t10",
-               "quality", "seconds_per_image"]
-    if summary.empty:
-        return pd.DataFrame(columns=columns)
-    return summary[columns].sort_values(["mixed_rate", "method"], kind="stable").reset_index(drop=True)
+    """Per (method, initno), most images with every subject present first: the three outcomes, every comparison with
+    A&E and with no guidance, the manipulation check, overlap and Self-Cross's own statistic at step 10."""
+    return ranked_headline(summary, ("soft_iou_t10", "self_cross_t10"))
+
+
+def _check_text(row: pd.Series) -> str:
+    """Self-Cross's manipulation check: soft IoU at step 10 against no guidance (interval over object sets) and how
+    often its loss fell; a failed check says the comparison tells nothing about the method."""
+    moved, low, high = (float(row.get(c, float("nan"))) for c in
+                        ("iou_t10_vs_none", "iou_t10_vs_none_ci_low", "iou_t10_vs_none_ci_high"))
+    text = f"Self-Cross's manipulation check: soft IoU at step 10 {signed_text(moved)} [{low:+.3f}, {high:+.3f}] " \
+           "from unguided generation"
+    fell = float(row.get("loss_fell", float("nan")))
+    if not math.isnan(fell):
+        text += f", its loss fell in {fell:.0%} of images (median {row.loss_start_median:.3f} → " \
+                f"{row.loss_end_median:.3f})"
+    return text + (": passed" if truthy(row.get("manipulated")) else
+                   ": failed, so the comparisons say nothing about the method")
 
 
 def self_cross_answer(headline: pd.DataFrame) -> str:
-    """Self-Cross vs A&E on mixing of similar subjects (the study's Holm-corrected verdict), with its manipulation
-    check."""
-    rows = headline[headline.method == "self_cross"] if "method" in headline else headline.iloc[:0]
+    """Per INITNO setting: Self-Cross against A&E and against no guidance, and A&E against no guidance, on all three
+    outcomes (all present primary; each Holm-corrected verdict, harms included), Self-Cross's manipulation check,
+    and every harm."""
     parts = []
-    for _, row in rows.iterrows():
-        if math.isnan(row[f"mixed_diff_vs_{BASELINE}"]):
+    for prefix, table in initno_groups(headline):
+        row, ae = row_where(table, method="self_cross"), row_where(table, method=BASELINE)
+        clauses = [] if row is None else [contrast_text(row, reference) for reference in REFERENCES]
+        clauses += [contrast_text(ae, NO_GUIDANCE)] if ae is not None else []
+        clauses = [c for c in clauses if c]
+        if row is None or not clauses:
             continue
-        diff, low, high = row[f"mixed_diff_vs_{BASELINE}"], row.mixed_diff_ci_low, row.mixed_diff_ci_high
-        fell = row.get("loss_fell", float("nan"))
-        check = (f"; its loss fell in {fell:.0%} of images (median {row.loss_start_median:.3f} → "
-                 f"{row.loss_end_median:.3f})" if not math.isnan(fell) else "")
-        verdict = (f"it {direction_of(str(row.mixed_verdict))} mixing" if acted(row) else
-                   "the guidance did not act, so the comparison says nothing about the method")
-        with_initno = str(row.get("initno", False)).lower() == "true"
-        parts.append(f"{'with' if with_initno else 'without'} INITNO, Self-Cross changed mixing of similar subjects "
-                     f"by {points_text(diff)} {interval_text(low, high)} against Attend-and-Excite ({int(row.n)} pairs"
-                     f"{p_text(row.get('mixed_p_holm'))}){check}: {verdict}")
-    if not parts:
-        return "Self-Cross was not compared with Attend-and-Excite."
-    text = "; ".join(parts)
-    return text[0].upper() + text[1:] + "."
+        parts.append(prefix + ". ".join([*clauses, _check_text(row), harms_text(table)]) + ".")
+    return " ".join(parts) if parts else "Self-Cross was not compared with Attend-and-Excite or no guidance."
 
 
+def holm_family_text(headline: pd.DataFrame | None = None) -> str:
+    """The Self-Cross study's Holm families and tests, as the report writes them into its section."""
+    return family_text(headline, pool=False)
+
+
+add_section_text("self_cross", outcome_text)
+add_section_text("self_cross", holm_family_text)
 register(Study(
     name="self_cross", title="Self-Cross guidance on similar subjects: mixing", order=50, run=self_cross_study,
-    tables=lambda study: {"self_cross_summary": study.summary,  # images: stored as they are made
-                          "self_cross_step_sizes": study.step_sizes},
+    tables=lambda study: {"self_cross_summary": study.summary, "self_cross_comparisons": study.comparisons,
+                          "self_cross_step_sizes": study.step_sizes},  # images: stored as they are made
     headline=lambda study: self_cross_headline(study.summary),
     source="self_cross_images", recompute=lambda table, n_boot: self_cross_headline(self_cross_summary(table, n_boot)),
     answer=self_cross_answer, figures=("self_cross_mixing",), aliases=("self-cross",)))
