@@ -12,6 +12,11 @@ self-attention carries "where". Features per sample are
 each flattened, for every (kind, feature, resolution, layer or the layer mean, step bin). Steps inside a bin are
 averaged. The sweep scores each block with stratified k-fold cross-validation of a standardised logistic regression.
 
+The best of many blocks' scores is an optimistic estimate (a maximum over a search), and it favours whichever kind
+had more blocks searched. :func:`nested_probe_features` instead gives every (kind, feature) arm the same candidate
+set-ups (:func:`search_space`: the blocks every arm has, times the same regularisation grid) and selects inside
+nested cross-validation: inner folds of each outer training part choose the set-up, the outer folds score it.
+
 Accuracy is the out-of-fold accuracy pooled over all samples (every sample is predicted once, by a model that did not
 see it); that is the fold-size-weighted mean of the fold accuracies. Its interval is a Wilson score interval on those
 pooled out-of-fold predictions: honest for small n and never outside [0, 1], unlike a t interval over five folds.
@@ -19,6 +24,8 @@ pooled out-of-fold predictions: honest for small n and never outside [0, 1], unl
 
 from __future__ import annotations
 
+import warnings
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
@@ -47,6 +54,10 @@ MEAN_LAYER = "mean"
 STEP_BIN_NAMES = ("early", "middle", "late")
 COLUMNS = ["kind", "feature", "resolution", "layer", "step_bin", "target", "accuracy", "ci_low", "ci_high",
            "chance", "n", "n_classes", "folds"]
+INNER_FOLDS = 4  # nested cross-validation: folds of each outer training part that choose the set-up
+BLOCK, NESTED = "block", "nested"  # a row scores one set-up / the set-up chosen inside nested cross-validation
+SEARCH_COLUMNS = ["search", "n_candidates", "best_of_n", "chosen_folds", "C"]
+NESTED_COLUMNS = [*COLUMNS, *SEARCH_COLUMNS]  # a nested row's set-up columns name the set-up most outer folds chose
 
 
 class FeatureKey(NamedTuple):
@@ -86,6 +97,28 @@ def wilson_interval(correct: int, n: int, confidence: float = CONFIDENCE) -> tup
     return float(min(max(0.0, centre - half), p)), float(max(min(1.0, centre + half), p))  # p inside, despite rounding
 
 
+@dataclass(frozen=True)
+class NestedScore:
+    """Nested cross-validation of a search over set-ups: ``score`` pools the outer folds' predictions of the set-up
+    that each fold's inner folds chose (never the maximum over the search); ``best_of_n`` is the best single
+    set-up's outer accuracy, the optimistic "best of N" it replaces. ``chosen`` (an index into the blocks) and
+    ``chosen_C``: the set-up most outer folds chose, by ``chosen_folds`` of them."""
+
+    score: ProbeScore
+    best_of_n: float
+    n_candidates: int
+    chosen: int
+    chosen_C: float
+    chosen_folds: int
+
+
+def _fit_predict(pipeline: Pipeline, X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray) -> np.ndarray:
+    """Predictions of ``pipeline`` fitted on the training part; a part with one class predicts that class."""
+    if len(np.unique(y_train)) < 2:
+        return np.full(len(X_test), y_train[0], dtype=y_train.dtype)
+    return pipeline.fit(X_train, y_train).predict(X_test)
+
+
 class LinearProbe(ClassifierMixin, BaseEstimator):
     """StandardScaler + multinomial logistic regression, with a cross-validated score.
 
@@ -101,9 +134,24 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.max_iter = max_iter
         self.random_state = random_state
 
-    def _pipeline(self) -> Pipeline:
+    def _pipeline(self, C: float | None = None) -> Pipeline:
         return Pipeline([("scale", StandardScaler()),
-                         ("logistic", LogisticRegression(C=self.C, max_iter=self.max_iter))])
+                         ("logistic", LogisticRegression(C=self.C if C is None else C, max_iter=self.max_iter))])
+
+    def _splitter(self, y: np.ndarray, groups: np.ndarray | None, wanted: int, strict: bool = True):
+        """Stratified (group) k-fold with ``wanted`` folds, fewer where the rarest class has fewer samples (groups).
+        ``strict``: fewer than two folds or classes is an error; otherwise two folds (inner folds of a small part)."""
+        classes, counts = np.unique(y, return_counts=True)
+        if groups is not None:
+            counts = np.array([len(set(groups[y == c])) for c in classes])
+        folds = int(min(wanted, counts.min()))
+        if strict and (len(classes) < 2 or folds < 2):
+            raise ValueError(f"need two classes with {MIN_PER_CLASS}+ samples (groups) each, got "
+                             f"{dict(zip(classes, counts))}")
+        folds = max(folds, 2)
+        if groups is None:
+            return StratifiedKFold(folds, shuffle=True, random_state=self.random_state), folds
+        return StratifiedGroupKFold(folds, shuffle=True, random_state=self.random_state), folds
 
     def fit(self, X, y) -> LinearProbe:
         self.pipeline_ = self._pipeline().fit(np.asarray(X, np.float64), np.asarray(y))
@@ -121,21 +169,53 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         X, y = np.asarray(X, np.float64), np.asarray(y)
         classes, counts = np.unique(y, return_counts=True)
         chance = float(counts.max() / len(y))  # the majority class's share of the samples
-        if groups is not None:
-            groups = np.asarray(groups).astype(str)
-            counts = np.array([len(set(groups[y == c])) for c in classes])
-        folds = int(min(self.folds, counts.min()))
-        if len(classes) < 2 or folds < 2:
-            raise ValueError(f"need two classes with {MIN_PER_CLASS}+ samples (groups) each, got "
-                             f"{dict(zip(classes, counts))}")
-        if groups is None:
-            split = StratifiedKFold(folds, shuffle=True, random_state=self.random_state)
-        else:
-            split = StratifiedGroupKFold(folds, shuffle=True, random_state=self.random_state)
+        groups = None if groups is None else np.asarray(groups).astype(str)
+        split, folds = self._splitter(y, groups, self.folds)
         predicted = cross_val_predict(self._pipeline(), X, y, cv=split, groups=groups)
         correct = int((predicted == y).sum())
         low, high = wilson_interval(correct, len(y), self.confidence)
         return ProbeScore(correct / len(y), low, high, chance, len(y), len(classes), folds)
+
+    def _inner_accuracy(self, X: np.ndarray, y: np.ndarray, splits: list, C: float) -> float:
+        """Pooled out-of-fold accuracy of one set-up over the inner folds ``splits`` of an outer training part."""
+        predicted = np.empty(len(y), dtype=y.dtype)
+        for train, test in splits:
+            predicted[test] = _fit_predict(self._pipeline(C), X[train], y[train], X[test])
+        return float((predicted == y).mean())
+
+    def nested_cross_validate(self, blocks: Sequence, y, groups=None, Cs: Sequence[float] | None = None,
+                              inner_folds: int = INNER_FOLDS) -> NestedScore:
+        """Choose a set-up (a feature block of ``blocks`` × a C of ``Cs``, default this probe's C) inside nested
+        cross-validation, so the reported accuracy is not the maximum over the search.
+
+        Outer folds: the same stratified (group) folds as :meth:`cross_validate`. In each, inner folds of the
+        training part score every set-up; the best (first on ties) is refitted on the whole training part and
+        predicts the held-out fold. ``groups`` keep a group's samples in one fold at both levels."""
+        blocks = [np.asarray(X, np.float64) for X in blocks]
+        y = np.asarray(y)
+        groups = None if groups is None else np.asarray(groups).astype(str)
+        setups = [(b, float(C)) for b in range(len(blocks)) for C in (Cs or (self.C,))]
+        classes, counts = np.unique(y, return_counts=True)
+        split, folds = self._splitter(y, groups, self.folds)
+        outer = np.empty((len(setups), len(y)), dtype=y.dtype)  # every set-up's outer prediction (for best of N)
+        nested, chosen = np.empty(len(y), dtype=y.dtype), []
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The least populated class", UserWarning)
+            for train, test in split.split(blocks[0], y, groups):
+                inner_groups = None if groups is None else groups[train]
+                inner, _ = self._splitter(y[train], inner_groups, inner_folds, strict=False)
+                splits = list(inner.split(blocks[0][train], y[train], inner_groups))
+                scores = [self._inner_accuracy(blocks[b][train], y[train], splits, C) for b, C in setups]
+                chosen.append(int(np.argmax(scores)))
+                for i, (b, C) in enumerate(setups):
+                    outer[i, test] = _fit_predict(self._pipeline(C), blocks[b][train], y[train], blocks[b][test])
+                nested[test] = outer[chosen[-1], test]
+        correct = int((nested == y).sum())
+        low, high = wilson_interval(correct, len(y), self.confidence)
+        score = ProbeScore(correct / len(y), low, high, float(counts.max() / len(y)), len(y), len(classes), folds)
+        (modal, times), = Counter(chosen).most_common(1)
+        return NestedScore(score, float((outer == y).mean(1).max()), len(setups), setups[modal][0],
+                           setups[modal][1], times)
 
 
 # -- features from a recording -------------------------------------------------------------------------------------
@@ -288,6 +368,49 @@ def probe_features(features: Features, labels: pd.DataFrame | Mapping[str, Seque
             score = probe.cross_validate(X[keep], y, None if groups is None else np.asarray(groups)[keep])
             rows.append({**key._asdict(), "target": target, **asdict(score)})
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def search_space(features: Features, arms: Sequence[tuple[str, str]] | None = None
+                 ) -> dict[tuple[str, str], list[FeatureKey]]:
+    """Each (kind, feature) arm's candidate blocks: only the (resolution, layer, step bin) that every arm has, so
+    every arm searches the same number of set-ups and no kind wins a comparison by having more blocks searched
+    (self-attention has two features per block, and on large models cross-attention has grids self lacks)."""
+    arms = list(arms) if arms is not None else list(dict.fromkeys((k.kind, k.feature) for k in features))
+    setups = {arm: {(k.resolution, k.layer, k.step_bin): k for k in features if (k.kind, k.feature) == arm}
+              for arm in arms}
+    common = set.intersection(*(set(found) for found in setups.values())) if setups else set()
+    order = [where for where in setups[arms[0]] if where in common] if arms else []
+    return {arm: [setups[arm][where] for where in order] for arm in arms}
+
+
+def nested_probe_features(features: Features, labels: pd.DataFrame | Mapping[str, Sequence],
+                          probe: LinearProbe | None = None, min_per_class: int = MIN_PER_CLASS,
+                          groups: Sequence | None = None, Cs: Sequence[float] | None = None,
+                          inner_folds: int = INNER_FOLDS, arms: Sequence[tuple[str, str]] | None = None
+                          ) -> pd.DataFrame:
+    """One row per (target, kind, feature): the accuracy of a set-up chosen inside nested cross-validation
+    (:meth:`LinearProbe.nested_cross_validate`) over that arm's :func:`search_space` × ``Cs``, the same count for
+    every arm. Columns :data:`NESTED_COLUMNS`; resolution, layer and step bin name the set-up most outer folds chose,
+    ``best_of_n`` the old optimistic score (the best single set-up). Labels and groups as in :func:`probe_features`.
+    """
+    probe = probe or LinearProbe()
+    n = len(next(iter(features.values())))
+    frame = _labels_frame(labels, n)
+    space = {arm: keys for arm, keys in search_space(features, arms).items() if keys}
+    rows = []
+    for target in frame.columns:
+        keep = _usable(frame[target], min_per_class)
+        y = frame[target][keep].astype(str).to_numpy()
+        if len(np.unique(y)) < 2:
+            continue
+        kept_groups = None if groups is None else np.asarray(groups)[keep]
+        for keys in space.values():
+            found = probe.nested_cross_validate([features[key][keep] for key in keys], y, kept_groups, Cs,
+                                                inner_folds)
+            rows.append({**keys[found.chosen]._asdict(), "target": target, **asdict(found.score), "search": NESTED,
+                         "n_candidates": found.n_candidates, "best_of_n": found.best_of_n,
+                         "chosen_folds": found.chosen_folds, "C": found.chosen_C})
+    return pd.DataFrame(rows, columns=NESTED_COLUMNS)
 
 
 def probe_recording(tree, labels: pd.DataFrame | Mapping[str, Sequence], words: str | Sequence[str],
