@@ -11,7 +11,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from probe.analysis.probes import COLUMNS, attn_tensor
-from probe.analysis.stats import cluster_sign_flip, clustered_bootstrap, holm
+from probe.analysis.stats import cluster_sign_flip, clustered_bootstrap, holm, mcnemar
 from probe.fingerprint import weights_id
 from probe.models import Layer, attention_layers
 from probe.record import record
@@ -20,7 +20,14 @@ from probe.shapes.world import COLOURS, SHAPES
 from probe.steer.guide import InitNO, Schedule, generate
 from probe.studies.common import mean_interval, nearest_grid
 from probe.studies.editing import EDIT_KEYS, edit_headline, edit_study, edit_summary
-from probe.studies.guidance import GUIDANCE_SETS, POOLED, guidance_headline, guidance_study, versus_baseline
+from probe.studies.guidance import (
+    GUIDANCE_SETS,
+    POOLED,
+    comparison_table,
+    guidance_headline,
+    guidance_study,
+    versus_baseline,
+)
 from probe.studies.guided import (
     NO_GUIDANCE_SCHEDULE,
     RealPassMaps,
@@ -246,20 +253,23 @@ def test_subject_metrics_softmax_runs_over_the_words_wherever_padding_puts_them(
 def test_paired_difference_and_pooled_family_on_planted_data():
     n = 30
     rows = [{"method": m, "initno": False, "prompt": f"p{i}", "seed": 0, "missing": m == "ae",
-             "soft_iou_t10": 0.5 if m == "ae" else 0.2} for i in range(n) for m in ("ae", "iou", "kl", "none")]
+             "soft_iou_t10": {"ae": 0.5, "none": 0.6}.get(m, 0.2)}
+            for i in range(n) for m in ("ae", "iou", "kl", "none")]
     table = versus_baseline(pd.DataFrame(rows), n_boot=200).set_index("method")
-    assert set(table.index) == {"iou", "kl", "none", POOLED}
+    assert set(table.index) == {"iou", "kl", "none", POOLED}  # both lowered soft IoU against none: pooled
     assert table.loc["iou", "difference"] == -1 and table.loc["iou", "ci_high"] == -1
     assert table.loc[POOLED, "verdict"] == "less missing than ae"
     assert table.loc["iou", "overlap_difference"] == pytest.approx(-0.3)
     rate, low, high = mean_interval(np.arange(10) < 3, n_boot=500)
     assert rate == pytest.approx(0.3) and 0 <= low < 0.3 < high <= 0.7
-    np.testing.assert_allclose(table.p_holm.to_numpy(), holm(table.p_value.to_numpy()))
+    family = comparison_table(pd.DataFrame(rows), {False: ("iou", "kl")}, ("missing",), n_boot=200)
+    np.testing.assert_allclose(family.p_holm.to_numpy(), holm(family.p_value.to_numpy()))  # against A&E and none
+    assert table.loc["iou", "p_holm"] == family.set_index(["method", "reference"]).p_holm["iou", "ae"]
 
 
 def test_comparisons_resample_prompts_and_holm_reads_the_verdict():
-    """Two seeds per prompt: the interval and the sign-flip p-value are those of whole prompts, recomputed here from
-    the per-image rows; a difference carried by few prompts does not survive Holm."""
+    """Two seeds per prompt: the interval and the sign-flip p-value are those of whole prompts (each its own object
+    set here), recomputed from the per-image rows; the p-value Holm reads is McNemar's on the 0/1 pairs."""
     rng = np.random.default_rng(0)
     rows = []
     for i in range(12):
@@ -276,7 +286,8 @@ def test_comparisons_resample_prompts_and_holm_reads_the_verdict():
     prompts = wide.index.get_level_values("prompt")
     mean, low, high = clustered_bootstrap(diffs.to_numpy(), prompts, 400, 0.95, 0)
     assert table.loc["iou", ["difference", "ci_low", "ci_high"]].tolist() == pytest.approx([mean, low, high])
-    assert table.loc["iou", "p_value"] == pytest.approx(cluster_sign_flip(diffs.to_numpy(), prompts))
+    assert table.loc["iou", "p_sign_flip"] == pytest.approx(cluster_sign_flip(diffs.to_numpy(), prompts))
+    assert table.loc["iou", "p_value"] == pytest.approx(mcnemar(wide["ae"] > 0.5, wide["iou"] > 0.5))  # 0/1 pairs
     assert table.loc["iou", "n_prompts"] == 12 and table.loc["iou", "n_paired"] == 24
     assert table.loc["kl", "p_value"] == 1.0  # no differences at all
     assert table.loc["iou", "p_holm"] == pytest.approx(min(1.0, 2 * table.loc["iou", "p_value"]))  # Holm of two
@@ -305,19 +316,24 @@ def test_guidance_study_quick(tiny, tmp_path):
     assert images[images.method == "none"].loss_start.isna().all()
     assert images[images.method != "none"].loss_start.notna().all()
     assert len(summary) == len(configs) and (summary.n == 2).all()
-    _check_rates(summary, "missing")
-    _check_rates(summary, "mixed")
+    for outcome in ("all_present", "missing", "mixed"):  # one exclusive outcome per image
+        _check_rates(summary, outcome)
+    np.testing.assert_allclose(summary[["all_present_rate", "missing_rate", "mixed_rate"]].sum(axis=1), 1.0)
     rates = summary.set_index(["method", "initno"]).missing_rate
-    versus = study.versus_ae.set_index(["method", "initno"])
+    versus = study.versus_ae.set_index(["method", "initno"])  # the earlier layout: missing against A&E
     assert set(versus.index) == {("none", False), ("iou", False), ("iou", True)}
     for key, row in versus.iterrows():
         assert row.difference == pytest.approx(rates[key] - rates["ae", key[1]])
         assert row.ci_low <= row.difference <= row.ci_high
-    assert summary.set_index("method").loc["ae", "verdict"].eq("baseline").all()
     by_config = summary.set_index(["method", "initno"])
-    for key in versus.index:  # mixing is compared with A&E on the same images, like missing
-        assert by_config.loc[key, "mixed_diff_vs_ae"] == pytest.approx(
-            by_config.mixed_rate[key] - by_config.mixed_rate["ae", key[1]])
+    for key in (("iou", False), ("iou", True)):  # every outcome against A&E on the same images, and against none
+        for outcome, reference in (("all_present", "ae"), ("mixed", "ae"), ("missing", "none")):
+            base = (reference, key[1] if reference == "ae" else False)
+            assert by_config.loc[key, f"{outcome}_vs_{reference}"] == pytest.approx(
+                by_config[f"{outcome}_rate"][key] - by_config[f"{outcome}_rate"][base])
+    assert set(study.comparisons.outcome) == {"all_present", "missing", "mixed"}
+    assert set(zip(study.comparisons.method, study.comparisons.reference)) == {
+        ("ae", "none"), ("iou", "ae"), ("iou", "none")}
     steps = summary.set_index(["method", "initno"]).step_size
     assert steps["none"].isna().all()
     for method in ("ae", "iou"):  # calibrated on pilot prompts
@@ -422,13 +438,17 @@ def test_self_cross_study_quick(tiny, tmp_path):
     assert images.quality.isna().all()  # the stand-in judge has no detections
     assert set(zip(summary.method, summary.initno)) == configs
     mixed = summary.set_index(["method", "initno"])
-    for initno in (False, True):  # each compared with A&E at the same initno
-        assert mixed.loc[("self_cross", initno), "mixed_diff_vs_ae"] == pytest.approx(
-            mixed.loc[("self_cross", initno), "mixed_rate"] - mixed.loc[("ae", initno), "mixed_rate"])
-    _check_rates(summary, "mixed")
-    _check_rates(summary, "missing")
+    for initno in (False, True):  # each compared with A&E at the same initno, and with none (without INITNO)
+        for outcome in ("all_present", "missing", "mixed"):
+            assert mixed.loc[("self_cross", initno), f"{outcome}_vs_ae"] == pytest.approx(
+                mixed.loc[("self_cross", initno), f"{outcome}_rate"] - mixed.loc[("ae", initno), f"{outcome}_rate"])
+            assert mixed.loc[("self_cross", initno), f"{outcome}_vs_none"] == pytest.approx(
+                mixed.loc[("self_cross", initno), f"{outcome}_rate"] - mixed.loc[("none", False), f"{outcome}_rate"])
+    for outcome in ("all_present", "missing", "mixed"):
+        _check_rates(summary, outcome)
     headline = self_cross_headline(summary)
-    assert len(headline) == len(configs) and "mixed_diff_vs_ae" in headline
+    assert len(headline) == len(configs) and {"mixed_vs_ae", "all_present_vs_none_p_holm"} <= set(headline)
+    assert set(study.comparisons.outcome) == {"all_present", "missing", "mixed"}
     assert (tmp_path / "self_cross_mixing.png").stat().st_size > 0
 
 
@@ -475,8 +495,8 @@ def test_run_all_quick_writes_every_figure_and_table(tiny, tmp_path):
     figures = ("probe_accuracy", "overlap_auc", "overlap_examples", "edit_success", "guidance_missing",
                "guidance_overlap_vs_missing", "self_cross_mixing")
     tables = ("probe_labels", "probe_accuracy", "overlap_metrics", "overlap_association", "edit_results",
-              "edit_summary", "guidance_images", "guidance_summary", "guidance_versus_ae", "self_cross_images",
-              "self_cross_summary", "timing", *(f"headline_{name}" for name in STUDIES))
+              "edit_summary", "guidance_images", "guidance_summary", "guidance_comparisons", "self_cross_images",
+              "self_cross_summary", "self_cross_comparisons", "timing", *(f"headline_{name}" for name in STUDIES))
     for name in figures:
         assert (tmp_path / f"{name}.png").stat().st_size > 0
     for name in tables:
