@@ -105,10 +105,14 @@ def test_probe_answer_needs_disjoint_intervals_for_better():
 def test_editing_answer_gives_both_injections_against_no_injection():
     from probe.studies.editing import editing_answer
 
-    def row(inject, diff, low, high, success):
+    def row(inject, diff, low, high, success, p_holm=NAN):
         return {"edit": "colour", "origin": "generated", "inject": inject, "iou_vs_none": diff,
-                "iou_vs_none_ci_low": low, "iou_vs_none_ci_high": high, "success_rate": success}
-    answer = editing_answer(pd.DataFrame([row("none", NAN, NAN, NAN, 1.0), row("self", 0.001, -0.006, 0.01, 1.0),
-                                          row("cross", 0.42, 0.25, 0.61, 0.95)]))
-    assert "self +0.001 [-0.006, +0.010] (no clear difference), success 100%" in answer
-    assert "cross +0.420 [+0.250, +0.610], success 95%" in answer
+                "iou_vs_none_ci_low": low, "iou_vs_none_ci_high": high, "success_rate": success,
+                "iou_vs_none_p_holm": p_holm}
+    answer = editing_answer(pd.DataFrame([row("none", NAN, NAN, NAN, 1.0),
+                                          row("self", 0.001, -0.006, 0.01, 1.0, 0.8),
+                                          row("cross", 0.42, 0.25, 0.61, 0.95, 0.0004)]))
+    assert "self +0.001 [-0.006, +0.010] (no clear difference, Holm p = 0.8), success 100%" in answer
+    assert "cross +0.420 [+0.250, +0.610] (Holm p < 0.001), success 95%" in answer
+    untested = editing_answer(pd.DataFrame([row("cross", 0.42, 0.25, 0.61, 0.95)]))  # an interval alone is no test
+    assert "cross +0.420 [+0.250, +0.610] (no clear difference, no test over prompt pairs), success 95%" in untested
