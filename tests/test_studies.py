@@ -10,7 +10,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from probe.analysis.probes import COLUMNS, attn_tensor
+from probe.analysis.probes import COLUMNS, SEARCH_COLUMNS, attn_tensor
 from probe.analysis.stats import cluster_sign_flip, clustered_bootstrap, holm, mcnemar
 from probe.fingerprint import weights_id
 from probe.models import Layer, attention_layers
@@ -127,7 +127,10 @@ def test_probe_study_quick(tiny, tmp_path):
     assert len(labels) == len(COLOURS) * len(SHAPES)
     assert set(labels.colour) == set(COLOURS) and set(labels["shape"]) == set(SHAPES)
     assert list(labels.prompt) == [f"a {c} {s}" for c, s in zip(labels.colour, labels["shape"])]
-    assert list(table.columns) == [*COLUMNS, "given_by_prompt"]
+    assert list(table.columns) == [*COLUMNS, "given_by_prompt", *SEARCH_COLUMNS]  # the search's columns appended
+    nested = table[table.search == "nested"]
+    assert len(nested) == nested.groupby(["target", "kind", "feature"]).ngroups  # one nested row per target and arm
+    assert nested.groupby("target").n_candidates.nunique().eq(1).all()  # every arm searched as many set-ups
     assert {"colour", "shape"} <= set(table.target) <= set(PROBE_TARGETS)
     assert table.given_by_prompt.eq(table.target.isin(["colour", "shape"])).all()
     assert set(table.kind) == {"cross", "self"} and set(table.step_bin) == {"early", "middle", "late"}
