@@ -149,5 +149,5 @@ def test_a_study_s_own_differences_are_part_of_the_check(tmp_path):
 def test_python_m_runs_the_intervention_command_line_once():
     done = subprocess.run([sys.executable, "-m", "probe.studies.intervention", "--help"], capture_output=True,
                           text=True, cwd=Path(__file__).parents[1], timeout=300)
-    assert done.returncode == 0 and "{run,analyse}" in done.stdout
+    assert done.returncode == 0 and "{run,analyse,pilot}" in done.stdout and "e2b" in done.stdout
     assert "RuntimeWarning" not in done.stderr  # the package is imported once, not again as __main__

@@ -333,6 +333,25 @@ def _recipe(data: dict) -> str:
             f"{data.get('grounding_weight', 0)}")
 
 
+def _reading_notes() -> str:
+    """What a study must know to read this model's images and maps: the judge's confidence floor, and why a map at
+    the last step reads the outcome out rather than causing it."""
+    from probe.shapes.judge import MIN_CONFIDENCE
+
+    return f"""The judge counts a detection as an object only at confidence ≥ {MIN_CONFIDENCE:g}
+(`probe.shapes.judge.MIN_CONFIDENCE`), so a faint rim of one colour around an object of another is no object: the
+threshold maximises the balanced accuracy of "present" per subject over rendered scenes with known truth and hard
+cases (rims, faint, small, blurred, noisy, tinted, 32/128 px); `python -m probe.shapes.judge_calibration` recomputes
+`figures/judge_min_confidence.csv`, the table it was chosen from.
+
+**Reading maps at the last step.** Training keeps the words of a named-but-absent object off every object, so when
+the model leaves a subject out, that subject's map is flat at the end by construction. A statistic of the maps at the
+last step therefore reads the outcome out rather than predicting it: the studies read cause at early steps (the
+overlap study at step 10 of 50, the intervention study in the first 20 % of the steps) and report the last step
+beside it as an outcome read-out, not cause.
+"""
+
+
 def write_card(folder, metrics: dict, training: dict) -> str:
     """The model card (markdown): how the model is built and trained, what it measures against its targets, and the
     folder's ``HISTORY.md`` (what was tried, measured when it was tried) when there is one."""
@@ -379,6 +398,7 @@ on cached latents of 40,000 scenes ({recipe}), AdamW, EMA; {training.get('minute
 |---|---|---|
 {status}
 
+{_reading_notes()}
 ## Measured (held-out seeds from {HELD_OUT_SEED}, default sampler and guidance)
 | what | value |
 |---|---|
