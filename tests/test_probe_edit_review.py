@@ -203,3 +203,15 @@ def test_the_answer_on_a_table_like_todays_calls_no_unadjusted_row_clear():
     assert "one prompt pair per edit" in answer
     untested = editing_answer(headline.drop(columns=["iou_vs_none_p_holm"]))
     assert untested.count("no clear difference, no test over prompt pairs") == 8  # no p-value: nothing is clear
+
+
+def test_a_class_seen_in_one_group_is_left_out_not_an_error():
+    """Folds keep a seed's images together: a class drawn under one seed only cannot be on both sides of a split."""
+    rng = np.random.default_rng(6)
+    features = {FeatureKey(kind, feature, 4, "mean", "late"): rng.normal(size=(24, 3)) for kind, feature in ARMS}
+    groups = np.repeat(np.arange(6), 4)
+    y = np.where(np.arange(24) % 2 == 0, "a", "b").astype(object)
+    y[[0, 1]] = "rare"  # two samples, both of seed 0
+    for table in (probe_features(features, {"y": y}, groups=groups),
+                  nested_probe_features(features, {"y": y}, groups=groups)):
+        assert len(table) == 3 and set(table.n) == {22} and set(table.n_classes) == {2}

@@ -340,10 +340,12 @@ def _labels_frame(labels, n: int) -> pd.DataFrame:
     return frame
 
 
-def _usable(y: pd.Series, min_per_class: int) -> np.ndarray:
-    """Samples with a label whose class has at least ``min_per_class`` members."""
+def _usable(y: pd.Series, min_per_class: int, groups: Sequence | None = None) -> np.ndarray:
+    """Samples with a label whose class has at least ``min_per_class`` members, or members of that many ``groups``
+    where folds keep groups whole (a class seen in one group cannot sit on both sides of a split)."""
     known = y.notna().to_numpy()
-    counts = y[known].astype(str).value_counts()
+    members = pd.Series(np.arange(len(y)) if groups is None else np.asarray(groups).astype(str))[known]
+    counts = members.groupby(y[known].astype(str).to_numpy()).nunique()
     return known & y.astype(str).isin(counts[counts >= min_per_class].index).to_numpy()
 
 
@@ -353,14 +355,15 @@ def probe_features(features: Features, labels: pd.DataFrame | Mapping[str, Seque
 
     ``labels``: one column per target, one row per sample (missing values and classes rarer than
     ``min_per_class`` are left out for that target). A target with fewer than two usable classes gets no rows.
-    ``groups``: one label per sample kept together in cross-validation (see :meth:`LinearProbe.cross_validate`).
+    ``groups``: one label per sample kept together in cross-validation (see :meth:`LinearProbe.cross_validate`);
+    a class then needs ``min_per_class`` groups.
     """
     probe = probe or LinearProbe()
     n = len(next(iter(features.values())))
     frame = _labels_frame(labels, n)
     rows = []
     for target in frame.columns:
-        keep = _usable(frame[target], min_per_class)
+        keep = _usable(frame[target], min_per_class, groups)
         y = frame[target][keep].astype(str).to_numpy()
         if len(np.unique(y)) < 2:
             continue
@@ -399,7 +402,7 @@ def nested_probe_features(features: Features, labels: pd.DataFrame | Mapping[str
     space = {arm: keys for arm, keys in search_space(features, arms).items() if keys}
     rows = []
     for target in frame.columns:
-        keep = _usable(frame[target], min_per_class)
+        keep = _usable(frame[target], min_per_class, groups)
         y = frame[target][keep].astype(str).to_numpy()
         if len(np.unique(y)) < 2:
             continue
