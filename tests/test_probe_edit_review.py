@@ -201,6 +201,7 @@ def test_the_answer_on_a_table_like_todays_calls_no_unadjusted_row_clear():
     assert answer.count("no clear difference") == 4  # every self row; every cross row is clear
     assert "cross +0.292 [+0.157, +0.434] (Holm p = 0.0012)" in answer
     assert "one prompt pair per edit" in answer
+    assert "flips the seeds of each edit's one prompt pair" in holm_family(headline)
     untested = editing_answer(headline.drop(columns=["iou_vs_none_p_holm"]))
     assert untested.count("no clear difference, no test over prompt pairs") == 8  # no p-value: nothing is clear
 

@@ -184,17 +184,20 @@ def edit_headline(summary: pd.DataFrame) -> pd.DataFrame:
 def holm_family(headline: pd.DataFrame | None = None) -> str:
     """The editing study's Holm family in one line, which the report prints under the answer (counted from
     ``headline`` where given, else the design's count)."""
+    flips = "whole prompt pairs"
     if headline is not None and "inject" in headline:
         tested = headline[headline.inject.isin(INJECTED)]
         if "iou_vs_none_p" in tested:
             tested = tested[tested.iou_vs_none_p.notna()]
         count, edits, origins = len(tested), tested.edit.nunique(), tested.origin.nunique()
+        if "unit" in tested and (tested.unit == "seed").any():
+            flips = "the seeds of each edit's one prompt pair"
     else:
         edits, origins = len(_candidate_pairs()), len(ORIGINS)
         count = edits * origins * len(INJECTED)
     return (f"Holm family: the {count} injected headline rows ({edits} edit types × {origins} origins × self and "
             f"cross injection at FPE's setting: fraction {DEFAULT_FRACTION:g}, layers {FPE_LAYERS}), each a two-sided "
-            "sign-flip test of the mask-IoU gain over no injection that flips whole prompt pairs; a row is a clear "
+            f"sign-flip test of the mask-IoU gain over no injection that flips {flips}; a row is a clear "
             f"difference only at Holm p < {ALPHA:g}. The summary's other fractions and layer sets are descriptive.")
 
 
