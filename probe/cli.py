@@ -176,6 +176,12 @@ def cmd_figures(args) -> None:
                              + "\n".join(problems))
         print(f"every headline number in {args.out}/ reproduces from its tables")
         return
+    if args.reanalyse:
+        from probe.studies.report import reanalyse
+
+        done = reanalyse(args.out)
+        print(f"headlines of {', '.join(done)} and {args.out}/README.md written again from the per-image tables")
+        return
     headlines = studies.run_all(probe.load(args.model), quick=args.quick, out=args.out)
     _print_headlines(headlines)
     print(f"\nfigures and tables in {args.out}/")
@@ -441,6 +447,9 @@ def _add_figures(sub) -> None:
     f.add_argument("--out", default="figures")
     f.add_argument("--check", action="store_true",
                    help="make no image: recompute every headline from the per-image tables in --out and compare")
+    f.add_argument("--reanalyse", action="store_true",
+                   help="make no image: write every headline and the index again from the per-image tables in --out "
+                        "with today's analysis (after a change of analysis, not of images)")
     f.set_defaults(func=cmd_figures)
 
 

@@ -197,3 +197,42 @@ def test_the_second_registration_is_read_beside_the_first_and_keeps_every_seed_a
     assert [a.objective for a in arms] == [None, "ae", "iou", "ae+iou"] and spec["step_size"] == 1.0
     assert iv.detectable_points(spec) == pytest.approx(7.54, abs=0.01)  # the registration's stated 7.5 points
     assert iv.detectable_points(designs["e2b"][2]) == pytest.approx(9.1, abs=0.05)
+
+
+def _tiny_registration(path):
+    arms = [{"name": "none", "dose": None}, {"name": "sham", "dose": "sham"},
+            {"name": "early 0.6", "dose": 0.6, "window": [0.0, 0.5]},
+            {"name": "early x0.9", "dose": 0.9, "relative": True, "window": [0.0, 0.5]}]
+    spec = {"experiments": {"t1": {"analysis": "timing", "sets": 2, "skip_sets": 12, "seeds_per_order": 1,
+                                   "seed_offset": 0, "steps": 2, "arms": arms, "family": ["trend", "extreme"],
+                                   "alpha": 0.05}}}
+    import json
+
+    path.write_text("# a test's registration\n\n```json\n" + json.dumps(spec) + "\n```\n")
+    return path
+
+
+def test_processes_run_the_shards_at_once_and_analyse_merges_them_into_one_process_table(tmp_path):
+    registered = _tiny_registration(tmp_path / "registration.md")
+    common = ["--model", "tiny", "--registration", str(registered)]
+    assert iv.main(["run", "t1", *common, "--processes", "2", "--out", str(tmp_path / "two")]) == 0
+    assert sorted(p.name for p in (tmp_path / "two").glob("*.csv")) == [
+        "intervention_t1_images_shard0of2.csv", "intervention_t1_images_shard1of2.csv"]
+    assert iv.main(["run", "t1", *common, "--out", str(tmp_path / "one")]) == 0
+    assert iv.main(["analyse", "t1", *common, "--out", str(tmp_path / "two")]) == 0
+    merged = pd.read_csv(tmp_path / "two" / "intervention_t1_images.csv")
+    one = pd.read_csv(tmp_path / "one" / "intervention_t1_images.csv")
+    drop = ["seconds", "settings_id"]
+    pd.testing.assert_frame_equal(merged.drop(columns=drop), one.drop(columns=drop), check_dtype=False)
+    assert len(one) == 2 * 2 * 4 and (tmp_path / "two" / "intervention_t1_family.csv").exists()
+
+
+def test_shard_auto_reads_a_launchers_rank(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert iv.shard_of("auto") == (1, 4) and iv.shard_of("0/2") == (0, 2) and iv.shard_of(None) is None
+    monkeypatch.delenv("RANK")
+    with pytest.raises(ValueError, match="RANK and WORLD_SIZE"):
+        iv.shard_of("auto")
+    with pytest.raises(ValueError, match="0 ≤ I < N"):
+        iv.shard_of("2/2")

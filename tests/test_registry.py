@@ -124,8 +124,8 @@ def test_a_study_with_its_own_commands_is_reached_from_probe_study(monkeypatch, 
     assert "usage: probe study intervention" in capsys.readouterr().out
     calls = []
     family = pd.DataFrame({"comparison": ["dose 0.05 - dose 0.3"], "difference": [0.036]})
-    monkeypatch.setattr(intervention, "analyse", lambda e, out: calls.append((e, out)) or {"family": family,
-                                                                                          "answer": "An answer."})
+    monkeypatch.setattr(intervention, "analyse", lambda e, out, registered=None: calls.append((e, out))
+                        or {"family": family, "answer": "An answer."})
     assert main(["study", "intervention", "analyse", "e2", "--out", str(tmp_path)]) == 0
     assert calls == [("e2", str(tmp_path))]
     printed = capsys.readouterr().out

@@ -61,6 +61,23 @@ def recompute_headlines(out: str | Path = "figures") -> dict[str, pd.DataFrame]:
     return headlines
 
 
+def reanalyse(out: str | Path = "figures", studies: Sequence[str] | None = None) -> list[str]:
+    """Each study's headline written again from its per-image table in ``out`` with today's analysis, and the index
+    after them: a change of analysis (outcome categories, comparison groups, clustering) reaches the committed
+    figures without making an image. The images keep the verdicts they were judged with. Returns the studies
+    rewritten."""
+    out = Path(out)
+    fresh = recompute_headlines(out)
+    chosen = [name for name in fresh if studies is None or name in studies]
+    unknown = sorted(set(studies or ()) - set(fresh))
+    if unknown:
+        raise UnknownStudy(f"no per-image table to reanalyse for {unknown}; these have one: {sorted(fresh)}")
+    for name in chosen:
+        write_csv(fresh[name], out / f"headline_{name}.csv", float_format=TABLE_FLOAT_FORMAT)
+    write_index(out)
+    return chosen
+
+
 def headline_differences(out: str | Path = "figures", rtol: float = 1e-4, atol: float = 1e-6) -> list[str]:
     """Where a committed ``headline_<study>.csv`` in ``out`` disagrees with :func:`recompute_headlines` (the
     tables are written to six significant digits, hence the tolerances): one line per differing cell, none when every

@@ -156,17 +156,19 @@ def merge(tables: Sequence[pd.DataFrame]) -> pd.DataFrame:
 KINDS = {"e1": "dose_response", "e2": "timing"}  # the first registration's experiments name no analysis
 
 
-def kind(experiment: str) -> str:
-    """Which registered analysis an experiment has: dose_response, timing, timing_relative or factorial."""
-    return registration()["experiments"][experiment].get("analysis", KINDS.get(experiment, "timing"))
+def kind(experiment: str, registered: str | Path | None = None) -> str:
+    """Which registered analysis an experiment has: dose_response, timing, timing_relative or factorial
+    (``registered``: one registration file, else every one of the study's)."""
+    return registration(registered)["experiments"][experiment].get("analysis", KINDS.get(experiment, "timing"))
 
 
-def family_of(experiment: str, rows: pd.DataFrame, n_boot: int = 2000) -> pd.DataFrame:
+def family_of(experiment: str, rows: pd.DataFrame, n_boot: int = 2000, registered: str | Path | None = None
+              ) -> pd.DataFrame:
     """The experiment's registered family table (its tests, Holm-adjusted where registered)."""
     from probe.studies.intervention.factorial import factorial_family
 
     return {"dose_response": primary_family, "timing": timing_family, "timing_relative": timing_family,
-            "factorial": factorial_family}[kind(experiment)](rows, n_boot)
+            "factorial": factorial_family}[kind(experiment, registered)](rows, n_boot)
 
 
 def read_experiment(experiment: str, out: Path) -> tuple[pd.DataFrame, bool]:
@@ -179,7 +181,8 @@ def read_experiment(experiment: str, out: Path) -> tuple[pd.DataFrame, bool]:
     return (merge(tables) if len(tables) > 1 else tables[0]), len(tables) > 1
 
 
-def analyse(experiment: str, out: str | Path = "figures", n_boot: int = 2000) -> dict:
+def analyse(experiment: str, out: str | Path = "figures", n_boot: int = 2000, registered: str | Path | None = None
+            ) -> dict:
     """The registered analysis of a whole experiment: its table (the shards merged into it where there are shards),
     family, per-arm summary, figure and answer, written beside the table. Refused before the registered size is
     complete."""
@@ -187,28 +190,28 @@ def analyse(experiment: str, out: str | Path = "figures", n_boot: int = 2000) ->
 
     out = Path(out)
     rows, sharded = read_experiment(experiment, out)
-    check_registered(rows, experiment)
+    check_registered(rows, experiment, registered)
     if sharded:
         write_csv(rows, out / f"intervention_{experiment}_images.csv", float_format="%.6g")
     summary = arm_summary(rows, n_boot)
-    family = family_of(experiment, rows, n_boot)
+    family = family_of(experiment, rows, n_boot, registered)
     write_csv(summary, out / f"intervention_{experiment}_summary.csv", float_format="%.6g")
     write_csv(family, out / f"intervention_{experiment}_family.csv", float_format="%.6g")
     found = {"rows": rows, "summary": summary, "family": family,
-             "answer": _answer(experiment, rows, summary, family, out, n_boot)}
+             "answer": _answer(experiment, rows, summary, family, out, n_boot, registered)}
     write_text(out / f"intervention_{experiment}_answer.md", found["answer"] + "\n")
     return found
 
 
 def _answer(experiment: str, rows: pd.DataFrame, summary: pd.DataFrame, family: pd.DataFrame, out: Path,
-            n_boot: int) -> str:
+            n_boot: int, registered: str | Path | None = None) -> str:
     """The experiment's answer paragraph and figure (with the mediated share where the tables for it exist)."""
     from probe import plots
     from probe.studies.common import save_figures
     from probe.studies.intervention.factorial import factorial_answer, factorial_pairs
     from probe.writes import write_csv
 
-    spec, analysis = registration()["experiments"][experiment], kind(experiment)
+    spec, analysis = registration(registered)["experiments"][experiment], kind(experiment, registered)
     if analysis == "timing":
         return timing_answer(family, summary)
     if analysis == "timing_relative":
@@ -257,46 +260,130 @@ def pilot(experiment: str, pipe="shapes", out: str | Path = "figures", progress:
     return {"rows": rows, "summary": arm_summary(rows), "power": power}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``probe study intervention run E [--shard I/N] [--model DIR] [--out figures]`` (or ``python -m
-    probe.studies.intervention run E …``): run (or resume) a registered experiment into
-    ``<out>/intervention_<E>_images.csv`` (a shard: ``…_shard<I>of<N>.csv``); ``… analyse E``: its registered
-    analysis, once every registered image is made; ``… pilot E``: the pilot a registration is sized on. The study's
-    command line, registered on its :class:`Study`."""
+def shard_of(text: str | None) -> tuple[int, int] | None:
+    """``--shard``: ``I/N``, or ``auto`` for the rank and world size a launcher gives (``accelerate launch``,
+    ``torchrun``: ``RANK`` and ``WORLD_SIZE``); None for the whole experiment."""
+    import os
+
+    if text is None:
+        return None
+    if text == "auto":
+        rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
+        if rank is None or world is None:
+            raise ValueError("--shard auto reads RANK and WORLD_SIZE, which this process was not given: launch it "
+                             "with accelerate launch or torchrun, or give --shard I/N")
+        text = f"{rank}/{world}"
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit()) or not int(index) < int(count):
+        raise ValueError(f"--shard takes I/N with 0 ≤ I < N (e.g. 0/4) or auto, not {text!r}")
+    return int(index), int(count)
+
+
+def run_processes(argv: Sequence[str], processes: int) -> int:
+    """Run ``argv`` (a ``run`` command line of this study) as ``processes`` shards at once, one process each, the
+    CPU's threads shared between them and, where there are GPUs, one GPU each in turn; wait for all. The shards'
+    tables merge into one process's table at ``analyse``."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    threads = max(1, (os.cpu_count() or 1) // processes)
+    gpus = torch.cuda.device_count()
+    children = []
+    for i in range(processes):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # threads that do not fight over the cores
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+        children.append(subprocess.Popen([sys.executable, "-m", "probe.studies.intervention", *argv,
+                                          "--shard", f"{i}/{processes}"], env=env))
+    failed = [i for i, child in enumerate(children) if child.wait() != 0]
+    if failed:
+        print(f"shards {failed} of {processes} failed; run the same command again to resume them", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _parser(registered: str | Path | None):
     import argparse
 
     parser = argparse.ArgumentParser(prog="probe study intervention")
     parser.add_argument("action", choices=("run", "analyse", "pilot"))
-    parser.add_argument("experiment", choices=sorted({*registration()["experiments"], *PILOTS}))
-    parser.add_argument("--shard", default=None, metavar="I/N")
+    parser.add_argument("experiment", choices=sorted({*registration(registered)["experiments"], *PILOTS}))
+    parser.add_argument("--shard", default=None, metavar="I/N", help="I/N, or auto (RANK/WORLD_SIZE of a launcher)")
+    parser.add_argument("--processes", type=int, default=1, help="run as this many shards at once, then stop")
+    parser.add_argument("--registration", default=None, help="a registration file (default: the study's own)")
     parser.add_argument("--model", default="shapes")
     parser.add_argument("--out", default="figures")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``probe study intervention run E [--shard I/N|auto] [--processes N] [--model DIR] [--out figures]
+    [--registration FILE]`` (or ``python -m probe.studies.intervention run E …``): run (or resume) a registered
+    experiment into ``<out>/intervention_<E>_images.csv`` (a shard: ``…_shard<I>of<N>.csv``); ``… analyse E``: its
+    registered analysis, once every registered image is made; ``… pilot E``: the pilot a registration is sized on.
+    The study's command line, registered on its :class:`Study`."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    found_file = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--registration"]
+    registered = found_file[-1] if found_file else None
+    parser = _parser(registered)
     args = parser.parse_args(argv)
+    try:
+        shard = shard_of(args.shard)
+    except ValueError as error:
+        parser.error(str(error))
     if args.action == "pilot":
         found = pilot(args.experiment, args.model, args.out)
         print(found["summary"].to_string(index=False))
         print(found["power"])
         return 0
-    if args.experiment not in registration()["experiments"]:
+    if args.experiment not in registration(registered)["experiments"]:
         parser.error(f"{args.experiment} has a pilot but no registration yet: register it before it runs")
     if args.action == "analyse":
-        found = analyse(args.experiment, args.out)
+        found = analyse(args.experiment, args.out, registered=registered)
         print(found["family"].to_string(index=False))
         print(found["answer"])
         return 0
-    units, arms, spec = design(args.experiment)
-    shard = tuple(int(v) for v in args.shard.split("/")) if args.shard else None
-    name = f"intervention_{args.experiment}_images" + (f"_shard{shard[0]}of{shard[1]}" if shard else "")
-    store = Path(args.out) / f"{name}.csv"
-    if kind(args.experiment) == "factorial":
+    if args.processes > 1:
+        if shard is not None:
+            parser.error("give --processes or --shard, not both")
+        return run_processes(_without(argv, "--processes"), args.processes)
+    _run_registered(args.experiment, args.model, Path(args.out), shard, registered)
+    return 0
+
+
+def _without(argv: Sequence[str], option: str) -> list[str]:
+    """``argv`` without ``option`` and its value (``--opt V`` or ``--opt=V``)."""
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == option:
+            skip = True
+        elif not token.startswith(f"{option}="):
+            out.append(token)
+    return out
+
+
+def _run_registered(experiment: str, model, out: Path, shard: tuple[int, int] | None,
+                    registered: str | Path | None) -> pd.DataFrame:
+    """Run (or resume) one registered experiment, or one shard of it, into its table in ``out``."""
+    units, arms, spec = design(experiment, registered)
+    name = f"intervention_{experiment}_images" + (f"_shard{shard[0]}of{shard[1]}" if shard else "")
+    store = out / f"{name}.csv"
+    if kind(experiment, registered) == "factorial":
         from probe.studies.intervention.factorial import run_factorial
 
-        rows = run_factorial(args.model, units, arms, step_size=spec["step_size"], steps=spec["steps"], store=store,
-                             shard=shard, experiment=args.experiment)
+        rows = run_factorial(model, units, arms, step_size=spec["step_size"], steps=spec["steps"], store=store,
+                             shard=shard, experiment=experiment)
     else:
-        rows = run(args.model, units, arms, experiment=args.experiment, steps=spec["steps"], store=store, shard=shard)
+        rows = run(model, units, arms, experiment=experiment, steps=spec["steps"], store=store, shard=shard)
     print(f"{len(rows)} registered images in {store}")
-    return 0
+    return rows
 
 
 def differences(out: str | Path = "figures", rtol: float = 1e-4, atol: float = 1e-6) -> list[str]:
