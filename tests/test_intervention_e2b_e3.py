@@ -47,7 +47,7 @@ def _e2b_summary(after):
              "spread_ratio": 1.0}]
     for window, before in (("early", 0.15), ("middle", 0.013), ("late", 0.013)):
         rows.append({"arm": f"{window} x2", "dose": 2.0, "iou_before": before, "iou_after": after(before),
-                     "peak_ratio": 1.0, "spread_ratio": 1.02})
+                     "iou_ratio": after(before) / before, "reached": 0.9, "peak_ratio": 1.0, "spread_ratio": 1.02})
     return pd.DataFrame(rows)
 
 
@@ -68,7 +68,10 @@ def test_e2b_answer_names_every_window_and_what_the_size_rules_out():
     for r in family[family.family == "primary"].itertuples():
         arm = r.comparison.split(" − ")[0]
         assert f"{arm} {r.difference:+.1f} points [{r.ci_low:+.1f}, {r.ci_high:+.1f}]" in text
-    assert "soft IoU 0.013 → 0.026" in text
+    assert "soft IoU 0.013 → 0.026" in text and "middle x2 ×2.00 per call, dose reached in 90% of calls" in text
+    assert "E1's slope" not in text
+    predicted = iv.relative_timing_answer(family, summary, 9.1, e1_slope=-2.3)
+    assert "E1's slope (-2.3 points per 0.1 soft IoU) predicts early x2 -3.4, middle x2 -0.3" in predicted
     early = family[(family.family == "primary") & (family.comparison == "early x2 − none")].iloc[0]
     assert ("Clear: early x2 − none" in text) == (early.p_holm < 0.05)
 
@@ -116,6 +119,12 @@ def test_e3_answer_reads_the_control_and_the_check_before_a_null():
     unmoved = rows.assign(iou_early=np.where(rows.method.str.contains("iou"), rows.iou_early + 0.05, rows.iou_early))
     text = fx.factorial_answer(fx.factorial_family(unmoved, n_boot=200), 9.0)
     assert "did not clearly lower" in text and "not read as evidence against paper 003" in text
+    share = {"share": 0.02, "ci_low": 0.01, "ci_high": 0.05, "slope_points_per_iou": -23.0, "ae_iou_change": -0.013,
+             "ae_effect_points": 12.8}
+    said = fx.factorial_answer(family, 9.0, share, e1_without_floor=True)
+    assert ("Through overlap runs 2% [1%, 5%] of A&E's effect on all present here (E1's slope -2.3 points per 0.1 "
+            "soft IoU × A&E's change of early soft IoU -0.013 ÷ A&E's effect +12.8 points); E1's images were judged "
+            "before the judge's confidence floor, E3's with it.") in said
 
 
 def test_mediated_share_from_the_factorial_pairs():
@@ -236,3 +245,17 @@ def test_shard_auto_reads_a_launchers_rank(monkeypatch):
         iv.shard_of("auto")
     with pytest.raises(ValueError, match="0 ≤ I < N"):
         iv.shard_of("2/2")
+
+
+def test_arm_outcomes_draws_each_arms_rates_with_their_intervals():
+    from probe import plots
+
+    rows = _e2b_rows(np.random.default_rng(4))
+    summary = iv.arm_summary(rows, n_boot=100)
+    figure = plots.arm_outcomes(summary, title="overlap moved per window")
+    ax = figure.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(summary.arm)  # the first arm on top
+    points = [line for line in ax.get_lines() if line.get_marker() == "o"]
+    assert len(points) == 3  # one series per outcome
+    np.testing.assert_allclose(np.asarray(points[0].get_xdata(), float), summary.all_present_rate.to_numpy(float))
+    assert ax.get_title() == "overlap moved per window"

@@ -77,6 +77,13 @@ def format_p(p: float) -> str:
     return f"< {P_FLOOR:g}" if p < P_FLOOR else f"{p:.2g}"
 
 
+def p_phrase(p: float, label: str = "p") -> str:
+    """A p-value as a sentence says it: "p = 0.042", "p < 0.001" (:func:`format_p`), "p n/a"; ``label`` names
+    it ("Holm p")."""
+    shown = format_p(p)
+    return f"{label} {shown}" if shown.startswith("<") or shown == "n/a" else f"{label} = {shown}"
+
+
 def holm(pvalues: Sequence[float]) -> np.ndarray:
     """Holm's step-down adjustment (family-wise error); NaN p-values stay NaN and do not count."""
     p = np.asarray(pvalues, dtype=float)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 import pandas as pd
 
-from probe.analysis.stats import format_p
+from probe.analysis.stats import p_phrase
 
 
 def signed_text(value: float, digits: int = 3) -> str:
@@ -31,8 +31,7 @@ def interval_text(low: float, high: float) -> str:
 def holm_p(value) -> str:
     """"Holm p = 0.0042", "Holm p < 0.001" (:func:`~probe.analysis.stats.format_p`: a resampled p-value's floor
     times the family size says how many resamples were drawn, not what the data say), "Holm p n/a"."""
-    shown = format_p(value)
-    return f"Holm p {shown}" if shown.startswith("<") else f"Holm p = {shown}" if shown != "n/a" else "Holm p n/a"
+    return p_phrase(value, "Holm p")
 
 
 def p_text(value) -> str:

@@ -215,9 +215,15 @@ def _answer(experiment: str, rows: pd.DataFrame, summary: pd.DataFrame, family: 
     if analysis == "timing":
         return timing_answer(family, summary)
     if analysis == "timing_relative":
-        save_figures({f"intervention_{experiment}_windows": plots.arm_outcomes(summary, "overlap moved per window")},
-                     out)
-        return relative_timing_answer(family, summary, detectable_points(spec))
+        figure = plots.arm_outcomes(summary, title="overlap moved per window")
+        save_figures({f"intervention_{experiment}_windows": figure}, out)
+        e1_family = out / "intervention_e1_family.csv"
+        slope = None
+        if e1_family.exists():
+            table = pd.read_csv(e1_family)
+            trend = table[table.test.str.startswith("trend") & (table.outcome == "all_present")]
+            slope = float(trend["points_per_0.1_iou"].iloc[0]) if len(trend) else None
+        return relative_timing_answer(family, summary, detectable_points(spec), slope)
     e1 = rows if analysis == "dose_response" else (pd.read_csv(out / "intervention_e1_images.csv")
                                                    if (out / "intervention_e1_images.csv").exists() else None)
     if analysis == "dose_response":
@@ -225,7 +231,7 @@ def _answer(experiment: str, rows: pd.DataFrame, summary: pd.DataFrame, family: 
         guidance = out / "guidance_images.csv"
         pairs = guidance_pairs(pd.read_csv(guidance)) if guidance.exists() else None
     else:
-        save_figures({f"intervention_{experiment}_factorial": plots.arm_outcomes(summary, "A&E × overlap term")},
+        save_figures({f"intervention_{experiment}_factorial": plots.arm_outcomes(summary, title="A&E × overlap term")},
                      out)
         pairs = factorial_pairs(rows)
     mediation = mediated_share(e1, pairs, n_boot) if e1 is not None and pairs is not None else None
@@ -233,7 +239,8 @@ def _answer(experiment: str, rows: pd.DataFrame, summary: pd.DataFrame, family: 
         write_csv(pd.DataFrame([mediation]), out / f"intervention_{experiment}_mediation.csv", float_format="%.6g")
     if analysis == "dose_response":
         return answer(family, summary, detectable_points(spec), mediation)
-    return factorial_answer(family, detectable_points(spec), mediation)
+    return factorial_answer(family, detectable_points(spec), mediation,
+                            e1_without_floor=e1 is not None and "confidences" not in e1.columns)
 
 
 PILOTS = {  # pilots of the second registration: the pilot's object sets, seeds apart from every experiment's

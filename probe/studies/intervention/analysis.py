@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from probe.analysis.stats import cluster_sign_flip, clustered_bootstrap, format_p, holm
+from probe.analysis.stats import cluster_sign_flip, clustered_bootstrap, holm, p_phrase
 from probe.studies.intervention.design import CATEGORIES, DOSES
 
 
@@ -180,8 +180,8 @@ def answer(family: pd.DataFrame, summary: pd.DataFrame, detectable_points: float
     clear = [r for r in (trend, extreme) if r.p_holm < 0.05]
     failed = manipulation_holds(summary)
     parts = [f"Moving the two subjects' maps changed all subjects present by {interval(trend, 'points_per_0.1_iou')} "
-             f"per 0.1 more soft IoU (Holm p = {trend.p_holm:.3g}), and the lowest dose minus the highest changed it "
-             f"by {interval(extreme, 'difference')} (Holm p = {extreme.p_holm:.3g})."]
+             f"per 0.1 more soft IoU ({p_phrase(trend.p_holm, 'Holm p')}), and the lowest dose minus the highest "
+             f"changed it by {interval(extreme, 'difference')} ({p_phrase(extreme.p_holm, 'Holm p')})."]
     beside = [f"{o}: {interval(row('dose', o), 'difference')}" for o in ("missing", "mixed")]
     parts.append(f"Beside the family, the same extreme-dose contrast for {'; '.join(beside)} (unadjusted).")
     loose = family[family["family"] == EXPLORATORY] if "family" in family else family.iloc[:0]
@@ -219,7 +219,7 @@ def timing_answer(family: pd.DataFrame, summary: pd.DataFrame) -> str:
     in truth a pull (the maps already overlapped less than the dose), and which windows fail the check."""
     primary = family[family["family"] == "primary"]
     said = [f"{r.comparison.split(' ')[0]} {r.difference:+.1f} points [{r.ci_low:+.1f}, {r.ci_high:+.1f}] "
-            f"(Holm p = {r.p_holm:.2g})" for r in primary.itertuples()]
+            f"({p_phrase(r.p_holm, 'Holm p')})" for r in primary.itertuples()]
     parts = [f"Moving the maps to soft IoU {min(DOSES):g} in one window changed all subjects present against none by "
              f"{'; '.join(said)}."]
     dosed = summary[summary.dose.notna()]
@@ -251,19 +251,30 @@ def relative_manipulation(summary: pd.DataFrame) -> list[str]:
     return failed
 
 
-def relative_timing_answer(family: pd.DataFrame, summary: pd.DataFrame, detectable_points: float) -> str:
+def relative_timing_answer(family: pd.DataFrame, summary: pd.DataFrame, detectable_points: float,
+                           e1_slope: float | None = None) -> str:
     """The E2b answer from its tables: each window's move of the maps' own overlap against none in all present
-    (Holm over the windows), what each move achieved, the manipulation check, and what the size can rule out."""
+    (Holm over the windows), what each move achieved, the manipulation check, what the size can rule out, and
+    what E1's slope (points per 0.1 soft IoU) predicts for each move where it is given."""
     primary = family[family["family"] == "primary"]
     moved = summary.set_index("arm")
     said = [f"{r.comparison.split(' − ')[0]} {r.difference:+.1f} points [{r.ci_low:+.1f}, {r.ci_high:+.1f}] "
-            f"(Holm p = {format_p(r.p_holm)}; soft IoU {moved.iou_before[r.comparison.split(' − ')[0]]:.3f} → "
+            f"({p_phrase(r.p_holm, 'Holm p')}; soft IoU {moved.iou_before[r.comparison.split(' − ')[0]]:.3f} → "
             f"{moved.iou_after[r.comparison.split(' − ')[0]]:.3f})" for r in primary.itertuples()]
     parts = ["Scaling the subjects' own map overlap within one window changed all subjects present against none by "
              + "; ".join(said) + "."]
     failed = relative_manipulation(summary)
+    dosed = summary[summary.dose.notna()]
     if failed:
         parts.append(f"The manipulation check failed ({'; '.join(failed)}): those windows are not read.")
+    else:
+        parts.append("The manipulation check held: each move changed the soft IoU in its direction (" + ", ".join(
+            f"{r.arm} ×{r.iou_ratio:.2f} per call, dose reached in {r.reached:.0%} of calls"
+            for r in dosed.itertuples()) + "), mean peak and spread within 5 % of 1.")
+    if e1_slope is not None:
+        parts.append("E1's slope (" + f"{e1_slope:+.1f} points per 0.1 soft IoU) predicts " + ", ".join(
+            f"{r.arm} {e1_slope * (r.iou_after - r.iou_before) * 10:+.1f}" for r in dosed.itertuples())
+            + " points for these moves.")
     clear = primary[primary.p_holm < 0.05]
     if clear.empty:
         parts.append(f"No window's change was clear; the design detects {detectable_points:.1f} points with 80 % "

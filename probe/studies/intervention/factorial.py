@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from probe.analysis.stats import format_p, holm
+from probe.analysis.stats import holm, p_phrase
 from probe.fingerprint import weights_id
 from probe.images import to_uint8
 from probe.models import load
@@ -119,22 +119,24 @@ def _said(r: pd.Series, unit: str = "points", digits: int = 1) -> str:
     return f"{r.difference:+.{digits}f} {unit} [{r.ci_low:+.{digits}f}, {r.ci_high:+.{digits}f}]".replace(" []", "")
 
 
-def factorial_answer(family: pd.DataFrame, detectable: float, mediation: dict | None = None) -> str:
+def factorial_answer(family: pd.DataFrame, detectable: float, mediation: dict | None = None,
+                     e1_without_floor: bool = False) -> str:
     """The E3 answer, from its tables: the positive control and the manipulation check first (a null result is
     believed only where both hold), then the registered family, the interaction, missing and mixing beside, the
-    mediated share, and whether it confirms paper 003's claim that an overlap loss adds to A&E."""
+    mediated share, and whether it confirms paper 003's claim that an overlap loss adds to A&E.
+    ``e1_without_floor``: E1's table was judged before the judge's confidence floor (said beside the share)."""
     control = _row(family, "positive control", "ae − none", "all_present")
     control_missing = _row(family, "positive control", "ae − none", "missing")
     parts = [f"Positive control: A&E against none changed all present by {_said(control)} and missing by "
-             f"{_said(control_missing)} (p = {format_p(control_missing.p_value)})."]
+             f"{_said(control_missing)} ({p_phrase(control_missing.p_value)})."]
     moved = [_row(family, "manipulation check", f"{a} − {b}", "iou_early") for a, b in PRIMARY]
     lowered = all(m.ci_high < 0 for m in moved)
     parts.append("The overlap term " + ("lowered" if lowered else "did not clearly lower") + " the subjects' early "
                  f"soft IoU: with A&E {_said(moved[0], 'soft IoU', 3)}, alone {_said(moved[1], 'soft IoU', 3)}.")
     added, alone = (_row(family, "primary", f"{a} − {b}", "all_present") for a, b in PRIMARY)
-    parts.append(f"Adding the overlap term to A&E changed all present by {_said(added)} (Holm p = "
-                 f"{format_p(added.p_holm)}); the overlap term alone against none by {_said(alone)} (Holm p = "
-                 f"{format_p(alone.p_holm)}).")
+    parts.append(f"Adding the overlap term to A&E changed all present by {_said(added)} "
+                 f"({p_phrase(added.p_holm, 'Holm p')}); the overlap term alone against none by {_said(alone)} "
+                 f"({p_phrase(alone.p_holm, 'Holm p')}).")
     beside = [f"{o} {_said(_row(family, 'reported beside', f'{a} − {b}', o))} ({a} − {b})"
               for a, b in PRIMARY for o in ("missing", "mixed")]
     both = _row(family, "reported beside", "(ae+iou − ae) − (iou − none)", "all_present")
@@ -156,7 +158,9 @@ def factorial_answer(family: pd.DataFrame, detectable: float, mediation: dict | 
         parts.append(f"Through overlap runs {m['share']:.0%} [{m['ci_low']:.0%}, {m['ci_high']:.0%}] of A&E's effect "
                      f"on all present here (E1's slope {m['slope_points_per_iou'] / 10:+.1f} points per 0.1 soft IoU "
                      f"× A&E's change of early soft IoU {m['ae_iou_change']:+.3f} ÷ A&E's effect "
-                     f"{m['ae_effect_points']:+.1f} points).")
+                     f"{m['ae_effect_points']:+.1f} points)"
+                     + ("; E1's images were judged before the judge's confidence floor, E3's with it." if
+                        e1_without_floor else "."))
     return " ".join(parts)
 
 
