@@ -430,10 +430,10 @@ def positive_control(pipe, n_images: int = 300, out=None, progress: bool = True,
     methods only, on its two- and three-object sets with distinct nouns, paired by (prompt, seed), 50 steps, A&E's
     schedule and its softmax over the prompt's words, at the step size that lowers missing most on pilot prompts the
     control does not use (:func:`probe.studies.guided.calibrate_steps`; ``step_size`` skips the calibration).
-    One seed per prompt by default: the same number of pairs
-    spread over more prompts gives a narrower interval, as one prompt's seeds fail together. The paired difference
-    in missing rate (A&E − none) has an interval resampling prompts and a sign-flip p-value over prompts; A&E's loss
-    before guidance and at its last step shows that the guidance acted. ``out`` keeps the per-image rows (and
+    One seed per prompt by default: the same number of pairs spread over more prompts gives a narrower interval, as
+    one prompt's seeds fail together. The paired difference in missing rate (A&E − none) has an interval resampling
+    object sets and McNemar's exact p-value on the (prompt, seed) pairs; A&E's loss before guidance and at its last
+    step shows that the guidance acted. ``out`` keeps the per-image rows (and
     resumes a stopped run)."""
     from probe.studies.guidance import guidance_study
 

@@ -2,12 +2,14 @@
 
 - :mod:`~probe.studies.probing`: linear probes read what cross- vs self-attention encode of single-object images,
   by layer and step (Free-Prompt-Editing's probing argument).
-- :mod:`~probe.studies.overlap`: how the subjects' maps overlap, step by step, and how well each overlap statistic
-  predicts that the judge finds a subject missing or mixed (Marioriyad et al.'s entity-missing argument).
+- :mod:`~probe.studies.overlap`: how the subjects' maps overlap, step by step, and how well each statistic separates
+  images with a subject missing or mixed from images with every subject present, read at step 10 of 50 (cause) and
+  at the last step (an outcome read-out) (Marioriyad et al.'s entity-missing argument).
 - :mod:`~probe.studies.editing`: self- vs cross-attention injection editing (:func:`probe.steer.edit.study`),
 aggregated.
-- :mod:`~probe.studies.guidance`: the causal test: does guidance that lowers overlap lower entity missing, beyond
-  Attend-and-Excite? :mod:`~probe.studies.self_cross`: does Self-Cross guidance lower mixing on similar subjects?
+- :mod:`~probe.studies.guidance`: does guidance that lowers overlap raise the share of images with every subject
+  present (missing and mixing beside), beyond Attend-and-Excite? :mod:`~probe.studies.self_cross`: the same for
+  Self-Cross guidance on similar subjects.
 - :mod:`~probe.studies.intervention`: a pre-registered experiment that moves the subjects' maps' overlap directly
   (``probe study intervention run|analyse E``); not part of ``run_all``, its analysed tables are checked with the rest.
 - :mod:`~probe.studies.report`: every study, every figure and table, from fixed seeds, and their index; every

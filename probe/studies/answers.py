@@ -104,17 +104,3 @@ def direction_of(verdict: str) -> str:
         "did not clearly change"
 
 
-def overlap_answer(headline: pd.DataFrame) -> str:
-    """Per outcome, the statistic whose last-step AUC is furthest from 0.5 with an interval that excludes 0.5."""
-    parts = []
-    for outcome, rows in headline.groupby("outcome", sort=False):
-        rows = rows.dropna(subset=["auc_last"])
-        rows = rows[(rows.ci_low_last > 0.5) | (rows.ci_high_last < 0.5)]
-        cases = int(headline[headline.outcome == outcome].n_cases.max())
-        if rows.empty:
-            parts.append(f"no statistic separates {outcome} images ({cases} cases)")
-            continue
-        best = rows.loc[(rows.auc_last - 0.5).abs().idxmax()]
-        parts.append(f"{best.metric} separates {outcome} images best (AUC {best.auc_last:.2f} "
-                     f"[{best.ci_low_last:.2f}, {best.ci_high_last:.2f}] at the last step, {cases} cases)")
-    return ("At the last step " + "; ".join(parts) + ".") if parts else "No outcome was measured."
