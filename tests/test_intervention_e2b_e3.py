@@ -232,7 +232,8 @@ def test_processes_run_the_shards_at_once_and_analyse_merges_them_into_one_proce
     merged = pd.read_csv(tmp_path / "two" / "intervention_t1_images.csv")
     one = pd.read_csv(tmp_path / "one" / "intervention_t1_images.csv")
     drop = ["seconds", "settings_id"]
-    pd.testing.assert_frame_equal(merged.drop(columns=drop), one.drop(columns=drop), check_dtype=False)
+    # the shards ran with one thread each, this process with its own: float sums may differ in the last digits
+    pd.testing.assert_frame_equal(merged.drop(columns=drop), one.drop(columns=drop), check_dtype=False, atol=1e-5)
     assert len(one) == 2 * 2 * 4 and (tmp_path / "two" / "intervention_t1_family.csv").exists()
 
 

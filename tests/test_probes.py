@@ -151,3 +151,18 @@ def test_grouped_cross_validation_never_splits_a_group():
     assert plain.accuracy > 0.9  # images of a seen group leak its label across the split
     assert grouped.accuracy < 0.8  # unseen groups: no better than the group-level signal allows
     assert plain.chance == grouped.chance == 0.5  # the majority class's share of samples, whether grouped or not
+
+
+def test_nested_cross_validation_of_a_part_too_small_to_split_again_chooses_the_first_set_up():
+    """Two samples per class: each outer training part holds one of each, too few for inner folds; the choice
+    falls back to the first set-up (fixed in advance), and the score is that set-up's out-of-fold accuracy."""
+    from probe.analysis.probes import LinearProbe
+
+    rng = np.random.default_rng(0)
+    y = np.array(["a", "a", "b", "b", "c", "c"])
+    blocks = [rng.normal(size=(6, 4)), rng.normal(size=(6, 4))]
+    probe = LinearProbe(folds=2)
+    found = probe.nested_cross_validate(blocks, y)
+    assert found.chosen_folds == found.score.folds  # the first set-up in every outer fold
+    plain = probe.cross_validate(blocks[0], y)
+    assert found.score.accuracy == pytest.approx(plain.accuracy)

@@ -183,6 +183,20 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             predicted[test] = _fit_predict(self._pipeline(C), X[train], y[train], X[test])
         return float((predicted == y).mean())
 
+    def _inner_choice(self, blocks: list[np.ndarray], y: np.ndarray, train: np.ndarray, groups: np.ndarray | None,
+                      setups: list[tuple[int, float]], inner_folds: int) -> int:
+        """The set-up the inner folds of one outer training part choose (first on ties). A part too small to split
+        again (a class with one sample or group in it) chooses the first set-up: a choice fixed in advance, so no
+        search is scored on its own data."""
+        inner_groups = None if groups is None else groups[train]
+        try:
+            inner, _ = self._splitter(y[train], inner_groups, inner_folds, strict=False)
+            splits = list(inner.split(blocks[0][train], y[train], inner_groups))
+        except ValueError:
+            return 0
+        scores = [self._inner_accuracy(blocks[b][train], y[train], splits, C) for b, C in setups]
+        return int(np.argmax(scores))
+
     def nested_cross_validate(self, blocks: Sequence, y, groups=None, Cs: Sequence[float] | None = None,
                               inner_folds: int = INNER_FOLDS) -> NestedScore:
         """Choose a set-up (a feature block of ``blocks`` × a C of ``Cs``, default this probe's C) inside nested
@@ -202,11 +216,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "The least populated class", UserWarning)
             for train, test in split.split(blocks[0], y, groups):
-                inner_groups = None if groups is None else groups[train]
-                inner, _ = self._splitter(y[train], inner_groups, inner_folds, strict=False)
-                splits = list(inner.split(blocks[0][train], y[train], inner_groups))
-                scores = [self._inner_accuracy(blocks[b][train], y[train], splits, C) for b, C in setups]
-                chosen.append(int(np.argmax(scores)))
+                chosen.append(self._inner_choice(blocks, y, train, groups, setups, inner_folds))
                 for i, (b, C) in enumerate(setups):
                     outer[i, test] = _fit_predict(self._pipeline(C), blocks[b][train], y[train], blocks[b][test])
                 nested[test] = outer[chosen[-1], test]
