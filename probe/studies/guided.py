@@ -31,7 +31,7 @@ from probe.shapes.judge import judge as exact_judge
 from probe.shapes.settings import GUIDANCE
 from probe.steer.guide import OBJECTIVES, InitNO, Schedule, generate
 from probe.steer.objectives import is_objective_name
-from probe.studies.common import ImageRows, Judge, Subject, judged, nearest_grid, settings_id
+from probe.studies.common import ImageRows, Judge, Subject, judged, mean_interval, nearest_grid, settings_id
 from probe.studies.overlap import METRICS, pair_metrics
 from probe.tap import attention_layers
 
@@ -204,15 +204,51 @@ def guided_images(pipe, prompts: Sequence[dict], seeds: Sequence[int], configs: 
     return frame
 
 
-
 STEP_CANDIDATES = (20.0, 5.0, 1.0, 0.2, 0.05)  # A&E's published step (20) and smaller ones
-CALIBRATION_PROMPTS = 4  # pilot prompts per set for an overlap objective, taken after the study's own
-BASELINE_CALIBRATION_PROMPTS = 30  # A&E's criterion is a binary outcome (missing), so it needs more
+# the first pilot, per set, for every method: the spread its criterion's paired differences have there sets how many
+# pilot prompts the calibration takes (:func:`pilot_size`); a quick study's whole pilot is one prompt per set
+CALIBRATION_PROMPTS = 4
 QUICK_STEP_CANDIDATES = (20.0, 0.2)
 # the calibration column a method's step minimises: A&E targets missing subjects, an overlap objective its maps'
 # overlap at step 10 (the manipulation its study tests)
 CRITERIA = {BASELINE: "missing_vs_none"}
 OVERLAP_CRITERION = "iou_t10_vs_none"
+# The smallest paired change against unguided images a pilot must find (at PILOT_POWER, two-sided PILOT_ALPHA).
+# Soft IoU at step 10: the committed calibration (figures/guidance_step_sizes.csv, 8 pilot images) chose steps whose
+# changes run from -0.0045 (kl) to -0.020 (self_cross), and neighbouring candidates differ by about 0.005; a pilot
+# blind to 0.005 cannot say whether the weakest chosen step lowers overlap at all. Missing: 5 points (one image in
+# 20 regains a subject), the gap between A&E's neighbouring candidates in that table (5 to 8 points).
+MIN_EFFECTS = {"missing_vs_none": 0.05, OVERLAP_CRITERION: 0.005}
+PILOT_POWER, PILOT_ALPHA = 0.8, 0.05
+
+
+def criterion_of(method: str) -> str:
+    """The calibration column ``method``'s step minimises (:data:`CRITERIA`, else :data:`OVERLAP_CRITERION`)."""
+    return CRITERIA.get(method, OVERLAP_CRITERION)
+
+
+def pilot_size(sd: float, effect: float, power: float = PILOT_POWER, alpha: float = PILOT_ALPHA) -> int:
+    """Pilot prompts (one image each) that find a paired mean difference ``effect`` whose per-image SD is ``sd``,
+    two-sided at ``alpha`` with ``power``: ``n = ((z(1 − α/2) + z(power)) · sd / effect)²``, rounded up, at least 2.
+
+    One rule for every method: for A&E the difference is of missing (−1, 0 or +1 per image, so its SD is
+    √(discordant − effect²), McNemar's normal approximation), for an overlap objective of soft IoU at step 10. The
+    SD is measured, not assumed: :func:`study_steps` takes it from a first pilot of :data:`CALIBRATION_PROMPTS`
+    prompts per set (the pooled SD of the criterion's paired differences over the group's methods and candidates).
+    """
+    from scipy.stats import norm
+
+    if not (effect > 0 and sd >= 0 and 0 < alpha < 1 and 0 < power < 1):
+        raise ValueError(f"need effect > 0, sd ≥ 0, 0 < alpha, power < 1; got {effect=}, {sd=}, {alpha=}, {power=}")
+    n = ((norm.ppf(1 - alpha / 2) + norm.ppf(power)) * sd / effect) ** 2
+    return max(2, math.ceil(round(n, 9)))  # round: a product that should be whole is not pushed up by float error
+
+
+def detectable_change(n: int, sd: float, power: float = PILOT_POWER, alpha: float = PILOT_ALPHA) -> float:
+    """The smallest paired mean difference ``n`` pilot images find (:func:`pilot_size` solved for the effect)."""
+    from scipy.stats import norm
+
+    return float((norm.ppf(1 - alpha / 2) + norm.ppf(power)) * sd / math.sqrt(max(n, 1)))
 
 
 def pilot_prompts(sets: Sequence[str], study: Sequence[dict], per_set: int = CALIBRATION_PROMPTS) -> list[dict]:
@@ -221,6 +257,67 @@ def pilot_prompts(sets: Sequence[str], study: Sequence[dict], per_set: int = CAL
     per_study = max(sum(item["set"] == name for item in study) for name in sets)
     wider = study_prompts(sets, (per_study + per_set) * len(sets), 1)
     return [item for item in wider if item["prompt"] not in used]
+
+
+def pilot_object_set(item: Mapping) -> str:
+    """A pilot prompt's sorted (colour, noun) subjects, as :func:`probe.studies.guidance.object_set` reads them
+    from the text (not imported: that module imports this one): the cluster the calibration's intervals resample, so
+    that a prompt and its swapped word order count once."""
+    colours = list(item.get("colours") or []) or [""] * len(item["nouns"])
+    return " & ".join(sorted(f"{c} {n}".strip() for c, n in zip(colours, item["nouns"])))
+
+
+def pilot_differences(pipe, methods: Sequence[str], prompts: Sequence[dict], seeds: Sequence[int], *, steps: int,
+                      candidates: Sequence[float], progress: bool = True, **options) -> pd.DataFrame:
+    """One row per (candidate, method, prompt, seed): the guided image paired with the unguided one of the same
+    prompt and seed (``missing_vs_none``, ``iou_t10_vs_none``, ``iou_end_vs_none``), ``loss_fell``, ``missing``,
+    ``mixed``, ``object_set`` and the method's ``criterion`` with its value (``difference``). Kept per image so that
+    a pilot can be widened without making its first images again, and its intervals resample object sets."""
+    sets = {item["prompt"]: pilot_object_set(item) for item in prompts}
+    plain = guided_images(pipe, prompts, seeds, [(NO_GUIDANCE, False)], steps=steps, progress=False, **options)
+    plain = plain.set_index(["prompt", "seed"])[["missing", "soft_iou_t10", "soft_iou_end"]]
+    frames = []
+    for scale in tqdm(candidates, desc="step sizes", disable=not progress):
+        images = guided_images(pipe, prompts, seeds, [(m, False) for m in methods], steps=steps, progress=False,
+                               step_sizes=dict.fromkeys(methods, float(scale)), **options)
+        paired = images.join(plain, on=["prompt", "seed"], rsuffix="_none")
+        frame = pd.DataFrame({
+            "method": paired.method, "scale_factor": float(scale), "prompt": paired.prompt, "seed": paired.seed,
+            "object_set": paired.prompt.map(sets),
+            "missing_vs_none": paired.missing.astype(float) - paired.missing_none.astype(float),
+            "iou_t10_vs_none": paired.soft_iou_t10 - paired.soft_iou_t10_none,
+            "iou_end_vs_none": paired.soft_iou_end - paired.soft_iou_end_none,
+            "loss_fell": (paired.loss_end < paired.loss_start).astype(float),
+            "missing": paired.missing.astype(float), "mixed": paired.mixed.astype(float)})
+        frame["criterion"] = frame.method.map(criterion_of)
+        frame["difference"] = [frame.at[i, c] for i, c in frame.criterion.items()]
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+CALIBRATION_COLUMNS = ["method", "scale_factor", "n", "loss_fell", "missing_vs_none", "iou_t10_vs_none",
+                       "iou_end_vs_none", "missing", "mixed", "criterion", "criterion_mean", "criterion_ci_low",
+                       "criterion_ci_high", "clear", "chosen"]
+
+
+def summarise_calibration(rows: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """One row per (method, candidate) of :func:`pilot_differences`' rows: the means, ``n`` images, and the
+    criterion's mean with a 95 % interval resampling object sets (a step is chosen on a pilot of a few dozen images,
+    so the table says how sure the choice is). ``chosen``: per method the lowest criterion mean (the larger step on a
+    tie); ``clear``: its interval lies below 0 (the step lowers the criterion beyond the pilot's noise)."""
+    out = []
+    for (method, scale), part in rows.groupby(["method", "scale_factor"], sort=False):
+        mean, low, high = mean_interval(part.difference, part.object_set, seed=seed)
+        out.append({"method": method, "scale_factor": float(scale), "n": len(part),
+                    **{c: float(part[c].mean()) for c in ("loss_fell", "missing_vs_none", "iou_t10_vs_none",
+                                                          "iou_end_vs_none", "missing", "mixed")},
+                    "criterion": part.criterion.iloc[0], "criterion_mean": mean, "criterion_ci_low": low,
+                    "criterion_ci_high": high, "clear": bool(high < 0)})
+    table = pd.DataFrame(out, columns=CALIBRATION_COLUMNS[:-1])
+    score = table.assign(score=[table.at[i, c] for i, c in table.criterion.items()])  # unrounded criterion_mean
+    best = score.sort_values(["score", "scale_factor"], ascending=[True, False]).groupby("method").head(1)
+    table["chosen"] = table.index.isin(best.index)
+    return table[CALIBRATION_COLUMNS]
 
 
 def calibrate_steps(pipe, methods: Sequence[str], prompts: Sequence[dict], seeds: Sequence[int], *, steps: int,
@@ -232,39 +329,20 @@ def calibrate_steps(pipe, methods: Sequence[str], prompts: Sequence[dict], seeds
     to the thresholds yet loses as many subjects as it restores, and an overlap loss at that step *raises* soft IoU
     at step 10 while its own value falls. For every candidate, each method's pilot images are paired with unguided
     ones on the same (prompt, seed): ``missing_vs_none``, ``iou_t10_vs_none`` / ``iou_end_vs_none``, ``loss_fell``
-    (share of images whose objective fell), missing and mixing. ``chosen`` marks, per method, the candidate that
-    lowers its criterion (:data:`CRITERIA`) most (the larger step on a tie); methods in ``keep`` run at the
-    schedule's own step and are not calibrated. ``options``: as :func:`guided_images` (schedule, judge,
-    guidance_scale, subject, initno_settings).
+    (share of images whose objective fell), missing and mixing; its criterion (:data:`CRITERIA`) with a 95 %
+    interval over object sets (``criterion_mean``, ``criterion_ci_low``, ``criterion_ci_high``). ``chosen`` marks,
+    per method, the candidate that lowers its criterion most (the larger step on a tie), ``clear`` whether that
+    candidate's interval lies below 0 (:func:`summarise_calibration`); methods in ``keep`` run at the schedule's
+    own step and are not calibrated. ``options``: as :func:`guided_images` (schedule, judge, guidance_scale,
+    subject, initno_settings).
     """
     if not prompts:
         raise ValueError("no pilot prompts to calibrate the step sizes on")
     tuned = [m for m in dict.fromkeys(methods) if m != NO_GUIDANCE and m not in keep]
-    columns = ["method", "scale_factor", "n", "loss_fell", "missing_vs_none", "iou_t10_vs_none", "iou_end_vs_none",
-               "missing", "mixed", "criterion", "chosen"]
     if not tuned:
-        return pd.DataFrame(columns=columns)
-    plain = guided_images(pipe, prompts, seeds, [(NO_GUIDANCE, False)], steps=steps, progress=False, **options)
-    plain = plain.set_index(["prompt", "seed"])
-    rows = []
-    for scale in tqdm(candidates, desc="step sizes", disable=not progress):
-        images = guided_images(pipe, prompts, seeds, [(m, False) for m in tuned], steps=steps, progress=False,
-                               step_sizes=dict.fromkeys(tuned, float(scale)), **options)
-        for method, frame in images.groupby("method", sort=False):
-            paired = frame.join(plain[["missing", "soft_iou_t10", "soft_iou_end"]], on=["prompt", "seed"],
-                                rsuffix="_none")
-            rows.append({"method": method, "scale_factor": float(scale), "n": len(frame),
-                         "loss_fell": float((frame.loss_end < frame.loss_start).mean()),
-                         "missing_vs_none": float((paired.missing.astype(float) - paired.missing_none).mean()),
-                         "iou_t10_vs_none": float((paired.soft_iou_t10 - paired.soft_iou_t10_none).mean()),
-                         "iou_end_vs_none": float((paired.soft_iou_end - paired.soft_iou_end_none).mean()),
-                         "missing": float(frame.missing.mean()), "mixed": float(frame.mixed.mean()),
-                         "criterion": CRITERIA.get(method, OVERLAP_CRITERION)})
-            rows[-1]["score"] = rows[-1][rows[-1]["criterion"]]
-    table = pd.DataFrame(rows)
-    best = table.sort_values(["score", "scale_factor"], ascending=[True, False]).groupby("method").head(1)
-    table["chosen"] = table.index.isin(best.index)
-    return table[columns]
+        return pd.DataFrame(columns=CALIBRATION_COLUMNS)
+    return summarise_calibration(pilot_differences(pipe, tuned, prompts, seeds, steps=steps, candidates=candidates,
+                                                   progress=progress, **options))
 
 
 def chosen_steps(calibration: pd.DataFrame) -> dict[str, float]:
@@ -273,33 +351,86 @@ def chosen_steps(calibration: pd.DataFrame) -> dict[str, float]:
     return dict(zip(chosen.method, chosen.scale_factor.astype(float)))
 
 
+def pooled_sd(rows: pd.DataFrame) -> float:
+    """The pooled SD of the criterion's paired differences over (method, candidate) cells of a pilot: the spread a
+    candidate's mean is read against, whichever candidate is chosen (0 where no cell has two images)."""
+    cells = rows.groupby(["method", "scale_factor"]).difference
+    dof = (cells.count() - 1).clip(lower=0)
+    return float(math.sqrt((cells.var(ddof=1).fillna(0) * dof).sum() / dof.sum())) if dof.sum() > 0 else 0.0
+
+
+def widest_pilot(sets: Sequence[str], study: Sequence[dict], per_set: int, least: int) -> list[dict]:
+    """:func:`pilot_prompts` at ``per_set``, or, where the sets hold fewer distinct prompts, the most they hold
+    (searched down to ``least`` per set)."""
+    try:
+        return pilot_prompts(sets, study, per_set)
+    except ValueError:
+        pass
+    low, high = least, per_set  # low holds, high does not
+    while high - low > 1:
+        middle = (low + high) // 2
+        try:
+            pilot_prompts(sets, study, middle)
+            low = middle
+        except ValueError:
+            high = middle
+    return pilot_prompts(sets, study, low)
+
+
+def calibrate_group(pipe, group: Sequence[str], sets: Sequence[str], study: Sequence[dict], seeds: Sequence[int], *,
+                    steps: int, candidates: Sequence[float], quick: bool, progress: bool,
+                    **options) -> pd.DataFrame | None:
+    """:func:`calibrate_steps` for methods of one criterion, on a pilot sized by :func:`pilot_size`: a first pilot of
+    :data:`CALIBRATION_PROMPTS` per set (one when ``quick``, which stops there) gives the criterion's SD, and the
+    pilot is widened to the prompts that find :data:`MIN_EFFECTS` at :data:`PILOT_POWER`. None where the sets hold
+    no prompt beyond the study's. The table carries ``pilot_sd`` and ``pilot_planned`` (the rule's size)."""
+    first = pilot_prompts(sets, study, 1 if quick else CALIBRATION_PROMPTS)
+    if not first:  # a small prompt set of the user's, all of it in the study
+        warnings.warn(f"no prompts beyond the study's to calibrate {list(group)} on: they run at the schedule's "
+                      "step (pass step_sizes to choose it)", stacklevel=3)
+        return None
+    run = dict(steps=steps, candidates=candidates, **options)
+    rows = pilot_differences(pipe, group, first, seeds, progress=progress, **run)
+    sd, criterion = pooled_sd(rows), criterion_of(group[0])
+    planned = len(first) if quick else pilot_size(sd, MIN_EFFECTS[criterion])
+    if planned > len(first):
+        least = 1 if quick else CALIBRATION_PROMPTS
+        wider = widest_pilot(sets, study, math.ceil(planned / len(sets)), least)
+        known = {item["prompt"] for item in first}
+        extra = [item for item in wider if item["prompt"] not in known]
+        if extra:
+            rows = pd.concat([rows, pilot_differences(pipe, group, extra, seeds, progress=progress, **run)],
+                             ignore_index=True)
+        if len(first) + len(extra) < planned:
+            held = len(first) + len(extra)
+            warnings.warn(f"{criterion}: the power rule asks for {planned} pilot prompts (SD {sd:.3g}, smallest "
+                          f"change {MIN_EFFECTS[criterion]:g}) but the sets hold {held} beyond the study's: the "
+                          f"pilot finds changes of {detectable_change(held, sd):.3g} or more", stacklevel=3)
+    table = summarise_calibration(rows)
+    return table.assign(pilot_sd=sd, pilot_planned=planned)
+
+
 def study_steps(pipe, methods: Sequence[str], sets: Sequence[str], prompts: Sequence[dict], seeds: Sequence[int], *,
                 steps: int, step_sizes: Mapping[str, float] | None, quick: bool, progress: bool = True,
                 **options) -> tuple[dict[str, float], pd.DataFrame]:
-    """The step sizes a study runs at: ``step_sizes`` where given, else :func:`calibrate_steps` on pilot prompts
-    (:func:`pilot_prompts`: :data:`BASELINE_CALIBRATION_PROMPTS` per set for A&E, :data:`CALIBRATION_PROMPTS` for
-    the others, one when ``quick``) at the study's first seed. Returns them and the calibration table (empty where
-    they were given)."""
+    """The step sizes a study runs at: ``step_sizes`` where given, else :func:`calibrate_steps` on pilot prompts the
+    study does not use, at its first seed, A&E and the overlap objectives apart (their criteria differ) but by one
+    rule (:func:`calibrate_group`: a first pilot measures the criterion's spread, :func:`pilot_size` says how many
+    prompts find :data:`MIN_EFFECTS`). Returns them and the calibration table (empty where they were given)."""
     if step_sizes is not None:
         return {m: float(v) for m, v in step_sizes.items()}, pd.DataFrame()
     candidates = QUICK_STEP_CANDIDATES if quick else STEP_CANDIDATES
-    groups = [([m for m in methods if m == BASELINE], BASELINE_CALIBRATION_PROMPTS),
-              ([m for m in methods if m not in (BASELINE, NO_GUIDANCE)], CALIBRATION_PROMPTS)]
-    tables, counts = [], []
-    for group, per_set in groups:
-        if group:
-            pilot = pilot_prompts(sets, prompts, 1 if quick else per_set)
-            if not pilot:  # a small prompt set of the user's, all of it in the study
-                warnings.warn(f"no prompts beyond the study's to calibrate {group} on: they run at the schedule's "
-                              "step (pass step_sizes to choose it)", stacklevel=2)
-                continue
-            counts.append(len(pilot))
-            tables.append(calibrate_steps(pipe, group, pilot, list(seeds)[:1], steps=steps, progress=progress,
-                                          candidates=candidates, **options))
+    groups = [[m for m in methods if m == BASELINE], [m for m in methods if m not in (BASELINE, NO_GUIDANCE)]]
+    tables = [calibrate_group(pipe, group, sets, prompts, list(seeds)[:1], steps=steps, candidates=candidates,
+                              quick=quick, progress=progress, **options) for group in groups if group]
+    tables = [table for table in tables if table is not None]
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     chosen = chosen_steps(table) if tables else {}
     if progress and chosen:
-        print("step sizes chosen on", " / ".join(map(str, counts)), "pilot prompts:",
-              ", ".join(f"{m} {v:g}" for m, v in chosen.items()),
-              f"(pass step_sizes={chosen!r} to skip the calibration)")
+        counts = " / ".join(str(t.groupby("method").n.first().iloc[0]) for t in tables)
+        clear = ", ".join(f"{row.method} {row.scale_factor:g} ({row.criterion_mean:+.3g} "
+                          f"[{row.criterion_ci_low:+.3g}, {row.criterion_ci_high:+.3g}])"
+                          for row in table[table.chosen].itertuples())
+        print(f"step sizes chosen on {counts} pilot images: {clear} (pass step_sizes={chosen!r} to skip the "
+              "calibration)")
     return chosen, table
