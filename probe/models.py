@@ -22,8 +22,9 @@ from probe.families.tiny import project_tokenizer
 from probe.families.unet import tiny_pipeline
 from probe.tap.layers import Layer, attention_layers, denoiser, latent_size, select_layers
 
-__all__ = ["BUILTIN", "SCHEDULERS", "TINY", "Layer", "attention_layers", "denoiser", "latent_size", "load",
-           "project_tokenizer", "select_layers", "tiny_flux", "tiny_pipeline", "tiny_sd3"]
+__all__ = ["BUILTIN", "MODEL_DEFAULTS_FILE", "SCHEDULERS", "TINY", "Layer", "attention_layers", "denoiser",
+           "latent_size", "load", "model_defaults", "model_folder", "project_tokenizer", "select_layers", "tiny_flux",
+           "tiny_pipeline", "tiny_sd3"]
 
 BUILTIN = {"shapes": DATA / "models" / "shapes"}
 
@@ -124,6 +125,61 @@ def _check_pipeline_class(folder: Path) -> None:
     if not isinstance(name, str) or not name.endswith("Pipeline") or not hasattr(diffusers, name):
         raise ValueError(f"{index} names the pipeline class {name!r}, which diffusers {diffusers.__version__} does not "
                          "have; upgrade diffusers if it is newer, or fix _class_name (e.g. 'StableDiffusionPipeline')")
+
+
+# -- a model folder's own settings for probe --------------------------------------------------------------------------
+
+MODEL_DEFAULTS_FILE = "probe.json"  # beside model_index.json; diffusers ignores it
+
+
+def model_folder(pipe_or_name) -> Path | None:
+    """The local folder a pipeline was loaded from, where its own files (such as ``probe.json``) lie.
+
+    Read from ``pipe.config._name_or_path`` (what :func:`load` and ``from_pretrained`` record), a built-in name
+    resolved to its folder; a name or path is resolved the same way. None for a hub id, a tiny pipeline or one built
+    in memory: they have no folder of their own here.
+    """
+    if isinstance(pipe_or_name, (str, Path)):
+        name = pipe_or_name
+    else:
+        name = getattr(getattr(pipe_or_name, "config", None), "_name_or_path", None)
+        name = name or getattr(pipe_or_name, "name_or_path", None)
+    if not isinstance(name, (str, Path)) or not str(name).strip() or str(name) in TINY:
+        return None
+    folder = Path(name).expanduser() if isinstance(name, Path) else BUILTIN.get(name, Path(name).expanduser())
+    return folder if folder.is_dir() else None
+
+
+def model_defaults(pipe_or_name) -> dict:
+    """The model folder's settings for probe (``probe.json`` beside ``model_index.json``), ``{}`` where there is none.
+
+    A published setting suits the model it was published for (Attend-and-Excite's step 20 trades missing subjects
+    for mixed ones on the built-in model), so a folder may carry its own, with where each came from. The schema::
+
+        {"guidance": {"ae": {"scale_factor": 1.0, "source": "how it was chosen"}, ...}}
+
+    ``guidance`` maps an objective name (or a "+"-joined sum such as ``"ae+iou"``) to the
+    :class:`probe.steer.guide.Schedule` fields it overrides (JSON lists for tuples) and an optional ``source``;
+    :func:`probe.steer.guide.generate` applies them when the caller gives no ``schedule``. A pipeline without a
+    folder (a hub id, ``tiny``) gives ``{}``; a file that is not valid JSON of that shape raises a ``ValueError``
+    naming it.
+    """
+    import json
+
+    folder = model_folder(pipe_or_name)
+    path = folder / MODEL_DEFAULTS_FILE if folder is not None else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); it holds this model's default settings for probe: fix "
+                         "it, or remove it to use the library's defaults") from err
+    guidance = found.get("guidance", {}) if isinstance(found, dict) else None
+    if not isinstance(guidance, dict) or not all(isinstance(entry, dict) for entry in guidance.values()):
+        raise ValueError(f"{path} must hold a JSON object whose 'guidance' maps objective names to objects of "
+                         "Schedule fields, e.g. {\"guidance\": {\"ae\": {\"scale_factor\": 1.0, \"source\": \"...\"}}}")
+    return found
 
 
 TINY = {name: build for family in FAMILIES for name, build in family.tiny().items()}  # small random pipelines

@@ -20,7 +20,8 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -35,7 +36,7 @@ from probe.analysis.overlap import (
 from probe.analysis.subjects import diffusers_softmax_tokens, subject_maps
 from probe.checks import finite_noise, step_count, text_to_image
 from probe.consumers.maps import GUIDANCE_PASSES, MapCollector
-from probe.models import load
+from probe.models import MODEL_DEFAULTS_FILE, load, model_defaults, model_folder
 from probe.prompts import subject_keys
 from probe.steer.objectives import (  # noqa: F401  (the objectives' names, here since 0.1)
     OBJECTIVES,
@@ -372,6 +373,95 @@ class GuideResult:
         return float(self.history.initial_loss.iloc[0]), float(self.history.loss.iloc[-1])
 
 
+# -- a model's own defaults ------------------------------------------------------------------------------------------
+
+
+def model_schedule(pipe, objective: ObjectiveSpec = "ae") -> tuple[Schedule, str | None]:
+    """The schedule :func:`generate` runs when the caller gives none, and the line that says so (None: nothing to say).
+
+    A step published for one model need not suit another (on the built-in model A&E's step 20 trades missing subjects
+    for mixed ones), so a model folder's ``probe.json`` (:func:`probe.models.model_defaults`) may override
+    :class:`Schedule`'s fields per objective name. A sum (``"ae+iou"``, ``{"ae": 1, "iou": 1}``) takes its own entry
+    where the file has one, else the defaults its terms share; where they differ (or only some terms have one),
+    ``Schedule()`` runs and the line says why. A callable objective, or an objective the file does not name, runs at
+    ``Schedule()`` silently.
+    """
+    table = model_defaults(pipe).get("guidance", {})
+    terms = _objective_terms(objective)
+    if not table or terms is None:
+        return Schedule(), None
+    label = "+".join(terms)
+    names = [label] if label in table else terms
+    entries = [table.get(name) for name in names]
+    if all(entry is None for entry in entries):
+        return Schedule(), None
+    where = _shown(model_folder(pipe) / MODEL_DEFAULTS_FILE)
+    overrides = [None if e is None else {k: v for k, v in e.items() if k != "source"} for e in entries]
+    if any(o is None or o != overrides[0] for o in overrides):
+        given = "; ".join(f"{n}: {'not listed' if o is None else _fields_text(o)}" for n, o in zip(names, overrides))
+        return Schedule(), (f"guidance: {label} runs at Schedule()'s defaults: its terms' defaults in {where} differ "
+                            f"({given}); pass schedule= to choose")
+    schedule = _schedule_with(overrides[0], label, where)
+    sources = "; ".join(dict.fromkeys(str(e["source"]) for e in entries if e.get("source")))
+    return schedule, (f"guidance: {label} at {_fields_text(overrides[0])} from {where}"
+                      + (f" ({sources})" if sources else "") + "; pass schedule= to override")
+
+
+def _objective_terms(spec: ObjectiveSpec) -> list[str] | None:
+    """The objective names ``spec`` sums (a model's defaults are kept per name); None for a callable of the user's."""
+    if isinstance(spec, str):
+        return list(dict.fromkeys(part.strip() for part in spec.split("+")))
+    if isinstance(spec, Mapping):
+        return list(dict.fromkeys(part.strip() for name in spec for part in str(name).split("+")))
+    if isinstance(spec, Objective) and OBJECTIVES.get(spec.name) is spec:
+        return [spec.name]
+    return None
+
+
+def _schedule_with(overrides: Mapping, objective: str, where: str) -> Schedule:
+    """``Schedule()`` with a ``probe.json`` entry's fields, each checked against the field's own type."""
+    base = Schedule()
+    known = [f.name for f in fields(Schedule)]
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: guidance {objective!r} sets {unknown}, which are not Schedule fields; give some "
+                         f"of {known} (and 'source')")
+    return replace(base, **{name: _json_field(name, value, getattr(base, name), objective, where)
+                            for name, value in overrides.items()})
+
+
+def _json_field(name: str, value, default, objective: str, where: str):
+    """A JSON value as the Schedule field's type: a list for a tuple, step indices as keys of ``thresholds``."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(default, float) and number:
+        return float(value)
+    if isinstance(default, int) and number and float(value).is_integer():
+        return int(value)
+    if isinstance(default, str) and isinstance(value, str):
+        return value
+    if isinstance(default, tuple) and isinstance(value, list) and len(value) == len(default):
+        return tuple(_json_field(name, v, d, objective, where) for v, d in zip(value, default))
+    if isinstance(default, Mapping) and isinstance(value, Mapping):
+        try:
+            return {int(step): float(threshold) for step, threshold in value.items()}
+        except (TypeError, ValueError):
+            pass
+    raise ValueError(f"{where}: guidance {objective!r} sets {name} to {value!r}; Schedule.{name} takes a value like "
+                     f"{default!r}")
+
+
+def _fields_text(overrides: Mapping) -> str:
+    return ", ".join(f"{name} {value}" for name, value in overrides.items()) or "Schedule()'s defaults"
+
+
+def _shown(path: Path) -> str:
+    """``path`` as the user would type it: relative to the working folder where it lies inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def generate(pipe, prompt: str, *, subjects: Sequence[str], objective: ObjectiveSpec = "ae", seed: int,
              schedule: Schedule | None = None, init_noise: str | InitNO | torch.Tensor | None = None,
              steps: int = 50, guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
@@ -380,9 +470,11 @@ def generate(pipe, prompt: str, *, subjects: Sequence[str], objective: Objective
     """Generate one image of ``prompt`` while guiding the attention of its ``subjects`` (words of the prompt).
 
     ``objective``: a name from :data:`OBJECTIVES`, a weighted sum such as ``{"ae": 1, "iou": 1}`` or a callable of
-    :class:`GuidanceMaps`. ``init_noise``: None (the seed's noise), ``"initno"`` or an :class:`InitNO` (optimise the
-    initial noise first), or a tensor of initial noise. ``consumers`` join the tap (e.g. a recorder). Other keyword
-    arguments go to the pipeline; one it does not take is refused.
+    :class:`GuidanceMaps`. ``schedule``: every number of the guidance; None runs :class:`Schedule`'s defaults with
+    the model folder's own for this objective on top (``probe.json``, :func:`model_schedule`), and a ``UserWarning``
+    says which and where they came from. ``init_noise``: None (the seed's noise), ``"initno"`` or an :class:`InitNO`
+    (optimise the initial noise first), or a tensor of initial noise. ``consumers`` join the tap (e.g. a recorder).
+    Other keyword arguments go to the pipeline; one it does not take is refused.
     """
     pipe = load(pipe)
     checks.pipeline_keywords(pipe, pipe_kwargs, "generate", {
@@ -403,6 +495,10 @@ def generate(pipe, prompt: str, *, subjects: Sequence[str], objective: Objective
         noise = finite_noise(init_noise).to(device=pipe._execution_device, dtype=denoiser(pipe).dtype).reshape(shape)
     else:
         noise = draw()
+    if schedule is None:  # the model's calibrated defaults, where its folder has them
+        schedule, note = model_schedule(pipe, objective)
+        if note is not None:
+            warnings.warn(note, UserWarning, stacklevel=2)
     init_history = None
     with Guide(pipe, prompt, subjects, objective, schedule, steps=steps, height=height, width=width,
                consumers=consumers, max_sequence_length=pipe_kwargs.get("max_sequence_length")) as guide:
