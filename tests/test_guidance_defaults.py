@@ -116,3 +116,21 @@ def test_a_broken_probe_json_is_a_clear_error(folder):
     _write(folder, {"ae": {"scale_factor": "big"}})
     with pytest.raises(ValueError, match=r"sets scale_factor to 'big'"):
         model_schedule(pipe, "ae")
+
+
+def test_a_sweep_runs_the_schedule_it_records_not_the_folders(folder):
+    """A sweep's folder says which schedule it ran (its spec), and a resumed sweep must run the same: the model
+    folder's probe.json does not reach it."""
+    import warnings
+
+    from probe.record import sweep as sweeps
+
+    (folder / "probe.json").write_text(json.dumps({"guidance": {"ae": {"scale_factor": 0.5}}}))
+    out = folder.parent / "sweep"
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        sweeps.sweep(model=str(folder), prompts=["a cat and a dog"], seeds=[0], methods=["guide:ae"], steps=2,
+                     out=out, progress=False)
+    assert not [w for w in seen if "probe.json" in str(w.message)]
+    spec = json.loads((out / sweeps.SPEC).read_text())
+    assert spec["schedule"]["scale_factor"] == 20.0

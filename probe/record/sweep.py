@@ -472,8 +472,10 @@ def _run(ctx: _Context, item: Item) -> tuple[dict[str, np.ndarray], np.ndarray, 
     if item.kind == "guide":
         from probe.steer.guide import Schedule, generate
 
+        # the schedule the sweep recorded in its spec (Schedule() unless given), never a model folder's defaults:
+        # a resumed sweep must run what its folder says it ran
         schedule = (replace(ctx.schedule or Schedule(), **NO_GUIDANCE_SCHEDULE_FIELDS) if item.variant == "none"
-                    else ctx.schedule)
+                    else ctx.schedule or Schedule())
         objective = "ae" if item.variant == "none" else item.variant
         result = generate(pipe, item.prompt, subjects=list(item.subjects), objective=objective, seed=item.seed,
                           schedule=schedule, steps=ctx.steps, guidance_scale=ctx.guidance_scale, output_type="np",
