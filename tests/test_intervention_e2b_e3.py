@@ -260,3 +260,18 @@ def test_arm_outcomes_draws_each_arms_rates_with_their_intervals():
     assert len(points) == 3  # one series per outcome
     np.testing.assert_allclose(np.asarray(points[0].get_xdata(), float), summary.all_present_rate.to_numpy(float))
     assert ax.get_title() == "overlap moved per window"
+
+
+def test_the_index_carries_one_answer_paragraph_made_of_each_analysed_experiments_answer(tmp_path):
+    from probe.studies.report import write_index
+
+    assert iv.index_section(tmp_path) is None  # nothing analysed: no section
+    pd.DataFrame(columns=["study", "seconds", "quick", "settings"]).to_csv(tmp_path / "timing.csv", index=False)
+    (tmp_path / "intervention_e1_answer.md").write_text("Overlap lowered all present.\n")
+    (tmp_path / "intervention_e3_answer.md").write_text("No gain from the overlap term.\n")
+    (tmp_path / "intervention_dose_response.png").write_bytes(b"")
+    text = write_index(tmp_path).read_text()
+    assert f"## {iv.TITLE}" in text and "![intervention_dose_response](intervention_dose_response.png)" in text
+    assert ("**Answer.** **E1, dose–response.** Overlap lowered all present. **E3, A&E term × overlap term.** No gain "
+            "from the overlap term.") in text
+    assert "intervention_registration_2.md" in text

@@ -30,7 +30,8 @@ class Study:
     ``run_all`` and the index (the line of argument). ``in_run_all``: ``probe figures`` runs it; a study run by
     its own commands instead (a pre-registered experiment) gives ``main(argv)``, reached as
     ``probe study NAME ARGS…``, and ``differences(out, rtol, atol)``, the lines where its committed tables disagree
-    with their recomputation. ``aliases``: other spellings the command line accepts.
+    with their recomputation, and ``section(out)``, its part of ``figures/README.md`` read from its files in
+    ``out`` (None before it has any). ``aliases``: other spellings the command line accepts.
     """
 
     name: str
@@ -46,6 +47,7 @@ class Study:
     in_run_all: bool = True
     differences: Callable[[Path, float, float], list[str]] | None = None
     main: Callable[[Sequence[str] | None], int] | None = None
+    section: Callable[[Path], str | None] | None = None
     aliases: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:

@@ -154,6 +154,9 @@ def write_index(out: str | Path) -> Path:
         parts += [line for text in section_texts(study.name, table) for line in ("", text)]
         if table is not None:
             parts += ["", _markdown(table)]
+    for study in registered_studies():  # studies run by their own commands write their own sections
+        text = study.section(out) if study.section is not None else None
+        parts += ["", text] if text else []
     path = out / "README.md"
     return write_text(path, "\n".join(parts) + "\n")
 

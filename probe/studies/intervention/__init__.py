@@ -63,6 +63,7 @@ from probe.studies.intervention.design import (  # noqa: F401
     PILOT_SETS,
     POWER,
     REGISTRATION,
+    REGISTRATIONS,
     WINDOWS,
     Arm,
     category,
@@ -410,6 +411,27 @@ def differences(out: str | Path = "figures", rtol: float = 1e-4, atol: float = 1
     return problems
 
 
-register(Study(
-    name="intervention", title="Intervention: does moving the subjects' maps' overlap change entity missing?",
-    order=60, in_run_all=False, main=main, differences=differences))
+ANSWER_LABELS = {"e1": "E1, dose–response", "e2": "E2, timing at one soft IoU", "e2b": "E2b, timing at each "
+                 "window's own overlap", "e3": "E3, A&E term × overlap term"}
+TITLE = "Intervention: does moving the subjects' maps' overlap change entity missing?"
+
+
+def index_section(out: str | Path = "figures") -> str | None:
+    """The study's section of ``figures/README.md``: its registrations, commands, figures and one answer paragraph
+    made of each analysed experiment's answer (the files ``analyse`` wrote), None before any is analysed."""
+    out = Path(out)
+    answers = {e: (out / f"intervention_{e}_answer.md").read_text().strip() for e in registration()["experiments"]
+               if (out / f"intervention_{e}_answer.md").exists()}
+    if not answers:
+        return None
+    files = ", ".join(f"`figures/{p.name}`" for p in REGISTRATIONS if p.exists())
+    figures = [f"![{p.stem}]({p.name})" for p in sorted(out.glob("intervention_*.png"))]
+    said = " ".join(f"**{ANSWER_LABELS.get(e, e)}.** {text}" for e, text in answers.items())
+    return "\n".join([f"## {TITLE}", "", f"Pre-registered ({files}, each committed before its runs), run and "
+                      "analysed by its own commands; the per-image, family and summary tables beside this file.", "",
+                      "```\nprobe study intervention run|analyse E [--processes N]\n```", "", *figures, "",
+                      f"**Answer.** {said}"])
+
+
+register(Study(name="intervention", title=TITLE, order=60, in_run_all=False, main=main, differences=differences,
+               section=index_section))
