@@ -275,3 +275,32 @@ def test_the_index_carries_one_answer_paragraph_made_of_each_analysed_experiment
     assert ("**Answer.** **E1, dose–response.** Overlap lowered all present. **E3, A&E term × overlap term.** No gain "
             "from the overlap term.") in text
     assert "intervention_registration_2.md" in text
+
+
+def test_a_registration_of_the_users_own_prompts_and_judge_runs_on_their_model(tmp_path):
+    import json
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle and a blue square | circle, square\na blue square and a red circle | square, "
+                       "circle\na red circle, a blue square and a green triangle | circle, square, triangle\n")
+    units = iv.prompt_units(str(prompts), 2)
+    pair = ["a red circle and a blue square", "a blue square and a red circle"]
+    assert list(units.prompt.unique()) == pair  # two subjects only
+    assert units.set_id.nunique() == 1 and units.seed.is_unique and len(units) == 4  # swapped order: one cluster
+    spec = {"experiments": {"mine": {"analysis": "timing", "prompts": str(prompts), "judge": "exact",
+                                     "seeds_per_order": 1, "seed_offset": 0, "steps": 2,
+                                     "arms": [{"name": "none", "dose": None},
+                                              {"name": "early x0.9", "dose": 0.9, "relative": True,
+                                               "window": [0.0, 0.5]}],
+                                     "family": ["early x0.9 - none"], "alpha": 0.05}}}
+    registered = tmp_path / "registration.md"
+    registered.write_text("```json\n" + json.dumps(spec) + "\n```\n")
+    out = tmp_path / "out"
+    assert iv.main(["run", "mine", "--model", "tiny", "--registration", str(registered), "--out", str(out)]) == 0
+    rows = pd.read_csv(out / "intervention_mine_images.csv")
+    assert len(rows) == 2 * 2 and set(rows.prompt) == set(pair)
+    iv.check_registered(rows, "mine", registered)
+    with pytest.raises(ValueError, match="exactly two subjects"):
+        only_three = tmp_path / "three.txt"
+        only_three.write_text("a cat, a dog and a bird | cat, dog, bird\n")
+        iv.prompt_units(str(only_three), 1)

@@ -77,6 +77,7 @@ from probe.studies.intervention.design import (  # noqa: F401
     e3_arms,
     intervened_layers,
     object_sets,
+    prompt_units,
     registration,
     unit_angle,
     units_for_power,
@@ -380,16 +381,20 @@ def _without(argv: Sequence[str], option: str) -> list[str]:
 def _run_registered(experiment: str, model, out: Path, shard: tuple[int, int] | None,
                     registered: str | Path | None) -> pd.DataFrame:
     """Run (or resume) one registered experiment, or one shard of it, into its table in ``out``."""
+    from probe.judges import judge_from_spec
+
     units, arms, spec = design(experiment, registered)
     name = f"intervention_{experiment}_images" + (f"_shard{shard[0]}of{shard[1]}" if shard else "")
     store = out / f"{name}.csv"
+    judge = judge_from_spec(spec["judge"]) if spec.get("judge") else exact_judge  # the registration's instrument
     if kind(experiment, registered) == "factorial":
         from probe.studies.intervention.factorial import run_factorial
 
         rows = run_factorial(model, units, arms, step_size=spec["step_size"], steps=spec["steps"], store=store,
-                             shard=shard, experiment=experiment)
+                             shard=shard, experiment=experiment, judge=judge)
     else:
-        rows = run(model, units, arms, experiment=experiment, steps=spec["steps"], store=store, shard=shard)
+        rows = run(model, units, arms, experiment=experiment, steps=spec["steps"], store=store, shard=shard,
+                   judge=judge)
     print(f"{len(rows)} registered images in {store}")
     return rows
 

@@ -107,6 +107,25 @@ def draw_units(n_sets: int, seeds_per_order: int, *, skip: int = 0, seed: int = 
     return pd.DataFrame(rows)
 
 
+def prompt_units(prompts: str, seeds_per_prompt: int, *, seed_offset: int = 0) -> pd.DataFrame:
+    """Units from a prompt set or file (a registration's ``prompts``: the study on a user's own model and prompts):
+    each prompt with exactly two subjects, ``seeds_per_prompt`` seeds each; a prompt and the same subjects in the
+    other order share an object set (``set_id``), the cluster of the intervals."""
+    from probe.prompts import prompt_set
+
+    data = prompt_set(prompts)
+    rows, sets = [], {}
+    for k, (prompt, subjects) in enumerate(zip(data["prompt"], data["subjects"])):
+        if len(subjects) != 2:
+            continue
+        set_id = sets.setdefault(tuple(sorted(subjects)), len(sets))
+        rows += [{"set_id": set_id, "order": "given", "prompt": prompt, "subjects": list(subjects),
+                  "seed": INTERVENTION_SEED + 1000 * k + seed_offset + 10 * j} for j in range(seeds_per_prompt)]
+    if not rows:
+        raise ValueError(f"no prompt of {prompts!r} names exactly two subjects: the intervention moves two maps")
+    return pd.DataFrame(rows)
+
+
 def category(row: dict) -> str:
     """The image's one outcome: any missing, else any mixed, else all present."""
     return "missing" if row["missing"] else "mixed" if row["mixed"] else "all_present"
@@ -176,7 +195,9 @@ def design(experiment: str, path: str | Path | None = None) -> tuple[pd.DataFram
     spec = experiments.get(experiment)
     if spec is None:
         raise ValueError(f"no experiment {experiment!r} registered; registered: {sorted(experiments)}")
-    units = draw_units(spec["sets"], spec["seeds_per_order"], skip=spec["skip_sets"], seed_offset=spec["seed_offset"])
+    units = (prompt_units(spec["prompts"], spec["seeds_per_order"], seed_offset=spec["seed_offset"])
+             if spec.get("prompts") else
+             draw_units(spec["sets"], spec["seeds_per_order"], skip=spec["skip_sets"], seed_offset=spec["seed_offset"]))
     arms = [Arm(a["name"], a.get("dose"), tuple(a.get("window", (0.0, EARLY))), bool(a.get("relative", False)),
                 a.get("objective")) for a in spec["arms"]]
     return units, arms, spec
