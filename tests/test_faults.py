@@ -209,7 +209,7 @@ def _processes_mentioning(text: str) -> list[int]:
     return found
 
 
-SEEDS = [str(s) for s in range(25)]  # 100 items: still running when the second launch asks for the folder
+SEEDS = [str(s) for s in range(25)]  # 100 items: the first sweep is frozen mid-way while the second launch asks
 SWEEP = ["--model", "tiny", "--prompt", "a red circle and a blue square", "a cat and a dog", "--seed", *SEEDS,
          "--method", "record", "ae", "--steps", "3"]
 
@@ -227,6 +227,9 @@ def test_sweep_workers_die_with_their_launcher_and_a_second_launch_is_refused(tm
             assert first.poll() is None, first.stderr.read()[-3000:]
             assert time.monotonic() < deadline
             time.sleep(0.1)
+        # freeze the first sweep (alive, holding the folder) so that it cannot finish before the second launch
+        # asks for the folder, however fast the machine
+        os.killpg(first.pid, signal.SIGSTOP)
         second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
         assert first.poll() is None and len(sweeps.done(out)) < 100  # the first was running all along
         assert second.returncode != 0 and "is being written by" in second.stderr, second.stderr[-2000:]
