@@ -359,6 +359,19 @@ def _usable(y: pd.Series, min_per_class: int, groups: Sequence | None = None) ->
     return known & y.astype(str).isin(counts[counts >= min_per_class].index).to_numpy()
 
 
+def _probed_targets(features: Features, labels: pd.DataFrame | Mapping[str, Sequence], min_per_class: int,
+                    groups: Sequence | None):
+    """Each target a probe can be scored on: (target, the samples kept, their labels as text, their groups); a
+    target with fewer than two usable classes is skipped (what :func:`probe_features` and
+    :func:`nested_probe_features` both probe)."""
+    frame = _labels_frame(labels, len(next(iter(features.values()))))
+    for target in frame.columns:
+        keep = _usable(frame[target], min_per_class, groups)
+        y = frame[target][keep].astype(str).to_numpy()
+        if len(np.unique(y)) >= 2:
+            yield target, keep, y, None if groups is None else np.asarray(groups)[keep]
+
+
 def probe_features(features: Features, labels: pd.DataFrame | Mapping[str, Sequence], probe: LinearProbe | None = None,
                    min_per_class: int = MIN_PER_CLASS, groups: Sequence | None = None) -> pd.DataFrame:
     """Cross-validate one probe per (feature block, target); a tidy table with one row each.
@@ -369,16 +382,10 @@ def probe_features(features: Features, labels: pd.DataFrame | Mapping[str, Seque
     a class then needs ``min_per_class`` groups.
     """
     probe = probe or LinearProbe()
-    n = len(next(iter(features.values())))
-    frame = _labels_frame(labels, n)
     rows = []
-    for target in frame.columns:
-        keep = _usable(frame[target], min_per_class, groups)
-        y = frame[target][keep].astype(str).to_numpy()
-        if len(np.unique(y)) < 2:
-            continue
+    for target, keep, y, kept_groups in _probed_targets(features, labels, min_per_class, groups):
         for key, X in features.items():
-            score = probe.cross_validate(X[keep], y, None if groups is None else np.asarray(groups)[keep])
+            score = probe.cross_validate(X[keep], y, kept_groups)
             rows.append({**key._asdict(), "target": target, **asdict(score)})
     return pd.DataFrame(rows, columns=COLUMNS)
 
@@ -407,16 +414,9 @@ def nested_probe_features(features: Features, labels: pd.DataFrame | Mapping[str
     ``best_of_n`` the old optimistic score (the best single set-up). Labels and groups as in :func:`probe_features`.
     """
     probe = probe or LinearProbe()
-    n = len(next(iter(features.values())))
-    frame = _labels_frame(labels, n)
     space = {arm: keys for arm, keys in search_space(features, arms).items() if keys}
     rows = []
-    for target in frame.columns:
-        keep = _usable(frame[target], min_per_class, groups)
-        y = frame[target][keep].astype(str).to_numpy()
-        if len(np.unique(y)) < 2:
-            continue
-        kept_groups = None if groups is None else np.asarray(groups)[keep]
+    for target, keep, y, kept_groups in _probed_targets(features, labels, min_per_class, groups):
         for keys in space.values():
             found = probe.nested_cross_validate([features[key][keep] for key in keys], y, kept_groups, Cs,
                                                 inner_folds)

@@ -30,10 +30,16 @@ def contrast(rows: pd.DataFrame, a: str, b: str, outcome: str = "all_present", n
     """Arm ``a`` minus arm ``b`` in ``outcome`` (× ``scale``: points of a 0/1 outcome), paired on the unit,
     clustered by object set."""
     wide = rows.pivot_table(index=["unit", "set_id"], columns="method", values=outcome, aggfunc="mean")
-    diff = (wide[a].astype(float) - wide[b].astype(float)).dropna() * scale
+    return paired(wide[a].astype(float) - wide[b].astype(float), f"{a} − {b}", outcome, n_boot, scale)
+
+
+def paired(diff: pd.Series, comparison: str, outcome: str, n_boot: int = 2000, scale: float = 100.0) -> dict:
+    """A per-unit difference (indexed by unit and set_id) summarised: its mean × ``scale`` with a bootstrap interval
+    and a sign-flip p-value, both over whole object sets."""
+    diff = diff.dropna() * scale
     clusters = diff.index.get_level_values("set_id")
     mean, low, high = clustered_bootstrap(diff.to_numpy(), clusters, n_boot)
-    return {"comparison": f"{a} − {b}", "outcome": outcome, "difference": mean, "ci_low": low, "ci_high": high,
+    return {"comparison": comparison, "outcome": outcome, "difference": mean, "ci_low": low, "ci_high": high,
             "p_value": cluster_sign_flip(diff.to_numpy(), clusters), "n_units": len(diff)}
 
 
@@ -258,9 +264,12 @@ def relative_timing_answer(family: pd.DataFrame, summary: pd.DataFrame, detectab
     what E1's slope (points per 0.1 soft IoU) predicts for each move where it is given."""
     primary = family[family["family"] == "primary"]
     moved = summary.set_index("arm")
-    said = [f"{r.comparison.split(' − ')[0]} {r.difference:+.1f} points [{r.ci_low:+.1f}, {r.ci_high:+.1f}] "
-            f"({p_phrase(r.p_holm, 'Holm p')}; soft IoU {moved.iou_before[r.comparison.split(' − ')[0]]:.3f} → "
-            f"{moved.iou_after[r.comparison.split(' − ')[0]]:.3f})" for r in primary.itertuples()]
+    said = []
+    for r in primary.itertuples():
+        arm = r.comparison.split(" − ")[0]
+        said.append(f"{arm} {r.difference:+.1f} points [{r.ci_low:+.1f}, {r.ci_high:+.1f}] "
+                    f"({p_phrase(r.p_holm, 'Holm p')}; soft IoU {moved.iou_before[arm]:.3f} → "
+                    f"{moved.iou_after[arm]:.3f})")
     parts = ["Scaling the subjects' own map overlap within one window changed all subjects present against none by "
              + "; ".join(said) + "."]
     failed = relative_manipulation(summary)

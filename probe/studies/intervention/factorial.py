@@ -30,7 +30,7 @@ from probe.steer.guide import generate
 from probe.steer.intervene import OverlapShift, Unit
 from probe.studies.common import ImageRows, Judge, judged, settings_id
 from probe.studies.guided import NO_GUIDANCE_SCHEDULE, scaled_schedule
-from probe.studies.intervention.analysis import contrast
+from probe.studies.intervention.analysis import contrast, paired
 from probe.studies.intervention.design import CATEGORIES, GRIDS, Arm, category, intervened_layers
 
 PRIMARY = (("ae+iou", "ae"), ("iou", "none"))  # the registered family: does the overlap term add, to A&E and alone
@@ -81,14 +81,9 @@ def run_factorial(pipe, units: pd.DataFrame, arms: Sequence[Arm], *, step_size: 
 def interaction(rows: pd.DataFrame, outcome: str = "all_present", n_boot: int = 2000) -> dict:
     """(A&E + overlap − A&E) − (overlap − none) in ``outcome`` (points), per unit, clustered by object set: how
     much less (or more) the overlap term adds on top of A&E than alone."""
-    from probe.analysis.stats import cluster_sign_flip, clustered_bootstrap
-
     wide = rows.pivot_table(index=["unit", "set_id"], columns="method", values=outcome, aggfunc="mean").astype(float)
-    diff = ((wide["ae+iou"] - wide["ae"]) - (wide["iou"] - wide["none"])).dropna() * 100
-    clusters = diff.index.get_level_values("set_id")
-    mean, low, high = clustered_bootstrap(diff.to_numpy(), clusters, n_boot)
-    return {"comparison": "(ae+iou − ae) − (iou − none)", "outcome": outcome, "difference": mean, "ci_low": low,
-            "ci_high": high, "p_value": cluster_sign_flip(diff.to_numpy(), clusters), "n_units": len(diff)}
+    return paired((wide["ae+iou"] - wide["ae"]) - (wide["iou"] - wide["none"]), "(ae+iou − ae) − (iou − none)",
+                  outcome, n_boot)
 
 
 def factorial_family(e3: pd.DataFrame, n_boot: int = 2000) -> pd.DataFrame:
