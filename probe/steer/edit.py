@@ -494,6 +494,7 @@ def study(
     injects: Sequence[str] = INJECTS,
     progress: bool = False,
     num_inference_steps: int | None = None,
+    seed_offset: int = 0,
 ):
     """FPE's claim on the shapes world: one row per (seed, edit, origin, inject, fraction, layer set).
 
@@ -505,7 +506,7 @@ def study(
     grids. A set that selects nothing on this model is skipped with a warning; sets that select the
     same layers are computed once. ``inject="none"`` gives one row per (seed, edit, origin), with
     fraction NaN and layer set "none". Scores: :func:`compare`. ``steps``: denoising steps per edit
-    (``num_inference_steps=`` is its deprecated name).
+    (``num_inference_steps=`` is its deprecated name). Seeds: ``seed_offset`` … ``seed_offset + n_seeds − 1``.
     """
     import pandas as pd
 
@@ -535,7 +536,7 @@ def study(
         configs = configs[1:]
     size = image_size(pipe, None, None)[0]
     rows = []
-    jobs = list(itertools.product(range(n_seeds), enumerate(edits), origins))
+    jobs = list(itertools.product(range(seed_offset, seed_offset + n_seeds), enumerate(edits), origins))
     bar = tqdm(total=len(jobs) * len(configs), desc="edit study", disable=not progress)
     for seed, (index, (edit_name, source_prompt, target_prompt)), origin in jobs:
         image, scale = None, guidance_scale
