@@ -30,6 +30,11 @@ class Family:
     def matches(self, net) -> bool:
         raise NotImplementedError
 
+    def unmapped(self, net) -> dict[str, str]:
+        """Kinds of attention this denoiser computes without a softmax → why: it has no map of them to record, guide
+        with or inject, so asking for one is refused with the reason (none by default)."""
+        return {}
+
     def modules(self, net) -> dict[str, tuple[str, ...]]:
         """Every attention module of ``net`` → the kinds it holds (an unknown module is an error)."""
         raise NotImplementedError
@@ -84,6 +89,19 @@ class Family:
         return randn_tensor((1, net.config.in_channels, *latent_hw), generator=generator,
                             device=pipe._execution_device, dtype=net.dtype)
 
+    def to_latent(self, pipe, pixels: torch.Tensor) -> torch.Tensor:
+        """(1, 3, H, W) pixels in [-1, 1] → the image's (1, channels, h, w) latent as the pipeline samples in it (before
+        :meth:`pack`): an ``AutoencoderKL``'s mean, less its shift, times its scale (1 where its config has none)."""
+        vae = pipe.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (vae.encode(pixels.to(vae.dtype)).latent_dist.mean - shift) * _scaling(vae)
+
+    def to_pixels(self, pipe, latent: torch.Tensor) -> torch.Tensor:
+        """The inverse, as the pipeline decodes: an unpacked latent → (1, 3, H, W) pixels in [-1, 1]."""
+        vae = pipe.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return vae.decode(latent.to(vae.dtype) / _scaling(vae) + shift).sample
+
     def pack(self, pipe, latent: torch.Tensor) -> torch.Tensor:
         """A (1, channels, h, w) VAE latent in the layout the denoiser samples in."""
         return latent
@@ -105,3 +123,8 @@ class Family:
     def inversion_guidance(self, pipe, guidance_scale: float) -> float:
         """The guidance an inversion of this pipeline can be consistent with, for an edit at ``guidance_scale``."""
         return float(guidance_scale)
+
+
+def _scaling(vae) -> float:
+    """An autoencoder's latent scaling factor (1 where its config has none)."""
+    return getattr(vae.config, "scaling_factor", None) or 1.0
