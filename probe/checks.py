@@ -333,12 +333,23 @@ def text_to_image(pipe) -> None:
     if not isinstance(pipe, DiffusionPipeline):
         raise TypeError(f"expected a diffusers text-to-image pipeline (or a model name or folder), got "
                         f"{type(pipe).__name__}; load one with probe.load(name_or_folder)")
+    optional = _reference_inputs(pipe)
     needs = [name for name in ("image", "mask_image", "control_image")
-             if name in inspect.signature(pipe.__call__).parameters]
+             if name in inspect.signature(pipe.__call__).parameters and name not in optional]
     if needs:
         raise TypeError(f"{type(pipe).__name__} takes {', '.join(needs)}: probe records, guides and edits "
                         "text-to-image generation. Build the text-to-image pipeline from the same weights, e.g. "
                         "StableDiffusionPipeline(**pipe.components) (AutoPipelineForText2Image.from_pipe(pipe))")
+
+
+def _reference_inputs(pipe) -> tuple[str, ...]:
+    """Image inputs the pipeline's family calls optional references of a text-to-image pipeline (FLUX.2's ``image``)."""
+    from probe.families import family
+
+    try:
+        return family(pipe).reference_inputs
+    except TypeError:  # a denoiser no family knows: the tap refuses it with its own message
+        return ()
 
 
 def room_for(path: str | Path, nbytes: int) -> None:

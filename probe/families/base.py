@@ -26,6 +26,9 @@ class Family:
     flow = False  # flow matching (Euler sampler over σ): real images are inverted by walking σ upwards
     self_qk = False  # self-attention is its own softmax over image keys: its maps can be rebuilt from q and k
 
+    conditional_first = False  # the pipeline's classifier-free guidance batch is [conditional; unconditional]
+    reference_inputs: tuple[str, ...] = ()  # optional image inputs of a text-to-image pipeline (reference images)
+
     # -- attention layout (the tap) --
     def matches(self, net) -> bool:
         raise NotImplementedError
@@ -109,6 +112,11 @@ class Family:
     def unpack(self, pipe, latent: torch.Tensor, height: int | None, width: int | None) -> torch.Tensor:
         """The inverse of :meth:`pack` (an image size of None: the one a square latent implies)."""
         return latent
+
+    def pipeline_latents(self, pipe, latents: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """Latents of the sampling layout (what :meth:`initial_noise` gives and the step callback sees) as the
+        pipeline's ``latents=`` argument takes them, at a latent size (h, w)."""
+        return latents
 
     # -- small random pipelines for tests and benchmarks --
     def tiny(self) -> dict[str, Callable]:

@@ -42,7 +42,7 @@ from probe.checks import step_count, text_to_image
 from probe.images import to_uint8
 from probe.models import load
 from probe.steer.inversion import Inversion, image_size, inversion_guidance, invert, null_text_callback
-from probe.steer.pipelines import initial_noise, noise_sigma
+from probe.steer.pipelines import initial_noise, noise_sigma, pipeline_latents
 from probe.tap import Call, Consumer, Layer, Tap, attention_layers, denoiser, family_of, latent_size, select_layers
 
 INJECTS = ("self", "cross", "none")
@@ -103,12 +103,12 @@ class Injector(Consumer):
         return call.pass_ in ("cfg", "cond") and call.layer.key in self.layers and call.step in self.steps
 
     def on_probs(self, call: Call, probs: torch.Tensor) -> torch.Tensor | None:
-        start = probs.shape[0] // 2 if call.cfg else 0
-        n_cond = probs.shape[0] - start
+        rows = call.conditional_rows(probs.shape[0])
+        n_cond = rows.stop - rows.start
         if n_cond % 2:
             return None  # not a [source…, target…] batch (e.g. a guidance pass on a subset)
         half = n_cond // 2
-        source, target = slice(start, start + half), slice(start + half, probs.shape[0])
+        source, target = slice(rows.start, rows.start + half), slice(rows.start + half, rows.stop)
         out = probs.clone()
         if self.key_mask is None:
             out[target] = probs[source]
@@ -348,7 +348,7 @@ def edit(
     with Tap(pipe, [*before, injector, *after], height=height, width=width):
         images = pipe(
             prompt=[source_prompt, target_prompt],
-            latents=start.expand(2, *start.shape[1:]).clone(),
+            latents=pipeline_latents(pipe, start.expand(2, *start.shape[1:]).clone(), height, width),
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
             **pipeline_kwargs,

@@ -46,7 +46,7 @@ from probe.steer.objectives import (  # noqa: F401  (the objectives' names, here
     as_objective,
     response,
 )
-from probe.steer.pipelines import conditioned, initial_noise, noise_sigma, set_timesteps
+from probe.steer.pipelines import conditioned, initial_noise, noise_sigma, pipeline_latents, set_timesteps
 from probe.tap import Consumer, Layer, Tap, denoiser, latent_size
 
 # -- settings --------------------------------------------------------------------------------------------------------
@@ -533,8 +533,9 @@ def generate(pipe, prompt: str, *, subjects: Sequence[str], objective: Objective
 
         try:
             start = advance(noise * sigma, 0)
-            out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, height=guide.height,
-                       width=guide.width, latents=start / sigma, generator=generator, output_type=output_type,
+            first = pipeline_latents(pipe, start / sigma, guide.height, guide.width)
+            out = pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance_scale, height=guide.height,
+                       width=guide.width, latents=first, generator=generator, output_type=output_type,
                        callback_on_step_end=on_step_end, **pipe_kwargs)
         finally:
             bar.close()

@@ -185,9 +185,10 @@ class OverlapShift(Consumer):
 
     @torch.no_grad()
     def on_probs(self, call: Call, probs: torch.Tensor) -> torch.Tensor | None:
-        start = probs.shape[0] // 2 if call.cfg else 0
-        if probs.shape[0] - start != len(self.units):
-            raise ValueError(f"{call.layer.name}: {probs.shape[0] - start} conditional samples in this call, but "
+        rows = call.conditional_rows(probs.shape[0])
+        start = rows.start
+        if rows.stop - start != len(self.units):
+            raise ValueError(f"{call.layer.name}: {rows.stop - start} conditional samples in this call, but "
                              f"the intervention was given {len(self.units)} units")
         out = None
         for i, unit in enumerate(self.units):

@@ -23,7 +23,7 @@ from probe.checks import cfg_scale, rgb_pixels, step_count
 from probe.families import family
 from probe.images import to_uint8
 from probe.models import load
-from probe.steer.pipelines import conditioned, noise_sigma, set_timesteps, unet_conditioning
+from probe.steer.pipelines import conditioned, noise_sigma, pipeline_latents, set_timesteps, unet_conditioning
 from probe.tap import denoiser, latent_size
 
 PIXEL_MAX = 255.0  # PSNR on 8-bit images
@@ -97,6 +97,12 @@ def _ddim_alphas(scheduler: DDIMScheduler) -> tuple[torch.Tensor, torch.Tensor]:
     return timesteps, torch.stack([torch.as_tensor(a, dtype=torch.float64) for a in levels])
 
 
+def _scaling(vae) -> float:
+    """The autoencoder's latent scaling factor (1 where its config has none: FLUX.2's normalises in the family's
+    :meth:`~probe.families.base.Family.pack`)."""
+    return getattr(vae.config, "scaling_factor", None) or 1.0
+
+
 @torch.no_grad()
 def encode(pipe, image, height: int | None = None, width: int | None = None) -> torch.Tensor:
     """The image's VAE latent in the pipeline's own latent layout, without the batch dimension: (channels, h, w),
@@ -106,7 +112,7 @@ def encode(pipe, image, height: int | None = None, width: int | None = None) -> 
     vae = pipe.vae
     x = torch.from_numpy(pixels).permute(2, 0, 1)[None].to(pipe._execution_device, vae.dtype) * 2 - 1
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    latent = (vae.encode(x).latent_dist.mean - shift) * vae.config.scaling_factor
+    latent = (vae.encode(x).latent_dist.mean - shift) * _scaling(vae)
     return family(pipe).pack(pipe, latent)[0]
 
 
@@ -117,7 +123,7 @@ def decode(pipe, latent: torch.Tensor, height: int | None = None, width: int | N
     vae = pipe.vae
     latent = family(pipe).unpack(pipe, latent[None], height, width)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    x = vae.decode(latent.to(vae.dtype) / vae.config.scaling_factor + shift).sample
+    x = vae.decode(latent.to(vae.dtype) / _scaling(vae) + shift).sample
     return to_uint8(pipe.image_processor.postprocess(x, output_type="np")[0])
 
 
@@ -296,6 +302,7 @@ def regenerate(pipe, inversion: Inversion, prompt: str | None = None, guidance_s
         pipeline_kwargs.update(negative_prompt_embeds=inversion.null_embeds[:1].clone(),
                                callback_on_step_end=null_text_callback(inversion, None),
                                callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
+    noise = pipeline_latents(pipe, noise, pipeline_kwargs.get("height"), pipeline_kwargs.get("width"))
     return pipe(prompt=inversion.prompt if prompt is None else prompt, latents=noise,
                 num_inference_steps=inversion.steps, guidance_scale=scale, **pipeline_kwargs).images[0]
 

@@ -43,4 +43,9 @@ def initial_noise(pipe, generator: torch.Generator, height: int | None, width: i
     return family(pipe).initial_noise(pipe, generator, latent_size(pipe, height, width))
 
 
+def pipeline_latents(pipe, latents: torch.Tensor, height: int | None, width: int | None) -> torch.Tensor:
+    """Latents in the denoiser's sampling layout as the pipeline's ``latents=`` takes them (where the two differ)."""
+    return family(pipe).pipeline_latents(pipe, latents, latent_size(pipe, height, width))
+
+
 set_schedule = set_timesteps  # the name before 0.2; guidance's settings are guide.Schedule

@@ -47,18 +47,24 @@ class Call:
     timestep: float  # the schedule's timestep of that step (nan when unknown)
     pass_: str  # one of PASSES
     batch: int  # batch size of this call (both CFG halves in a "cfg" pass)
+    conditional_first: bool = False  # a "cfg" batch is [conditional; unconditional] (the family says so)
 
     @property
     def cfg(self) -> bool:
         return self.pass_ == "cfg"
 
-    def conditional(self, probs: torch.Tensor) -> torch.Tensor:
-        """The conditional rows of a (batch, …) tensor: the second half of a ``cfg`` pass, all of a conditional one."""
+    def conditional_rows(self, n: int) -> slice:
+        """The conditional rows of a batch of ``n``: one half of a ``cfg`` pass (the second unless the family puts
+        the conditional half first), all of a conditional one."""
         if self.pass_ == "cfg":
-            return probs[probs.shape[0] // 2 :]
+            return slice(0, n // 2) if self.conditional_first else slice(n // 2, n)
         if self.pass_ == "uncond":
             raise TapError(f"{self.layer.name}: an unconditional pass has no conditional rows")
-        return probs
+        return slice(0, n)
+
+    def conditional(self, probs: torch.Tensor) -> torch.Tensor:
+        """The conditional rows of a (batch, …) tensor (:meth:`conditional_rows`)."""
+        return probs[self.conditional_rows(probs.shape[0])]
 
 
 class Consumer:
@@ -426,7 +432,7 @@ class Tap:
             grid = self.family.runtime_grid(layer, hidden, self.state)
             if grid != layer.grid:
                 layer = Layer(layer.name, layer.kind, grid, layer.heads)
-            call = Call(layer, step, t, kind, hidden.shape[0])
+            call = Call(layer, step, t, kind, hidden.shape[0], self.family.conditional_first)
             wanting = [c for c in self.consumers if c.wants(call)]
             if wanting:
                 calls.append((call, wanting))
