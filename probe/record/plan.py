@@ -13,7 +13,7 @@ from probe.models import load
 from probe.prompts import TextLayout, text_layout
 from probe.record.config import RecordSettings
 from probe.tap import Layer, attention_layers, denoiser, family_of, latent_size, select_layers
-from probe.tap.layers import TEXT_QUERIES
+from probe.tap.layers import TEXT_QUERIES, refuse_unmapped
 
 BYTES_PER_VALUE = 2  # float16 storage
 PIXEL_BYTES = 1
@@ -110,6 +110,7 @@ def plan(pipe, prompts, *, seeds, settings: RecordSettings | None = None, height
     steps = step_count(steps)
     heads = head_choice(heads)
     kinds = checks.attention_kinds(kinds)
+    refuse_unmapped(pipe, kinds, "record the other kinds (kinds=('cross',) …)")
     layers = checks.layer_patterns(layers)
     height, width = checks.image_side(height, "height"), checks.image_side(width, "width")
     max_sequence_length = checks.sequence_length(max_sequence_length)

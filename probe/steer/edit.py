@@ -44,6 +44,7 @@ from probe.models import load
 from probe.steer.inversion import Inversion, image_size, inversion_guidance, invert, null_text_callback
 from probe.steer.pipelines import initial_noise, noise_sigma, pipeline_latents
 from probe.tap import Call, Consumer, Layer, Tap, attention_layers, denoiser, family_of, latent_size, select_layers
+from probe.tap.layers import refuse_unmapped
 
 INJECTS = ("self", "cross", "none")
 DEFAULT_FRACTION = 0.8  # FPE injects during the first 80 % of the steps
@@ -179,6 +180,7 @@ def injected_layers(pipe, inject: str, layers=None, height: int | None = None, w
     """
     if inject == "none":
         return []
+    refuse_unmapped(pipe, (inject,), f"edit with another inject= than {inject!r}")
     every = attention_layers(pipe, height, width)
     if layers is None:
         chosen = select_layers(every, None, kinds=(inject,))

@@ -48,6 +48,7 @@ from probe.steer.objectives import (  # noqa: F401  (the objectives' names, here
 )
 from probe.steer.pipelines import conditioned, initial_noise, noise_sigma, pipeline_latents, set_timesteps
 from probe.tap import Consumer, Layer, Tap, denoiser, latent_size
+from probe.tap.layers import refuse_unmapped
 
 # -- settings --------------------------------------------------------------------------------------------------------
 
@@ -143,6 +144,9 @@ class Guide:
             raise ValueError("give at least one subject word to guide")
         self.indices, words = subject_keys(self.pipe, prompt, self.subjects, max_sequence_length)
         self.objective = as_objective(objective)
+        if self.objective.needs_self:
+            refuse_unmapped(self.pipe, ("self",), f"the objective {self.objective.name!r} needs them: guide with an "
+                            "objective of cross-attention alone")
         self.schedule = schedule or Schedule()
         if self.schedule.tokens not in ("words", "diffusers"):
             raise ValueError(f"Schedule.tokens must be 'words' or 'diffusers', not {self.schedule.tokens!r}")

@@ -19,7 +19,7 @@ from probe.families.layout import (
 )
 
 __all__ = ["IMAGE_KEYS", "KINDS", "TEXT_QUERIES", "Family", "Layer", "Split", "attention_layers", "attention_modules",
-           "denoiser", "family_of", "latent_size", "select_layers", "unknown_modules"]
+           "denoiser", "family_of", "latent_size", "refuse_unmapped", "select_layers", "unknown_modules"]
 
 
 def latent_size(pipe, height: int | None = None, width: int | None = None) -> tuple[int, int]:
@@ -49,6 +49,17 @@ def attention_layers(pipe, height: int | None = None, width: int | None = None) 
     if not layers:
         raise TypeError(f"{type(net).__name__} has no attention modules for the tap to use")
     return layers
+
+
+def refuse_unmapped(pipe, kinds, instead: str) -> None:
+    """Refuse asking for maps of a kind the denoiser computes without a softmax (it has none to give), with the
+    family's reason and ``instead``: what the caller can do."""
+    net = denoiser(pipe)
+    family = family_of(net)
+    reasons = family.unmapped(net)
+    for kind in kinds:
+        if kind in reasons:
+            raise ValueError(f"{kind}-attention maps were asked for, but on {family.title} {reasons[kind]}; {instead}")
 
 
 def select_layers(layers: list[Layer], patterns=None, kinds=KINDS) -> list[Layer]:
