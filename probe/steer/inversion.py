@@ -97,33 +97,24 @@ def _ddim_alphas(scheduler: DDIMScheduler) -> tuple[torch.Tensor, torch.Tensor]:
     return timesteps, torch.stack([torch.as_tensor(a, dtype=torch.float64) for a in levels])
 
 
-def _scaling(vae) -> float:
-    """The autoencoder's latent scaling factor (1 where its config has none: FLUX.2's normalises in the family's
-    :meth:`~probe.families.base.Family.pack`)."""
-    return getattr(vae.config, "scaling_factor", None) or 1.0
-
-
 @torch.no_grad()
 def encode(pipe, image, height: int | None = None, width: int | None = None) -> torch.Tensor:
     """The image's VAE latent in the pipeline's own latent layout, without the batch dimension: (channels, h, w),
-    (latent_dist.mean − shift_factor) × scaling_factor; FLUX packs it into (tokens, channels·4) as it samples."""
+    as its family reads the autoencoder (:meth:`~probe.families.base.Family.to_latent`: an AutoencoderKL's mean less
+    its shift, times its scale), packed as the denoiser samples (FLUX: (tokens, channels·4))."""
     pixels = _as_pixels(image)
     _check_size(pixels, image_size(pipe, height, width))
-    vae = pipe.vae
-    x = torch.from_numpy(pixels).permute(2, 0, 1)[None].to(pipe._execution_device, vae.dtype) * 2 - 1
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    latent = (vae.encode(x).latent_dist.mean - shift) * _scaling(vae)
-    return family(pipe).pack(pipe, latent)[0]
+    x = torch.from_numpy(pixels).permute(2, 0, 1)[None].to(pipe._execution_device, pipe.vae.dtype) * 2 - 1
+    kind = family(pipe)
+    return kind.pack(pipe, kind.to_latent(pipe, x))[0]
 
 
 @torch.no_grad()
 def decode(pipe, latent: torch.Tensor, height: int | None = None, width: int | None = None) -> np.ndarray:
     """A latent in the pipeline's layout (as :func:`encode` gives it) as a uint8 H×W×3 image, as the pipeline
     decodes (FLUX's packed tokens need the image size; without it the image is square)."""
-    vae = pipe.vae
-    latent = family(pipe).unpack(pipe, latent[None], height, width)
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    x = vae.decode(latent.to(vae.dtype) / _scaling(vae) + shift).sample
+    kind = family(pipe)
+    x = kind.to_pixels(pipe, kind.unpack(pipe, latent[None], height, width))
     return to_uint8(pipe.image_processor.postprocess(x, output_type="np")[0])
 
 
