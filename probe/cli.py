@@ -281,7 +281,17 @@ def cmd_study(args) -> None:
             raise SystemExit(code)
         return
     options = args
-    settings = check_settings(study.name, dict(_setting(item) for item in options.set))  # before the model loads
+    settings = dict(_setting(item) for item in options.set)
+    if options.registered:  # the design its registration fixed before the run; --set may repeat it, not change it
+        from probe.studies.registration import registration_path, settings_for_run
+
+        try:
+            settings = settings_for_run(study.name, study.run, settings, options.out)
+        except (FileNotFoundError, ValueError) as err:
+            raise SystemExit(f"probe study {study.name} --registered: {err}") from None
+        if _takes(study, "registration"):  # a study that checks its registration itself (its power calculation)
+            settings["registration"] = str(registration_path(study.name, options.out))
+    settings = check_settings(study.name, settings)  # before the model loads
     if options.prompts:
         if not _takes(study, "sets"):
             takers = [s.name for s in registered_studies(in_run_all=True) if _takes(s, "sets")]
@@ -488,6 +498,9 @@ def _study_options(study) -> argparse.ArgumentParser:
     st.add_argument("--device", default=None, help="cuda, cpu … (default: the pipeline's own)")
     st.add_argument("--quick", action="store_true")
     st.add_argument("--out", default="figures")
+    st.add_argument("--registered", action="store_true",
+                    help="run at the design OUT/NAME_registration.md fixed before the run (its answer is read only "
+                         "from such a run)")
     st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a keyword of the study function, e.g. n_images=96, steps=25, "
                          "methods=\"('none','ae','iou')\", initno=\"(False,)\" (repeatable)")

@@ -156,3 +156,22 @@ def test_a_pilot_the_sets_cannot_fill_says_what_it_can_find(monkeypatch, tmp_pat
         chosen, table = study_steps(None, ["iou"], [str(prompts)], study, [0], steps=2, step_sizes=None,
                                     quick=False, progress=False)
     assert (table.n == 4).all() and list(chosen) == ["iou"]
+
+
+def test_a_registration_s_smallest_effects_size_the_pilot(monkeypatch):
+    """min_effects (a registration's) replaces MIN_EFFECTS for the criteria it names; an unknown criterion is an
+    error before anything is made."""
+    made: list = []
+    spread = {"missing_vs_none": 0.3, "iou_t10_vs_none": 0.02}
+    monkeypatch.setattr(guided, "pilot_differences", _fake_differences(spread, made))
+    study = study_prompts(SETS, 2, 1)
+    _, table = study_steps(None, ["none", "ae", "iou"], SETS, study, [7], steps=2, step_sizes=None, quick=False,
+                           progress=False, min_effects={"iou_t10_vs_none": 0.01})
+    iou, ae = table[table.method == "iou"], table[table.method == "ae"]
+    assert (iou.pilot_planned == pilot_size(iou.pilot_sd.iloc[0], 0.01)).all()
+    assert (ae.pilot_planned == pilot_size(ae.pilot_sd.iloc[0], MIN_EFFECTS["missing_vs_none"])).all()
+    made.clear()
+    with pytest.raises(ValueError, match=r"min_effects names criteria \['missing'\]"):
+        study_steps(None, ["ae"], SETS, study, [7], steps=2, step_sizes=None, quick=False, progress=False,
+                    min_effects={"missing": 0.1})
+    assert made == []

@@ -68,7 +68,10 @@ def test_a_registered_study_is_run_indexed_checked_and_listed(toy, tiny, tmp_pat
     assert headlines["toy"].to_dict("list") == {"n": [5], "mean_value": [2.0]}  # (0 + 1 + 2 + 3 + 4) / 5
     assert pd.read_csv(tmp_path / "toy_rows.csv").value.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
     index = (tmp_path / "README.md").read_text()
-    assert f"## {TOY.title}" in index and "**Answer.** The mean of 5 numbers is 2.00." in index
+    assert f"## {TOY.title}" in index  # no registration fixed its size: the sentence is shown, not as an answer
+    assert ("**Not answered:** no registration (toy_registration.md) fixed this study's design before it ran, so "
+            "its tables are exploratory. What the table shows, read as exploration: The mean of 5 numbers is 2.00."
+            ) in index
     assert "probe study toy --out" in index and "--set n=5" in index
     assert report.headline_differences(tmp_path) == []
     pd.DataFrame({"value": [0.0, 1.0, 2.0, 3.0, 9.5]}).to_csv(tmp_path / "toy_rows.csv", index=False)

@@ -29,7 +29,7 @@ from probe.checks import step_count, whole_number
 from probe.models import load
 from probe.shapes.judge import judge as exact_judge
 from probe.shapes.judge import require_shapes_world
-from probe.shapes.settings import STEPS
+from probe.shapes.settings import GUIDANCE, STEPS
 from probe.shapes.world import COLOURS, SHAPES
 from probe.steer.edit import DEFAULT_FRACTION, EDITS, FPE_LAYERS, ORIGINS, STEPS_FRACTIONS
 from probe.steer.edit import study as edit_sweep
@@ -138,23 +138,26 @@ def edit_summary(results: pd.DataFrame, n_boot: int = BOOTSTRAPS, seed: int = 0)
 
 def edit_study(pipe, n_seeds: int = EDIT_SEEDS, steps: int = STEPS, quick: bool = False,
                out: str | Path | None = None, steps_fractions: Sequence[float] = STEPS_FRACTIONS,
-               progress: bool = True, n_pairs: int = EDIT_PAIRS) -> EditStudy:
+               progress: bool = True, n_pairs: int = EDIT_PAIRS, seed_offset: int = 0) -> EditStudy:
     """Free-Prompt-Editing's claim on the shapes world (:func:`probe.steer.edit.study`), aggregated and drawn.
 
     Colour and shape edits, ``n_pairs`` prompt pairs each (:func:`edit_pairs`), ``n_seeds`` seeds per pair, of
     generated and of rendered (DDIM-inverted) sources; self- vs cross-attention injection vs none, per injected
     fraction of the steps and layer set. ``quick``: one pair per edit type, one seed, fraction 0.8 only, at most 20
-    steps, 200 bootstrap resamples.
+    steps, 200 bootstrap resamples. ``seed_offset``: the first seed (every pair has seeds ``seed_offset`` …
+    ``seed_offset + n_seeds − 1``), so that a registered run does not reuse an earlier run's images.
     """
     pipe = load(pipe)
     n_seeds = whole_number(n_seeds, "n_seeds", "the number of seeds of each prompt pair")
+    seed_offset = whole_number(seed_offset, "seed_offset", "the first seed of every prompt pair", minimum=0)
     steps = step_count(steps)
     require_shapes_world(pipe, exact_judge, "editing")  # FPE's edits are judged by the shapes world's rules
     if quick:
         n_seeds, steps, steps_fractions = min(n_seeds, QUICK_EDIT_SEEDS), min(steps, QUICK_STEPS), QUICK_EDIT_FRACTIONS
         n_pairs = min(n_pairs, QUICK_EDIT_PAIRS)
     results = edit_sweep(pipe, n_seeds=n_seeds, steps_fractions=steps_fractions, steps=steps,
-                         edits=edit_pairs(n_pairs), progress=progress)
+                         edits=edit_pairs(n_pairs), progress=progress, seed_offset=seed_offset,
+                         guidance_scale=GUIDANCE)
     summary = edit_summary(results, QUICK_BOOTSTRAPS if quick else BOOTSTRAPS)
     figures = {"edit_success": plots.edit_success(summary)}
     return EditStudy(results, summary, figures, save_figures(figures, out))

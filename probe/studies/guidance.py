@@ -9,9 +9,7 @@ A&E's own term; an answer is written only for a table of the size a registration
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +34,7 @@ from probe.shapes.judge import judge as exact_judge
 from probe.shapes.judge import require_shapes_world
 from probe.shapes.settings import GUIDANCE, HELD_OUT_SEED, STEPS
 from probe.steer.guide import InitNO, Schedule
+from probe.studies import registration
 from probe.studies.answers import (
     OUTCOME_WORDS,
     add_section_text,
@@ -66,6 +65,7 @@ from probe.studies.guided import (
     study_prompts,
     study_steps,
 )
+from probe.studies.registration import same_value
 from probe.studies.registry import Study, register
 
 GUIDANCE_SEED = HELD_OUT_SEED + 40_000  # seeds of the guidance study's images (shared by every method)
@@ -475,7 +475,7 @@ def guidance_study(pipe, n_images: int | None = None, steps: int = STEPS, quick:
                    guidance_scale: float = GUIDANCE, schedule: Schedule | None = None,
                    initno_settings: InitNO | None = None, step_sizes: Mapping[str, float] | None = None,
                    design: Design = Design(), registration: str | Path | None = None,
-                   seed_offset: int = 0) -> GuidanceStudy:
+                   seed_offset: int = 0, min_effects: Mapping[str, float] | None = None) -> GuidanceStudy:
     """The causal test: does guidance that lowers attention overlap lower entity missing, beyond Attend-and-Excite?
 
     The same ``n_images`` (prompt, seed) pairs per method (default: as many as ``design`` needs for its power, the
@@ -503,14 +503,17 @@ def guidance_study(pipe, n_images: int | None = None, steps: int = STEPS, quick:
     steps, seed offset and power design the study runs at, checked before any image is made; an argument that
     disagrees with it is refused. Only a table of the registered size is answered (:func:`guidance_answer`).
     ``seed_offset``: added to every seed, so that a registered run does not reuse an earlier run's images.
+    ``min_effects``: the smallest change of each calibration criterion the step-size pilot must find
+    (:func:`~probe.studies.guided.calibrate_group`).
     """
     if registration is not None:
         given = {"n_images": n_images, "steps": steps, "methods": methods, "initno": initno,
-                 "seeds_per_prompt": seeds_per_prompt, "sets": sets, "seed_offset": seed_offset}
+                 "seeds_per_prompt": seeds_per_prompt, "sets": sets, "seed_offset": seed_offset,
+                 "min_effects": min_effects}
         fixed = registered_settings(registration, given)
         n_images, steps, methods, initno = fixed["n_images"], fixed["steps"], fixed["methods"], fixed["initno"]
         seeds_per_prompt, sets, design = fixed["seeds_per_prompt"], fixed["sets"], fixed["design"]
-        seed_offset = fixed["seed_offset"]
+        seed_offset, min_effects = fixed["seed_offset"], fixed["min_effects"]
     pipe = load(pipe)
     if n_images is not None:
         n_images = whole_number(n_images, "n_images", "the number of (prompt, seed) pairs per method (None: as many as "
@@ -536,7 +539,7 @@ def guidance_study(pipe, n_images: int | None = None, steps: int = STEPS, quick:
         print(design.describe(len(prompts) * len(seeds), comparisons, seeds_per_prompt))
     options = {"guidance_scale": guidance_scale, "subject": subject, "judge": judge, "schedule": schedule}
     sizes, calibration = study_steps(pipe, methods, sets, prompts, seeds, steps=steps, step_sizes=step_sizes,
-                                     quick=quick, progress=progress, **options)
+                                     quick=quick, progress=progress, min_effects=min_effects, **options)
     images = guided_images(pipe, prompts, seeds, configs, steps=steps, initno_settings=initno_settings,
                            step_sizes=sizes, progress=progress, desc="guidance study",
                            store=rows_path(out, "guidance_images"), **options)
@@ -549,7 +552,8 @@ def guidance_study(pipe, n_images: int | None = None, steps: int = STEPS, quick:
 
 REGISTRATION = Path(__file__).resolve().parents[2] / "figures" / "guidance_registration.md"
 REGISTERED = ("study", "n_images", "seeds_per_prompt", "sets", "methods", "initno", "steps", "power")
-# optional: "seed_offset" (default 0), added to every seed so that the registered run makes images of its own
+# optional: "seed_offset" (default 0), added to every seed so that the registered run makes images of its own, and
+# "min_effects" (the step-size pilot's smallest changes, :func:`~probe.studies.guided.calibrate_group`)
 POWER_FIELDS = ("effect", "discordant", "icc", "power", "alpha")  # Design's fields, the registration's "power"
 
 
@@ -558,13 +562,9 @@ def read_registration(path: str | Path = REGISTRATION) -> dict:
     :data:`REGISTERED` fields, ``power`` holding :data:`POWER_FIELDS`), checked: the size must be a whole number of
     prompts per set and at least what its power calculation needs (:class:`Design` over the largest Holm family,
     :func:`family_size`). A missing file raises FileNotFoundError, anything else wrong ValueError."""
-    text = Path(path).read_text()
-    block = re.search(r"```json\n(.*?)\n```", text, re.S)
-    if block is None:
-        raise ValueError(f"{path} holds no ```json block")
-    spec = json.loads(block.group(1))
+    spec = registration.read_registration(path, "guidance")
     absent = [key for key in REGISTERED if key not in spec]
-    if absent or spec["study"] != "guidance":
+    if absent:
         raise ValueError(f"{path} is not a guidance registration: it needs {list(REGISTERED)} with study "
                          f"'guidance' (missing: {absent})")
     unknown = sorted(set(spec["power"]) - set(POWER_FIELDS))
@@ -583,12 +583,6 @@ def read_registration(path: str | Path = REGISTRATION) -> dict:
     return spec
 
 
-def _same(a: object, b: object) -> bool:
-    def plain(v: object) -> object:
-        return tuple(v) if isinstance(v, (list, tuple)) else v
-    return plain(a) == plain(b)
-
-
 def registered_settings(registration: str | Path, given: Mapping[str, object]) -> dict:
     """The keywords :func:`guidance_study` runs with under a registration (size, seeds, sets, methods, INITNO
     settings, steps, seed offset, its power ``design``); a ``given`` value that is neither the function's default
@@ -599,10 +593,10 @@ def registered_settings(registration: str | Path, given: Mapping[str, object]) -
     settings = {"n_images": int(spec["n_images"]), "seeds_per_prompt": int(spec["seeds_per_prompt"]),
                 "sets": tuple(spec["sets"]), "methods": tuple(spec["methods"]),
                 "initno": tuple(bool(i) for i in spec["initno"]), "steps": int(spec["steps"]),
-                "seed_offset": int(spec.get("seed_offset", 0))}
+                "seed_offset": int(spec.get("seed_offset", 0)), "min_effects": spec.get("min_effects")}
     defaults = {name: p.default for name, p in inspect.signature(guidance_study).parameters.items()}
     for key, value in given.items():
-        if key in settings and not _same(value, defaults.get(key)) and not _same(value, settings[key]):
+        if key in settings and not same_value(value, defaults.get(key)) and not same_value(value, settings[key]):
             raise ValueError(f"{key}={value!r} conflicts with the registration's {settings[key]!r} "
                              f"({registration}): a registered study runs at its registered design")
     return {**settings, "design": Design(**spec["power"])}

@@ -379,11 +379,14 @@ def widest_pilot(sets: Sequence[str], study: Sequence[dict], per_set: int, least
 
 def calibrate_group(pipe, group: Sequence[str], sets: Sequence[str], study: Sequence[dict], seeds: Sequence[int], *,
                     steps: int, candidates: Sequence[float], quick: bool, progress: bool,
-                    **options) -> pd.DataFrame | None:
+                    min_effects: Mapping[str, float] | None = None, **options) -> pd.DataFrame | None:
     """:func:`calibrate_steps` for methods of one criterion, on a pilot sized by :func:`pilot_size`: a first pilot of
     :data:`CALIBRATION_PROMPTS` per set (one when ``quick``, which stops there) gives the criterion's SD, and the
     pilot is widened to the prompts that find :data:`MIN_EFFECTS` at :data:`PILOT_POWER`. None where the sets hold
-    no prompt beyond the study's. The table carries ``pilot_sd`` and ``pilot_planned`` (the rule's size)."""
+    no prompt beyond the study's. ``min_effects``: per criterion, the smallest change the pilot must find (default
+    :data:`MIN_EFFECTS`; a registration fixes its own). The table carries ``pilot_sd`` and ``pilot_planned`` (the
+    rule's size)."""
+    effects = {**MIN_EFFECTS, **(min_effects or {})}
     first = pilot_prompts(sets, study, 1 if quick else CALIBRATION_PROMPTS)
     if not first:  # a small prompt set of the user's, all of it in the study
         warnings.warn(f"no prompts beyond the study's to calibrate {list(group)} on: they run at the schedule's "
@@ -392,7 +395,7 @@ def calibrate_group(pipe, group: Sequence[str], sets: Sequence[str], study: Sequ
     run = dict(steps=steps, candidates=candidates, **options)
     rows = pilot_differences(pipe, group, first, seeds, progress=progress, **run)
     sd, criterion = pooled_sd(rows), criterion_of(group[0])
-    planned = len(first) if quick else pilot_size(sd, MIN_EFFECTS[criterion])
+    planned = len(first) if quick else pilot_size(sd, effects[criterion])
     if planned > len(first):
         least = 1 if quick else CALIBRATION_PROMPTS
         wider = widest_pilot(sets, study, math.ceil(planned / len(sets)), least)
@@ -404,7 +407,7 @@ def calibrate_group(pipe, group: Sequence[str], sets: Sequence[str], study: Sequ
         if len(first) + len(extra) < planned:
             held = len(first) + len(extra)
             warnings.warn(f"{criterion}: the power rule asks for {planned} pilot prompts (SD {sd:.3g}, smallest "
-                          f"change {MIN_EFFECTS[criterion]:g}) but the sets hold {held} beyond the study's: the "
+                          f"change {effects[criterion]:g}) but the sets hold {held} beyond the study's: the "
                           f"pilot finds changes of {detectable_change(held, sd):.3g} or more", stacklevel=3)
     table = summarise_calibration(rows)
     return table.assign(pilot_sd=sd, pilot_planned=planned)
@@ -412,17 +415,21 @@ def calibrate_group(pipe, group: Sequence[str], sets: Sequence[str], study: Sequ
 
 def study_steps(pipe, methods: Sequence[str], sets: Sequence[str], prompts: Sequence[dict], seeds: Sequence[int], *,
                 steps: int, step_sizes: Mapping[str, float] | None, quick: bool, progress: bool = True,
-                **options) -> tuple[dict[str, float], pd.DataFrame]:
+                min_effects: Mapping[str, float] | None = None, **options) -> tuple[dict[str, float], pd.DataFrame]:
     """The step sizes a study runs at: ``step_sizes`` where given, else :func:`calibrate_steps` on pilot prompts the
     study does not use, at its first seed, A&E and the overlap objectives apart (their criteria differ) but by one
     rule (:func:`calibrate_group`: a first pilot measures the criterion's spread, :func:`pilot_size` says how many
     prompts find :data:`MIN_EFFECTS`). Returns them and the calibration table (empty where they were given)."""
+    unknown = sorted(set(min_effects or {}) - set(MIN_EFFECTS))
+    if unknown:
+        raise ValueError(f"min_effects names criteria {unknown}; the calibration's criteria are {sorted(MIN_EFFECTS)}")
     if step_sizes is not None:
         return {m: float(v) for m, v in step_sizes.items()}, pd.DataFrame()
     candidates = QUICK_STEP_CANDIDATES if quick else STEP_CANDIDATES
     groups = [[m for m in methods if m == BASELINE], [m for m in methods if m not in (BASELINE, NO_GUIDANCE)]]
     tables = [calibrate_group(pipe, group, sets, prompts, list(seeds)[:1], steps=steps, candidates=candidates,
-                              quick=quick, progress=progress, **options) for group in groups if group]
+                              quick=quick, progress=progress, min_effects=min_effects, **options)
+              for group in groups if group]
     tables = [table for table in tables if table is not None]
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     chosen = chosen_steps(table) if tables else {}

@@ -146,7 +146,8 @@ def overlap_prompts(n: int, seed: int = OVERLAP_SEED) -> list[str]:
     return [every[i] for i in rng.choice(len(every), n, replace=False)]
 
 
-def overlap_design(n_images: int, seeds_per_prompt: int = OVERLAP_SEEDS_PER_PROMPT) -> tuple[list[str], list[int]]:
+def overlap_design(n_images: int, seeds_per_prompt: int = OVERLAP_SEEDS_PER_PROMPT, seed_offset: int = 0
+                   ) -> tuple[list[str], list[int]]:
     """The study's prompts and seeds (every prompt with every seed): ``n_images / seeds_per_prompt`` distinct prompts,
     so no (prompt, seed) pair repeats; too many images for the distinct prompts is an error that says how many."""
     needed = max(1, math.ceil(n_images / seeds_per_prompt))
@@ -155,7 +156,7 @@ def overlap_design(n_images: int, seeds_per_prompt: int = OVERLAP_SEEDS_PER_PROM
         raise ValueError(f"{n_images} images at {seeds_per_prompt} seeds per prompt need {needed} prompts, but only "
                          f"{available} distinct two-object prompts exist: ask for at most "
                          f"{available * seeds_per_prompt} images, or more seeds per prompt")
-    return overlap_prompts(needed), [OVERLAP_SEED + i for i in range(seeds_per_prompt)]
+    return overlap_prompts(needed), [OVERLAP_SEED + seed_offset + i for i in range(seeds_per_prompt)]
 
 
 def pair_metrics(maps: torch.Tensor, self_maps: torch.Tensor, ae_maps: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -222,7 +223,8 @@ def _keep_examples(kept: list[Example], new: list[Example], per_class: int = EXA
 
 def overlap_study(pipe, n_images: int = 400, steps: int = STEPS, quick: bool = False, out: str | Path | None = None,
                   subject: Subject = "noun", judge: Judge = exact_judge,
-                  seeds_per_prompt: int = OVERLAP_SEEDS_PER_PROMPT, progress: bool = True) -> OverlapStudy:
+                  seeds_per_prompt: int = OVERLAP_SEEDS_PER_PROMPT, progress: bool = True,
+                  seed_offset: int = 0) -> OverlapStudy:
     """Overlap statistics of two-object images at every step, and their association with entity missing and mixing.
 
     ``n_images / seeds_per_prompt`` distinct prompts (two colours, two shapes, all different; drawn without
@@ -230,15 +232,17 @@ def overlap_study(pipe, n_images: int = 400, steps: int = STEPS, quick: bool = F
     Maps are layer means at the cross-attention grid closest to 16×16; the self-cross overlap uses the
     Otsu-aggregated self-attention at that grid. An image counts as missing (mixed) when the judge finds any subject
     missing (mixed with the other); each outcome is compared with the all-present images. ``quick``: at most 16 images,
-    the centre step of each third plus the headline's two steps, 200 bootstrap resamples.
+    the centre step of each third plus the headline's two steps, 200 bootstrap resamples. ``seed_offset``: added to
+    every seed (the prompts stay the same draw), so that a registered run does not reuse an earlier run's images.
     """
     pipe = load(pipe)
     n_images = whole_number(n_images, "n_images", "the number of two-object images")
     seeds_per_prompt = whole_number(seeds_per_prompt, "seeds_per_prompt", "the number of seeds of each prompt")
+    seed_offset = whole_number(seed_offset, "seed_offset", "added to every seed of the study", minimum=0)
     steps = step_count(steps)
     require_shapes_world(pipe, judge, "overlap")
     n_images = min(n_images, QUICK_OVERLAP_IMAGES) if quick else n_images
-    prompts, seeds = overlap_design(n_images, seeds_per_prompt)
+    prompts, seeds = overlap_design(n_images, seeds_per_prompt, seed_offset)
     keep = sorted({*(s for v in step_bins(steps, per_bin=1).values() for s in v), *headline_steps(range(steps))}
                   ) if quick else None
     grid = nearest_grid(pipe)

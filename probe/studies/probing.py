@@ -120,7 +120,8 @@ def size_terciles(area: pd.Series) -> pd.Series:
 
 
 def probe_study(pipe, n_images: int = 500, steps: int = STEPS, quick: bool = False, out: str | Path | None = None,
-                subject: Subject = "noun", judge: Judge = exact_judge, progress: bool = True) -> ProbeStudy:
+                subject: Subject = "noun", judge: Judge = exact_judge, progress: bool = True,
+                seed_offset: int = 0) -> ProbeStudy:
     """Probe colour, shape and position from cross vs self maps of single-object images, by layer and step.
 
     Prompts are "a {colour} {shape}" for every colour × shape, each with the same ``ceil(n_images / 24)`` seeds
@@ -130,14 +131,16 @@ def probe_study(pipe, n_images: int = 500, steps: int = STEPS, quick: bool = Fal
     drawn (only images where it found the subject), which the prompt does not give away. Cross-validation keeps each
     seed's images in one fold (a seed fixes much of the layout). Steps: two at the centre of each of early / middle /
     late (one when ``quick``). ``quick`` also caps the images at 24 and probes only the layer means.
+    ``seed_offset``: added to every seed, so that a registered run does not reuse an earlier run's images.
     """
     pipe = load(pipe)
     n_images = whole_number(n_images, "n_images", "the number of single-object images probed")
+    seed_offset = whole_number(seed_offset, "seed_offset", "added to every seed of the study", minimum=0)
     steps = step_count(steps)
     require_shapes_world(pipe, judge, "probe")
     n_images = min(n_images, QUICK_PROBE_IMAGES) if quick else n_images
     prompts = [f"a {c} {s}" for c in COLOURS for s in SHAPES]
-    seeds = [PROBE_SEED + i for i in range(max(1, math.ceil(n_images / len(prompts))))]
+    seeds = [PROBE_SEED + seed_offset + i for i in range(max(1, math.ceil(n_images / len(prompts))))]
     bins = step_bins(steps, per_bin=1 if quick else STEPS_PER_BIN)
     keep = sorted({s for steps_ in bins.values() for s in steps_})
     layers = probe_layers(pipe)

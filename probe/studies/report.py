@@ -21,6 +21,7 @@ from probe.studies.common import (
     cell_differences,
     model_label,
 )
+from probe.studies.registration import registration_path, registration_problem
 from probe.studies.registry import Study, UnknownStudy, get_study, registered_studies, study_names
 from probe.writes import write_csv, write_text
 
@@ -141,16 +142,26 @@ def write_index(out: str | Path) -> Path:
         model = getattr(row, "model", None)
         model = model if isinstance(model, str) else "not recorded"
         study = get_study(row.study)
+        problem = registration_problem(row.study, study.run, settings, out, bool(row.quick))
+        command = (f"probe study {row.study} --out {out} --registered" if problem is None else
+                   study_command(row.study, out, bool(row.quick), settings, _text(row, 'model_path')))
         parts += ["", f"## {study.title}", "",
                   f"Model: {model}. Sizes: the {'quick' if row.quick else 'full'} defaults"
                   + (", with " + ", ".join(f"{k}={v!r}" for k, v in settings.items()) if settings else "")
                   + f". {row.seconds / 60:.1f} min on this machine.", "",
-                  f"```\n{study_command(row.study, out, bool(row.quick), settings, _text(row, 'model_path'))}\n```", ""]
+                  f"```\n{command}\n```", ""]
         parts += [f"![{name}]({name}.png)" for name in study.figures if (out / f"{name}.png").exists()]
+        registered = registration_path(row.study, out)
+        if registered.is_file():
+            parts += ["", f"Registration (written before its run): [{registered.name}]({registered.name})."]
         headline = out / f"headline_{row.study}.csv"
         table = pd.read_csv(headline) if headline.exists() else None
         if table is not None and len(table) and study.answer is not None:
-            parts += ["", f"**Answer.** {study.answer(table)}"]
+            answer = study.answer(table)
+            if problem is None or answer.startswith("Not answered"):
+                parts += ["", f"**Answer.** {answer}"]
+            else:
+                parts += ["", f"**Not answered:** {problem}. What the table shows, read as exploration: {answer}"]
         parts += [line for text in section_texts(study.name, table) for line in ("", text)]
         if table is not None:
             parts += ["", _markdown(table)]

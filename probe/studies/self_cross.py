@@ -87,7 +87,8 @@ def self_cross_study(pipe, n_images: int = SELF_CROSS_IMAGES, steps: int = STEPS
                      subject: Subject = "noun", judge: Judge = exact_judge,
                      guidance_scale: float = GUIDANCE, schedule: Schedule | None = None,
                      step_sizes: Mapping[str, float] | None = None, initno: Sequence[bool] = (False, True),
-                     initno_settings: InitNO | None = None) -> SelfCrossStudy:
+                     initno_settings: InitNO | None = None, seed_offset: int = 0,
+                     min_effects: Mapping[str, float] | None = None) -> SelfCrossStudy:
     """Subject mixing on similar subjects (Self-Cross guidance's claim): "a red circle and an orange ellipse".
 
     Prompts of ``sets`` (default ``shapes-similar``; SSD-2 / SSD-3 on a real model) × seeds, each method without
@@ -99,11 +100,14 @@ def self_cross_study(pipe, n_images: int = SELF_CROSS_IMAGES, steps: int = STEPS
     images (4 prompts, one seed), at most 20 steps, at most 5 refinement iterations, a short INITNO, 200
     bootstrap resamples.
     Step sizes as in :func:`guidance_study` (calibrated on pilot prompts unless ``step_sizes`` gives them).
-    With ``out``, resumable like :func:`guidance_study` (rows in ``out/self_cross_images.csv``).
+    With ``out``, resumable like :func:`guidance_study` (rows in ``out/self_cross_images.csv``). ``seed_offset`` and
+    ``min_effects`` as in :func:`guidance_study` (a registered run's own seeds; the step-size pilot's smallest
+    changes).
     """
     pipe = load(pipe)
     n_images = whole_number(n_images, "n_images", "the number of (prompt, seed) pairs per method")
     seeds_per_prompt = whole_number(seeds_per_prompt, "seeds_per_prompt", "the number of seeds of each prompt")
+    seed_offset = whole_number(seed_offset, "seed_offset", "added to every seed of the study", minimum=0)
     steps = step_count(steps)
     require_shapes_world(pipe, judge, "self_cross")
     if quick:
@@ -111,10 +115,10 @@ def self_cross_study(pipe, n_images: int = SELF_CROSS_IMAGES, steps: int = STEPS
         schedule, initno_settings = schedule or QUICK_SCHEDULE, initno_settings or QUICK_INITNO
     n_boot = QUICK_BOOTSTRAPS if quick else BOOTSTRAPS
     prompts = study_prompts(sets, n_images, seeds_per_prompt)
-    seeds = [SELF_CROSS_SEED + i for i in range(seeds_per_prompt)]
+    seeds = [SELF_CROSS_SEED + seed_offset + i for i in range(seeds_per_prompt)]
     options = {"guidance_scale": guidance_scale, "subject": subject, "judge": judge, "schedule": schedule}
     sizes, calibration = study_steps(pipe, methods, sets, prompts, seeds, steps=steps, step_sizes=step_sizes,
-                                     quick=quick, progress=progress, **options)
+                                     quick=quick, progress=progress, min_effects=min_effects, **options)
     images = guided_images(pipe, prompts, seeds, configurations(methods, initno), steps=steps, step_sizes=sizes,
                            initno_settings=initno_settings, progress=progress, desc="self-cross study",
                            store=rows_path(out, "self_cross_images"), **options)
