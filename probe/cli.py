@@ -217,7 +217,13 @@ def _argument(check):
     return parse
 
 
+_JUDGE_HELP = ("exact | geneval[:MODEL][@THRESHOLD] | vqa[:MODEL][@THRESHOLD] | clip[:MODEL][@THRESHOLD] | "
+               "detector[:MODEL][@THRESHOLD] (MODEL: a local folder or hub id; geneval: DETECTOR,CLIP or a folder "
+               "with detector/ and clip/)")
+
+
 def _judge_spec(value: str) -> str:
+    """A ``--judge`` value, checked before any model loads (:func:`probe.judges.parse_judge_spec`)."""
     from probe.judges import parse_judge_spec
 
     parse_judge_spec(value)
@@ -353,6 +359,18 @@ def cmd_sweep(args) -> None:
         raise SystemExit(sweeps.launch(args.processes, threads=args.threads, **kwargs))
     shard = args.shard  # (I, N), checked by _shard
     print(sweeps.sweep(**kwargs, shard=shard, device=args.device, threads=args.threads or sweeps.THREADS).summary())
+
+
+def cmd_judge_agreement(args) -> None:
+    from probe.judge_agreement import judge_folder
+    from probe.judges import judge_from_spec
+    from probe.writes import write_csv
+
+    rows, table = judge_folder(judge_from_spec(args.judge, device=args.device), args.images, args.truth)
+    print(table.to_string(index=False))
+    for frame, path in ((table, args.out), (rows, args.rows)):
+        if path:
+            print(f"wrote {write_csv(frame, path)}")
 
 
 def _add_record(sub) -> None:
@@ -493,8 +511,7 @@ def _study_options(study) -> argparse.ArgumentParser:
     st.add_argument("--model", default=None, help="built-in name, a local diffusers folder or a hub id")
     st.add_argument("--prompts", nargs="+", default=None, metavar="SET",
                     help="prompt sets (animals, animals_objects, objects, SSD-2, SSD-3, shapes-2 …, or a .txt file)")
-    st.add_argument("--judge", default=None, type=_argument(_judge_spec),
-                    help="exact | clip[:MODEL][@THRESHOLD] | detector[:MODEL][@THRESHOLD]")
+    st.add_argument("--judge", default=None, type=_argument(_judge_spec), help=_JUDGE_HELP)
     st.add_argument("--device", default=None, help="cuda, cpu … (default: the pipeline's own)")
     st.add_argument("--quick", action="store_true")
     st.add_argument("--out", default="figures")
@@ -554,12 +571,25 @@ def _add_sweep(sub) -> None:
     sw.set_defaults(func=cmd_sweep)
 
 
+def _add_judge_agreement(sub) -> None:
+    ja = sub.add_parser("judge-agreement", help="a judge's per-subject agreement with known truth (accuracy, kappa, "
+                        "confusion counts)")
+    ja.add_argument("--judge", required=True, type=_argument(_judge_spec), help=_JUDGE_HELP)
+    ja.add_argument("--images", required=True, help="folder of the images the truth names")
+    ja.add_argument("--truth", required=True, help="CSV: image, prompt, subject, status (present / mixed / missing) "
+                    "[, category], one row per image and subject in the prompt's order")
+    ja.add_argument("--out", default=None, help="write the table to this CSV")
+    ja.add_argument("--rows", default=None, help="write the per-subject truth and verdicts to this CSV")
+    ja.add_argument("--device", default=None, help="cuda, cpu … (default: cuda when there is one)")
+    ja.set_defaults(func=cmd_judge_agreement)
+
+
 def parser() -> argparse.ArgumentParser:
     """The ``probe`` command line: one builder per sub-command."""
     p = argparse.ArgumentParser(prog="probe", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     for add in (_add_record, _add_info, _add_show, _add_demo, _add_train_shapes, _add_edit, _add_figures, _add_study,
-                _add_evaluate_shapes, _add_sweep):
+                _add_evaluate_shapes, _add_sweep, _add_judge_agreement):
         add(sub)
     return p
 
