@@ -8,11 +8,17 @@ the user already holds.
 
 from __future__ import annotations
 
+import inspect
+import logging
+import math
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
 
+from probe import checks
 from probe._assets import DATA
 from probe.checks import execution_device
 from probe.families import FAMILIES
@@ -22,9 +28,9 @@ from probe.families.tiny import project_tokenizer
 from probe.families.unet import tiny_pipeline
 from probe.tap.layers import Layer, attention_layers, denoiser, latent_size, select_layers
 
-__all__ = ["BUILTIN", "MODEL_DEFAULTS_FILE", "SCHEDULERS", "TINY", "Layer", "attention_layers", "denoiser",
-           "latent_size", "load", "model_defaults", "model_folder", "project_tokenizer", "select_layers", "tiny_flux",
-           "tiny_pipeline", "tiny_sd3"]
+__all__ = ["BUILTIN", "MODEL_DEFAULTS_FILE", "SCHEDULERS", "TINY", "Generation", "Layer", "attention_layers",
+           "denoiser", "generation", "latent_size", "load", "model_defaults", "model_folder", "project_tokenizer",
+           "select_layers", "tiny_flux", "tiny_pipeline", "tiny_sd3"]
 
 BUILTIN = {"shapes": DATA / "models" / "shapes"}
 
@@ -156,13 +162,15 @@ def model_defaults(pipe_or_name) -> dict:
     A published setting suits the model it was published for (Attend-and-Excite's step 20 trades missing subjects
     for mixed ones on the built-in model), so a folder may carry its own, with where each came from. The schema::
 
-        {"guidance": {"ae": {"scale_factor": 1.0, "source": "how it was chosen"}, ...}}
+        {"guidance": {"ae": {"scale_factor": 1.0, "source": "how it was chosen"}, ...},
+         "generation": {"steps": 4, "guidance_scale": 0.0, "source": "how they were chosen"}}
 
     ``guidance`` maps an objective name (or a "+"-joined sum such as ``"ae+iou"``) to the
     :class:`probe.steer.guide.Schedule` fields it overrides (JSON lists for tuples) and an optional ``source``;
-    :func:`probe.steer.guide.generate` applies them when the caller gives no ``schedule``. A pipeline without a
-    folder (a hub id, ``tiny``) gives ``{}``; a file that is not valid JSON of that shape raises a ``ValueError``
-    naming it.
+    :func:`probe.steer.guide.generate` applies them when the caller gives no ``schedule``. ``generation`` (each key
+    optional) gives the denoising steps and guidance scale that record, generate and edit run when the caller gives
+    none (:func:`generation`). A pipeline without a folder (a hub id, ``tiny``) gives ``{}``; a file that is not
+    valid JSON of that shape raises a ``ValueError`` naming it.
     """
     import json
 
@@ -179,7 +187,97 @@ def model_defaults(pipe_or_name) -> dict:
     if not isinstance(guidance, dict) or not all(isinstance(entry, dict) for entry in guidance.values()):
         raise ValueError(f"{path} must hold a JSON object whose 'guidance' maps objective names to objects of "
                          "Schedule fields, e.g. {\"guidance\": {\"ae\": {\"scale_factor\": 1.0, \"source\": \"...\"}}}")
+    _check_generation_entry(found.get("generation", {}), path)
     return found
+
+
+def _check_generation_entry(entry, path: Path) -> None:
+    """A ``probe.json`` ``generation`` entry: whole steps of at least 1, a finite guidance scale of at least 0."""
+    example = '{"generation": {"steps": 4, "guidance_scale": 0.0, "source": "..."}}'
+    if not isinstance(entry, dict) or set(entry) - {"steps", "guidance_scale", "source"}:
+        raise ValueError(f"{path}: 'generation' must be an object with some of 'steps', 'guidance_scale' and "
+                         f"'source', e.g. {example}; got {entry!r}")
+    steps, scale = entry.get("steps"), entry.get("guidance_scale")
+    whole = isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1
+    number = isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale >= 0
+    if steps is not None and not whole or scale is not None and not number:
+        raise ValueError(f"{path}: 'generation' needs steps a whole number of at least 1 and guidance_scale a "
+                         f"finite number of at least 0, e.g. {example}; got {entry!r}")
+
+
+# -- the steps and guidance a generation runs where the caller gives none --------------------------------------------
+
+GUIDANCE_KEYWORDS = ("guidance_scale", "true_cfg_scale", "cfg_scale")  # a pipeline's guidance scale, first found
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The denoising steps and guidance scale a generation runs, and the pipeline keyword that takes the scale."""
+
+    steps: int
+    guidance_scale: float
+    guidance_keyword: str = "guidance_scale"
+
+    def pipeline_kwargs(self) -> dict:
+        """The pipeline call's keywords for these."""
+        return {"num_inference_steps": self.steps, self.guidance_keyword: self.guidance_scale}
+
+
+def generation(pipe, steps=None, guidance_scale=None, *, caller: str) -> Generation:
+    """The caller's ``steps`` and ``guidance_scale``, checked, with each one left None taken from the model, so that
+    ``record(pipe, prompt, seeds=[s])`` makes the image ``pipe(prompt, generator=…)`` makes.
+
+    From the model folder's ``probe.json`` ``generation`` entry where it has one (:func:`model_defaults`; a
+    ``UserWarning`` names the file, as for its guidance entries), else from the defaults of the pipeline's own
+    ``__call__`` (SD1.x 50 steps at 7.5, SDXL 50 at 5.0, SD3 28 at 7.0, FLUX.1 28 at 3.5), said in an info log line of
+    ``probe.models``. The scale is the first of :data:`GUIDANCE_KEYWORDS` whose default is a number (Qwen-Image's
+    guidance is ``true_cfg_scale``). FLUX.1-schnell was distilled for 4 steps without guidance, but its folder says so
+    nowhere diffusers reads (``FluxPipeline`` runs 28 at 3.5 for it too): pass ``steps=4, guidance_scale=0.0``, or
+    write ``{"generation": {"steps": 4, "guidance_scale": 0.0}}`` into its folder's ``probe.json``.
+    """
+    steps = None if steps is None else checks.step_count(steps)
+    guidance_scale = None if guidance_scale is None else checks.cfg_scale(guidance_scale)
+    own_steps, own_scale, keyword = _call_defaults(pipe)
+    if steps is not None and guidance_scale is not None:
+        return Generation(steps, guidance_scale, keyword)
+    entry = model_defaults(pipe).get("generation", {})
+    chosen = {"steps": steps, "guidance_scale": guidance_scale}
+    from_folder = {name: entry[name] for name, value in chosen.items() if value is None and name in entry}
+    from_call = {name: own for (name, value), own in zip(chosen.items(), (own_steps, own_scale))
+                 if value is None and name not in from_folder}
+    missing = [name for name, value in from_call.items() if value is None]
+    if missing:
+        raise ValueError(f"{caller}: {type(pipe).__name__}.__call__ has no default for {' or '.join(missing)}; pass "
+                         f"{', '.join(f'{name}=' for name in missing)}")
+    if from_folder:
+        source = f" ({entry['source']})" if entry.get("source") else ""
+        warnings.warn(f"{caller}: {_settings_text(from_folder)} from {model_folder(pipe) / MODEL_DEFAULTS_FILE}"
+                      f"{source}; pass {', '.join(f'{name}=' for name in from_folder)} to override", UserWarning,
+                      stacklevel=3)
+    if from_call:
+        _log.info("%s: %s from %s.__call__'s defaults; pass %s to choose", caller, _settings_text(from_call),
+                  type(pipe).__name__, ", ".join(f"{name}=" for name in from_call))
+    chosen = {**chosen, **from_folder, **from_call}
+    return Generation(int(chosen["steps"]), float(chosen["guidance_scale"]), keyword)
+
+
+def _call_defaults(pipe) -> tuple[int | None, float | None, str]:
+    """The default step count and guidance scale of the pipeline's ``__call__``, and the keyword of the scale."""
+    parameters = inspect.signature(pipe.__call__).parameters
+
+    def default(name: str):
+        value = parameters[name].default if name in parameters else None
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return value if number else None
+
+    keywords = [name for name in GUIDANCE_KEYWORDS if name in parameters] or ["guidance_scale"]
+    keyword = next((name for name in keywords if default(name) is not None), keywords[0])
+    return default("num_inference_steps"), default(keyword), keyword
+
+
+def _settings_text(values: dict) -> str:
+    return " and ".join(f"{value} steps" if name == "steps" else f"{name} {value:g}" for name, value in values.items())
 
 
 TINY = {name: build for family in FAMILIES for name, build in family.tiny().items()}  # small random pipelines

@@ -226,7 +226,7 @@ def test_sdxl_records(tiny_xl):
     np.testing.assert_allclose(ds["attn"].astype(float).sum("token").values, 1.0, atol=2e-3)
     assert tree["self/res8"]["attn"].shape == (1, 2, 8, 8, 8, 8, 8)
     plain = tiny_xl("a cat and a dog", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
-                    guidance_scale=7.5, output_type="np").images
+                    output_type="np").images  # the record ran at the pipeline's own guidance scale (SDXL: 5.0)
     diff = np.abs(tree["images"]["image"].values[0].astype(int) - (plain[0] * 255).round().astype(int))
     assert diff.max() <= 1
 

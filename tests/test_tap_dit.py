@@ -94,7 +94,7 @@ def test_record_on_a_transformer_matches_the_plain_pipeline(dit):
     name, pipe = dit
     tree = probe.record(pipe, PROMPT, seeds=[0], steps=2, progress=False, max_sequence_length=MAX_SEQ)
     plain = pipe(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np",
-                 max_sequence_length=MAX_SEQ, guidance_scale=7.5).images
+                 max_sequence_length=MAX_SEQ).images  # record runs the pipeline's own guidance scale
     diff = np.abs(tree["images"]["image"].values[0].astype(int) - (plain[0] * 255).round().astype(int))
     assert diff.max() <= 1
     cross = tree["cross/res8"]
@@ -217,7 +217,7 @@ def test_unguided_generate_is_the_plain_pipeline_and_guidance_moves_it(dit):
     kw = {"seed": 0, "steps": 3, "output_type": "np", "progress": False, "max_sequence_length": MAX_SEQ}
     unguided = generate(pipe, PROMPT, subjects=["cat", "dog"], schedule=still, **kw)
     plain = pipe(PROMPT, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np",
-                 guidance_scale=7.5, max_sequence_length=MAX_SEQ).images
+                 max_sequence_length=MAX_SEQ).images  # generate runs the pipeline's own guidance scale
     np.testing.assert_allclose(unguided.images, plain, atol=1e-5)
     guided = generate(pipe, PROMPT, subjects=["cat", "dog"], schedule=Schedule(thresholds={}), **kw)
     assert np.abs(guided.images - plain).max() > 1e-3 and len(guided.history) == 2  # steps 0 and 1 of 3

@@ -10,15 +10,16 @@ from dataclasses import dataclass, fields, replace
 
 @dataclass(frozen=True)
 class RecordSettings:
-    """``steps``: denoising steps; ``guidance_scale``: classifier-free guidance; ``kinds``: attention kinds recorded
+    """``steps``: denoising steps; ``guidance_scale``: classifier-free guidance (each None: the model's own, see
+    :func:`probe.models.generation`); ``kinds``: attention kinds recorded
     (``cross``, ``self``; SD3 / FLUX also ``text_image``, ``text_text``); ``layers``: None (all) or names, globs,
     ``re:`` patterns or resolutions; ``heads``: ``"mean"``, ``"all"`` or head indices; ``keep_steps``: step indices
     kept (None: all); ``keep_padding``: keep the padding tokens' columns; ``self_keys``: sum self-attention keys onto
     a side × side grid; ``self_queries``: keep these (y, x) query points only; ``self_store``: ``"maps"`` or ``"qk"``
     (a UNet's self-attention as q and k, maps made on read)."""
 
-    steps: int = 50
-    guidance_scale: float = 7.5
+    steps: int | None = None
+    guidance_scale: float | None = None
     kinds: object = ("cross", "self")
     layers: object = None
     heads: object = "mean"
@@ -48,9 +49,14 @@ class RecordSettings:
 
     @classmethod
     def only(cls, keywords: Mapping, settings: RecordSettings | None, caller: str) -> RecordSettings:
-        """:meth:`split` for a caller that takes nothing but settings: any other keyword is an error."""
+        """:meth:`split` for a caller that takes nothing but settings (:func:`~probe.record.plan`, sweeps): any other
+        keyword is an error. Steps or guidance still left to the model (None) are :data:`UNRESOLVED`'s, as these
+        callers ran before the model chose them; :func:`probe.record.record` resolves them against its pipeline first
+        (:func:`probe.models.generation`)."""
         chosen, unknown = cls.split(keywords, settings)
         if unknown:
             raise TypeError(f"{caller} got unknown keywords {sorted(unknown)}; its recording settings are "
                             f"{cls.names()}")
-        return chosen
+        return replace(chosen, **{k: v for k, v in UNRESOLVED.items() if getattr(chosen, k) is None})
+
+UNRESOLVED = {"steps": 50, "guidance_scale": 7.5}  # plan's and a sweep's steps and guidance where none was chosen

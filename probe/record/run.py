@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from tqdm.auto import tqdm
 from probe import checks
 from probe.checks import disk_full, room_for
 from probe.images import to_uint8
-from probe.models import load
+from probe.models import Generation, generation, load
 from probe.record.config import RecordSettings
 from probe.record.plan import Plan, plan
 from probe.record.recorder import Recorder
@@ -30,7 +31,9 @@ def record(pipe, prompts, *, seeds, settings: RecordSettings | None = None, out:
     """Generate every (prompt, seed) sample and record its attention maps.
 
     What is recorded is ``settings`` (a :class:`~probe.record.config.RecordSettings`), or its fields given as
-    keywords (``steps=``, ``kinds=``, ``layers=``, ``heads=``, ``keep_steps=`` …). ``layers``: None (all), or names /
+    keywords (``steps=``, ``kinds=``, ``layers=``, ``heads=``, ``keep_steps=`` …). ``steps`` and ``guidance_scale``
+    not given are the model's own (:func:`probe.models.generation`: the pipeline's defaults, so the images are those
+    ``pipe(prompt, generator=…)`` makes), and the recording's attrs hold what ran. ``layers``: None (all), or names /
     globs / ``re:`` patterns / resolutions (see :func:`probe.models.select_layers`). ``heads``: ``"mean"``, ``"all"``
     or a list of indices. ``keep_steps``: step indices to keep (default all). ``out``: a ``.zarr`` path written batch by
     batch (the tree returned then reads lazily from it) or a ``.nc`` path written at the end; either is written
@@ -55,7 +58,8 @@ def record(pipe, prompts, *, seeds, settings: RecordSettings | None = None, out:
         "num_images_per_prompt": "one image per (prompt, seed) sample: give more seeds",
         "latents": "the seed draws each sample's initial noise, so latents= would give every seed the same one; for "
                    "noise of your own use probe.steer.guide.generate(pipe, prompt, ..., init_noise=tensor)"}, own=own)
-    steps, guidance_scale = checks.step_count(chosen.steps), checks.cfg_scale(chosen.guidance_scale)
+    run = generation(pipe, chosen.steps, chosen.guidance_scale, caller="record")
+    chosen = replace(chosen, steps=run.steps, guidance_scale=run.guidance_scale)
     batch_size = checks.whole_number(batch_size, "batch_size", "the number of samples generated together")
     max_bytes = checks.byte_limit(max_bytes)
     height, width = pipeline_kwargs.get("height"), pipeline_kwargs.get("width")
@@ -71,11 +75,11 @@ def record(pipe, prompts, *, seeds, settings: RecordSettings | None = None, out:
     if out is not None:
         out = check_out(out, (".zarr", ".nc"), force=force)
         room_for(out, p.nbytes)
-    attrs = recording_attrs(pipe, steps, guidance_scale, p, pipeline_kwargs)
+    attrs = recording_attrs(pipe, run.steps, run.guidance_scale, p, pipeline_kwargs)
     try:
         with replacing(out, suffixes=(".zarr", ".nc"), force=force, what="recording") if out else nullcontext() as tmp:
             zarr_tmp = tmp if out is not None and out.suffix == ".zarr" else None
-            tree = _generate(pipe, p, steps, guidance_scale, batch_size, progress, attrs, zarr_tmp, pipeline_kwargs)
+            tree = _generate(pipe, p, run, batch_size, progress, attrs, zarr_tmp, pipeline_kwargs)
             if out is not None and zarr_tmp is None:
                 write_netcdf(tree, tmp)
     except OSError as err:
@@ -85,8 +89,8 @@ def record(pipe, prompts, *, seeds, settings: RecordSettings | None = None, out:
     return open_recording(out) if out is not None and out.suffix == ".zarr" else tree
 
 
-def _generate(pipe, p: Plan, steps: int, guidance_scale: float, batch_size: int, progress: bool, attrs: dict,
-              zarr_path: Path | None, pipeline_kwargs: dict) -> xr.DataTree | None:
+def _generate(pipe, p: Plan, run: Generation, batch_size: int, progress: bool, attrs: dict, zarr_path: Path | None,
+              pipeline_kwargs: dict) -> xr.DataTree | None:
     """Run every batch of the plan; each batch appended to ``zarr_path`` as it finishes, or all kept in memory and
     returned as one tree."""
     height, width = pipeline_kwargs.get("height"), pipeline_kwargs.get("width")
@@ -95,17 +99,16 @@ def _generate(pipe, p: Plan, steps: int, guidance_scale: float, batch_size: int,
     with tqdm(total=len(p.samples), desc="recording", unit="sample", disable=not progress) as bar:
         for start in range(0, len(p.samples), batch_size):
             batch = slice(start, min(start + batch_size, len(p.samples)))
-            recorder = Recorder(p, batch, device, steps)
+            recorder = Recorder(p, batch, device, run.steps)
             with Tap(pipe, [recorder], height=height, width=width) as tap:
                 result = pipe(
                     prompt=[prompt for prompt, _ in p.samples[batch]],
                     generator=[torch.Generator(device).manual_seed(s) for _, s in p.samples[batch]],
-                    num_inference_steps=steps,
-                    guidance_scale=guidance_scale,
                     output_type="np",
+                    **run.pipeline_kwargs(),
                     **pipeline_kwargs,
                 )
-                timesteps = [tap.timestep_of(s) for s in range(steps)]
+                timesteps = [tap.timestep_of(s) for s in range(run.steps)]
             groups = batch_datasets(p, batch, recorder.to_host(), to_uint8(result.images), timesteps)
             if zarr_path is not None:
                 append_zarr(zarr_path, groups, attrs, first=start == 0)

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from probe import checks
 from probe.checks import step_count, text_to_image
 from probe.images import to_uint8
-from probe.models import load
+from probe.models import generation, load
 from probe.steer.inversion import Inversion, image_size, inversion_guidance, invert, null_text_callback
 from probe.steer.pipelines import initial_noise, noise_sigma, pipeline_latents
 from probe.tap import Call, Consumer, Layer, Tap, attention_layers, denoiser, family_of, latent_size, select_layers
@@ -143,10 +143,12 @@ def injected_steps(inject_steps, steps: int) -> list[int]:
     return list(range(round(fraction * steps)))
 
 
-def _edit_steps(steps, inject_steps, num_inference_steps) -> tuple[int, object]:
-    """(number of denoising steps, injected steps) from edit's keywords. During one release the old names still work
-    with a DeprecationWarning: ``num_inference_steps=`` was the number of steps, and ``steps=`` the injected part (a
-    fraction in [0, 1] or a list of indices; any ``steps=`` given beside ``num_inference_steps=``)."""
+def _edit_steps(steps, inject_steps, num_inference_steps,
+                default: int | None = DEFAULT_STEPS) -> tuple[int | None, object]:
+    """(number of denoising steps, ``default`` where none is given; injected steps) from edit's keywords. During one
+    release the old names still work with a DeprecationWarning: ``num_inference_steps=`` was the number of steps,
+    and ``steps=`` the injected part (a fraction in [0, 1] or a list of indices; any ``steps=`` given beside
+    ``num_inference_steps=``)."""
     old_meaning = steps is not None and (
         num_inference_steps is not None or isinstance(steps, _INDEX_TYPES)
         or (isinstance(steps, (float, np.floating)) and 0.0 <= steps <= 1.0))
@@ -166,7 +168,7 @@ def _edit_steps(steps, inject_steps, num_inference_steps) -> tuple[int, object]:
                       "as in record and generate", DeprecationWarning, stacklevel=3)
         count = step_count(num_inference_steps, "num_inference_steps")
     else:
-        count = step_count(DEFAULT_STEPS if steps is None else steps)
+        count = default if steps is None else step_count(steps)
     return count, DEFAULT_FRACTION if inject_steps is None else inject_steps
 
 
@@ -301,7 +303,7 @@ def edit(
     inject_steps=None,
     image=None,
     steps: int | None = None,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
     cross_tokens: str = "all",
     before: Sequence[Consumer] = (),
     after: Sequence[Consumer] = (),
@@ -315,7 +317,8 @@ def edit(
     prompts must have equal token lengths; ``cross_tokens="shared"`` replaces only the key columns
     whose tokens both prompts share and keeps the target's own columns for the swapped words, as
     prompt-to-prompt's refinement does) or ``"none"``. ``layers``: see :func:`injected_layers`.
-    ``steps``: the number of denoising steps (default 50), as in record and generate. ``inject_steps``: the
+    ``steps``, ``guidance_scale``: None runs the model's own (:func:`probe.models.generation`), as in record and
+    generate. ``inject_steps``: the
     injected steps, a fraction of the steps from the start (default 0.8) or explicit step indices. ``image``: a
     real image (PIL / numpy at the pipeline's size, or an image file's path) or an :class:`Inversion` of one; the
     source row then follows its inversion and both rows start from its noise. ``before`` / ``after``: extra tap
@@ -325,12 +328,14 @@ def edit(
     """
     pipe = load(pipe)
     text_to_image(pipe)
-    steps, inject_steps = _edit_steps(steps, inject_steps, num_inference_steps)
+    steps, inject_steps = _edit_steps(steps, inject_steps, num_inference_steps, default=None)
+    run = generation(pipe, steps, guidance_scale, caller="edit")
+    steps = run.steps
     checks.pipeline_keywords(pipe, pipeline_kwargs, "edit", {
         key: "one batch [source, target] from one start latent" for key in ("latents", "prompt", "prompt_embeds")},
         own=edit)
     guidance_scale = _checked(pipe, source_prompt, target_prompt, seed, inject, cross_tokens, image,
-                              guidance_scale, pipeline_kwargs)
+                              run.guidance_scale, pipeline_kwargs)
     seed = None if seed is None else checks.seed_value(seed)
     height, width = pipeline_kwargs.get("height"), pipeline_kwargs.get("width")
     step_indices = injected_steps(inject_steps, steps)

@@ -36,7 +36,7 @@ from probe.analysis.overlap import (
 from probe.analysis.subjects import diffusers_softmax_tokens, subject_maps
 from probe.checks import finite_noise, step_count, text_to_image
 from probe.consumers.maps import GUIDANCE_PASSES, MapCollector
-from probe.models import MODEL_DEFAULTS_FILE, load, model_defaults, model_folder
+from probe.models import MODEL_DEFAULTS_FILE, generation, load, model_defaults, model_folder
 from probe.prompts import subject_keys
 from probe.steer.objectives import (  # noqa: F401  (the objectives' names, here since 0.1)
     OBJECTIVES,
@@ -468,23 +468,25 @@ def _shown(path: Path) -> str:
 
 def generate(pipe, prompt: str, *, subjects: Sequence[str], objective: ObjectiveSpec = "ae", seed: int,
              schedule: Schedule | None = None, init_noise: str | InitNO | torch.Tensor | None = None,
-             steps: int = 50, guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
-             output_type: str = "pil", progress: bool = True, consumers: Sequence[Consumer] = (),
-             **pipe_kwargs) -> GuideResult:
+             steps: int | None = None, guidance_scale: float | None = None, height: int | None = None,
+             width: int | None = None, output_type: str = "pil", progress: bool = True,
+             consumers: Sequence[Consumer] = (), **pipe_kwargs) -> GuideResult:
     """Generate one image of ``prompt`` while guiding the attention of its ``subjects`` (words of the prompt).
 
     ``objective``: a name from :data:`OBJECTIVES`, a weighted sum such as ``{"ae": 1, "iou": 1}`` or a callable of
     :class:`GuidanceMaps`. ``schedule``: every number of the guidance; None runs :class:`Schedule`'s defaults with
     the model folder's own for this objective on top (``probe.json``, :func:`model_schedule`), and a ``UserWarning``
     says which and where they came from. ``init_noise``: None (the seed's noise), ``"initno"`` or an :class:`InitNO`
-    (optimise the initial noise first), or a tensor of initial noise. ``consumers`` join the tap (e.g. a recorder).
-    Other keyword arguments go to the pipeline; one it does not take is refused.
+    (optimise the initial noise first), or a tensor of initial noise. ``steps``, ``guidance_scale``: None runs the
+    model's own (:func:`probe.models.generation`). ``consumers`` join the tap (e.g. a recorder). Other keyword
+    arguments go to the pipeline; one it does not take is refused.
     """
     pipe = load(pipe)
     checks.pipeline_keywords(pipe, pipe_kwargs, "generate", {
         "prompt": "from prompt=", "generator": "from seed=", "callback_on_step_end": "guidance runs through it",
         "latents": "guidance starts from the seed's noise: give noise of your own as init_noise=tensor"}, own=generate)
-    guidance_scale = checks.cfg_scale(guidance_scale)
+    run = generation(pipe, steps, guidance_scale, caller="generate")
+    steps, guidance_scale = run.steps, run.guidance_scale
     height, width = checks.image_side(height, "height"), checks.image_side(width, "width")
     generator = torch.Generator("cpu").manual_seed(checks.seed_value(seed))
 
