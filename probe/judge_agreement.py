@@ -70,7 +70,8 @@ def agreement_table(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def _subject_name(verdict) -> str:
-    """The noun a verdict is about (a :class:`probe.judges.Verdict`'s subject, the exact judge's shape)."""
+    """The noun a verdict is about (a :class:`probe.judges.Verdict`'s subject, the exact judge's shape); a class of
+    several words ("dining table") stands for its last ("table")."""
     return str(getattr(verdict, "subject", None) or getattr(verdict, "shape", "")).lower()
 
 
@@ -97,7 +98,8 @@ def judge_rows(judge: Callable, cases: Iterable[Case]) -> pd.DataFrame:
             raise ValueError(f"{case.name}: the judge gave {len(verdicts)} verdicts for {case.prompt!r}, whose truth "
                              f"lists {len(case.subjects)} subjects ({', '.join(case.subjects)})")
         for verdict, subject, truth in zip(verdicts, case.subjects, case.truth):
-            if _subject_name(verdict) not in ("", subject.lower()):
+            if _subject_name(verdict) and subject.lower() not in (_subject_name(verdict),
+                                                                  _subject_name(verdict).split()[-1]):
                 raise ValueError(f"{case.name}: the judge's verdict is about {_subject_name(verdict)!r} where the "
                                  f"truth lists {subject!r}; list the truth's subjects in the prompt's order")
             rows.append({"image": case.name, "prompt": case.prompt, "subject": subject, "category": case.category,

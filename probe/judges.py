@@ -92,10 +92,13 @@ def _subjects(prompt_or_subjects: str | Sequence[str]) -> list[str]:
 
 
 def _phrases(prompt_or_subjects: str | Sequence) -> list[tuple[str, str]]:
-    """(attribute, noun) per subject: a prompt gives its adjectives and nouns ("a red circle" → ("red", "circle")),
-    a list of nouns has no attributes, a list of (attribute, noun) pairs is taken as it is."""
+    """(attribute, noun) per subject: a prompt gives its adjectives and nouns ("a red circle" → ("red", "circle");
+    a framing phrase up to "of" is no attribute: "a photo of a red cat" → ("red", "cat")), a list of nouns has no
+    attributes, a list of (attribute, noun) pairs is taken as it is."""
     if isinstance(prompt_or_subjects, str):
-        return list(zip(attributes_of(prompt_or_subjects), subjects_of(prompt_or_subjects)))
+        attributes = [words.split() for words in attributes_of(prompt_or_subjects)]
+        attributes = [" ".join(w[len(w) - w[::-1].index("of"):] if "of" in w else w) for w in attributes]
+        return list(zip(attributes, subjects_of(prompt_or_subjects)))
     return [(str(item[0]), str(item[1])) if isinstance(item, (tuple, list)) else ("", str(item))
             for item in prompt_or_subjects]
 
@@ -386,17 +389,27 @@ class GenevalJudge:
         image = torch.nn.functional.normalize(out.image_embeds.float(), dim=-1)
         return (image @ classifier.T)[0].cpu().numpy()
 
+    def classes(self, subjects: str | Sequence) -> list[tuple[str, str]]:
+        """(attribute, class) per subject: the longest of the segmenter's class names that ends its phrase ("a red
+        dining table" → ("red", "dining table"), "a hot dog" → ("", "hot dog")); a subject of no class is refused."""
+        names = set(self.labels.values())
+        pairs = []
+        for attribute, noun in _phrases(subjects):
+            words = [*attribute.lower().split(), noun.lower()]
+            ends = [k for k in range(len(words)) if " ".join(words[k:]) in names]
+            if not ends:
+                listed = sorted(names)
+                raise ValueError(f"the GenEval judge's segmenter has no class {noun!r}; its classes are "
+                                 f"{', '.join(listed[:20])}{' …' if len(listed) > 20 else ''}: give prompts about "
+                                 "them, or another judge (vqa, clip, detector) for open-vocabulary subjects")
+            pairs.append((" ".join(words[:ends[0]]), " ".join(words[ends[0]:])))
+        return pairs
+
     def __call__(self, image, subjects: str | Sequence) -> list[Verdict]:
-        """One image's verdicts, per subject present / mixed / missing (:func:`geneval_verdicts`)."""
-        phrases = _phrases(subjects)
-        unknown = [noun for _, noun in phrases if noun.lower() not in self.labels.values()]
-        if unknown:
-            names = sorted(self.labels.values())
-            raise ValueError(f"the GenEval judge's segmenter has no class {unknown[0]!r}; its classes are "
-                             f"{', '.join(names[:20])}{' …' if len(names) > 20 else ''}: give prompts about them, or "
-                             "another judge (vqa, clip, detector) for open-vocabulary subjects")
-        return geneval_verdicts(image, self.instances(image), phrases, self.colour_scores, self.threshold,
-                                self.colours)
+        """One image's verdicts, per subject present / mixed / missing (:func:`geneval_verdicts`) on the subjects'
+        classes (:meth:`classes`)."""
+        return geneval_verdicts(image, self.instances(image), self.classes(subjects), self.colour_scores,
+                                self.threshold, self.colours)
 
 
 def _geneval_models(model: str) -> tuple[str, str]:
@@ -533,8 +546,8 @@ class NamedJudge:
         return f"judge({self.spec})"
 
 
-JUDGE_SPEC = ("exact, geneval[:MODEL][@THRESHOLD], vqa[:MODEL][@THRESHOLD], clip[:MODEL][@THRESHOLD] or "
-              "detector[:MODEL][@THRESHOLD]")
+JUDGE_SPEC = ("exact, clip[:MODEL][@THRESHOLD], detector[:MODEL][@THRESHOLD], geneval[:MODEL][@THRESHOLD] or "
+              "vqa[:MODEL][@THRESHOLD]")
 # what a threshold is on each judge's scale: its range, its name, an example
 THRESHOLDS = {"clip": ((-1.0, 1.0), "a CLIP cosine similarity", CLIP_PRESENT),
               "detector": ((0.0, 1.0), "a detection score", DETECTION_THRESHOLD),

@@ -73,12 +73,12 @@ def _tiny_clip():
     return model, CLIPProcessor(image_processor=images, tokenizer=tok)
 
 
-def _tiny_mask2former():
-    """A random Mask2Former (Swin backbone) whose classes are the shapes world's shapes."""
+def _tiny_mask2former(labels=SHAPES):
+    """A random Mask2Former (Swin backbone) whose classes are ``labels`` (the shapes world's shapes)."""
     backbone = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
                           window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
-    config = Mask2FormerConfig(backbone_config=backbone, num_labels=len(SHAPES), id2label=dict(enumerate(SHAPES)),
-                               label2id={s: i for i, s in enumerate(SHAPES)}, hidden_dim=32, mask_feature_size=32,
+    config = Mask2FormerConfig(backbone_config=backbone, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                               label2id={s: i for i, s in enumerate(labels)}, hidden_dim=32, mask_feature_size=32,
                                feature_size=32, num_queries=8, encoder_layers=1, decoder_layers=2,
                                encoder_feedforward_dim=32, dim_feedforward=32, num_attention_heads=2,
                                use_pretrained_backbone=False)
@@ -218,6 +218,7 @@ def test_questions_from_a_prompt():
         ("Is there a circle?", "Is there a red circle?"),
         ("Is there an ellipse?", "Is there an orange ellipse?"),
         ("Is there a square?", None)]
+    assert questions("a photo of a red cat") == [("Is there a cat?", "Is there a red cat?")]  # no framing
     assert questions([("blue", "square"), "cat"]) == [("Is there a square?", "Is there a blue square?"),
                                                       ("Is there a cat?", None)]
 
@@ -294,6 +295,16 @@ def test_geneval_judge_from_a_folder(geneval_dir, scene):
                                                            device="cpu", threshold=1.0)(scene, ["circle", "square"]))
     with pytest.raises(ValueError, match="no class 'cat'; its classes are circle, ellipse, square, triangle"):
         judge(scene, "a cat and a circle")
+
+
+def test_geneval_classes_of_several_words():
+    model, processor = _tiny_mask2former(["dog", "hot dog", "dining table", "circle"])
+    clip, clip_processor = _tiny_clip()
+    judge = GenevalJudge(model, clip, detector_processor=processor, clip_processor=clip_processor, device="cpu")
+    assert judge.classes("a photo of a red dining table and a hot dog and a brown dog") == [
+        ("red", "dining table"), ("", "hot dog"), ("brown", "dog")]
+    with pytest.raises(ValueError, match="no class 'table'"):
+        judge.classes("a table")
 
 
 def test_specs_of_the_trusted_judges(tmp_path):
