@@ -303,7 +303,8 @@ def geneval_verdicts(image, instances: Sequence[Instance], subjects: str | Seque
 
     - the subject's instances are those of its class whose score is above ``threshold`` (GenEval: > 0.3);
       none → ``missing``;
-    - the most confident of them decides the colour (GenEval reads colour on the top-ranked instances only):
+    - the most confident of them decides the colour (GenEval reads colour on the top-ranked instances only, so two
+      subjects of one class both read the same instance):
       ``colour_scores(crop, noun)`` scores each of ``colours`` on :func:`masked_crop` of its mask, and the highest
       wins; the subject's colour is the word of its attribute that is one of ``colours``;
     - the colour read is the subject's → ``present``; another → ``mixed``; a subject whose attribute names no colour
@@ -367,6 +368,8 @@ class GenevalJudge:
             raise ValueError(f"expected one image, got {len(pil)}")
         inputs = self.detector_processor(images=pil, return_tensors="pt")
         out = self.detector(**{k: v.to(self.device) for k, v in inputs.items()})
+        out = type(out)(class_queries_logits=out.class_queries_logits.float().cpu(),  # the post-processing's maps
+                        masks_queries_logits=out.masks_queries_logits.float().cpu())  # are made on the CPU
         found = self.detector_processor.post_process_instance_segmentation(
             out, threshold=0.0, target_sizes=[(pil[0].height, pil[0].width)], return_binary_maps=True)[0]
         if found["segmentation"] is None:
