@@ -271,7 +271,7 @@ def _real_source(pipe, image, source_prompt: str, steps: int, guidance_scale: fl
         scale = inversion_guidance(pipe, guidance_scale)
         if scale != guidance_scale:
             warnings.warn(f"{type(pipe).__name__}: the real image is inverted without classifier-free guidance "
-                          "(no null-text inversion there); edit at guidance_scale=1 for a faithful source",
+                          f"(no null-text inversion there); edit at guidance_scale={scale:g} for a faithful source",
                           RuntimeWarning, stacklevel=3)  # the caller of edit
         inversion = invert(pipe, image, source_prompt, steps, height=height, width=width,
                            guidance_scale=scale)

@@ -181,9 +181,10 @@ def flow_invert(pipe, image, prompt: str = "", steps: int = 50, *, height: int |
         raise TypeError(f"flow-matching inversion walks the Euler sampler's levels; the pipeline has "
                         f"{type(pipe.scheduler).__name__}: set pipe.scheduler = FlowMatchEulerDiscreteScheduler."
                         "from_config(pipe.scheduler.config) first")
-    if kind.inversion_guidance(pipe, guidance_scale) < guidance_scale:
-        raise ValueError(f"{kind.title} inverts on the conditional branch alone (guidance_scale=1): edit real "
-                         "images at guidance_scale=1 for a faithful source")
+    unguided = kind.inversion_guidance(pipe, guidance_scale)
+    if unguided < guidance_scale:
+        raise ValueError(f"{kind.title} inverts on the conditional branch alone (guidance_scale={unguided:g}): edit "
+                         f"real images at guidance_scale={unguided:g} for a faithful source")
     steps = step_count(steps)
     size = image_size(pipe, height, width)
     latent = encode(pipe, image, *size)[None]
