@@ -1,11 +1,11 @@
-"""The FLUX family: FLUX.1 (``FluxTransformer2DModel``) and FLUX.2 (``Flux2Transformer2DModel``, Dev and Klein).
-Attention modules are ``FluxAttention`` / ``Flux2Attention`` and, in FLUX.2's single-stream blocks,
-``Flux2ParallelSelfAttention`` (``AttentionModuleMixin``); text tokens come first (``cat([text, image])``), q and k
-get RMS norms and rotary embeddings before the scores, and attention goes through ``dispatch_attention_fn`` in
-(batch, tokens, heads, dim). Double-stream blocks project text and image separately; single-stream blocks receive
-the concatenation, so the text length is read from the transformer's own call, and the image grid from its position
-ids ((t, h, w) in FLUX.1, (t, h, w, l) in FLUX.2). FLUX.2's reference-image tokens (KV cache) sit between text and
-image; a call with them is refused."""
+"""The FLUX family: FLUX.1 (``FluxTransformer2DModel``); FLUX.2 (``Flux2Transformer2DModel``) shares its attention
+layout and subclasses it (:mod:`probe.families.flux2`). Attention modules are ``FluxAttention`` / ``Flux2Attention``
+and, in FLUX.2's single-stream blocks, ``Flux2ParallelSelfAttention`` (``AttentionModuleMixin``); text tokens come
+first (``cat([text, image])``), q and k get RMS norms and rotary embeddings before the scores, and attention goes
+through ``dispatch_attention_fn`` in (batch, tokens, heads, dim). Double-stream blocks project text and image
+separately; single-stream blocks receive the concatenation, so the text length is read from the transformer's own
+call, and the image grid from its position ids ((t, h, w) in FLUX.1, (t, h, w, l) in FLUX.2). FLUX.2's
+reference-image tokens (KV cache) sit between text and image; a call with them is refused."""
 
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ class Flux(Family):
     max_sequence = 512  # the pipeline's own max_sequence_length default
 
     def matches(self, net) -> bool:
-        from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel
+        from diffusers import FluxTransformer2DModel
 
-        return isinstance(net, (FluxTransformer2DModel, Flux2Transformer2DModel))
+        return isinstance(net, FluxTransformer2DModel)
 
     def modules(self, net) -> dict[str, tuple[str, ...]]:
         found = {name: ("cross", "self", *TEXT_QUERIES) for name in attention_modules(net)
@@ -76,7 +76,6 @@ class Flux(Family):
     def conditioned(self, pipe, prompt: str, height: int, width: int, max_sequence_length: int | None,
                     guidance: float) -> Velocity:
         net, device = pipe.transformer, pipe._execution_device
-        _refuse_flux2(net)
         seq = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
         embeds, pooled, text_ids = pipe.encode_prompt(prompt, None, device=device, **seq)
         scale = pipe.vae_scale_factor
@@ -120,14 +119,6 @@ class Flux(Family):
 
     def embeds_guidance(self, net) -> bool:
         return bool(net.config.guidance_embeds)  # FLUX.1-dev's guidance is an input, not CFG
-
-
-def _refuse_flux2(net) -> None:
-    from diffusers import Flux2Transformer2DModel
-
-    if isinstance(net, Flux2Transformer2DModel):
-        raise NotImplementedError("FLUX.2 pipelines are recorded (probe.record, the tap) but not yet guided, "
-                                  "edited or inverted: their text encoding and latent layout are not described here")
 
 
 def tiny_flux():

@@ -1,0 +1,361 @@
+"""FLUX.2 (Flux2Pipeline, Flux2KleinPipeline) and Z-Image: the tap against an independent softmax of what the model
+scores, recording against the plain pipeline, guidance with every objective, self- and cross-injection editing and
+the inversion of a real image, on small random pipelines."""
+
+import numpy as np
+import pytest
+import torch
+from tensors import assert_a_small_step_descends
+
+import probe
+from probe.models import attention_layers
+from probe.shapes.world import Shape, render
+from probe.steer.edit import edit
+from probe.steer.guide import OBJECTIVES, Guide, Schedule, generate
+from probe.steer.inversion import decode, encode, flow_invert, invert, regenerate
+from probe.steer.pipelines import initial_noise
+from probe.tap import Call, Consumer, Tap
+
+PROMPT = "a cat and a dog"
+NAMES = ["tiny-flux2", "tiny-flux2-klein", "tiny-zimage"]
+SEQ = {"tiny-flux2": 160, "tiny-flux2-klein": 32, "tiny-zimage": 64}  # Flux2Pipeline's system message is long
+GUIDANCE = {"tiny-flux2": 4.0, "tiny-flux2-klein": 4.0, "tiny-zimage": 5.0}  # the pipelines' own defaults
+NO_CFG = {"tiny-flux2": 4.0, "tiny-flux2-klein": 1.0, "tiny-zimage": 0.0}  # the conditional branch alone
+SIZES = [(32, 32), (32, 48), (32, 40)]  # px: 8×8, 8×12 and 8×10 tokens (Z-Image pads 80 image tokens to 96)
+ROW = 32  # Z-Image pads each sample's image and caption tokens to a multiple of this
+LONG = " and ".join(f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square", "triangle"))
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def model(request):
+    return request.param, probe.load(request.param)
+
+
+def _kw(name, height=32, width=32, **extra):
+    return {"height": height, "width": width, "max_sequence_length": SEQ[name], **extra}
+
+
+def _run(name, pipe, steps=2, **extra):
+    return pipe(prompt=PROMPT, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
+                guidance_scale=extra.pop("guidance_scale", GUIDANCE[name]), **extra)
+
+
+class Views(Consumer):
+    """Every view the tap hands out at step 0 (every pass), in call order."""
+
+    def __init__(self):
+        self.seen = []
+
+    def wants(self, call: Call) -> bool:
+        return call.step == 0
+
+    def on_probs(self, call, probs):
+        self.seen.append((call.layer.name, call.layer.kind, call.pass_, probs.detach().clone()))
+
+
+def _spied_run(name, pipe, **kw):
+    """The plain pipeline's own q, k, scale and key mask at every attention call of the transformer, in order."""
+    spied, inside = [], []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if inside:  # the transformer's calls, not the text encoder's
+            spied.append((query.detach().clone(), key.detach().clone(), scale, attn_mask))
+        return real(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                    enable_gqa=enable_gqa)
+
+    net = pipe.transformer
+    hooks = [net.register_forward_pre_hook(lambda *a: inside.append(1)),
+             net.register_forward_hook(lambda *a: inside.clear())]
+    torch.nn.functional.scaled_dot_product_attention = spy
+    try:
+        with torch.no_grad():
+            images = _run(name, pipe, output_type="np", **kw).images
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = real
+        for hook in hooks:
+            hook.remove()
+    return spied, images
+
+
+def _softmax(q, k, scale, mask):
+    scores = (q @ k.transpose(-1, -2)) * (scale or q.shape[-1] ** -0.5)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return scores.softmax(-1)
+
+
+def _blocks(name, module, n_image, n_keys):
+    """(query rows, key columns) of each relation, written from the model code (not from the family)."""
+    if name != "tiny-zimage":  # FLUX.2: [text (the padded templated sequence); image]
+        text, image = slice(0, n_keys - n_image), slice(n_keys - n_image, None)
+        return {"cross": (image, text), "self": (image, image), "text_image": (text, image), "text_text": (text, text)}
+    if module.startswith("noise_refiner"):  # the image tokens alone, then their padding
+        return {"self": (slice(0, n_image), slice(0, n_image))}
+    if module.startswith("context_refiner"):  # the caption alone
+        return {"text_text": (slice(None), slice(None))}
+    image, text = slice(0, n_image), slice(-(-n_image // ROW) * ROW, None)  # the caption after the padded image
+    return {"cross": (image, text), "self": (image, image), "text_image": (text, image), "text_text": (text, text)}
+
+
+def _calls(views):
+    """The views grouped by attention call (consecutive views of one module)."""
+    calls = []
+    for module, kind, pass_, probs in views:
+        if not calls or calls[-1][0] != module:
+            calls.append((module, pass_, {}))
+        calls[-1][2][kind] = probs
+    return calls
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_views_equal_an_independent_softmax_of_what_the_model_scores(model, size):
+    """The plain run's own q and k (spied at F.scaled_dot_product_attention, with its key mask) → softmax(q·kᵀ·scale),
+    sliced by the layout the model code sets up, equal the tap's views (float32, < 1e-4) at square and non-square
+    sizes, every relation of every module, every pass of step 0 (Klein's cond and uncond, Z-Image's CFG batch)."""
+    name, pipe = model
+    kw = _kw(name, *size)
+    if name == "tiny-zimage":  # a caption over 32 tokens beside one under: the batch's shorter one is key-masked
+        kw["negative_prompt"] = LONG
+    spied, plain = _spied_run(name, pipe, **kw)
+    views = Views()
+    with Tap(pipe, [views], height=size[0], width=size[1]), torch.no_grad():
+        tapped = _run(name, pipe, output_type="np", **kw).images
+    np.testing.assert_allclose(tapped, plain, atol=1e-5)
+    n_image = (size[0] // 4) * (size[1] // 4)  # ×2 autoencoder, 2×2 latent pixels per token
+    calls = _calls(views.seen)
+    modules = probe.tap.layers.attention_modules(pipe.transformer)
+    passes = {"tiny-flux2": ["cond"], "tiny-flux2-klein": ["cond", "uncond"], "tiny-zimage": ["cfg"]}[name]
+    assert [p for _, p, _ in calls] == [p for p in passes for _ in modules]
+    for (module, _, got), (q, k, scale, mask) in zip(calls, spied, strict=False):
+        probs = _softmax(q, k, scale, mask)
+        blocks = _blocks(name, module, n_image, probs.shape[-1])
+        assert set(got) == set(blocks), module
+        for kind, (rows, keys) in blocks.items():
+            assert got[kind].shape == probs[..., rows, keys].shape, (module, kind)
+            assert (got[kind] - probs[..., rows, keys]).abs().max() < 1e-4, (module, kind)
+    if name == "tiny-zimage":
+        masks = [m is not None for *_, m in spied[: len(modules)]]
+        assert masks == [not module.startswith("noise_refiner") for module in modules]  # caption keys masked
+        assert bool(n_image % ROW) == (size == (32, 40))  # 80 image tokens: padded ones among the keys
+
+
+def test_the_text_keys_are_the_templated_prompts_own_tokens(model):
+    """text_layout's positions are where the text encoder sees the prompt's words inside the chat template."""
+    name, pipe = model
+    seen = []
+    hook = pipe.text_encoder.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"][0]),
+                                                       with_kwargs=True)
+    try:
+        with torch.no_grad():
+            pipe.encode_prompt(PROMPT, device="cpu", max_sequence_length=SEQ[name])
+    finally:
+        hook.remove()
+    layout = probe.prompts.text_layout(pipe, PROMPT, max_sequence_length=SEQ[name])
+    assert layout.texts == PROMPT.split()
+    ids = seen[0].tolist()
+    if name == "tiny-zimage":  # the caption is the unpadded sequence
+        ids = ids[: int((seen[0] != pipe.tokenizer.pad_token_id).sum())]
+    words = pipe.tokenizer(PROMPT, add_special_tokens=False).input_ids
+    assert [ids[p] for p in layout.positions] == words
+    assert layout.positions[0] > 2  # the template's tokens come first
+
+
+@pytest.mark.parametrize("size", [(32, 32), (32, 40)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_a_recording_is_the_plain_generation_and_holds_the_independent_softmax(model, size):
+    name, pipe = model
+    kw = _kw(name, *size)
+    spied, plain = _spied_run(name, pipe, **kw)
+    tree = probe.record(pipe, PROMPT, seeds=[0], steps=2, progress=False, guidance_scale=GUIDANCE[name], **kw)
+    got = tree["images"]["image"].values[0].astype(int)
+    assert np.abs(got - (plain[0] * 255).round().astype(int)).max() <= 1
+    h, w = size[0] // 4, size[1] // 4
+    group = f"res{h}" if h == w else f"res{h}x{w}"
+    cross = tree[f"cross/{group}"]
+    assert [str(t) for t in cross.token_text.values[0] if t] == PROMPT.split()
+    positions = probe.prompts.text_layout(pipe, PROMPT, max_sequence_length=SEQ[name]).positions
+    modules = list(probe.tap.layers.attention_modules(pipe.transformer))
+    for layer in cross.layer.values:
+        q, k, scale, mask = spied[modules.index(str(layer))]  # step 0, the first pass
+        probs = _softmax(q, k, scale, mask)
+        cond = 0 if name == "tiny-zimage" else -1  # Z-Image's CFG batch is [cond; uncond]
+        blocks = _blocks(name, str(layer), h * w, probs.shape[-1])
+        rows, keys = blocks["cross"]
+        expected = probs[cond, :, rows, keys].mean(0)[:, positions]  # head mean, the prompt's columns
+        recorded = torch.from_numpy(cross["attn"].sel(layer=layer).values[0, 0].astype(np.float32))
+        torch.testing.assert_close(recorded.reshape(h * w, -1), expected, atol=5e-4, rtol=1e-2)  # float16 storage
+
+
+# -- guidance --------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_a_small_step_lowers_each_objective(model, objective):
+    name, pipe = model
+    with Guide(pipe, PROMPT, ["cat", "dog"], objective, steps=4, **_kw(name)) as guide:
+        assert_a_small_step_descends(guide, initial_noise(pipe, torch.Generator().manual_seed(1), 32, 32), (8, 8))
+
+
+def test_unguided_generate_is_the_plain_pipeline_and_guidance_moves_it(model):
+    name, pipe = model
+    still = Schedule(alter_fraction=0.0, thresholds={})
+    kw = {"seed": 0, "steps": 3, "output_type": "np", "progress": False, "guidance_scale": GUIDANCE[name], **_kw(name)}
+    unguided = generate(pipe, PROMPT, subjects=["cat", "dog"], schedule=still, **kw)
+    plain = _run(name, pipe, steps=3, output_type="np", **_kw(name)).images
+    np.testing.assert_allclose(unguided.images, plain, atol=1e-5)
+    guided = generate(pipe, PROMPT, subjects=["cat", "dog"], schedule=Schedule(thresholds={}), **kw)
+    assert np.abs(guided.images - plain).max() > 1e-3 and len(guided.history) == 2  # steps 0 and 1 of 3
+    assert guided.history["loss"].notna().all()
+
+
+# -- editing ---------------------------------------------------------------------------------------------------------
+
+SOURCE, TARGET = "a red circle", "a blue circle"  # one token each: cross-injection aligns them
+STEPS = 3
+SEED = 3
+
+
+class Keep(Consumer):
+    """The probabilities of one kind in the generation's own passes (the conditional or the CFG batch)."""
+
+    def __init__(self, kind):
+        self.kind, self.seen = kind, {}
+
+    def wants(self, call: Call) -> bool:
+        return call.layer.kind == self.kind and call.pass_ in ("cfg", "cond")
+
+    def on_probs(self, call, probs):
+        self.seen[call.layer.name, call.step] = probs
+
+
+def _plain_latent(name, pipe, prompt, **kw):
+    return pipe(prompt=prompt, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(SEED),
+                guidance_scale=GUIDANCE[name], output_type="latent", **_kw(name), **kw).images
+
+
+def test_self_injection_of_a_prompt_into_itself_is_the_plain_generation(model):
+    name, pipe = model
+    result = edit(pipe, SOURCE, SOURCE, seed=SEED, inject_steps=1.0, steps=STEPS, output_type="latent",
+                  guidance_scale=GUIDANCE[name], **_kw(name))
+    assert result.settings.layers and result.settings.steps == tuple(range(STEPS))
+    torch.testing.assert_close(result.edited, _plain_latent(name, pipe, SOURCE)[0], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("inject", ["self", "cross"])
+def test_the_targets_block_becomes_the_sources_in_chosen_layers_and_steps_only(model, inject):
+    name, pipe = model
+    before, after = Keep(inject), Keep(inject)
+    every = [la.name for la in attention_layers(pipe, 32, 32) if la.kind == inject]
+    chosen = every[:2]
+    result = edit(pipe, SOURCE, TARGET, seed=SEED, inject=inject, layers=chosen, inject_steps=[1], steps=STEPS,
+                  before=[before], after=[after], output_type="latent", guidance_scale=GUIDANCE[name], **_kw(name))
+    assert result.settings.layers == tuple(chosen)
+    src, tgt = 0, 1  # FLUX.2's conditional pass is [source, target]; Z-Image's CFG batch starts with it
+    assert set(before.seen) == {(layer, step) for layer in every for step in range(STEPS)}
+    for (layer, step), pre in before.seen.items():
+        post = after.seen[layer, step]
+        if layer in chosen and step == 1:
+            assert torch.equal(post[tgt], pre[src]) and not torch.equal(pre[tgt], pre[src])
+            keep = [i for i in range(pre.shape[0]) if i != tgt]  # the source and the unconditional rows untouched
+            assert torch.equal(post[keep], pre[keep])
+        else:
+            assert post is pre
+    assert not torch.equal(result.edited, result.source)
+
+
+# -- real images -----------------------------------------------------------------------------------------------------
+
+def _circle(size=32):
+    return render([Shape("circle", "red", 15.0, 17.0, 8.0)], size=size)[0]
+
+
+def test_decode_is_the_pipelines_own_decoding_and_encode_its_inverse(model):
+    """FLUX.2: unpacked, batch-norm statistics undone, unpatchified (Flux2Pipeline's own steps); Z-Image: scaled and
+    shifted. At a non-square size, against the pipeline's own image; encode against the pipeline's own encoder."""
+    name, pipe = model
+    kw = {"height": 32, "width": 48, "max_sequence_length": SEQ[name]}
+    latent = pipe(prompt=SOURCE, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                  guidance_scale=NO_CFG[name], output_type="latent", **kw).images
+    image = pipe(prompt=SOURCE, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                 guidance_scale=NO_CFG[name], output_type="np", **kw).images[0]
+    if name != "tiny-flux2-klein":  # Klein's latent output is already unpacked, so only Flux2Pipeline's is checked
+        np.testing.assert_array_equal(decode(pipe, latent[0], 32, 48), (image * 255).round().clip(0, 255)
+                                      .astype(np.uint8))
+    x = torch.from_numpy(_circle()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        if name == "tiny-zimage":
+            vae = pipe.vae
+            expected = (vae.encode(x).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
+        else:
+            expected = pipe._pack_latents(pipe._encode_vae_image(x, generator=None))
+    torch.testing.assert_close(encode(pipe, _circle(), 32, 32), expected[0])
+
+
+@pytest.fixture(params=NAMES)
+def blind(request):
+    """A transformer whose velocity ignores the latent (the image tokens' embedding zeroed): the Euler inversion is
+    then exactly the sampler run backwards."""
+    pipe = probe.load(request.param)
+    net = pipe.transformer
+    embed = net.all_x_embedder["2-1"] if request.param == "tiny-zimage" else net.x_embedder
+    with torch.no_grad():
+        embed.weight.zero_()
+        if embed.bias is not None:
+            embed.bias.zero_()
+    return request.param, pipe
+
+
+def test_flow_inversion_is_exact_when_the_velocity_ignores_the_latent(blind):
+    name, pipe = blind
+    inversion = flow_invert(pipe, _circle(), SOURCE, steps=6, height=32, width=32, guidance_scale=NO_CFG[name])
+    assert inversion.latents.shape[0] == 7 and inversion.timesteps.shape == (6,)
+    torch.testing.assert_close(inversion.clean, encode(pipe, _circle(), 32, 32))
+    regenerated = _sampled(name, pipe, regenerate(pipe, inversion, output_type="latent", height=32, width=32))
+    torch.testing.assert_close(regenerated, inversion.clean, atol=1e-5, rtol=0)
+
+
+def _sampled(name, pipe, latent):
+    """A pipeline's one latent output in the layout it samples in (Klein's output is unpacked and de-normalised)."""
+    return probe.families.family(pipe).pack(pipe, latent[None])[0] if name == "tiny-flux2-klein" else latent
+
+
+def test_inverted_noise_regenerates_the_image_far_better_than_a_random_start(model):
+    name, pipe = model
+    inversion = invert(pipe, _circle(), SOURCE, steps=10, height=32, width=32, guidance_scale=NO_CFG[name])
+    assert inversion.guidance_scale == NO_CFG[name]
+    from_inverted = _sampled(name, pipe, regenerate(pipe, inversion, output_type="latent", height=32, width=32))
+    from_random = _sampled(name, pipe, pipe(prompt=SOURCE, num_inference_steps=10, guidance_scale=NO_CFG[name],
+                                            output_type="latent", generator=torch.Generator().manual_seed(0),
+                                            height=32, width=32).images[0])
+    assert from_inverted.shape == inversion.clean.shape
+    assert (from_inverted - inversion.clean).abs().mean() < 0.25 * (from_random - inversion.clean).abs().mean()
+
+
+def test_an_inversion_at_a_guidance_the_conditional_branch_cannot_give_is_refused(model):
+    name, pipe = model
+    if name == "tiny-flux2":  # its guidance is an input of the transformer: any scale inverts
+        assert invert(pipe, _circle(), SOURCE, steps=1, height=32, width=32, guidance_scale=7.0).guidance_scale == 7
+        return
+    with pytest.raises(ValueError, match=f"guidance_scale={NO_CFG[name]:g}"):
+        flow_invert(pipe, _circle(), SOURCE, steps=2, guidance_scale=GUIDANCE[name], height=32, width=32)
+
+
+def test_real_image_editing_pins_the_source_row_to_the_flow_trajectory(model):
+    name, pipe = model
+    inversion = invert(pipe, _circle(), SOURCE, steps=STEPS, height=32, width=32, guidance_scale=NO_CFG[name])
+    inputs = []
+
+    def keep(module, args, kwargs):
+        x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
+        inputs.append(torch.stack(x).squeeze(2) if isinstance(x, list) else x.clone())
+
+    hook = pipe.transformer.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        result = edit(pipe, SOURCE, TARGET, image=inversion, steps=STEPS, guidance_scale=NO_CFG[name],
+                      output_type="latent", **_kw(name))
+    finally:
+        hook.remove()
+    assert len(inputs) == STEPS and result.settings.real_image
+    for i, batch in enumerate(inputs):
+        assert torch.equal(batch[0], inversion.latents[i])
+    assert torch.equal(inputs[0][1], inversion.noise)  # both rows start from the inverted noise
+    assert not torch.equal(inputs[-1][1], inversion.latents[-2])
