@@ -1,7 +1,8 @@
 """Model families: one file each (:mod:`~probe.families.unet`, :mod:`~probe.families.sd3`,
-:mod:`~probe.families.flux`, :mod:`~probe.families.flux2`, :mod:`~probe.families.zimage`), one line each in
-:data:`FAMILIES`. A family says everything the library needs that differs between kinds of denoisers (see
-:class:`~probe.families.base.Family`); nothing outside this package branches on a model's name or class.
+:mod:`~probe.families.flux`, :mod:`~probe.families.flux2`, :mod:`~probe.families.zimage`,
+:mod:`~probe.families.qwen`, :mod:`~probe.families.sana`), one line each in :data:`FAMILIES`. A family says
+everything the library needs that differs between kinds of denoisers (see :class:`~probe.families.base.Family`);
+nothing outside this package branches on a model's name or class.
 
 To add one: subclass :class:`~probe.families.base.Family` in a new file here and add an instance to :data:`FAMILIES`.
 """
@@ -12,11 +13,13 @@ from probe.families.base import Family
 from probe.families.flux import Flux
 from probe.families.flux2 import Flux2
 from probe.families.layout import denoiser
+from probe.families.qwen import QwenImage
+from probe.families.sana import Sana
 from probe.families.sd3 import SD3
 from probe.families.unet import UNet
 from probe.families.zimage import ZImage
 
-FAMILIES: list[Family] = [UNet(), SD3(), Flux(), Flux2(), ZImage()]
+FAMILIES: list[Family] = [UNet(), SD3(), Flux(), Flux2(), ZImage(), QwenImage(), Sana()]
 
 
 def families() -> list[Family]:
@@ -39,4 +42,5 @@ def family(pipe) -> Family:
     return family_of(denoiser(pipe))
 
 
-__all__ = ["FAMILIES", "Family", "Flux", "Flux2", "SD3", "UNet", "ZImage", "families", "family", "family_of"]
+__all__ = ["FAMILIES", "Family", "Flux", "Flux2", "QwenImage", "SD3", "Sana", "UNet", "ZImage", "families", "family",
+           "family_of"]

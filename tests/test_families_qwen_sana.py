@@ -1,0 +1,326 @@
+"""Qwen-Image (joint attention, text first, Qwen's rotary embedding) and Sana (linear self-attention, softmax
+cross-attention) on tiny random pipelines: the tap's maps against an independent softmax of the q and k each model
+hands to its attention function, recordings against the plain pipeline, guidance with every objective, editing,
+inversion of a real image, and Sana's self-attention refused by name."""
+
+import inspect
+
+import numpy as np
+import pytest
+import torch
+from tensors import assert_a_small_step_descends
+
+import probe
+from probe.families import family
+from probe.families.qwen import QwenImage
+from probe.families.sana import Sana
+from probe.prompts import text_layout
+from probe.shapes.world import Shape, render
+from probe.steer.edit import edit, injected_layers
+from probe.steer.guide import OBJECTIVES, Guide, Schedule, generate
+from probe.steer.inversion import decode, encode, invert, regenerate
+from probe.steer.pipelines import initial_noise
+from probe.tap import Call, Consumer, Tap
+
+PROMPT, SUBJECTS = "a cat and a dog", ["cat", "dog"]
+QWEN, SANA = "tiny-qwen-image", "tiny-sana"
+MAX_SEQ = 16
+STEPS = 2
+# Sana: sides are multiples of 32 px and its pipeline bins sizes to an aspect-ratio table unless told not to
+OWN = {QWEN: {}, SANA: {"use_resolution_binning": False}}
+NON_SQUARE = {QWEN: (32, 48), SANA: (32, 64)}  # the smallest non-square size each pipeline takes
+TOLERANCE = 1e-4  # float32: the tap's maps against an independent softmax
+
+
+@pytest.fixture(scope="module", params=[QWEN, SANA])
+def dit(request):
+    return request.param, probe.load(request.param)
+
+
+def _kw(name: str, height: int = 32, width: int = 32) -> dict:
+    return {"height": height, "width": width, "max_sequence_length": MAX_SEQ, **OWN[name]}
+
+
+def _plain(pipe, name: str, prompt: str = PROMPT, output_type: str = "np", seed: int = 0, **kw):
+    kw = {**_kw(name), **kw}
+    return pipe(prompt, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(seed),
+                output_type=output_type, guidance_scale=7.5, **kw).images
+
+
+class Views(Consumer):
+    """Every view of the real passes at step 0, in call order."""
+
+    def __init__(self):
+        self.seen = []
+
+    def wants(self, call: Call) -> bool:
+        return call.step == 0 and call.pass_ in ("cfg", "cond")
+
+    def on_probs(self, call, probs):
+        self.seen.append((call.layer.key, call.pass_, call.layer.grid, probs.detach().clone()))
+
+
+def _spied_run(pipe, name: str, **kw):
+    """The plain pipeline's images and (q, k, mask, scale) of every attention call of the transformer at step 0, as
+    handed to F.scaled_dot_product_attention (Qwen: through dispatch_attention_fn's native backend)."""
+    spied, inside, calls = [], [], []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if inside and len(calls) == 1:  # the transformer's first call (step 0), not the text encoder's
+            spied.append((query.detach().clone(), key.detach().clone(),
+                          None if attn_mask is None else attn_mask.detach().clone(), scale))
+        return real(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+
+    def enter(*_):
+        inside.append(1)
+        calls.append(1)
+
+    net = probe.tap.denoiser(pipe)
+    hooks = [net.register_forward_pre_hook(enter), net.register_forward_hook(lambda *a: inside.clear())]
+    torch.nn.functional.scaled_dot_product_attention = spy
+    try:
+        with torch.no_grad():
+            images = _plain(pipe, name, **kw)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = real
+        for hook in hooks:
+            hook.remove()
+    return images, spied
+
+
+def _softmax(q, k, mask, scale):
+    """The independent softmax(q·kᵀ·scale + mask) in float64."""
+    scores = (q.double() @ k.double().transpose(-1, -2)) * (scale or q.shape[-1] ** -0.5)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.double()
+    return scores.softmax(-1)
+
+
+@pytest.mark.parametrize("square", [True, False], ids=["square", "non-square"])
+def test_views_equal_an_independent_softmax_of_what_the_model_scores(dit, square):
+    """Qwen-Image: one softmax over [text; image] per block, sliced into its four relations; Sana: the cross-attention
+    softmax over the text keys (padding masked) is the cross view whole, and its linear self-attention calls no
+    softmax at all. At a square and the smallest non-square size, the plain and the tapped images are equal."""
+    name, pipe = dit
+    height, width = (32, 32) if square else NON_SQUARE[name]
+    plain, spied = _spied_run(pipe, name, height=height, width=width)
+    views = Views()
+    with Tap(pipe, [views], height=height, width=width), torch.no_grad():
+        tapped = _plain(pipe, name, height=height, width=width)
+    np.testing.assert_allclose(tapped, plain, atol=1e-6)
+    grid = (height // 4, width // 4)  # ×2 autoencoder, 2×2 patches
+    n_image = grid[0] * grid[1]
+    by_module: dict[str, list] = {}
+    for (module, kind), pass_, seen_grid, probs in views.seen:
+        assert seen_grid == grid and pass_ == ("cond" if name == QWEN else "cfg")
+        by_module.setdefault(module, []).append((kind, probs))
+    assert len(spied) == len(by_module) == 2  # one softmax per block: Qwen's joint attn, Sana's attn2 (attn1 linear)
+    for (q, k, mask, scale), (module, got) in zip(spied, by_module.items()):
+        probs = _softmax(q, k, mask, scale)
+        if name == QWEN:
+            assert module.endswith(".attn")
+            n_text = probs.shape[-1] - n_image
+            text, image = slice(0, n_text), slice(n_text, None)
+            blocks = {"cross": (image, text), "self": (image, image), "text_image": (text, image),
+                      "text_text": (text, text)}
+        else:
+            assert module.endswith(".attn2") and mask is not None and q.shape[-2] == n_image
+            blocks = {"cross": (slice(None), slice(None))}
+        assert {kind for kind, _ in got} == set(blocks)
+        for kind, view in got:
+            rows, keys = blocks[kind]
+            assert (view.double() - probs[..., rows, keys]).abs().max() < TOLERANCE, (module, kind)
+
+
+def test_a_recording_is_the_plain_generation_and_holds_its_maps(dit):
+    name, pipe = dit
+    kinds = ("cross", "self") if name == QWEN else ("cross",)
+    height, width = NON_SQUARE[name]
+    tree = probe.record(pipe, PROMPT, seeds=[0], steps=STEPS, guidance_scale=7.5, kinds=kinds, progress=False,
+                        **_kw(name, height, width))
+    plain = _plain(pipe, name, height=height, width=width)
+    diff = np.abs(tree["images"]["image"].values[0].astype(int) - (plain[0] * 255).round().astype(int))
+    assert diff.max() <= 1
+    h, w = height // 4, width // 4
+    cross = tree[f"cross/res{h}x{w}"]
+    texts = [str(t) for t in cross.token_text.values[0] if t]
+    assert texts[-5:] == ["a", "cat", "and", "a", "dog"] and texts.count("cat") == 1
+    assert texts[:-5] == ([] if name == QWEN else ["<bos>"])  # Qwen's template tokens are not the prompt's
+    row = cross["attn"].isel(sample=0, step=1).mean("layer").values  # (y, x, token)
+    assert row.shape[:2] == (h, w) and np.all(np.nansum(row, -1) <= 1 + 2e-3) and np.all(np.nansum(row, -1) > 0)
+    if name == QWEN:  # the rows of the joint softmax hold the text and the image keys together
+        self_rows = tree[f"self/res{h}x{w}"]["attn"].isel(sample=0, step=1, layer=0).values.reshape(h * w, h * w)
+        assert np.all(self_rows.sum(-1) + np.nansum(row, -1).reshape(-1) <= 1 + 4e-3)
+
+
+def test_the_text_keys_are_the_tokens_the_pipeline_encodes(dit):
+    """The family's view of the text keys equals the ids the text encoder receives, cut as the pipeline cuts them
+    (Qwen: its template's 34 first tokens dropped; Sana: the first and the last max_sequence_length − 1 kept)."""
+    name, pipe = dit
+    seen = []
+    hook = pipe.text_encoder.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((kwargs.get("input_ids", args[0] if args else None),
+                                                  kwargs["attention_mask"])), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            if name == QWEN:
+                embeds, _ = pipe.encode_prompt(PROMPT, device="cpu", max_sequence_length=MAX_SEQ)
+            else:
+                instruction = inspect.signature(pipe.__call__).parameters["complex_human_instruction"].default
+                embeds, *_ = pipe.encode_prompt(PROMPT, do_classifier_free_guidance=False, device="cpu",
+                                                max_sequence_length=MAX_SEQ, complex_human_instruction=instruction)
+    finally:
+        hook.remove()
+    ids, mask = seen[0]
+    if name == QWEN:
+        fed = ids[0][mask[0].bool()][pipe.prompt_template_encode_start_idx:][:MAX_SEQ]
+    else:
+        fed = ids[0][[0, *range(ids.shape[1] - MAX_SEQ + 1, ids.shape[1])]]
+    keys = family(pipe).text_parts(pipe, MAX_SEQ)[0][1]
+    view = keys(PROMPT, padding="max_length", max_length=MAX_SEQ, truncation=True)
+    assert view.input_ids[: embeds.shape[1]] == fed.tolist() and len(fed) == embeds.shape[1]
+    layout = text_layout(pipe, PROMPT, max_sequence_length=MAX_SEQ)
+    assert [layout.texts[layout.positions.index(p)] for p in layout.positions if layout.texts[
+        layout.positions.index(p)] in SUBJECTS] == SUBJECTS
+    words = pipe.tokenizer.convert_ids_to_tokens(fed.tolist())
+    for word in SUBJECTS:  # each subject's key holds the subject's own token
+        position = layout.positions[layout.texts.index(word)]
+        assert words[position].lstrip("Ġ▁") == word
+
+
+# -- guidance ----------------------------------------------------------------------------------------------------------
+
+NEEDS_SELF = {name for name, objective in OBJECTIVES.items() if objective.needs_self}
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_a_small_step_lowers_each_objective(dit, objective):
+    """Every objective descends on Qwen-Image; on Sana those of cross-attention alone do, and one that needs
+    self-attention maps is refused, saying that Sana's self-attention is linear."""
+    name, pipe = dit
+    if name == SANA and objective in NEEDS_SELF:
+        with pytest.raises(ValueError, match="linear attention.*no self-attention map"):
+            Guide(pipe, PROMPT, SUBJECTS, objective, steps=4, max_sequence_length=MAX_SEQ)
+        return
+    with Guide(pipe, PROMPT, SUBJECTS, objective, steps=4, max_sequence_length=MAX_SEQ) as guide:
+        assert_a_small_step_descends(guide, initial_noise(pipe, torch.Generator().manual_seed(1), None, None), (8, 8))
+
+
+def test_unguided_generate_is_the_plain_pipeline_and_guidance_moves_it(dit):
+    name, pipe = dit
+    kw = {"seed": 0, "steps": 3, "guidance_scale": 7.5, "output_type": "np", "progress": False, **_kw(name)}
+    unguided = generate(pipe, PROMPT, subjects=SUBJECTS, schedule=Schedule(alter_fraction=0.0, thresholds={}), **kw)
+    plain = pipe(PROMPT, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np",
+                 guidance_scale=7.5, **_kw(name)).images
+    np.testing.assert_allclose(unguided.images, plain, atol=1e-5)
+    guided = generate(pipe, PROMPT, subjects=SUBJECTS, schedule=Schedule(thresholds={}), **kw)
+    assert np.abs(guided.images - plain).max() > 1e-3 and len(guided.history) == 2
+
+
+# -- editing -----------------------------------------------------------------------------------------------------------
+
+SOURCE, TARGET = "a red circle", "a blue circle"  # one token each: cross-attention aligns them
+
+
+class Keep(Consumer):
+    def __init__(self, kind: str):
+        self.kind, self.seen = kind, {}
+
+    def wants(self, call: Call) -> bool:
+        return call.layer.kind == self.kind
+
+    def on_probs(self, call, probs):
+        self.seen[call.layer.name, call.step] = probs
+
+
+@pytest.mark.parametrize("inject", ["self", "cross"])
+def test_an_injection_copies_the_sources_block_in_chosen_layers_and_steps_only(dit, inject):
+    name, pipe = dit
+    if name == SANA and inject == "self":
+        with pytest.raises(ValueError, match="linear attention"):
+            edit(pipe, SOURCE, TARGET, seed=3, inject="self", steps=STEPS, output_type="latent", **_kw(name))
+        return
+    same = edit(pipe, SOURCE, SOURCE, seed=3, inject=inject, inject_steps=1.0, steps=STEPS, guidance_scale=7.5,
+                output_type="latent", **_kw(name))
+    torch.testing.assert_close(same.edited, _plain(pipe, name, SOURCE, "latent", 3)[0], atol=1e-4, rtol=0)
+    before, after = Keep(inject), Keep(inject)
+    every = [layer.name for layer in injected_layers(pipe, inject, height=32, width=32)]
+    chosen = every[:1]
+    edit(pipe, SOURCE, TARGET, seed=3, inject=inject, layers=chosen, inject_steps=[1], steps=STEPS, guidance_scale=7.5,
+         before=[before], after=[after], output_type="latent", **_kw(name))
+    src, tgt = (0, 1) if name == QWEN else (2, 3)  # Qwen runs [source, target]; Sana [uncond ×2, cond ×2]
+    assert set(before.seen) == {(layer, step) for layer in every for step in range(STEPS)}
+    for (layer, step), pre in before.seen.items():
+        post = after.seen[layer, step]
+        if layer in chosen and step == 1:
+            assert torch.equal(post[tgt], pre[src]) and not torch.equal(pre[tgt], pre[src])
+            assert torch.equal(post[:tgt], pre[:tgt])
+        else:
+            assert post is pre
+
+
+# -- real images -------------------------------------------------------------------------------------------------------
+
+
+def _circle():
+    return render([Shape("circle", "red", 15.0, 17.0, 8.0)], size=32)[0]
+
+
+def test_decode_is_the_pipelines_own_decoding_and_encode_its_inverse(dit):
+    name, pipe = dit
+    latents = _plain(pipe, name, SOURCE, "latent")
+    images = _plain(pipe, name, SOURCE, "np")
+    np.testing.assert_array_equal(decode(pipe, latents[0], 32, 32), (images[0] * 255).round().clip(0, 255)
+                                  .astype(np.uint8))
+    latent = encode(pipe, _circle())
+    assert latent.shape == latents.shape[1:]
+    x = torch.from_numpy(_circle()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():  # the latent as each pipeline samples it, computed here from the autoencoder's own outputs
+        if name == QWEN:  # a one-frame video, normalised per channel, packed 2×2
+            mean = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1, 1)
+            std = torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1, 1)
+            expected = (pipe.vae.encode(x[:, :, None]).latent_dist.mean - mean) / std
+            expected = pipe._pack_latents(expected, 1, expected.shape[1], *expected.shape[-2:])
+        else:  # deep compression: one latent, scaled
+            expected = pipe.vae.encode(x).latent * pipe.vae.config.scaling_factor
+    torch.testing.assert_close(latent, expected[0])
+
+
+def test_a_real_image_is_inverted_and_edited_from_its_trajectory(dit):
+    name, pipe = dit
+    inversion = invert(pipe, _circle(), SOURCE, steps=10, height=32, width=32)
+    from_inverted = regenerate(pipe, inversion, output_type="latent", **_kw(name))
+    from_random = pipe(SOURCE, num_inference_steps=10, guidance_scale=1.0, generator=torch.Generator().manual_seed(0),
+                       output_type="latent", **_kw(name)).images[0]
+    assert from_inverted.shape == inversion.clean.shape
+    assert (from_inverted - inversion.clean).abs().mean() < 0.25 * (from_random - inversion.clean).abs().mean()
+    inversion = invert(pipe, _circle(), SOURCE, steps=STEPS, height=32, width=32)
+    inputs = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: inputs.append((args[0] if args else kwargs["hidden_states"]).clone()),
+        with_kwargs=True)
+    try:
+        result = edit(pipe, SOURCE, TARGET, image=inversion, inject="cross", steps=STEPS, guidance_scale=1.0,
+                      output_type="latent", **_kw(name))
+    finally:
+        hook.remove()
+    assert len(inputs) == STEPS and result.settings.real_image
+    for i, batch in enumerate(inputs):
+        assert torch.equal(batch[0], inversion.latents[i])
+    assert torch.equal(inputs[0][1], inversion.noise)
+    assert torch.equal(result.source, inversion.clean) and not torch.equal(result.edited, inversion.clean)
+
+
+# -- what Sana has no map of -------------------------------------------------------------------------------------------
+
+
+def test_sanas_self_attention_is_refused_by_name_and_its_cross_attention_recorded():
+    pipe = probe.load(SANA)
+    for kinds in (("self",), ("cross", "self")):
+        with pytest.raises(ValueError, match="Sana.*linear attention.*no self-attention map.*kinds=\\('cross',\\)"):
+            probe.record(pipe, PROMPT, seeds=[0], steps=1, kinds=kinds, progress=False, **_kw(SANA))
+    assert family(pipe).unmapped(pipe.transformer) == {"self": Sana().unmapped(None)["self"]}
+    assert not QwenImage().unmapped(None)
+    layers = probe.tap.attention_layers(pipe, 32, 32)
+    assert {layer.kind for layer in layers} == {"cross"} and all(la.name.endswith("attn2") for la in layers)
