@@ -324,3 +324,49 @@ def test_sanas_self_attention_is_refused_by_name_and_its_cross_attention_recorde
     assert not QwenImage().unmapped(None)
     layers = probe.tap.attention_layers(pipe, 32, 32)
     assert {layer.kind for layer in layers} == {"cross"} and all(la.name.endswith("attn2") for la in layers)
+
+
+def test_qwen_true_cfg_records_the_conditional_pass_and_is_the_plain_generation():
+    """With a negative prompt, QwenImagePipeline runs the conditional and unconditional halves apart (named by its
+    cache_context): the recording keeps the conditional one, and the images are the plain pipeline's."""
+    pipe = probe.load(QWEN)
+    cfg = {"negative_prompt": "a dog", "true_cfg_scale": 4.0, **_kw(QWEN)}
+    passes = []
+
+    class Passes(Consumer):
+        def wants(self, call: Call) -> bool:
+            passes.append(call.pass_)
+            return False
+
+    with Tap(pipe, [Passes()], height=32, width=32), torch.no_grad():
+        _plain(pipe, QWEN, **cfg)
+    assert set(passes) == {"cond", "uncond"} and passes.count("cond") == passes.count("uncond")
+    # record's guidance_scale is the pipeline's classifier-free guidance: Qwen-Image's true_cfg_scale
+    tree = probe.record(pipe, PROMPT, seeds=[0], steps=STEPS, guidance_scale=4.0, kinds=("cross",), progress=False,
+                        negative_prompt="a dog", **_kw(QWEN))
+    plain = _plain(pipe, QWEN, **cfg)
+    assert np.abs(tree["images"]["image"].values[0].astype(int) - (plain[0] * 255).round().astype(int)).max() <= 1
+    recorder_view = Views()
+    with Tap(pipe, [recorder_view], height=32, width=32), torch.no_grad():
+        _plain(pipe, QWEN, **cfg)
+    cond = [probs for (_, kind), pass_, _, probs in recorder_view.seen if kind == "cross" and pass_ == "cond"]
+    recorded = tree["cross/res8"]["attn"].isel(sample=0, step=0).values  # (layer, y, x, token)
+    positions = text_layout(pipe, PROMPT, max_sequence_length=MAX_SEQ).positions
+    for layer, probs in enumerate(cond):
+        expected = probs[0].float().mean(0)[:, positions].reshape(8, 8, -1)
+        torch.testing.assert_close(torch.from_numpy(recorded[layer].astype("float32")), expected, atol=2e-3,
+                                   rtol=1e-2)
+
+
+def test_qwen_reference_images_and_sanas_binned_sizes_are_refused_not_misread():
+    pipe = probe.load(QWEN)
+    views = Views()
+    inputs = {"hidden_states": torch.randn(1, 128, 16), "encoder_hidden_states": torch.randn(1, 5, 16),
+              "timestep": torch.tensor([0.5]), "img_shapes": [[(1, 8, 8), (1, 8, 8)]], "return_dict": False}
+    with pytest.raises(probe.tap.TapError, match="reference images"), Tap(pipe, [views]) as tap:
+        with tap.pass_("cond", 0), torch.no_grad():
+            pipe.transformer(**inputs)
+    sana = probe.load(SANA)
+    binned = {**_kw(SANA), "use_resolution_binning": True}  # 32 px → the 512 px bin
+    with pytest.raises(probe.tap.TapError, match="use_resolution_binning=False"):
+        probe.record(sana, PROMPT, seeds=[0], steps=1, guidance_scale=7.5, kinds=("cross",), progress=False, **binned)

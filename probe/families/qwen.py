@@ -9,8 +9,9 @@ than one image per sample (the edit pipelines' reference images, whose tokens fo
 Text keys: the prompt inside the pipeline's chat template, encoded by Qwen2.5-VL, with the template's first
 ``prompt_template_encode_start_idx`` tokens dropped and no padding (a batch pads to its longest): the prompt's tokens
 first, then the template's closing tokens. Classifier-free guidance (``true_cfg_scale`` with a ``negative_prompt``)
-runs the halves apart, each named by the pipeline's ``cache_context``; ``guidance_scale`` is an input of the denoiser
-only where it was trained with one (``guidance_embeds``) and ignored otherwise."""
+runs the halves apart, each named by the pipeline's ``cache_context`` (probe's ``guidance_scale`` is that
+``true_cfg_scale``); the pipeline's own ``guidance_scale`` is an input of the denoiser only where it was trained with
+one (``guidance_embeds``) and ignored otherwise."""
 
 from __future__ import annotations
 
@@ -139,8 +140,8 @@ class QwenImage(Family):
         return bool(net.config.guidance_embeds)
 
     def inversion_guidance(self, pipe, guidance_scale: float) -> float:
-        """``guidance_scale`` is the denoiser's input where it embeds guidance and ignored otherwise; either way an
-        inversion at the edit's value is consistent with it (true CFG is ``true_cfg_scale``, not used by an edit)."""
+        """An edit's scale is the pipeline's ``true_cfg_scale`` (:func:`probe.models.generation`), which acts only
+        with a ``negative_prompt``: an edit without one runs the conditional branch alone, as the inversion does."""
         return float(guidance_scale)
 
 
