@@ -140,6 +140,16 @@ def test_views_equal_an_independent_softmax_of_what_the_model_scores(model, size
         assert bool(n_image % ROW) == (size == (32, 40))  # 80 image tokens: padded ones among the keys
 
 
+@pytest.mark.parametrize("name", ["tiny-flux2", "tiny-flux2-klein"])
+def test_flux2_reference_images_are_refused_not_split_as_the_image(name):
+    from PIL import Image
+
+    pipe = probe.load(name)
+    reference = Image.fromarray(_circle(64))  # the pipelines take references of 64 px and more
+    with pytest.raises(probe.tap.TapError, match="reference images"), Tap(pipe, [Views()], height=32, width=32):
+        _run(name, pipe, image=reference, output_type="np", **_kw(name))
+
+
 def test_the_text_keys_are_the_templated_prompts_own_tokens(model):
     """text_layout's positions are where the text encoder sees the prompt's words inside the chat template."""
     name, pipe = model
@@ -205,6 +215,20 @@ def test_unguided_generate_is_the_plain_pipeline_and_guidance_moves_it(model):
     guided = generate(pipe, PROMPT, subjects=["cat", "dog"], schedule=Schedule(thresholds={}), **kw)
     assert np.abs(guided.images - plain).max() > 1e-3 and len(guided.history) == 2  # steps 0 and 1 of 3
     assert guided.history["loss"].notna().all()
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_a_guided_generation_lowers_each_objective_where_it_refines(model, objective):
+    """Through the pipeline's own loop (step 0's latent enters as latents=, in the pipeline's layout): three
+    refinement iterations at step 0 leave the objective below where it started, and the image moves."""
+    name, pipe = model
+    schedule = Schedule(scale_factor=1.0, alter_fraction=0.0, thresholds={0: 1.0}, max_refinement=3)
+    kw = {"seed": 0, "steps": 2, "output_type": "np", "progress": False, "guidance_scale": GUIDANCE[name], **_kw(name)}
+    guided = generate(pipe, PROMPT, subjects=["cat", "dog"], objective=objective, schedule=schedule, **kw)
+    row = guided.history.iloc[0]
+    assert row.refinement_iterations == 3 and row.loss < row.initial_loss
+    plain = _run(name, pipe, output_type="np", **_kw(name)).images
+    assert np.abs(guided.images - plain).max() > 1e-4
 
 
 # -- editing ---------------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from probe.families import tiny as parts
 from probe.families.base import Velocity
 from probe.families.chat import ChatTokens, causal_lm, chat_tokenizer
 from probe.families.flux import PACK, Flux
+from probe.families.layout import TapError
 
 KLEIN_TEXT_LAYERS = 27  # Flux2KleinPipeline reads hidden states 9, 18, 27
 DEV_TEXT_LAYERS = 30  # Flux2Pipeline reads 10, 20, 30
@@ -36,6 +37,14 @@ class Flux2(Flux):
         from diffusers import Flux2Transformer2DModel
 
         return isinstance(net, Flux2Transformer2DModel)
+
+    def observe(self, net, args: tuple, kwargs: dict, state) -> None:
+        ids = kwargs.get("img_ids")
+        if ids is not None and bool((ids[..., 0] != 0).any()):  # reference images sit at t = 10, 20, …
+            raise TapError("FLUX.2 with reference images (image=): their tokens follow the generated image's in "
+                           "every softmax, a layout the tap does not split yet; record, guide and edit without "
+                           "reference images")
+        super().observe(net, args, kwargs, state)
 
     # -- text --
     def text_parts(self, pipe, max_sequence_length: int | None) -> list:
