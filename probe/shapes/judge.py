@@ -358,20 +358,17 @@ def evaluate_scene(
 
 # -- which models the judge fits ------------------------------------------------------------------------------------
 
-TEST_MODELS = ("tiny", "tiny-xl", "tiny-sd3", "tiny-flux")  # probe.models.TINY: random weights, for tests
-
-
 def model_world(pipe) -> str:
     """``"shapes"`` for a model of the shapes world (the built-in one, a folder that ``probe train-shapes
     --export`` wrote, with its ``training.json``, or an in-memory one with the world's tokenizer), ``"test"`` for
     the tiny random test models, ``"other"`` for anything else (a user's checkpoint)."""
     from pathlib import Path
 
-    from probe.models import BUILTIN
+    from probe.models import BUILTIN, TINY
     from probe.shapes.model import MAX_TOKENS, tokenizer
 
     name = str(getattr(pipe, "config", {}).get("_name_or_path") or "")
-    if name in TEST_MODELS:
+    if name in TINY:  # every family's tiny random pipelines
         return "test"
     if name == "shapes" or (name and Path(name).expanduser().resolve() == BUILTIN["shapes"].resolve()):
         return "shapes"
