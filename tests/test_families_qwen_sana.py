@@ -370,3 +370,20 @@ def test_qwen_reference_images_and_sanas_binned_sizes_are_refused_not_misread():
     binned = {**_kw(SANA), "use_resolution_binning": True}  # 32 px → the 512 px bin
     with pytest.raises(probe.tap.TapError, match="use_resolution_binning=False"):
         probe.record(sana, PROMPT, seeds=[0], steps=1, guidance_scale=7.5, kinds=("cross",), progress=False, **binned)
+
+
+def test_the_studies_run_on_qwen_image_and_sanas_probe_study_is_refused(tmp_path):
+    """The studies on Qwen-Image as on SD3 and FLUX (probes of both kinds, edits of generated and rendered sources;
+    guidance is checked above, objective by objective); Sana's probe study needs self-attention maps and is refused."""
+    from probe.studies.editing import edit_study
+    from probe.studies.probing import probe_study
+
+    pipe = probe.load(QWEN)
+    with pytest.warns(UserWarning, match="random test model"):
+        probed = probe_study(pipe, steps=3, quick=True, out=tmp_path, progress=False)
+    assert set(probed.accuracy.kind) == {"cross", "self"} and probed.accuracy.accuracy.between(0, 1).all()
+    with pytest.warns(UserWarning, match="random test model"):
+        edits = edit_study(pipe, steps=2, quick=True, out=tmp_path, progress=False).results
+    assert set(edits.origin) == {"generated", "rendered"} and edits.n_layers[edits.inject == "self"].gt(0).all()
+    with pytest.raises(ValueError, match="linear attention"):
+        probe_study(probe.load(SANA), steps=3, quick=True, out=tmp_path, progress=False)
