@@ -169,6 +169,10 @@ def test_the_text_keys_are_the_templated_prompts_own_tokens(model):
     words = pipe.tokenizer(PROMPT, add_special_tokens=False).input_ids
     assert [ids[p] for p in layout.positions] == words
     assert layout.positions[0] > 2  # the template's tokens come first
+    keys, _ = probe.prompts.subject_keys(pipe, PROMPT, ["cat", "dog"], SEQ[name])
+    tok = probe.prompts.text_keys_tokenizer(pipe)  # the sweeps' placement agrees with guidance's
+    assert probe.prompts.subject_indices(tok, PROMPT, ["cat", "dog"]) == keys == [[layout.positions[1]],
+                                                                                  [layout.positions[4]]]
 
 
 @pytest.mark.parametrize("size", [(32, 32), (32, 40)], ids=lambda s: f"{s[0]}x{s[1]}")

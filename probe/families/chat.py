@@ -23,7 +23,12 @@ CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
 
 class ChatTokens:
     """A chat LLM's tokenizer that templates the prompt as its pipeline does (``render``: prompt → templated text)
-    and marks only the prompt's own tokens (by their character offsets in the templated text) as the prompt's."""
+    and marks only the prompt's own tokens (by their character offsets in the templated text) as the prompt's.
+
+    Called with ``padding`` (as :func:`probe.prompts.text_layout` and ``token_positions`` call it): the whole
+    templated sequence at the text encoder's positions, the template's tokens masked like padding. Called without
+    (as ``prompt_tokens`` calls it): the prompt's own tokens alone. So ``prompt_tokens(tok, p)[i]`` sits at
+    ``token_positions(tok, p)[i]``, the rule every subject placement relies on."""
 
     def __init__(self, tokenizer, render: Callable[[str], str], add_special_tokens: bool, model_max_length: int,
                  padded: bool = True):
@@ -46,7 +51,11 @@ class ChatTokens:
                               return_offsets_mapping=True)
         mask = [int(bool(m) and b > a and a < end and b > start)
                 for m, (a, b) in zip(enc["attention_mask"], enc["offset_mapping"])]
-        return BatchEncoding({"input_ids": list(enc["input_ids"]), "attention_mask": mask})
+        ids = list(enc["input_ids"])
+        if not padding:  # the prompt's own tokens
+            ids = [i for i, m in zip(ids, mask) if m]
+            mask = [1] * len(ids)
+        return BatchEncoding({"input_ids": ids, "attention_mask": mask})
 
     def convert_ids_to_tokens(self, ids) -> list[str]:
         """Each token's own text as a word reads (byte-level BPE's "Ġcat" is "cat"); a token that decodes to blanks
