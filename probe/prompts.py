@@ -161,7 +161,7 @@ def text_layout(pipe, prompt: str, keep_padding: bool = False, max_sequence_leng
     texts, positions, encoders, offset = [], [], [], 0
     for encoder, tok, length in parts:
         enc = tok(prompt, padding="max_length", max_length=length, truncation=True)
-        keep = range(length) if keep_padding else [i for i, m in enumerate(enc.attention_mask) if m]
+        keep = range(len(enc.input_ids)) if keep_padding else [i for i, m in enumerate(enc.attention_mask) if m]
         names = tok.convert_ids_to_tokens(enc.input_ids)
         texts += [names[i].removesuffix("</w>") for i in keep]
         positions += [offset + i for i in keep]

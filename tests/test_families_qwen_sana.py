@@ -387,3 +387,21 @@ def test_the_studies_run_on_qwen_image_and_sanas_probe_study_is_refused(tmp_path
     assert set(edits.origin) == {"generated", "rendered"} and edits.n_layers[edits.inject == "self"].gt(0).all()
     with pytest.raises(ValueError, match="linear attention"):
         probe_study(probe.load(SANA), steps=3, quick=True, out=tmp_path, progress=False)
+
+
+def test_kept_padding_records_every_text_key_so_each_softmax_row_sums_to_one(dit):
+    """keep_padding=True keeps every text key (Qwen-Image's template tail, Sana's instruction token and padding): a
+    query's row over them, with its image keys on Qwen-Image's joint softmax, holds all of its probability."""
+    name, pipe = dit
+    kinds = ("cross", "self") if name == QWEN else ("cross",)
+    tree = probe.record(pipe, PROMPT, seeds=[0], steps=STEPS, guidance_scale=7.5, kinds=kinds, keep_padding=True,
+                        progress=False, **_kw(name))
+    cross = tree["cross/res8"]["attn"].isel(sample=0).values.astype("float64")  # (step, layer, y, x, token)
+    texts = [str(t) for t in tree["cross/res8"].token_text.values[0]]
+    total = cross.sum(-1)
+    if name == QWEN:
+        assert texts == ["a", "cat", "and", "a", "dog", "<|im_end|>", "Ċ", "<|im_start|>", "assistant", "Ċ"]
+        total = total + tree["self/res8"]["attn"].isel(sample=0).values.astype("float64").sum((-2, -1))
+    else:
+        assert len(texts) == MAX_SEQ and texts[:6] == ["<bos>", "a", "cat", "and", "a", "dog"]
+    np.testing.assert_allclose(total, 1.0, atol=5e-3)
