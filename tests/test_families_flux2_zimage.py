@@ -387,3 +387,29 @@ def test_real_image_editing_pins_the_source_row_to_the_flow_trajectory(model):
         assert torch.equal(batch[0], inversion.latents[i])
     assert torch.equal(inputs[0][1], inversion.noise)  # both rows start from the inverted noise
     assert not torch.equal(inputs[-1][1], inversion.latents[-2])
+
+
+def test_a_byte_level_chat_tokenizer_gives_the_prompts_words_at_their_positions():
+    """Qwen's and Mistral's tokenizers are byte-level BPEs ("Ġcat"): the prompt's tokens read as its words, at the
+    positions the templated sequence gives them, the template and the padding left out."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from probe.families.chat import CHAT_TEMPLATE, CHAT_TOKENS, ChatTokens
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator([PROMPT, "a red circle and a blue square", "user assistant"] * 5, trainers.BpeTrainer(
+        vocab_size=1000, special_tokens=["<|endoftext|>", *CHAT_TOKENS],  # room to merge every word whole
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<|endoftext|>",
+                                  additional_special_tokens=CHAT_TOKENS)
+    tok.chat_template = CHAT_TEMPLATE
+    chat = ChatTokens(tok, lambda p: tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                             add_generation_prompt=True), True, 32)
+    padded = chat(PROMPT, padding="max_length", max_length=32, truncation=True)
+    raw = tok.convert_ids_to_tokens(padded["input_ids"])
+    positions = [i for i, m in enumerate(padded["attention_mask"]) if m]
+    assert [raw[i] for i in positions] == ["a", "Ġcat", "Ġand", "Ġa", "Ġdog"] and positions[0] == 3  # after "user\n"
+    assert chat.convert_ids_to_tokens([padded["input_ids"][i] for i in positions]) == PROMPT.split()
+    assert chat.convert_ids_to_tokens(chat(PROMPT)["input_ids"]) == PROMPT.split()
