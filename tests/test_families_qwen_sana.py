@@ -405,3 +405,24 @@ def test_kept_padding_records_every_text_key_so_each_softmax_row_sums_to_one(dit
     else:
         assert len(texts) == MAX_SEQ and texts[:6] == ["<bos>", "a", "cat", "and", "a", "dog"]
     np.testing.assert_allclose(total, 1.0, atol=5e-3)
+
+
+def test_shared_token_cross_injection_keeps_the_targets_own_word_columns(dit):
+    """cross_tokens="shared" copies the source's columns of the text keys both prompts share (the template's, the
+    instruction's, padding) and keeps the target's own for the swapped word."""
+    name, pipe = dit
+    before, after = Keep("cross"), Keep("cross")
+    edit(pipe, SOURCE, TARGET, seed=3, inject="cross", cross_tokens="shared", inject_steps=[0], steps=STEPS,
+         guidance_scale=7.5, before=[before], after=[after], output_type="latent", **_kw(name))
+    source, target = (text_layout(pipe, p, keep_padding=True, max_sequence_length=MAX_SEQ).texts
+                      for p in (SOURCE, TARGET))
+    swapped = [k for k, (a, b) in enumerate(zip(source, target)) if a != b]
+    assert [(source[k], target[k]) for k in swapped] == [("red", "blue")]
+    src, tgt = (0, 1) if name == QWEN else (2, 3)
+    for (layer, step), pre in before.seen.items():
+        if step == 0:
+            post = after.seen[layer, step]
+            shared = [k for k in range(pre.shape[-1]) if k not in swapped]
+            assert len(shared) + 1 == pre.shape[-1] == len(source)
+            assert torch.equal(post[tgt][..., shared], pre[src][..., shared])
+            assert torch.equal(post[tgt][..., swapped], pre[tgt][..., swapped])

@@ -41,6 +41,7 @@ from probe import checks
 from probe.checks import step_count, text_to_image
 from probe.images import to_uint8
 from probe.models import generation, load
+from probe.prompts import text_layout
 from probe.steer.inversion import Inversion, image_size, inversion_guidance, invert, null_text_callback
 from probe.steer.pipelines import initial_noise, noise_sigma, pipeline_latents
 from probe.tap import Call, Consumer, Layer, Tap, attention_layers, denoiser, family_of, latent_size, select_layers
@@ -203,8 +204,11 @@ def _token_ids(pipe, prompt: str) -> dict[str, list[int]]:
     return ids
 
 
-def cross_key_mask(pipe, source_prompt: str, target_prompt: str, cross_tokens: str) -> torch.Tensor | None:
-    """Check that the prompts align token by token; for ``shared``, the key columns with equal tokens."""
+def cross_key_mask(pipe, source_prompt: str, target_prompt: str, cross_tokens: str,
+                   max_sequence_length: int | None = None) -> torch.Tensor | None:
+    """Check that the prompts align token by token; for ``shared``, the text keys of the denoiser (every one, as
+    :func:`probe.prompts.text_layout` lays them out: CLIP's and T5's on SD3, a chat template's on Qwen-Image) whose
+    tokens are equal."""
     source, target = _token_ids(pipe, source_prompt), _token_ids(pipe, target_prompt)
     for name in source:
         if len(source[name]) != len(target[name]):
@@ -215,10 +219,9 @@ def cross_key_mask(pipe, source_prompt: str, target_prompt: str, cross_tokens: s
             )
     if cross_tokens == "all":
         return None
-    tok = pipe.tokenizer
-    padded = [tok(p, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
-              for p in (source_prompt, target_prompt)]
-    return torch.tensor(padded[0]) == torch.tensor(padded[1])
+    source, target = (text_layout(pipe, p, keep_padding=True, max_sequence_length=max_sequence_length).texts
+                      for p in (source_prompt, target_prompt))
+    return torch.tensor([a == b for a, b in zip(source, target)])
 
 
 # -- editing ------------------------------------------------------------------------------------------
@@ -340,7 +343,8 @@ def edit(
     height, width = pipeline_kwargs.get("height"), pipeline_kwargs.get("width")
     step_indices = injected_steps(inject_steps, steps)
     chosen = injected_layers(pipe, inject, layers, height, width)
-    key_mask = cross_key_mask(pipe, source_prompt, target_prompt, cross_tokens) if inject == "cross" else None
+    key_mask = (cross_key_mask(pipe, source_prompt, target_prompt, cross_tokens,
+                               pipeline_kwargs.get("max_sequence_length")) if inject == "cross" else None)
 
     device = pipe._execution_device
     callback = pipeline_kwargs.pop("callback_on_step_end", None)
