@@ -175,29 +175,47 @@ def test_the_text_keys_are_the_templated_prompts_own_tokens(model):
                                                                                   [layout.positions[4]]]
 
 
+RELATIONS = ("cross", "self", "text_image", "text_text")
+
+
+def _expected(kind, probs, blocks, positions):
+    """One relation of one call's conditional row, head mean, the prompt's tokens only: (queries, keys) flattened."""
+    rows, keys = blocks[kind]
+    block = probs[:, rows, keys].mean(0)
+    if kind in ("text_image", "text_text"):
+        block = block[positions]
+    return block[:, positions] if kind in ("cross", "text_text") else block
+
+
 @pytest.mark.parametrize("size", [(32, 32), (32, 40)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_a_recording_is_the_plain_generation_and_holds_the_independent_softmax(model, size):
+    """Every relation of every module, recorded at step 0, equals the spied q·k softmax of the plain run's
+    conditional row (head mean, float16 storage); the images equal the plain pipeline's."""
     name, pipe = model
     kw = _kw(name, *size)
     spied, plain = _spied_run(name, pipe, **kw)
-    tree = probe.record(pipe, PROMPT, seeds=[0], steps=2, progress=False, guidance_scale=GUIDANCE[name], **kw)
+    tree = probe.record(pipe, PROMPT, seeds=[0], steps=2, progress=False, guidance_scale=GUIDANCE[name],
+                        kinds=RELATIONS, **kw)
     got = tree["images"]["image"].values[0].astype(int)
     assert np.abs(got - (plain[0] * 255).round().astype(int)).max() <= 1
     h, w = size[0] // 4, size[1] // 4
     group = f"res{h}" if h == w else f"res{h}x{w}"
-    cross = tree[f"cross/{group}"]
-    assert [str(t) for t in cross.token_text.values[0] if t] == PROMPT.split()
+    assert [str(t) for t in tree[f"cross/{group}"].token_text.values[0] if t] == PROMPT.split()
     positions = probe.prompts.text_layout(pipe, PROMPT, max_sequence_length=SEQ[name]).positions
     modules = list(probe.tap.layers.attention_modules(pipe.transformer))
-    for layer in cross.layer.values:
-        q, k, scale, mask = spied[modules.index(str(layer))]  # step 0, the first pass
-        probs = _softmax(q, k, scale, mask)
-        cond = 0 if name == "tiny-zimage" else -1  # Z-Image's CFG batch is [cond; uncond]
-        blocks = _blocks(name, str(layer), h * w, probs.shape[-1])
-        rows, keys = blocks["cross"]
-        expected = probs[cond, :, rows, keys].mean(0)[:, positions]  # head mean, the prompt's columns
-        recorded = torch.from_numpy(cross["attn"].sel(layer=layer).values[0, 0].astype(np.float32))
-        torch.testing.assert_close(recorded.reshape(h * w, -1), expected, atol=5e-4, rtol=1e-2)  # float16 storage
+    cond = 0 if name == "tiny-zimage" else -1  # Z-Image's CFG batch is [cond; uncond]; FLUX.2's first pass is cond
+    checked = set()
+    for kind in RELATIONS:
+        recording = tree[f"{kind}/{group}"]
+        for layer in recording.layer.values:
+            q, k, scale, mask = spied[modules.index(str(layer))]  # step 0, the first pass
+            probs = _softmax(q, k, scale, mask)[cond]
+            expected = _expected(kind, probs, _blocks(name, str(layer), h * w, probs.shape[-1]), positions)
+            recorded = torch.from_numpy(recording["attn"].sel(layer=layer).values[0, 0].astype(np.float32))
+            torch.testing.assert_close(recorded.reshape(expected.shape), expected, atol=5e-4, rtol=1e-2)
+            checked.add((str(layer), kind))
+    every = {(m, kind) for m in modules for kind in _blocks(name, m, h * w, 10**4)}
+    assert checked == every  # every relation every module computes
 
 
 # -- guidance --------------------------------------------------------------------------------------------------------
