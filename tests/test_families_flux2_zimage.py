@@ -218,6 +218,26 @@ def test_a_recording_is_the_plain_generation_and_holds_the_independent_softmax(m
     assert checked == every  # every relation every module computes
 
 
+def test_kept_padding_is_every_caption_key_the_denoiser_has():
+    """Z-Image pads the caption to a multiple of 32 with pad tokens of its own: keep_padding records all of those keys
+    (template and pads included), each equal to the spied softmax's caption columns."""
+    name, pipe = "tiny-zimage", probe.load("tiny-zimage")
+    kw = _kw(name, 32, 40)
+    spied, _ = _spied_run(name, pipe, **kw)
+    tree = probe.record(pipe, PROMPT, seeds=[0], steps=1, progress=False, guidance_scale=GUIDANCE[name],
+                        keep_padding=True, **kw)
+    layout = probe.prompts.text_layout(pipe, PROMPT, keep_padding=True, max_sequence_length=SEQ[name])
+    assert len(layout.positions) == ROW and layout.texts[layout.positions.index(6)] == "cat"
+    cross = tree["cross/res8x10"]
+    modules = list(probe.tap.layers.attention_modules(pipe.transformer))
+    for layer in cross.layer.values:
+        q, k, scale, mask = spied[modules.index(str(layer))]
+        probs = _softmax(q, k, scale, mask)[0]  # the conditional row
+        expected = _expected("cross", probs, _blocks(name, str(layer), 80, probs.shape[-1]), layout.positions)
+        recorded = torch.from_numpy(cross["attn"].sel(layer=layer).values[0, 0].astype(np.float32))
+        torch.testing.assert_close(recorded.reshape(expected.shape), expected, atol=5e-4, rtol=1e-2)
+
+
 # -- guidance --------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
@@ -306,6 +326,25 @@ def test_the_targets_block_becomes_the_sources_in_chosen_layers_and_steps_only(m
         else:
             assert post is pre
     assert not torch.equal(result.edited, result.source)
+
+
+def test_shared_token_cross_injection_keeps_the_targets_own_word_columns(model):
+    """cross_tokens="shared": the target's columns of the swapped word (red → blue, found among every text key of the
+    templated prompts) stay its own; every other column becomes the source's."""
+    name, pipe = model
+    before, after = Keep("cross"), Keep("cross")
+    result = edit(pipe, SOURCE, TARGET, seed=SEED, inject="cross", cross_tokens="shared", inject_steps=[0], steps=2,
+                  before=[before], after=[after], output_type="latent", guidance_scale=GUIDANCE[name], **_kw(name))
+    layouts = [probe.prompts.text_layout(pipe, p, keep_padding=True, max_sequence_length=SEQ[name])
+               for p in (SOURCE, TARGET)]
+    swapped = [p for p, a, b in zip(layouts[0].positions, layouts[0].texts, layouts[1].texts) if a != b]
+    assert [layouts[1].texts[layouts[1].positions.index(p)] for p in swapped] == ["blue"]
+    for layer in result.settings.layers:
+        pre, post = before.seen[layer, 0], after.seen[layer, 0]
+        shared = [k for k in range(pre.shape[-1]) if k not in swapped]
+        assert torch.equal(post[1][..., shared], pre[0][..., shared])
+        assert torch.equal(post[1][..., swapped], pre[1][..., swapped])
+        assert not torch.equal(pre[0][..., swapped], pre[1][..., swapped])
 
 
 # -- real images -----------------------------------------------------------------------------------------------------

@@ -31,13 +31,14 @@ class ChatTokens:
     ``token_positions(tok, p)[i]``, the rule every subject placement relies on."""
 
     def __init__(self, tokenizer, render: Callable[[str], str], add_special_tokens: bool, model_max_length: int,
-                 padded: bool = True):
+                 padded: bool = True, pad_multiple: int = 1):
         self.tokenizer_ = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's tokenizer; not `.tokenizer`,
         # which prompts.py would unwrap to the untemplated one
         self.render = render
         self.add_special_tokens = add_special_tokens
         self.model_max_length = model_max_length
-        self.padded = padded  # False: the pipeline drops the padding before the denoiser sees the text
+        self.padded = padded  # False: the pipeline drops the padding before the denoiser sees the text …
+        self.pad_multiple = pad_multiple  # … and the denoiser pads it to a multiple of this with pad tokens of its own
 
     def __call__(self, prompt: str, padding=False, max_length: int | None = None, truncation: bool = False,
                  **_) -> BatchEncoding:
@@ -52,6 +53,9 @@ class ChatTokens:
         mask = [int(bool(m) and b > a and a < end and b > start)
                 for m, (a, b) in zip(enc["attention_mask"], enc["offset_mapping"])]
         ids = list(enc["input_ids"])
+        if padding and not self.padded:  # the denoiser's own padding of the unpadded sequence, masked
+            extra = -len(ids) % self.pad_multiple
+            ids, mask = ids + [self.tokenizer_.pad_token_id] * extra, mask + [0] * extra
         if not padding:  # the prompt's own tokens
             ids = [i for i, m in zip(ids, mask) if m]
             mask = [1] * len(ids)

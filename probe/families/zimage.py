@@ -96,7 +96,7 @@ class ZImage(Family):
             return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                            add_generation_prompt=True, enable_thinking=True)
 
-        return [("llm", ChatTokens(tok, render, True, length, padded=False), length)]
+        return [("llm", ChatTokens(tok, render, True, length, padded=False, pad_multiple=SEQ_MULTIPLE), length)]
 
     # -- the denoiser outside the pipeline's loop --
     def conditioned(self, pipe, prompt: str, height: int, width: int, max_sequence_length: int | None,
