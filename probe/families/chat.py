@@ -32,7 +32,7 @@ class ChatTokens:
 
     def __init__(self, tokenizer, render: Callable[[str], str], add_special_tokens: bool, model_max_length: int,
                  padded: bool = True, pad_multiple: int = 1):
-        self.tokenizer_ = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's tokenizer; not `.tokenizer`,
+        self.base = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's tokenizer; not `.tokenizer`,
         # which prompts.py would unwrap to the untemplated one
         self.render = render
         self.add_special_tokens = add_special_tokens
@@ -47,7 +47,7 @@ class ChatTokens:
         if start < 0:
             raise ValueError(f"the chat template does not hold the prompt {prompt!r} verbatim: {text!r}")
         end = start + len(prompt)
-        enc = self.tokenizer_(text, padding=padding if self.padded else False, max_length=max_length,
+        enc = self.base(text, padding=padding if self.padded else False, max_length=max_length,
                               truncation=truncation, add_special_tokens=self.add_special_tokens,
                               return_offsets_mapping=True)
         mask = [int(bool(m) and b > a and a < end and b > start)
@@ -55,7 +55,7 @@ class ChatTokens:
         ids = list(enc["input_ids"])
         if padding and not self.padded:  # the denoiser's own padding of the unpadded sequence, masked
             extra = -len(ids) % self.pad_multiple
-            ids, mask = ids + [self.tokenizer_.pad_token_id] * extra, mask + [0] * extra
+            ids, mask = ids + [self.base.pad_token_id] * extra, mask + [0] * extra
         if not padding:  # the prompt's own tokens
             ids = [i for i, m in zip(ids, mask) if m]
             mask = [1] * len(ids)
@@ -64,8 +64,8 @@ class ChatTokens:
     def convert_ids_to_tokens(self, ids) -> list[str]:
         """Each token's own text as a word reads (byte-level BPE's "Ġcat" is "cat"); a token that decodes to blanks
         keeps its raw name, so it never reads as padding."""
-        raw = self.tokenizer_.convert_ids_to_tokens(list(ids))
-        return [self.tokenizer_.decode([i]).strip() or name for i, name in zip(ids, raw)]
+        raw = self.base.convert_ids_to_tokens(list(ids))
+        return [self.base.decode([i]).strip() or name for i, name in zip(ids, raw)]
 
 
 def chat_tokenizer(max_length: int = 512):
