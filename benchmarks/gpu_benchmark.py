@@ -42,7 +42,6 @@ sys.path.insert(1, str(HERE.parent))
 
 PROMPT = "a red circle and a blue square"
 SEED = 0
-MODELS = ("sd15", "sdxl", "sd3", "flux")
 STAGES = ("sd15", "ae", "sdxl", "sd3", "flux")  # cheapest first, so a short budget still gives most rows
 EXPECTED_S = {"sd15": 40, "ae": 60, "sdxl": 70, "sd3": 60, "flux": 150}  # a stage's build and runs on an H100 at
 # the defaults, guessed from the models' sizes until a run measures them: a stage starts if it should end in budget
@@ -100,7 +99,7 @@ def median_ratio(arms: dict, arm: str, baseline: str) -> float:
     return statistics.median(arms[arm]["seconds"]) / statistics.median(arms[baseline]["seconds"])
 
 
-def side_by_side(runs: dict[str, Callable], baseline: str, cfg: Config) -> tuple[dict, dict]:
+def side_by_side(runs: dict[str, Callable], cfg: Config) -> tuple[dict, dict]:
     """Warm every arm up, then run them in turn for ``cfg.rounds`` rounds (each round starts one arm later); each
     arm's seconds, median and peak device memory, and the last output of each."""
     from _common import clock, peak_gib, reset_peak
@@ -217,7 +216,7 @@ def record_stage(name: str, cfg: Config) -> dict:
 
     runs = {"plain": plain, **{arm: recorded(kwargs) for arm, (kwargs, _) in settings.items()}}
     weights = torch.cuda.memory_allocated(cfg.device) / 2**30 if cfg.device.startswith("cuda") else None
-    arms, outputs = side_by_side(runs, "plain", cfg)
+    arms, outputs = side_by_side(runs, cfg)
     reference = (np.asarray(outputs["plain"], dtype=np.float64) * 255).round().clip(0, 255)
     arms["plain"]["what"] = "pipe(prompt, generator=…)"
     arms["plain"]["finite"] = bool(np.isfinite(np.asarray(outputs["plain"], dtype=np.float64)).all())
@@ -260,8 +259,7 @@ def ae_stage(cfg: Config) -> dict:
                         guidance_scale=GUIDANCE, height=s.pixels, width=s.pixels, output_type="latent",
                         progress=False).latents
 
-    arms, outputs = side_by_side({"diffusers": lambda: diffusers_ae(reference, indices, s), "probe": ours},
-                                 "diffusers", cfg)
+    arms, outputs = side_by_side({"diffusers": lambda: diffusers_ae(reference, indices, s), "probe": ours}, cfg)
     arms["diffusers"]["what"] = "StableDiffusionAttendAndExcitePipeline"
     arms["probe"]["what"] = 'probe.steer.guide.generate(objective="ae")'
     difference = float((outputs["probe"].float() - outputs["diffusers"].float()).abs().max())

@@ -1,6 +1,7 @@
 """Where the caller gives no steps or guidance scale, record, generate and edit run the model's own (the pipeline's
 ``__call__`` defaults, or its folder's ``probe.json``): ``record(pipe, prompt, seeds=[s])`` is ``pipe(prompt, …)``."""
 
+import functools
 import inspect
 import json
 import logging
@@ -198,3 +199,23 @@ def test_plan_and_sweeps_keep_their_fixed_steps_where_none_is_given():
     pipe = probe.load("tiny-sd3")
     assert probe.estimate(pipe, PROMPT, seeds=[0], kinds=("cross",)) == \
         probe.estimate(pipe, PROMPT, seeds=[0], kinds=("cross",), steps=50)
+
+
+def test_record_generate_and_edit_pass_the_scale_by_the_pipelines_own_keyword(monkeypatch):
+    """Qwen-Image's classifier-free guidance is ``true_cfg_scale``: the scale given (or its default) goes there."""
+    pipe = probe.load("tiny-qwen-image")
+    calls = []
+    original = type(pipe).__call__
+
+    @functools.wraps(original)  # the signature stays the pipeline's: record checks keywords against it
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", spy)
+    size = {"height": 32, "width": 32, "max_sequence_length": 16}
+    probe.record(pipe, PROMPT, seeds=[0], steps=2, guidance_scale=2.5, kinds=("cross",), progress=False, **size)
+    generate(pipe, PROMPT, subjects=["cat", "dog"], seed=0, steps=2, output_type="latent", progress=False, **size)
+    edit(pipe, "a cat", "a dog", seed=0, steps=2, guidance_scale=1.5, output_type="latent", **size)
+    assert [(c["num_inference_steps"], c["true_cfg_scale"]) for c in calls] == [(2, 2.5), (2, 4.0), (2, 1.5)]
+    assert all("guidance_scale" not in c for c in calls)

@@ -360,8 +360,7 @@ def edit(
         images = pipe(
             prompt=[source_prompt, target_prompt],
             latents=pipeline_latents(pipe, start.expand(2, *start.shape[1:]).clone(), height, width),
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
+            **run.pipeline_kwargs(),  # the pipeline's own keyword for the scale (Qwen-Image: true_cfg_scale)
             **pipeline_kwargs,
         ).images
     settings = EditSettings(

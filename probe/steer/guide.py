@@ -540,9 +540,8 @@ def generate(pipe, prompt: str, *, subjects: Sequence[str], objective: Objective
         try:
             start = advance(noise * sigma, 0)
             first = pipeline_latents(pipe, start / sigma, guide.height, guide.width)
-            out = pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance_scale, height=guide.height,
-                       width=guide.width, latents=first, generator=generator, output_type=output_type,
-                       callback_on_step_end=on_step_end, **pipe_kwargs)
+            out = pipe(prompt=prompt, **run.pipeline_kwargs(), height=guide.height, width=guide.width, latents=first,
+                       generator=generator, output_type=output_type, callback_on_step_end=on_step_end, **pipe_kwargs)
         finally:
             bar.close()
     return GuideResult(out.images, final["latents"], pd.DataFrame(rows), init_history)
