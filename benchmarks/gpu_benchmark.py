@@ -5,10 +5,10 @@ Recording (``probe.record``, in memory) against ``pipe(...)`` on the same prompt
   SD1.5 at 512², SDXL at 1024² (their whole architectures, :mod:`_common`), SD3 (24 joint blocks of 24 × 64) and
   FLUX.1 (19 double- and 38 single-stream blocks of 24 × 128) at 4,096 image tokens, as at 1024²
   (``dit_record_overhead``'s full-size transformers; their text encoders and VAE are the tiny built-ins', whose cost
-  is the same in both arms). Arms: ``cross`` (every cross-attention map, head mean), ``cross+self`` (UNets: self maps
-  at every layer with ≤ 32² queries, as ``record_overhead`` (b); transformers: self maps with ``self_keys=16``, since
-  a full 4,096² map per block and step would not fit a host), ``qk`` (``self_store="qk"``: every self layer's q and
-  k, where the family has it).
+  is the same in both arms). Arms: ``cross`` (every cross-attention map, head mean), ``cross+self`` (UNets: cross and
+  self maps at every layer with ≤ 32² queries, as ``record_overhead`` (b); transformers: every cross map and self
+  maps with ``self_keys=16``, since full 4,096² maps of every block and step would not fit a host), ``qk``
+  (``self_store="qk"``: every self layer's q and k, where the family has it).
 A&E: ``probe.steer.guide.generate(objective="ae")`` against ``StableDiffusionAttendAndExcitePipeline`` on SD1.5 at 512²
   (``guidance_speed``'s runs: the same schedule, refinement and token indices).
 
@@ -177,7 +177,7 @@ def _describe(kwargs: dict, unet: bool) -> str:
     if "self" not in kwargs["kinds"]:
         return "cross maps, every layer and step, head mean"
     if unet:
-        return f"cross maps + self maps at the {len(kwargs['layers'])} layers with ≤ 32² queries"
+        return f"cross and self maps at the {len(kwargs['layers'])} layers with ≤ 32² queries"
     return f"cross maps + self maps with self_keys={SELF_KEYS}"
 
 
