@@ -426,3 +426,24 @@ def test_shared_token_cross_injection_keeps_the_targets_own_word_columns(dit):
             assert len(shared) + 1 == pre.shape[-1] == len(source)
             assert torch.equal(post[tgt][..., shared], pre[src][..., shared])
             assert torch.equal(post[tgt][..., swapped], pre[tgt][..., swapped])
+
+
+def test_qwen_text_queries_are_recorded_per_token():
+    """text→image and text→text on Qwen-Image: each recorded token's row is the tap's view of that token's query
+    (head mean), at the prompt's key positions (the prompt's tokens lead its text keys)."""
+    pipe = probe.load(QWEN)
+    views = Views()
+    with Tap(pipe, [views], height=32, width=32), torch.no_grad():
+        _plain(pipe, QWEN)
+    tree = probe.record(pipe, PROMPT, seeds=[0], steps=STEPS, guidance_scale=7.5, kinds=("text_image", "text_text"),
+                        keep_steps=[0], progress=False, **_kw(QWEN))
+    positions = text_layout(pipe, PROMPT, max_sequence_length=MAX_SEQ).positions
+    assert positions == [0, 1, 2, 3, 4]
+    seen = {key: probs for key, pass_, _, probs in views.seen}
+    for layer in tree["text_image/res8"].layer.values:
+        block = seen[str(layer), "text_image"][0].float().mean(0)  # (text, image)
+        got = tree["text_image/res8"]["attn"].sel(layer=layer).values[0, 0].astype("float32")
+        torch.testing.assert_close(torch.from_numpy(got), block[positions].reshape(5, 8, 8), atol=2e-3, rtol=1e-2)
+        square = seen[str(layer), "text_text"][0].float().mean(0)[positions][:, positions]
+        got = tree["text_text/res8"]["attn"].sel(layer=layer).values[0, 0].astype("float32")
+        torch.testing.assert_close(torch.from_numpy(got), square, atol=2e-3, rtol=1e-2)
