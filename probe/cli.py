@@ -238,6 +238,14 @@ def _shard(value: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
+def _shard_text(value: str) -> str:
+    """A study's ``--shard``: ``I/N`` or ``auto`` (checked now, read again where the study runs)."""
+    from probe.studies.shards import shard_of
+
+    shard_of(value)
+    return value
+
+
 def _image_out(value: str) -> str:
     """An image path whose extension names a format PIL writes, checked before anything is generated."""
     from PIL import Image
@@ -313,9 +321,65 @@ def cmd_study(args) -> None:
             raise SystemExit(f"the {study.name} study judges with the shapes world's rules; --judge is for the others")
         settings["judge"] = judge_from_spec(options.judge, device=options.device)
     model = options.model or _model_default()
+    if options.shard or options.calibrate or options.processes > 1 or options.merge is not None:
+        if not _split_study(study, settings, options, model):
+            return  # a part of the study: the analysis runs on the merged table
     headlines = studies.run_all(probe.load(model, device=options.device), quick=options.quick, out=options.out,
                                 only=[study.name], sizes={study.name: settings})
     _print_headlines(headlines)
+
+
+def _split_study(study, settings: dict, options, model: str) -> bool:
+    """``--calibrate`` / ``--shard I/N`` (one part, False: nothing more to run), ``--processes N`` (the calibration
+    here, N shards at once, their merge) and ``--merge DIR…`` (the shards' tables into ``--out``): True where the
+    study is then run in ``--out``, which makes no image and analyses the whole."""
+    import probe
+    from probe.studies import shards
+    from probe.studies.registry import registered_studies
+    from probe.studies.report import study_keywords
+
+    if not shards.splits(study):
+        takers = [s.name for s in registered_studies(in_run_all=True) if shards.splits(s)]
+        raise SystemExit(f"--shard, --calibrate, --processes and --merge split the {_names(takers)} studies (their "
+                         f"rows are per image); the {study.name} study runs on one process")
+    chosen = [flag for flag, on in (("--shard", options.shard), ("--calibrate", options.calibrate),
+                                    ("--processes", options.processes > 1), ("--merge", options.merge is not None))
+              if on]
+    if len(chosen) > 1:
+        raise SystemExit(f"give one of {', '.join(chosen)}: --processes N calibrates, runs N shards and merges them")
+    keywords = study_keywords(options.quick, options.out, True, settings)
+    if options.merge is not None:
+        shards.merge_study(study.name, options.merge or [options.out], options.out)
+        return True
+    pipe = probe.load(model, device=options.device)
+    if options.calibrate or options.processes > 1:  # once, before the shards: every shard reads its pilot images
+        part = study.run(pipe, calibrate_only=True, **keywords)
+        print(f"calibration of the {study.name} study: {len(part.rows)} rows; its pilot images in {part.path}")
+        if options.calibrate:
+            return False
+        argv = _without(options.argv, "--processes")
+        if shards.run_processes(["-m", "probe.cli", *argv], options.processes):
+            raise SystemExit(f"some shards of the {study.name} study failed; run the same command again to resume")
+        shards.merge_study(study.name, [options.out], options.out)
+        return True
+    shard = shards.shard_of(options.shard)
+    part = study.run(pipe, shard=shard, **keywords)
+    print(f"shard {shard[0]}/{shard[1]} of the {study.name} study: {len(part.rows)} rows in {part.path} (merge the "
+          f"shards with probe study {study.name} --merge DIR…)")
+    return False
+
+
+def _without(argv: list[str], option: str) -> list[str]:
+    """``argv`` without ``option`` and its value (``--processes 2`` or ``--processes=2``)."""
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == option:
+            skip = True
+        elif not item.startswith(option + "="):
+            kept.append(item)
+    return kept
 
 
 def cmd_evaluate_shapes(args) -> None:
@@ -515,6 +579,14 @@ def _study_options(study) -> argparse.ArgumentParser:
     st.add_argument("--device", default=None, help="cuda, cpu … (default: the pipeline's own)")
     st.add_argument("--quick", action="store_true")
     st.add_argument("--out", default="figures")
+    st.add_argument("--shard", default=None, metavar="I/N", type=_argument(_shard_text),
+                    help="make only shard I of N's images (array jobs; auto: RANK/WORLD_SIZE of a launcher); the "
+                         "calibration must be made first (--calibrate)")
+    st.add_argument("--calibrate", action="store_true", help="only the step-size calibration (once, before shards)")
+    st.add_argument("--processes", type=int, default=1, metavar="N",
+                    help="calibrate, run N shards at once (one GPU each where there are GPUs), merge, analyse")
+    st.add_argument("--merge", nargs="*", default=None, metavar="DIR",
+                    help="merge the shards' tables found in DIR… (default: --out) into --out, then analyse")
     st.add_argument("--registered", action="store_true",
                     help="run at the design OUT/NAME_registration.md fixed before the run (its answer is read only "
                          "from such a run)")
@@ -598,6 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     from probe.writes import OutputBusy
 
     args = parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a study's shards are started with
     if getattr(args, "model", "unset") is None:
         args.model = _model_default()
     try:

@@ -503,8 +503,7 @@ def study(
     origins: Sequence[str] = ORIGINS,
     injects: Sequence[str] = INJECTS,
     progress: bool = False,
-    num_inference_steps: int | None = None,
-    seed_offset: int = 0,
+    num_inference_steps: int | None = None, seed_offset: int = 0,
 ):
     """FPE's claim on the shapes world: one row per (seed, edit, origin, inject, fraction, layer set).
 

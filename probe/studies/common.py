@@ -117,6 +117,12 @@ def settings_id(**settings) -> str:
     return hashlib.sha1(json.dumps(settings, sort_keys=True, default=repr).encode()).hexdigest()[:12]
 
 
+def step_key(step: float) -> str:
+    """A step size as a key holds it: NaN (no guidance) equal to NaN, and a value read back from a table (six
+    significant digits) equal to the one it was made at."""
+    return f"{float(step):.6g}"
+
+
 class ImageRows:
     """The per-image rows of a long study, kept in a CSV as they are made, so that a stopped run resumes.
 
@@ -125,12 +131,13 @@ class ImageRows:
     made with the same settings (from a larger run), which are kept. Rows of other settings are never lost: they move
     to a table of their own beside it, ``<name>.settings-<id>.csv`` (one per settings id), before anything is made,
     and a run with those settings again takes them back from there.
-    ``path=None`` keeps nothing on disk."""
+    ``path=None`` keeps nothing on disk. ``by_step``: a row's key also holds its ``step_size`` (a step-size pilot keeps
+    one image per candidate step of the same prompt, seed and method)."""
 
     FLUSH_SECONDS = 30.0
 
-    def __init__(self, path: str | Path | None, settings: str, order: Sequence[tuple] = ()):
-        self.path, self.settings = (Path(path) if path is not None else None), settings
+    def __init__(self, path: str | Path | None, settings: str, order: Sequence[tuple] = (), by_step: bool = False):
+        self.path, self.settings, self.by_step = (Path(path) if path is not None else None), settings, by_step
         self.rows: dict[tuple, dict] = {}
         if self.path is not None and self._aside(settings).is_file():  # rows of these settings set aside before
             for row in pd.read_csv(self._aside(settings), dtype={"settings_id": str}).to_dict("records"):
@@ -146,7 +153,8 @@ class ImageRows:
                               "(model weights, steps, schedule, judge, …); they are kept in "
                               f"{', '.join(p.name for p in kept)} and this run makes its own", stacklevel=3)
         restored = self.path is not None and self._aside(settings).is_file()
-        self.order, self.unsaved, self.saved_at = list(order), restored, time.monotonic()
+        self.order, self.saved_at = list(order), time.monotonic()
+        self.unsaved = restored or list(self.rows) != self._ordered()  # rows merged from shards: job order again
 
     def _aside(self, settings: str) -> Path:
         return self.path.with_name(f"{self.path.stem}.settings-{settings}{self.path.suffix}")
@@ -164,9 +172,9 @@ class ImageRows:
         write_csv(table[ids == self.settings], self.path, float_format=TABLE_FLOAT_FORMAT)
         return kept
 
-    @staticmethod
-    def key(row: dict) -> tuple:
-        return str(row["prompt"]), int(row["seed"]), str(row["method"]), bool(row["initno"])
+    def key(self, row: dict) -> tuple:
+        key = str(row["prompt"]), int(row["seed"]), str(row["method"]), bool(row["initno"])
+        return (*key, step_key(row["step_size"])) if self.by_step else key
 
     def get(self, key: tuple) -> dict | None:
         return self.rows.get(key)
@@ -177,13 +185,16 @@ class ImageRows:
         if time.monotonic() - self.saved_at > self.FLUSH_SECONDS:
             self.save()
 
+    def _ordered(self) -> list[tuple]:
+        """The rows' keys as the table keeps them: this run's in job order, then the others as they came."""
+        ordered = [k for k in self.order if k in self.rows]
+        first = set(ordered)  # once, not per row: a full-size table has thousands of rows
+        return ordered + [k for k in self.rows if k not in first]
+
     def save(self) -> None:
         if self.path is None or not self.unsaved:
             return
-        ordered = [k for k in self.order if k in self.rows]
-        first = set(ordered)  # once, not per row: a full-size table has thousands of rows
-        ordered += [k for k in self.rows if k not in first]
-        write_csv(pd.DataFrame([self.rows[k] for k in ordered]), self.path, float_format=TABLE_FLOAT_FORMAT)
+        write_csv(pd.DataFrame([self.rows[k] for k in self._ordered()]), self.path, float_format=TABLE_FLOAT_FORMAT)
         self.unsaved, self.saved_at = False, time.monotonic()
 
 

@@ -54,19 +54,19 @@ from probe.studies.common import (
     Judge,
     Subject,
     mean_interval,
-    rows_path,
     save_figures,
 )
 from probe.studies.guided import (
     BASELINE,
     NO_GUIDANCE,
+    StudyPart,
     configurations,
-    guided_images,
+    guided_rows,
     study_prompts,
-    study_steps,
 )
 from probe.studies.registration import same_value
 from probe.studies.registry import Study, register
+from probe.studies.shards import Shard
 
 GUIDANCE_SEED = HELD_OUT_SEED + 40_000  # seeds of the guidance study's images (shared by every method)
 GUIDANCE_SETS = ("shapes-2", "shapes-3")  # the built-in world's two- and three-object prompts
@@ -475,7 +475,8 @@ def guidance_study(pipe, n_images: int | None = None, steps: int = STEPS, quick:
                    guidance_scale: float = GUIDANCE, schedule: Schedule | None = None,
                    initno_settings: InitNO | None = None, step_sizes: Mapping[str, float] | None = None,
                    design: Design = Design(), registration: str | Path | None = None,
-                   seed_offset: int = 0, min_effects: Mapping[str, float] | None = None) -> GuidanceStudy:
+                   seed_offset: int = 0, min_effects: Mapping[str, float] | None = None,
+                   shard: Shard | None = None, calibrate_only: bool = False) -> GuidanceStudy | StudyPart:
     """The causal test: does guidance that lowers attention overlap lower entity missing, beyond Attend-and-Excite?
 
     The same ``n_images`` (prompt, seed) pairs per method (default: as many as ``design`` needs for its power, the
@@ -492,19 +493,17 @@ def guidance_study(pipe, n_images: int | None = None, steps: int = STEPS, quick:
     (``guidance_step_sizes.csv``).
 
     ``quick``: at most 4 images (two prompts per set, one seed), methods none / ae / iou when ``methods`` is the
-    default, at most 20 steps, a short INITNO (:data:`QUICK_INITNO`), at most 5 refinement iterations
-    (:data:`QUICK_SCHEDULE`), 200 bootstrap resamples.
+    default, at most 20 steps, a short INITNO and refinement (:data:`QUICK_INITNO`, :data:`QUICK_SCHEDULE`).
 
     With ``out``, the per-image rows go to ``out/guidance_images.csv`` as they are made (:class:`ImageRows`):
     the same command run again after a stop resumes where it stopped, and a larger ``n_images`` reuses a smaller
     run's images (the sets take turns, so a smaller run's prompts come first).
 
-    ``registration``: a registration file (:func:`read_registration`) whose size, methods, INITNO settings, sets,
-    steps, seed offset and power design the study runs at, checked before any image is made; an argument that
-    disagrees with it is refused. Only a table of the registered size is answered (:func:`guidance_answer`).
-    ``seed_offset``: added to every seed, so that a registered run does not reuse an earlier run's images.
-    ``min_effects``: the smallest change of each calibration criterion the step-size pilot must find
-    (:func:`~probe.studies.guided.calibrate_group`).
+    ``registration``: a registration file (:func:`read_registration`) whose design the study runs at (an argument
+    that disagrees is refused); only a table of the registered size is answered (:func:`guidance_answer`).
+    ``seed_offset``: added to every seed (a registered run's own images). ``min_effects``: the step-size pilot's
+    smallest changes (:func:`~probe.studies.guided.calibrate_group`). ``calibrate_only``, ``shard=(i, n)``: only the
+    calibration, or only shard ``i`` of ``n``'s rows (:func:`~probe.studies.guided.guided_rows`).
     """
     if registration is not None:
         given = {"n_images": n_images, "steps": steps, "methods": methods, "initno": initno,
@@ -516,8 +515,7 @@ def guidance_study(pipe, n_images: int | None = None, steps: int = STEPS, quick:
         seed_offset, min_effects = fixed["seed_offset"], fixed["min_effects"]
     pipe = load(pipe)
     if n_images is not None:
-        n_images = whole_number(n_images, "n_images", "the number of (prompt, seed) pairs per method (None: as many as "
-                                "the design's power needs)")
+        n_images = whole_number(n_images, "n_images", "(prompt, seed) pairs per method (None: what power needs)")
     seeds_per_prompt = whole_number(seeds_per_prompt, "seeds_per_prompt", "the number of seeds of each prompt")
     seed_offset = whole_number(seed_offset, "seed_offset", "added to every seed of the study", minimum=0)
     steps = step_count(steps)
@@ -529,8 +527,7 @@ def guidance_study(pipe, n_images: int | None = None, steps: int = STEPS, quick:
     if n_images is None:
         n_images = design.images(comparisons, seeds_per_prompt)
     if quick:
-        n_images, seeds_per_prompt = min(n_images, QUICK_GUIDANCE_IMAGES), 1
-        steps = min(steps, QUICK_STEPS)
+        n_images, seeds_per_prompt, steps = min(n_images, QUICK_GUIDANCE_IMAGES), 1, min(steps, QUICK_STEPS)
         initno_settings, schedule = initno_settings or QUICK_INITNO, schedule or QUICK_SCHEDULE
     n_boot = QUICK_BOOTSTRAPS if quick else BOOTSTRAPS
     prompts = study_prompts(sets, n_images, seeds_per_prompt)
@@ -538,11 +535,13 @@ def guidance_study(pipe, n_images: int | None = None, steps: int = STEPS, quick:
     if progress:
         print(design.describe(len(prompts) * len(seeds), comparisons, seeds_per_prompt))
     options = {"guidance_scale": guidance_scale, "subject": subject, "judge": judge, "schedule": schedule}
-    sizes, calibration = study_steps(pipe, methods, sets, prompts, seeds, steps=steps, step_sizes=step_sizes,
-                                     quick=quick, progress=progress, min_effects=min_effects, **options)
-    images = guided_images(pipe, prompts, seeds, configs, steps=steps, initno_settings=initno_settings,
-                           step_sizes=sizes, progress=progress, desc="guidance study",
-                           store=rows_path(out, "guidance_images"), **options)
+    found = guided_rows(pipe, "guidance", out, methods, sets, prompts, seeds, configs,
+                        steps=steps, step_sizes=step_sizes, quick=quick, progress=progress, min_effects=min_effects,
+                        shard=shard, calibrate_only=calibrate_only, initno_settings=initno_settings,
+                        desc="guidance study", **options)
+    if isinstance(found, StudyPart):  # the calibration alone, or one shard's rows
+        return found
+    images, calibration = found
     summary, comparisons = guidance_tables(images, n_boot)
     figures = {"guidance_missing": plots.outcome_rates(summary, CATEGORIES, baseline=BASELINE),
                "guidance_overlap_vs_missing": plots.overlap_vs_outcome(summary, CATEGORIES)}

@@ -13,7 +13,7 @@ import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -31,8 +31,19 @@ from probe.shapes.judge import judge as exact_judge
 from probe.shapes.settings import GUIDANCE
 from probe.steer.guide import OBJECTIVES, InitNO, Schedule, generate
 from probe.steer.objectives import is_objective_name
-from probe.studies.common import ImageRows, Judge, Subject, judged, mean_interval, nearest_grid, settings_id
+from probe.studies.common import (
+    ImageRows,
+    Judge,
+    Subject,
+    judged,
+    mean_interval,
+    nearest_grid,
+    rows_path,
+    settings_id,
+    step_key,
+)
 from probe.studies.overlap import METRICS, pair_metrics
+from probe.studies.shards import Shard, in_shard, shard_path
 from probe.tap import attention_layers
 
 NO_GUIDANCE = "none"  # plain generation through the same code path (tap, callback, noise), nothing guided
@@ -126,11 +137,55 @@ def configurations(methods: Sequence[str], initno: Sequence[bool]) -> list[tuple
     return configs
 
 
+@dataclass
+class StudyPart:
+    """What one part of a guided study made: its step-size calibration alone (``--calibrate``), or one shard's rows
+    (``--shard I/N``); ``path``: the table they are kept in. The study's analysis runs on the merged table."""
+
+    rows: pd.DataFrame
+    path: Path | None
+
+
+def guided_rows(pipe, table: str, out: str | Path | None, methods: Sequence[str], sets: Sequence[str],
+                prompts: Sequence[dict], seeds: Sequence[int], configs: Sequence[tuple[str, bool]], *, steps: int,
+                step_sizes: Mapping[str, float] | None, quick: bool, progress: bool,
+                min_effects: Mapping[str, float] | None, shard: Shard | None, calibrate_only: bool,
+                initno_settings: InitNO | None, desc: str, **options) -> tuple[pd.DataFrame, pd.DataFrame] | StudyPart:
+    """A guided study's images and step-size calibration, ``(images, calibration)``: the step sizes chosen once
+    (:func:`study_steps`, the pilot's images kept in ``out/<table>_pilot_images.csv``), then every (prompt, seed,
+    configuration) image (``out/<table>_images.csv``, resumable). A :class:`StudyPart` where only a part is asked
+    for: the calibration alone (``calibrate_only``), or one shard's rows (``shard``; the calibration must be made)."""
+    pilot = rows_path(out, f"{table}_pilot_images")
+    sizes, calibration = study_steps(pipe, methods, sets, prompts, seeds, steps=steps, step_sizes=step_sizes,
+                                     quick=quick, progress=progress, min_effects=min_effects, pilot_store=pilot,
+                                     make=shard is None, **options)
+    if calibrate_only:
+        return StudyPart(calibration, pilot)
+    store = shard_path(rows_path(out, f"{table}_images"), shard)
+    images = guided_images(pipe, prompts, seeds, configs, steps=steps, initno_settings=initno_settings,
+                           step_sizes=sizes, progress=progress, desc=desc, store=store, shard=shard, **options)
+    return StudyPart(images, store) if shard is not None else (images, calibration)
+
+
+def _overlap_columns(maps: dict, read_at: Mapping[str, int], grid: tuple[int, int], indices, words_at) -> dict:
+    """The subjects' overlap statistics at each read step (``soft_iou_t10``, …) from the real pass's maps."""
+    columns = {}
+    for label, step in read_at.items():
+        found = maps.get(step)
+        if found is None or set(found) != {"cross", "self"}:
+            raise RuntimeError(f"no real-pass attention at step {step}; was the tap bypassed?")
+        cross, selfattn = (found[kind].reshape(*grid, -1) for kind in ("cross", "self"))
+        columns.update({f"{name}_{label}": value for name, value in
+                        subject_metrics(cross, selfattn, indices, words_at).items()})
+    return columns
+
+
 def guided_images(pipe, prompts: Sequence[dict], seeds: Sequence[int], configs: Sequence[tuple[str, bool]], *,
                   steps: int, guidance_scale: float = GUIDANCE, subject: Subject = "noun",
                   judge: Judge = exact_judge, schedule: Schedule | None = None,
                   initno_settings: InitNO | None = None, step_sizes: Mapping[str, float] | None = None,
-                  progress: bool = True, desc: str = "guidance", store: str | Path | None = None) -> pd.DataFrame:
+                  progress: bool = True, desc: str = "guidance", store: str | Path | None = None,
+                  by_step: bool = False, make: bool = True, shard: Shard | None = None) -> pd.DataFrame:
     """One row per (prompt, seed, method, initno): judge's verdict, overlap at ``t10`` and at the end, seconds.
 
     Every configuration runs through :func:`probe.steer.guide.generate` (``none`` with a schedule that never moves the
@@ -141,7 +196,10 @@ def guided_images(pipe, prompts: Sequence[dict], seeds: Sequence[int], configs: 
     ``step_sizes``: its ``scale_factor`` per method (:func:`calibrate_steps`), the schedule's own for the others.
     ``store``: a CSV (:class:`ImageRows`) that keeps the rows as they are made: a stopped run started again with
     the same settings and weights skips the images it already has (a guided method's only where they were made at
-    its step size, so runs with other methods or other step sizes share one table).
+    its step size, so runs with other methods or other step sizes share one table); ``by_step``: the table keeps one
+    row per step size (a step-size pilot's). ``make=False``: every image must be in ``store`` already (a shard reads
+    the calibration made before it), else an error says which are not. ``shard=(i, n)``: only the (prompt, seed)
+    pairs ``k`` (in the study's order) with ``k % n == i``, all of their methods (:mod:`probe.studies.shards`).
     """
     if subject not in ("noun", "colour"):
         raise ValueError(f"subject must be 'noun' or 'colour' for guidance (one word per subject), not {subject!r}")
@@ -157,12 +215,14 @@ def guided_images(pipe, prompts: Sequence[dict], seeds: Sequence[int], configs: 
         raise ValueError(f"step_sizes names methods that do not run: {unknown}")
     schedules = {method: replace(schedule, scale_factor=float(step_sizes[method])) if method in step_sizes
                  else schedule for method, _ in configs}
-    jobs = [(p, s, c) for p in prompts for s in seeds for c in configs]
-    keys = [(item["prompt"], seed, method, initno) for item, seed, (method, initno) in jobs]
+    step_of = {m: math.nan if m == NO_GUIDANCE else sched.scale_factor for m, sched in schedules.items()}
+    pairs = [(p, s) for p in prompts for s in seeds]
+    jobs = [(p, s, c) for k, (p, s) in enumerate(pairs) if in_shard(k, shard) for c in configs]
+    keys = [(item["prompt"], seed, method, initno, *((step_key(step_of[method]),) if by_step else ()))
+            for item, seed, (method, initno) in jobs]
     rows = ImageRows(store, settings_id(weights=weights_id(pipe), steps=steps, guidance_scale=guidance_scale,
                                         subject=subject, schedule=asdict(schedule), initno=asdict(settings),
-                                        judge=getattr(judge, "__qualname__", repr(judge))), keys)
-    step_of = {m: math.nan if m == NO_GUIDANCE else sched.scale_factor for m, sched in schedules.items()}
+                                        judge=getattr(judge, "__qualname__", repr(judge))), keys, by_step=by_step)
 
     def reusable(key: tuple) -> bool:  # a stored row counts only if it was made at this run's step for its method
         row = rows.get(key)
@@ -170,6 +230,9 @@ def guided_images(pipe, prompts: Sequence[dict], seeds: Sequence[int], configs: 
                                                                            step_of[key[2]]))
 
     todo = [(job, key) for job, key in zip(jobs, keys) if not reusable(key)]
+    if todo and not make:
+        raise ValueError(f"{len(todo)} of {len(jobs)} images are not in {store} (e.g. {todo[0][1]}): the step-size "
+                           "calibration runs once before the shards (probe study NAME --calibrate, or --processes N)")
     reused_seconds = sum(float(rows.get(key)["seconds"]) for key in keys if reusable(key))
     if progress and len(todo) < len(jobs):
         print(f"{desc}: {len(jobs) - len(todo)} of {len(jobs)} images already in {store}")
@@ -189,14 +252,7 @@ def guided_images(pipe, prompts: Sequence[dict], seeds: Sequence[int], configs: 
         row = {"method": method, "initno": initno, "set": item["set"], "prompt": item["prompt"], "seed": seed,
                **judged(image, item["prompt"], judge), "seconds": seconds, "step_size": step_of[method],
                "loss_start": loss_start, "loss_end": loss_end}
-        for label, step in read_at.items():
-            found = maps.get(step)
-            if found is None or set(found) != {"cross", "self"}:
-                raise RuntimeError(f"no real-pass attention at step {step} of {steps}; was the tap bypassed?")
-            cross, selfattn = (found[kind].reshape(height, width, -1) for kind in ("cross", "self"))
-            values = subject_metrics(cross, selfattn, indices, words_at)
-            row.update({f"{name}_{label}": value for name, value in values.items()})
-        rows.add(row)
+        rows.add({**row, **_overlap_columns(maps, read_at, (height, width), indices, words_at)})
     rows.save()
     frame = pd.DataFrame([rows.get(key) for key in keys])
     frame.attrs.update({"steps": steps, "t10_step": read_at["t10"], "end_step": read_at["end"], "grid": grid,
@@ -268,18 +324,23 @@ def pilot_object_set(item: Mapping) -> str:
 
 
 def pilot_differences(pipe, methods: Sequence[str], prompts: Sequence[dict], seeds: Sequence[int], *, steps: int,
-                      candidates: Sequence[float], progress: bool = True, **options) -> pd.DataFrame:
+                      candidates: Sequence[float], progress: bool = True, store: str | Path | None = None,
+                      make: bool = True, **options) -> pd.DataFrame:
     """One row per (candidate, method, prompt, seed): the guided image paired with the unguided one of the same
     prompt and seed (``missing_vs_none``, ``iou_t10_vs_none``, ``iou_end_vs_none``), ``loss_fell``, ``missing``,
     ``mixed``, ``object_set`` and the method's ``criterion`` with its value (``difference``). Kept per image so that
-    a pilot can be widened without making its first images again, and its intervals resample object sets."""
+    a pilot can be widened without making its first images again, and its intervals resample object sets.
+    ``store``: a CSV that keeps the pilot's images (one row per step size), so that a resumed or sharded study makes
+    none of them again (``make=False``: all must be there)."""
+    kept = {"store": store, "by_step": True, "make": make}
     sets = {item["prompt"]: pilot_object_set(item) for item in prompts}
-    plain = guided_images(pipe, prompts, seeds, [(NO_GUIDANCE, False)], steps=steps, progress=False, **options)
+    plain = guided_images(pipe, prompts, seeds, [(NO_GUIDANCE, False)], steps=steps, progress=False, **kept,
+                          **options)
     plain = plain.set_index(["prompt", "seed"])[["missing", "soft_iou_t10", "soft_iou_end"]]
     frames = []
     for scale in tqdm(candidates, desc="step sizes", disable=not progress):
         images = guided_images(pipe, prompts, seeds, [(m, False) for m in methods], steps=steps, progress=False,
-                               step_sizes=dict.fromkeys(methods, float(scale)), **options)
+                               step_sizes=dict.fromkeys(methods, float(scale)), **kept, **options)
         paired = images.join(plain, on=["prompt", "seed"], rsuffix="_none")
         frame = pd.DataFrame({
             "method": paired.method, "scale_factor": float(scale), "prompt": paired.prompt, "seed": paired.seed,
@@ -415,11 +476,13 @@ def calibrate_group(pipe, group: Sequence[str], sets: Sequence[str], study: Sequ
 
 def study_steps(pipe, methods: Sequence[str], sets: Sequence[str], prompts: Sequence[dict], seeds: Sequence[int], *,
                 steps: int, step_sizes: Mapping[str, float] | None, quick: bool, progress: bool = True,
-                min_effects: Mapping[str, float] | None = None, **options) -> tuple[dict[str, float], pd.DataFrame]:
+                min_effects: Mapping[str, float] | None = None, pilot_store: str | Path | None = None,
+                make: bool = True, **options) -> tuple[dict[str, float], pd.DataFrame]:
     """The step sizes a study runs at: ``step_sizes`` where given, else :func:`calibrate_steps` on pilot prompts the
     study does not use, at its first seed, A&E and the overlap objectives apart (their criteria differ) but by one
     rule (:func:`calibrate_group`: a first pilot measures the criterion's spread, :func:`pilot_size` says how many
-    prompts find :data:`MIN_EFFECTS`). Returns them and the calibration table (empty where they were given)."""
+    prompts find :data:`MIN_EFFECTS`). ``pilot_store``: where the pilot's images are kept (:func:`pilot_differences`);
+    ``make=False``: they must all be there. Returns them and the calibration table (empty where they were given)."""
     unknown = sorted(set(min_effects or {}) - set(MIN_EFFECTS))
     if unknown:
         raise ValueError(f"min_effects names criteria {unknown}; the calibration's criteria are {sorted(MIN_EFFECTS)}")
@@ -428,7 +491,8 @@ def study_steps(pipe, methods: Sequence[str], sets: Sequence[str], prompts: Sequ
     candidates = QUICK_STEP_CANDIDATES if quick else STEP_CANDIDATES
     groups = [[m for m in methods if m == BASELINE], [m for m in methods if m not in (BASELINE, NO_GUIDANCE)]]
     tables = [calibrate_group(pipe, group, sets, prompts, list(seeds)[:1], steps=steps, candidates=candidates,
-                              quick=quick, progress=progress, min_effects=min_effects, **options)
+                              quick=quick, progress=progress, min_effects=min_effects, store=pilot_store,
+                              make=make, **options)
               for group in groups if group]
     tables = [table for table in tables if table is not None]
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()

@@ -236,6 +236,12 @@ def check_settings(study: str, settings: dict) -> dict:
     return dict(settings)
 
 
+def study_keywords(quick: bool, out: str | Path, progress: bool, settings: dict) -> dict:
+    """The keywords a study function is called with by :func:`run_all` (a shard of it, too: the same images)."""
+    return {"quick": quick, "out": Path(out), "progress": progress, **({"steps": QUICK_STEPS} if quick else {}),
+            **settings}
+
+
 def run_all(pipe, quick: bool = False, out: str | Path = "figures", sizes: dict[str, dict] | None = None,
             progress: bool = True, only: Sequence[str] | None = None) -> dict[str, pd.DataFrame]:
     """Every study from its fixed seeds; every figure (PNG) and table (CSV) into ``out``; the headline tables.
@@ -262,8 +268,7 @@ def run_all(pipe, quick: bool = False, out: str | Path = "figures", sizes: dict[
     out.mkdir(parents=True, exist_ok=True)
 
     def kwargs(name: str) -> dict:
-        return {"quick": quick, "out": out, "progress": progress, **({"steps": QUICK_STEPS} if quick else {}),
-                **sizes.get(name, {})}
+        return study_keywords(quick, out, progress, sizes.get(name, {}))
 
     headlines, timing = {}, []
     for study in registered_studies(in_run_all=True):

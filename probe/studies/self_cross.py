@@ -22,7 +22,7 @@ from probe.shapes.judge import require_shapes_world
 from probe.shapes.settings import GUIDANCE, HELD_OUT_SEED, STEPS
 from probe.steer.guide import InitNO, Schedule
 from probe.studies.answers import add_section_text, initno_groups, row_where, signed_text, truthy
-from probe.studies.common import BOOTSTRAPS, QUICK_BOOTSTRAPS, QUICK_STEPS, Judge, Subject, rows_path, save_figures
+from probe.studies.common import BOOTSTRAPS, QUICK_BOOTSTRAPS, QUICK_STEPS, Judge, Subject, save_figures
 from probe.studies.guidance import (
     CATEGORIES,
     GUIDANCE_SEEDS_PER_PROMPT,
@@ -39,12 +39,13 @@ from probe.studies.guidance import (
 from probe.studies.guided import (
     BASELINE,
     NO_GUIDANCE,
+    StudyPart,
     configurations,
-    guided_images,
+    guided_rows,
     study_prompts,
-    study_steps,
 )
 from probe.studies.registry import Study, register
+from probe.studies.shards import Shard
 
 SELF_CROSS_SEED = HELD_OUT_SEED + 50_000  # seeds of the self-cross study's images
 SIMILAR_SET = "shapes-similar"  # confusable subjects (red/orange, blue/purple, circle/ellipse)
@@ -88,7 +89,8 @@ def self_cross_study(pipe, n_images: int = SELF_CROSS_IMAGES, steps: int = STEPS
                      guidance_scale: float = GUIDANCE, schedule: Schedule | None = None,
                      step_sizes: Mapping[str, float] | None = None, initno: Sequence[bool] = (False, True),
                      initno_settings: InitNO | None = None, seed_offset: int = 0,
-                     min_effects: Mapping[str, float] | None = None) -> SelfCrossStudy:
+                     min_effects: Mapping[str, float] | None = None, shard: Shard | None = None,
+                     calibrate_only: bool = False) -> SelfCrossStudy | StudyPart:
     """Subject mixing on similar subjects (Self-Cross guidance's claim): "a red circle and an orange ellipse".
 
     Prompts of ``sets`` (default ``shapes-similar``; SSD-2 / SSD-3 on a real model) × seeds, each method without
@@ -101,8 +103,8 @@ def self_cross_study(pipe, n_images: int = SELF_CROSS_IMAGES, steps: int = STEPS
     bootstrap resamples.
     Step sizes as in :func:`guidance_study` (calibrated on pilot prompts unless ``step_sizes`` gives them).
     With ``out``, resumable like :func:`guidance_study` (rows in ``out/self_cross_images.csv``). ``seed_offset`` and
-    ``min_effects`` as in :func:`guidance_study` (a registered run's own seeds; the step-size pilot's smallest
-    changes).
+    ``min_effects``, ``calibrate_only`` and ``shard`` as in :func:`guidance_study` (a registered run's own seeds; the
+    step-size pilot's smallest changes; the calibration alone, one shard's rows).
     """
     pipe = load(pipe)
     n_images = whole_number(n_images, "n_images", "the number of (prompt, seed) pairs per method")
@@ -117,11 +119,13 @@ def self_cross_study(pipe, n_images: int = SELF_CROSS_IMAGES, steps: int = STEPS
     prompts = study_prompts(sets, n_images, seeds_per_prompt)
     seeds = [SELF_CROSS_SEED + seed_offset + i for i in range(seeds_per_prompt)]
     options = {"guidance_scale": guidance_scale, "subject": subject, "judge": judge, "schedule": schedule}
-    sizes, calibration = study_steps(pipe, methods, sets, prompts, seeds, steps=steps, step_sizes=step_sizes,
-                                     quick=quick, progress=progress, min_effects=min_effects, **options)
-    images = guided_images(pipe, prompts, seeds, configurations(methods, initno), steps=steps, step_sizes=sizes,
-                           initno_settings=initno_settings, progress=progress, desc="self-cross study",
-                           store=rows_path(out, "self_cross_images"), **options)
+    found = guided_rows(pipe, "self_cross", out, methods, sets, prompts, seeds, configurations(methods, initno),
+                        steps=steps, step_sizes=step_sizes, quick=quick, progress=progress, min_effects=min_effects,
+                        shard=shard, calibrate_only=calibrate_only, initno_settings=initno_settings,
+                        desc="self-cross study", **options)
+    if isinstance(found, StudyPart):  # the calibration alone, or one shard's rows
+        return found
+    images, calibration = found
     summary, comparisons = self_cross_tables(images, n_boot)
     figures = {"self_cross_mixing": plots.outcome_rates(summary, CATEGORIES, baseline=BASELINE)}
     return SelfCrossStudy(images, summary, calibration, figures, save_figures(figures, out), comparisons)

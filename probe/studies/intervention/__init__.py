@@ -83,6 +83,7 @@ from probe.studies.intervention.design import (  # noqa: F401
     units_for_power,
 )
 from probe.studies.registry import Study, register
+from probe.studies.shards import in_shard, run_processes, shard_of, shard_path
 from probe.tap import Tap
 
 
@@ -117,7 +118,7 @@ def run(pipe, units: pd.DataFrame, arms: Sequence[Arm], *, experiment: str, step
                                         experiment=experiment, arms=[a.settings() for a in arms], grids=GRIDS,
                                         judge=getattr(judge, "__qualname__", repr(judge))), keys)
     todo = [(k, u) for k, u in enumerate(units.itertuples())
-            if (shard is None or k % shard[1] == shard[0]) and any(rows.get((u.prompt, int(u.seed), a.name, False))
+            if in_shard(k, shard) and any(rows.get((u.prompt, int(u.seed), a.name, False))
                                                                     is None for a in arms)]
     device = pipe._execution_device
     for k, unit in tqdm(todo, desc=experiment, disable=not progress):
@@ -269,51 +270,6 @@ def pilot(experiment: str, pipe="shapes", out: str | Path = "figures", progress:
     return {"rows": rows, "summary": arm_summary(rows), "power": power}
 
 
-def shard_of(text: str | None) -> tuple[int, int] | None:
-    """``--shard``: ``I/N``, or ``auto`` for the rank and world size a launcher gives (``accelerate launch``,
-    ``torchrun``: ``RANK`` and ``WORLD_SIZE``); None for the whole experiment."""
-    import os
-
-    if text is None:
-        return None
-    if text == "auto":
-        rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
-        if rank is None or world is None:
-            raise ValueError("--shard auto reads RANK and WORLD_SIZE, which this process was not given: launch it "
-                             "with accelerate launch or torchrun, or give --shard I/N")
-        text = f"{rank}/{world}"
-    index, _, count = text.partition("/")
-    if not (index.isdigit() and count.isdigit()) or not int(index) < int(count):
-        raise ValueError(f"--shard takes I/N with 0 ≤ I < N (e.g. 0/4) or auto, not {text!r}")
-    return int(index), int(count)
-
-
-def run_processes(argv: Sequence[str], processes: int) -> int:
-    """Run ``argv`` (a ``run`` command line of this study) as ``processes`` shards at once, one process each, the
-    CPU's threads shared between them and, where there are GPUs, one GPU each in turn; wait for all. The shards'
-    tables merge into one process's table at ``analyse``."""
-    import os
-    import subprocess
-    import sys
-
-    import torch
-
-    threads = max(1, (os.cpu_count() or 1) // processes)
-    gpus = torch.cuda.device_count()
-    children = []
-    for i in range(processes):
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # threads that do not fight over the cores
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
-        children.append(subprocess.Popen([sys.executable, "-m", "probe.studies.intervention", *argv,
-                                          "--shard", f"{i}/{processes}"], env=env))
-    failed = [i for i, child in enumerate(children) if child.wait() != 0]
-    if failed:
-        print(f"shards {failed} of {processes} failed; run the same command again to resume them", file=sys.stderr)
-        return 1
-    return 0
-
-
 def _parser(registered: str | Path | None):
     import argparse
 
@@ -360,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.processes > 1:
         if shard is not None:
             parser.error("give --processes or --shard, not both")
-        return run_processes(_without(argv, "--processes"), args.processes)
+        return run_processes(["-m", "probe.studies.intervention", *_without(argv, "--processes")], args.processes)
     _run_registered(args.experiment, args.model, Path(args.out), shard, registered)
     return 0
 
@@ -384,8 +340,7 @@ def _run_registered(experiment: str, model, out: Path, shard: tuple[int, int] | 
     from probe.judges import judge_from_spec
 
     units, arms, spec = design(experiment, registered)
-    name = f"intervention_{experiment}_images" + (f"_shard{shard[0]}of{shard[1]}" if shard else "")
-    store = out / f"{name}.csv"
+    store = shard_path(out / f"intervention_{experiment}_images.csv", shard)
     judge = judge_from_spec(spec["judge"]) if spec.get("judge") else exact_judge  # the registration's instrument
     if kind(experiment, registered) == "factorial":
         from probe.studies.intervention.factorial import run_factorial

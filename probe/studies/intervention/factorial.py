@@ -32,6 +32,7 @@ from probe.studies.common import ImageRows, Judge, judged, settings_id
 from probe.studies.guided import NO_GUIDANCE_SCHEDULE, scaled_schedule
 from probe.studies.intervention.analysis import contrast, paired
 from probe.studies.intervention.design import CATEGORIES, GRIDS, Arm, category, intervened_layers
+from probe.studies.shards import in_shard
 
 PRIMARY = (("ae+iou", "ae"), ("iou", "none"))  # the registered family: does the overlap term add, to A&E and alone
 POSITIVE_CONTROL = ("ae", "none")
@@ -53,7 +54,7 @@ def run_factorial(pipe, units: pd.DataFrame, arms: Sequence[Arm], *, step_size: 
                                         step_size=float(step_size),
                                         judge=getattr(judge, "__qualname__", repr(judge))), keys)
     todo = [(k, u, arm) for k, u in enumerate(units.itertuples()) for arm in arms
-            if (shard is None or k % shard[1] == shard[0]) and rows.get((u.prompt, int(u.seed), arm.name, False))
+            if in_shard(k, shard) and rows.get((u.prompt, int(u.seed), arm.name, False))
             is None]
     for k, unit, arm in tqdm(todo, desc=experiment, disable=not progress):
         columns, _ = subject_keys(pipe, unit.prompt, list(unit.subjects))

@@ -1,0 +1,106 @@
+"""A study split over shards and processes makes the table one process makes: the same rows and headline on the
+built-in model; a killed shard resumes without making any of its rows again."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import probe.studies.guided as guided
+from probe.cli import main
+from probe.studies import shards
+from probe.studies.common import ImageRows
+
+STUDY = ["study", "guidance", "--model", "shapes", "--quick", "--set", "steps=3"]  # none / ae / iou, 4 pairs
+TIMES = ("seconds", "seconds_per_image", "settings_id")  # what two runs of the same images differ in
+
+
+def _same_table(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    a, b = (t.drop(columns=[c for c in TIMES if c in t]).reset_index(drop=True) for t in (a, b))
+    assert list(a.columns) == list(b.columns) and len(a) == len(b)
+    for column in a.columns:
+        if pd.api.types.is_float_dtype(a[column]) and pd.api.types.is_float_dtype(b[column]):
+            np.testing.assert_allclose(a[column], b[column], rtol=1e-4, atol=1e-6, err_msg=column)
+        else:
+            assert a[column].astype(str).tolist() == b[column].astype(str).tolist(), column
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one")
+    assert main([*STUDY, "--out", str(out)]) == 0
+    return out
+
+
+def test_shard_arguments_and_tables():
+    assert shards.shard_of("1/3") == (1, 3) and shards.shard_of(None) is None
+    with pytest.raises(ValueError, match="0 ≤ I < N"):
+        shards.shard_of("3/3")
+    assert [k for k in range(7) if shards.in_shard(k, (1, 3))] == [1, 4]
+    assert shards.shard_path("a/b_images.csv", (1, 3)).as_posix() == "a/b_images_shard1of3.csv"
+
+
+def test_two_shards_merged_equal_one_process(one_process, tmp_path, capsys):
+    assert main([*STUDY, "--out", str(tmp_path), "--shard", "0/2"]) == 2  # no calibration yet: nothing is made
+    assert "calibration runs once before the shards" in capsys.readouterr().err
+    assert not (tmp_path / "guidance_images_shard0of2.csv").exists()
+    assert main([*STUDY, "--out", str(tmp_path), "--calibrate"]) == 0
+    for i in range(2):
+        assert main([*STUDY, "--out", str(tmp_path), "--shard", f"{i}/2"]) == 0
+    parts = [pd.read_csv(tmp_path / f"guidance_images_shard{i}of2.csv") for i in range(2)]
+    assert not set(zip(parts[0].prompt, parts[0].seed)) & set(zip(parts[1].prompt, parts[1].seed))
+    assert len(parts[0]) + len(parts[1]) == len(pd.read_csv(one_process / "guidance_images.csv"))
+    merged = tmp_path / "merged"
+    assert main([*STUDY, "--out", str(merged), "--merge", str(tmp_path)]) == 0
+    assert "images already in" in capsys.readouterr().out  # the analysis made no image
+    for table in ("guidance_images", "headline_guidance", "guidance_step_sizes"):
+        _same_table(pd.read_csv(merged / f"{table}.csv"), pd.read_csv(one_process / f"{table}.csv"))
+
+
+def test_two_processes_equal_one_process(one_process, tmp_path):
+    assert main([*STUDY, "--out", str(tmp_path), "--processes", "2"]) == 0
+    assert sorted(p.name for p in tmp_path.glob("guidance_images_shard*")) == [
+        "guidance_images_shard0of2.csv", "guidance_images_shard1of2.csv"]
+    for table in ("guidance_images", "headline_guidance"):
+        _same_table(pd.read_csv(tmp_path / f"{table}.csv"), pd.read_csv(one_process / f"{table}.csv"))
+
+
+def test_a_killed_shard_resumes_without_making_a_row_again(one_process, tmp_path, monkeypatch):
+    assert main([*STUDY, "--out", str(tmp_path), "--calibrate"]) == 0
+    made: list = []
+    real = guided.generate
+
+    def dies_after_two(pipe, prompt, **kwargs):
+        if len(made) == 2:
+            raise KeyboardInterrupt  # the process is stopped here
+        made.append((prompt, kwargs["seed"], kwargs["objective"]))
+        return real(pipe, prompt, **kwargs)
+
+    monkeypatch.setattr(ImageRows, "FLUSH_SECONDS", 0.0)  # every row is on disk as soon as it is made
+    monkeypatch.setattr(guided, "generate", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        main([*STUDY, "--out", str(tmp_path), "--shard", "1/2"])
+    kept = pd.read_csv(tmp_path / "guidance_images_shard1of2.csv")
+    assert len(kept) == 2
+    monkeypatch.setattr(guided, "generate", real)
+    again: list = []
+    monkeypatch.setattr(guided, "generate", lambda pipe, prompt, **kw: again.append((prompt, kw["seed"])) or real(
+        pipe, prompt, **kw))
+    assert main([*STUDY, "--out", str(tmp_path), "--shard", "1/2"]) == 0
+    done = pd.read_csv(tmp_path / "guidance_images_shard1of2.csv")
+    assert not done.duplicated(["prompt", "seed", "method", "initno"]).any()
+    assert len(again) == len(done) - 2  # only the rows the killed shard had not made
+    whole = pd.read_csv(one_process / "guidance_images.csv")
+    expected = whole[[shards.in_shard(k, (1, 2)) for k in whole.groupby(["prompt", "seed"], sort=False).ngroup()]]
+    _same_table(done.sort_values(["prompt", "seed", "method"]), expected.sort_values(["prompt", "seed", "method"]))
+
+
+def test_studies_that_do_not_split_and_two_kinds_of_split_are_refused(tmp_path):
+    with pytest.raises(SystemExit, match="split the guidance and self_cross studies"):
+        main(["study", "probe", "--quick", "--out", str(tmp_path), "--shard", "0/2"])
+    with pytest.raises(SystemExit, match="give one of --shard, --calibrate"):
+        main([*STUDY, "--out", str(tmp_path), "--shard", "0/2", "--calibrate"])
+    with pytest.raises(FileNotFoundError, match="no shard tables guidance_images_shard"):
+        shards.merge_study("guidance", [tmp_path], tmp_path / "x")
+    (tmp_path / "guidance_images_shard1of2.csv").write_text("prompt,seed,method,initno\n")
+    with pytest.raises(ValueError, match=r"shards \[0\] of 2 are missing"):
+        shards.merge_study("guidance", [tmp_path], tmp_path / "x")
