@@ -189,6 +189,20 @@ def test_the_text_keys_are_the_tokens_the_pipeline_encodes(dit):
         assert words[position].lstrip("Ġ▁") == word
 
 
+def test_a_sweeps_subject_placement_reads_the_text_keys_view(dit):
+    """The sweeps place subjects through the family's text-keys tokenizer (prompt_tokens, token_positions): its
+    tokens read as the prompt's words and sit where text_layout puts them, not as the bare tokenizer spells them
+    (Qwen's "Ġcat" would not be found)."""
+    _, pipe = dit
+    prompt = "a red cat and a blue dog"
+    tok = probe.prompts.text_keys_tokenizer(pipe)
+    layout = text_layout(pipe, prompt)
+    assert probe.prompts.prompt_tokens(tok, prompt) == layout.texts
+    assert probe.prompts.token_positions(tok, prompt) == layout.positions
+    found = probe.prompts.subject_indices(tok, prompt, ["cat", "dog"])
+    assert [[layout.texts[layout.positions.index(p)] for p in at] for at in found] == [["cat"], ["dog"]]
+
+
 # -- guidance ----------------------------------------------------------------------------------------------------------
 
 NEEDS_SELF = {name for name, objective in OBJECTIVES.items() if objective.needs_self}

@@ -20,7 +20,8 @@ class TextKeys:
     mask; without padding only the prompt's own tokens, as a tokenizer returns a prompt without padding."""
 
     def __init__(self, tokenizer, keys: Keys, length: int, pads: bool):
-        self.tokenizer, self.keys, self.model_max_length, self.pads = tokenizer, keys, length, pads
+        self.base = tokenizer  # not `.tokenizer`, which prompts.py would unwrap to the bare prompt's tokenizer
+        self.keys, self.model_max_length, self.pads = keys, length, pads
 
     def __call__(self, text: str, padding=False, max_length: int | None = None, truncation: bool = False,
                  **_) -> BatchEncoding:
@@ -30,17 +31,17 @@ class TextKeys:
         if truncation and max_length is not None:
             ids, own = ids[:max_length], own[:max_length]
         if padding == "max_length" and self.pads and max_length is not None and len(ids) < max_length:
-            pad = self.tokenizer.pad_token_id
+            pad = self.base.pad_token_id
             ids, own = ids + [pad] * (max_length - len(ids)), own + [0] * (max_length - len(own))
         return BatchEncoding({"input_ids": ids, "attention_mask": own})
 
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
         """Each key's text as it spells the prompt: a byte-level token ("Ġcat") decoded ("cat"); a token that decodes
         to white space only (a newline) keeps its own name."""
-        names = self.tokenizer.convert_ids_to_tokens(list(ids))
+        names = self.base.convert_ids_to_tokens(list(ids))
         texts = []
         for name in names:
-            text = self.tokenizer.convert_tokens_to_string([name]).strip()
+            text = self.base.convert_tokens_to_string([name]).strip()
             texts.append(text or name)
         return texts
 
