@@ -314,6 +314,9 @@ def cmd_study(args) -> None:
         from probe.prompts import check_prompt_sets
 
         settings["sets"] = tuple(check_prompt_sets(options.prompts))  # a missing or empty file: before the model loads
+    if options.dry:  # the cost before anything loads (the judge's model included)
+        _print_plan(study, settings, options.seconds_per_image)
+        return
     if options.judge:
         from probe.judges import judge_from_spec
 
@@ -327,6 +330,23 @@ def cmd_study(args) -> None:
     headlines = studies.run_all(probe.load(model, device=options.device), quick=options.quick, out=options.out,
                                 only=[study.name], sizes={study.name: settings})
     _print_headlines(headlines)
+
+
+def _print_plan(study, settings: dict, seconds_per_image: float) -> None:
+    """``--dry``: what a guided study will make and how long it takes at ``seconds_per_image``."""
+    from probe.studies import shards
+    from probe.studies.guidance import study_plan_of
+
+    if not shards.splits(study):
+        raise SystemExit(f"--dry plans the guided studies (guidance, self_cross); the {study.name} study runs in "
+                         "minutes")
+    plan = study_plan_of(study.run, settings, seconds_per_image)
+    print(plan.to_string(index=False, justify="left"))
+    if plan.attrs["pairs"] < plan.attrs["asked"]:
+        print(f"the design asks for {plan.attrs['asked']} (prompt, seed) pairs per arm, the prompt sets hold "
+              f"{plan.attrs['pairs']}: add prompts (--prompts A B, a file) or seeds (--set seeds_per_prompt=N)")
+    print(f"at {seconds_per_image:g} s per image (--seconds-per-image; time a --quick run of yours to measure it); "
+          f"--processes N or --shard I/N divides the hours over N GPUs")
 
 
 def _split_study(study, settings: dict, options, model: str) -> bool:
@@ -442,8 +462,9 @@ def _add_record(sub) -> None:
     r.add_argument("--model", default=None, help="built-in name (shapes, tiny, tiny-xl), folder or hub id")
     r.add_argument("--prompt", nargs="+", required=True)
     r.add_argument("--seed", nargs="+", type=int, default=[0])
-    r.add_argument("--steps", type=int, default=50)
-    r.add_argument("--guidance", type=float, default=7.5)
+    r.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's own)")
+    r.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the pipeline's own)")
     r.add_argument("--kinds", nargs="+", default=["cross", "self"],
                    choices=["cross", "self", "text_image", "text_text"],
                    help="image queries on text (cross) or image (self) keys; on SD3 / FLUX also text queries on "
@@ -453,8 +474,8 @@ def _add_record(sub) -> None:
     r.add_argument("--self-keys", type=int, default=None, metavar="SIDE",
                    help="sum self-attention keys onto a SIDE×SIDE grid (affordable maps at FLUX sizes)")
     r.add_argument("--self-store", default="maps", choices=["maps", "qk"],
-                   help="qk: keep self-attention's q and k (UNets; maps made on read by "
-                        "probe.analysis.lazy.self_from_qk)")
+                   help="qk: keep self-attention's q and k (joint attention: of every token; maps made on read "
+                        "by probe.analysis.lazy.maps_from_qk)")
     r.add_argument("--self-query", action="append", default=None, metavar="Y,X",
                    help="record self-attention of this query point only (fractions of the image; repeatable)")
     r.add_argument("--scheduler", default=None, help="ddim, euler, euler-a, heun, dpm++, dpm++-karras, unipc … "
@@ -587,6 +608,9 @@ def _study_options(study) -> argparse.ArgumentParser:
                     help="calibrate, run N shards at once (one GPU each where there are GPUs), merge, analyse")
     st.add_argument("--merge", nargs="*", default=None, metavar="DIR",
                     help="merge the shards' tables found in DIR… (default: --out) into --out, then analyse")
+    st.add_argument("--dry", action="store_true", help="print what the study will make and its hours; run nothing")
+    st.add_argument("--seconds-per-image", type=float, default=20.0, metavar="S",
+                    help="--dry's time per guided image (default 20: Stable Diffusion 1.5, 50 steps, one GPU)")
     st.add_argument("--registered", action="store_true",
                     help="run at the design OUT/NAME_registration.md fixed before the run (its answer is read only "
                          "from such a run)")
@@ -625,8 +649,9 @@ def _add_sweep(sub) -> None:
     sw.add_argument("--target", nargs="+", default=None, help="edit methods: one target prompt per --prompt")
     sw.add_argument("--subjects", nargs="+", default=None,
                     help="guide methods: comma-separated words per --prompt (default: the prompt's nouns)")
-    sw.add_argument("--steps", type=int, default=50)
-    sw.add_argument("--guidance", type=float, default=7.5)
+    sw.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's own)")
+    sw.add_argument("--guidance", type=float, default=None,
+                    help="classifier-free guidance scale (default: the pipeline's own)")
     sw.add_argument("--kinds", nargs="+", default=["cross", "self"], choices=["cross", "self"])
     sw.add_argument("--layers", nargs="+", default=None, help="names, globs, re:patterns or resolutions")
     sw.add_argument("--heads", default="mean", help="'mean' or 'all'")

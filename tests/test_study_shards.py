@@ -104,3 +104,32 @@ def test_studies_that_do_not_split_and_two_kinds_of_split_are_refused(tmp_path):
     (tmp_path / "guidance_images_shard1of2.csv").write_text("prompt,seed,method,initno\n")
     with pytest.raises(ValueError, match=r"shards \[0\] of 2 are missing"):
         shards.merge_study("guidance", [tmp_path], tmp_path / "x")
+
+
+def test_dry_prints_the_plan_before_anything_loads(capsys):
+    """--dry: each arm's images, the step-size pilot's expected images and the hours, from the study's own design
+    (no model, no judge loaded: a judge spec whose model cannot be fetched is not touched)."""
+    from probe.prompts import prompt_set
+    from probe.studies.guided import STEP_CANDIDATES, TYPICAL_SD, pilot_size
+
+    assert main(["study", "guidance", "--prompts", "animals", "--judge", "geneval", "--set", "initno=(False,)",
+                 "--set", "seeds_per_prompt=2", "--seconds-per-image", "9", "--dry"]) == 0
+    out = capsys.readouterr().out
+    pairs = len(prompt_set("animals")) * 2  # every prompt of the set: the design asks for more
+    assert f"the prompt sets hold {pairs}:" in out
+    lines = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
+    for arm in ("none", "ae", "iou", "com", "kl", "cc", "self_cross", "ai_t2i"):
+        assert lines[arm][1:] == [str(pairs), f"{round(pairs * 9 / 3600, 1)}"]
+    assert lines["total"][1] == str(8 * pairs)  # no pilot: no prompt beyond the study's
+
+    plan = shards_plan("figures/guidance_registration.md")
+    ae = pilot_size(TYPICAL_SD["missing_vs_none"], 0.10)  # the registration's min_effects
+    overlap = pilot_size(TYPICAL_SD["iou_t10_vs_none"], 0.02)
+    assert plan.images.tolist() == [780] * 8 + [ae * len(STEP_CANDIDATES), overlap * len(STEP_CANDIDATES) * 6, ae,
+                                                8 * 780 + ae * 5 + overlap * 30 + ae]
+
+
+def shards_plan(registration: str):
+    from probe.studies.guidance import guidance_study, study_plan_of
+
+    return study_plan_of(guidance_study, {"registration": registration}, 1.0)

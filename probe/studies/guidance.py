@@ -58,13 +58,15 @@ from probe.studies.common import (
 )
 from probe.studies.guided import (
     BASELINE,
+    DEFAULT_SECONDS,
     NO_GUIDANCE,
     StudyPart,
     configurations,
     guided_rows,
+    study_plan,
     study_prompts,
 )
-from probe.studies.registration import same_value
+from probe.studies.registration import function_defaults, same_value
 from probe.studies.registry import Study, register
 from probe.studies.shards import Shard
 
@@ -854,3 +856,20 @@ register(Study(
     headline=lambda study: guidance_headline(study.summary),
     source="guidance_images", recompute=lambda table, n_boot: guidance_headline(guidance_tables(table, n_boot)[0]),
     answer=guidance_answer, figures=("guidance_missing", "guidance_overlap_vs_missing")))
+
+
+def study_plan_of(function, settings: Mapping[str, object], seconds_per_image: float = DEFAULT_SECONDS
+                  ) -> pd.DataFrame:
+    """:func:`~probe.studies.guided.study_plan` of a guided study function (:func:`guidance_study`,
+    ``self_cross_study``) called with ``settings``: its defaults, its registration where it names one, and the size
+    its power design asks for where ``n_images`` is None (``probe study NAME --dry``)."""
+    keywords = {**function_defaults(function), **settings}
+    if keywords.get("registration"):
+        keywords.update(registered_settings(keywords["registration"], settings))
+    configs = configurations(keywords["methods"], keywords["initno"])
+    n_images = keywords["n_images"]
+    if n_images is None:
+        n_images = keywords["design"].images(family_size(configs), keywords["seeds_per_prompt"])
+    return study_plan(keywords["sets"], n_images, keywords["seeds_per_prompt"], configs,
+                      step_sizes=keywords["step_sizes"], min_effects=keywords.get("min_effects"),
+                      seconds_per_image=seconds_per_image)

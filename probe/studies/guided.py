@@ -505,3 +505,42 @@ def study_steps(pipe, methods: Sequence[str], sets: Sequence[str], prompts: Sequ
         print(f"step sizes chosen on {counts} pilot images: {clear} (pass step_sizes={chosen!r} to skip the "
               "calibration)")
     return chosen, table
+
+
+TYPICAL_SD = {"missing_vs_none": 0.434, OVERLAP_CRITERION: 0.067}  # the built-in model's, on its 540-pair table
+DEFAULT_SECONDS = 20.0  # a guided Stable Diffusion 1.5 image at 50 steps on one GPU, before a --quick run measures it
+
+
+def study_plan(sets: Sequence[str], n_images: int, seeds_per_prompt: int, configs: Sequence[tuple[str, bool]], *,
+               step_sizes: Mapping[str, float] | None = None, min_effects: Mapping[str, float] | None = None,
+               seconds_per_image: float = DEFAULT_SECONDS) -> pd.DataFrame:
+    """What a guided study will make, before anything loads: one row per arm (its images), the step-size pilot
+    (its expected images: :func:`pilot_size` at :data:`TYPICAL_SD`, capped at the prompts the sets hold beyond the
+    study's; the first pilot measures the model's own spread, so the real count may differ), and the total, each
+    with its hours at ``seconds_per_image``."""
+    prompts = study_prompts(sets, n_images, seeds_per_prompt)
+    pairs = len(prompts) * seeds_per_prompt
+    rows = [{"part": f"{method}{' + INITNO' if initno else ''}", "images": pairs} for method, initno in configs]
+    methods = list(dict.fromkeys(m for m, _ in configs if m != NO_GUIDANCE))
+    effects = {**MIN_EFFECTS, **(min_effects or {})}
+    if step_sizes is None:
+        groups = [[m for m in methods if m == BASELINE], [m for m in methods if m != BASELINE]]
+        plain = 0
+        for group in (g for g in groups if g):
+            criterion = criterion_of(group[0])
+            planned = max(CALIBRATION_PROMPTS * len(sets), pilot_size(TYPICAL_SD[criterion], effects[criterion]))
+            held = len(widest_pilot(sets, prompts, math.ceil(planned / len(sets)), 1))
+            if not held:
+                rows.append({"part": f"step-size pilot of {', '.join(group)}: none (no prompt beyond the study's; "
+                                     "the schedule's step, or step_sizes)", "images": 0})
+                continue
+            plain = max(plain, min(planned, held))
+            rows.append({"part": f"step-size pilot of {', '.join(group)} ({min(planned, held)} prompts × "
+                                 f"{len(STEP_CANDIDATES)} steps)",
+                         "images": min(planned, held) * len(STEP_CANDIDATES) * len(group)})
+        if plain:
+            rows.append({"part": f"step-size pilot, unguided ({plain} prompts)", "images": plain})
+    rows.append({"part": "total", "images": sum(r["images"] for r in rows)})
+    plan = pd.DataFrame(rows).assign(hours=lambda t: (t.images * seconds_per_image / 3600).round(1))
+    plan.attrs.update(asked=n_images, pairs=pairs)  # the pairs per arm asked for, and those the sets hold
+    return plan
