@@ -203,6 +203,22 @@ def test_a_sweeps_subject_placement_reads_the_text_keys_view(dit):
     assert [[layout.texts[layout.positions.index(p)] for p in at] for at in found] == [["cat"], ["dog"]]
 
 
+def test_the_tiny_byte_level_tokenizer_has_the_same_ids_in_every_process(monkeypatch):
+    """The tiny Qwen-Image tokenizer is built, not trained or stored: its ids must not follow the order in which the
+    tokenizers library lists the byte alphabet (another in each process), or the same weights would read other
+    embedding rows in another process."""
+    from tokenizers import pre_tokenizers
+
+    from probe.families.qwen import SPECIALS
+    from probe.families.words import byte_level
+
+    here = byte_level(SPECIALS, "<|endoftext|>", texts=["user\n"]).get_vocab()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    for order in (sorted(alphabet), sorted(alphabet, reverse=True)):
+        monkeypatch.setattr(pre_tokenizers.ByteLevel, "alphabet", staticmethod(lambda order=order: list(order)))
+        assert byte_level(SPECIALS, "<|endoftext|>", texts=["user\n"]).get_vocab() == here
+
+
 # -- guidance ----------------------------------------------------------------------------------------------------------
 
 NEEDS_SELF = {name for name, objective in OBJECTIVES.items() if objective.needs_self}

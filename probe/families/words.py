@@ -44,8 +44,8 @@ def byte_level(specials: list[str], unknown: str, texts: Sequence[str] = (), **t
     space mark, and the pieces of ``texts`` are tokens."""
     words = project_words()
     split = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    ids = _vocab(specials, [*pre_tokenizers.ByteLevel.alphabet(), *words, *(BYTE_SPACE + w for w in words)], texts,
-                 split)
+    bytes_ = sorted(pre_tokenizers.ByteLevel.alphabet())  # the library lists them in a different order each run
+    ids = _vocab(specials, [*bytes_, *words, *(BYTE_SPACE + w for w in words)], texts, split)
     model = Tokenizer(models.WordLevel(ids, unk_token=unknown))
     model.pre_tokenizer = split
     model.decoder = decoders.ByteLevel()
