@@ -452,7 +452,8 @@ def test_a_byte_level_chat_tokenizer_gives_the_prompts_words_at_their_positions(
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from probe.families.chat import CHAT_TEMPLATE, CHAT_TOKENS, ChatTokens
+    from probe.families.chat import CHAT_TEMPLATE, CHAT_TOKENS
+    from probe.families.keys import TextKeys, templated, verbatim
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
@@ -462,8 +463,9 @@ def test_a_byte_level_chat_tokenizer_gives_the_prompts_words_at_their_positions(
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<|endoftext|>",
                                   additional_special_tokens=CHAT_TOKENS)
     tok.chat_template = CHAT_TEMPLATE
-    chat = ChatTokens(tok, lambda p: tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                             add_generation_prompt=True), True, 32)
+    render = verbatim(lambda p: tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                        add_generation_prompt=True))
+    chat = TextKeys(tok, templated(tok, render, 32, pad=True), 32)
     padded = chat(PROMPT, padding="max_length", max_length=32, truncation=True)
     raw = tok.convert_ids_to_tokens(padded["input_ids"])
     positions = [i for i, m in enumerate(padded["attention_mask"]) if m]

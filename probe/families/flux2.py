@@ -3,7 +3,7 @@
 double- and single-stream blocks, position ids (t, h, w, l)); what differs is everything around it:
 
 - text: the prompt is wrapped in a chat template (``Flux2Pipeline`` adds its system message) and the text keys are
-  the LLM's hidden states at every position of the padded templated sequence (:class:`~probe.families.chat.ChatTokens`);
+  the LLM's hidden states at every position of the padded templated sequence (:class:`~probe.families.keys.TextKeys`);
 - latents: the autoencoder's latent is patchified (2×2 pixels → 4× channels), normalised by the autoencoder's batch
   norm statistics and packed into (tokens, channels); the pipeline's ``latents=`` takes the patchified
   (channels, h/2, w/2) form, its loop the packed one;
@@ -20,8 +20,9 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from probe.families import tiny as parts
 from probe.families.base import Velocity
-from probe.families.chat import ChatTokens, causal_lm, chat_tokenizer
+from probe.families.chat import causal_lm, chat_tokenizer
 from probe.families.flux import PACK, Flux
+from probe.families.keys import TextKeys, templated, verbatim
 from probe.families.layout import TapError
 
 KLEIN_TEXT_LAYERS = 27  # Flux2KleinPipeline reads hidden states 9, 18, 27
@@ -49,7 +50,8 @@ class Flux2(Flux):
     # -- text --
     def text_parts(self, pipe, max_sequence_length: int | None) -> list:
         length = max_sequence_length or self.max_sequence
-        return [("llm", ChatTokens(pipe.tokenizer, _render(pipe), _klein(pipe), length), length)]
+        keys = templated(pipe.tokenizer, verbatim(_render(pipe)), length, pad=True, add_special_tokens=_klein(pipe))
+        return [("llm", TextKeys(pipe.tokenizer, keys, length), length)]
 
     # -- the denoiser outside the pipeline's loop --
     def conditioned(self, pipe, prompt: str, height: int, width: int, max_sequence_length: int | None,

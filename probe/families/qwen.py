@@ -22,7 +22,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from probe.families import tiny as parts
 from probe.families import words
 from probe.families.base import Family, Velocity
-from probe.families.keys import TextKeys, prompt_span
+from probe.families.keys import TextKeys, templated
 from probe.families.layout import TEXT_QUERIES, Split, TapError, attention_modules, unknown_modules
 
 PACK = 2  # Qwen-Image packs 2×2 latent pixels into one token
@@ -77,8 +77,10 @@ class QwenImage(Family):
 
     def text_parts(self, pipe, max_sequence_length: int | None) -> list:
         length = max_sequence_length or self.max_sequence
-        return [("qwen", TextKeys(pipe.tokenizer, lambda prompt: _keys(pipe, prompt, length), length, pads=False),
-                 length)]
+        template, drop = pipe.prompt_template_encode, pipe.prompt_template_encode_start_idx
+        start = template.index("{}")
+        keys = templated(pipe.tokenizer, lambda prompt: (template.format(prompt), start), length, drop=drop)
+        return [("qwen", TextKeys(pipe.tokenizer, keys, length), length)]
 
     def conditioned(self, pipe, prompt: str, height: int, width: int, max_sequence_length: int | None,
                     guidance: float) -> Velocity:
@@ -143,17 +145,6 @@ class QwenImage(Family):
         """An edit's scale is the pipeline's ``true_cfg_scale`` (:func:`probe.models.generation`), which acts only
         with a ``negative_prompt``: an edit without one runs the conditional branch alone, as the inversion does."""
         return float(guidance_scale)
-
-
-def _keys(pipe, prompt: str, length: int) -> tuple[list[int], list[int]]:
-    """The text keys of ``prompt`` as QwenImagePipeline encodes it (its template, the first tokens dropped, cut to
-    ``length``) and which of them are the prompt's own tokens."""
-    template, drop = pipe.prompt_template_encode, pipe.prompt_template_encode_start_idx
-    start = template.index("{}")
-    encoded = pipe.tokenizer(template.format(prompt), max_length=pipe.tokenizer_max_length + drop, truncation=True,
-                             return_offsets_mapping=True)
-    own = prompt_span(encoded.offset_mapping, start, start + len(prompt))
-    return encoded.input_ids[drop:][:length], own[drop:][:length]
 
 
 def _latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

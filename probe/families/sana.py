@@ -91,8 +91,7 @@ class Sana(Family):
 
     def text_parts(self, pipe, max_sequence_length: int | None) -> list:
         length = max_sequence_length or self.max_sequence
-        return [("gemma", TextKeys(pipe.tokenizer, lambda prompt: _keys(pipe, prompt, length), length, pads=True),
-                 length)]
+        return [("gemma", TextKeys(pipe.tokenizer, lambda prompt: _keys(pipe, prompt, length), length), length)]
 
     def conditioned(self, pipe, prompt: str, height: int, width: int, max_sequence_length: int | None,
                     guidance: float) -> Velocity:

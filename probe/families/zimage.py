@@ -24,7 +24,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from probe.families import tiny as parts
 from probe.families.base import Family, Velocity
-from probe.families.chat import ChatTokens, causal_lm, chat_tokenizer
+from probe.families.chat import causal_lm, chat_tokenizer
+from probe.families.keys import TextKeys, templated, verbatim
 from probe.families.layout import TEXT_QUERIES, Split, TapError, attention_modules, unknown_modules
 
 PATCH = 2  # ZImagePipeline calls the transformer with patch_size=2: one token per 2×2 latent pixels
@@ -96,7 +97,8 @@ class ZImage(Family):
             return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                            add_generation_prompt=True, enable_thinking=True)
 
-        return [("llm", ChatTokens(tok, render, True, length, padded=False, pad_multiple=SEQ_MULTIPLE), length)]
+        keys = templated(tok, verbatim(render), length, pad_multiple=SEQ_MULTIPLE)  # the pipeline keeps embeds[mask]
+        return [("llm", TextKeys(tok, keys, length), length)]
 
     # -- the denoiser outside the pipeline's loop --
     def conditioned(self, pipe, prompt: str, height: int, width: int, max_sequence_length: int | None,
