@@ -113,6 +113,12 @@ def test_the_attribute_sentence_is_written_from_the_numbers():
     assert "position: self 0.90 vs cross 0.70, better" in answer and attribute_sentence(today) in answer
     assert "nested cross-validation over 30 candidate set-ups per arm" in answer
     assert "not nested: optimistic" in probe_answer(pd.concat([layout.assign(search="best block"), today]))
+    assert "layer mean" not in answer  # no mean row for position: nothing more to say
+    mean = pd.DataFrame([_headline_row("position", "self", "mean", 0.6, 0.55, 0.62)])  # below cross's [0.64, 0.76]
+    assert ("Self-attention's layer mean (not the subject's own map), against cross-attention with disjoint "
+            "intervals: position worse (0.60 vs 0.70).") in probe_answer(pd.concat([layout, mean, today]))
+    touching = mean.assign(ci_high=0.64)  # intervals that touch are not apart
+    assert "layer mean" not in probe_answer(pd.concat([layout, touching, today]))
 
 
 def test_edit_pairs_are_distinct_and_drawn_from_the_shapes_world():

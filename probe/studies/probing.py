@@ -255,7 +255,27 @@ def probe_answer(headline: pd.DataFrame) -> str:
               f"targets the prompt does not give away ({listed}), so FPE's claim is "
               f"{'confirmed' if better == len(verdicts) else 'partly confirmed' if better else 'not confirmed'} "
               "on this model.")
-    return " ".join(part for part in (answer, attribute_sentence(headline), _search_note(headline)) if part)
+    return " ".join(part for part in (answer, _other_self_sentence(headline, targets), attribute_sentence(headline),
+                                      _search_note(headline)) if part)
+
+
+def _other_self_sentence(headline: pd.DataFrame, targets: list[str], feature: str = "mean") -> str:
+    """Where self-attention's other feature (the layer mean, not the subject's own map) and cross-attention differ
+    with disjoint intervals: said beside the compared arm's verdicts, so the answer says what the table holds."""
+    parts = []
+    for target in targets:
+        rows = headline[(headline.target == target) & (headline.kind == "self")]
+        other = rows[rows.feature == feature] if "feature" in rows else rows.iloc[:0]
+        cross = _compared(headline, target).get("cross")
+        if len(other) and cross is not None:
+            row = other.sort_values("accuracy").iloc[-1]
+            verdict = _verdict(row, cross)
+            if verdict != "as well (intervals overlap)":
+                parts.append(f"{target} {verdict} ({row.accuracy:.2f} vs {cross.accuracy:.2f})")
+    if not parts:
+        return ""
+    return ("Self-attention's layer mean (not the subject's own map), against cross-attention with disjoint "
+            f"intervals: {'; '.join(parts)}.")
 
 
 def _search_note(headline: pd.DataFrame) -> str:
