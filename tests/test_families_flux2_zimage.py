@@ -227,7 +227,7 @@ def test_kept_padding_is_every_caption_key_the_denoiser_has():
     tree = probe.record(pipe, PROMPT, seeds=[0], steps=1, progress=False, guidance_scale=GUIDANCE[name],
                         keep_padding=True, **kw)
     layout = probe.prompts.text_layout(pipe, PROMPT, keep_padding=True, max_sequence_length=SEQ[name])
-    assert len(layout.positions) == ROW and layout.texts[layout.positions.index(6)] == "cat"
+    assert len(layout.positions) == ROW and layout.texts[layout.positions.index(4)] == "cat"  # <|im_start|>user\na cat
     cross = tree["cross/res8x10"]
     modules = list(probe.tap.layers.attention_modules(pipe.transformer))
     for layer in cross.layer.values:
@@ -452,16 +452,16 @@ def test_a_byte_level_chat_tokenizer_gives_the_prompts_words_at_their_positions(
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from probe.families.chat import CHAT_TEMPLATE, CHAT_TOKENS
     from probe.families.keys import TextKeys, templated, verbatim
+    from probe.families.words import CHAT_TEMPLATE, CHAT_TOKENS
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     bpe.train_from_iterator([PROMPT, "a red circle and a blue square", "user assistant"] * 5, trainers.BpeTrainer(
-        vocab_size=1000, special_tokens=["<|endoftext|>", *CHAT_TOKENS],  # room to merge every word whole
+        vocab_size=1000, special_tokens=CHAT_TOKENS,  # room to merge every word whole
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<|endoftext|>",
-                                  additional_special_tokens=CHAT_TOKENS)
+                                  additional_special_tokens=CHAT_TOKENS[1:])
     tok.chat_template = CHAT_TEMPLATE
     render = verbatim(lambda p: tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                         add_generation_prompt=True))

@@ -209,14 +209,13 @@ def test_the_tiny_byte_level_tokenizer_has_the_same_ids_in_every_process(monkeyp
     embedding rows in another process."""
     from tokenizers import pre_tokenizers
 
-    from probe.families.qwen import SPECIALS
-    from probe.families.words import byte_level
+    from probe.families.words import CHAT_TOKENS, byte_level
 
-    here = byte_level(SPECIALS, "<|endoftext|>", texts=["user\n"]).get_vocab()
+    here = byte_level(CHAT_TOKENS, "<|endoftext|>", texts=["user\n"]).get_vocab()
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     for order in (sorted(alphabet), sorted(alphabet, reverse=True)):
         monkeypatch.setattr(pre_tokenizers.ByteLevel, "alphabet", staticmethod(lambda order=order: list(order)))
-        assert byte_level(SPECIALS, "<|endoftext|>", texts=["user\n"]).get_vocab() == here
+        assert byte_level(CHAT_TOKENS, "<|endoftext|>", texts=["user\n"]).get_vocab() == here
 
 
 # -- guidance ----------------------------------------------------------------------------------------------------------

@@ -19,8 +19,8 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from probe.families import tiny as parts
+from probe.families import words
 from probe.families.base import Velocity
-from probe.families.chat import causal_lm, chat_tokenizer
 from probe.families.flux import PACK, Flux
 from probe.families.keys import TextKeys, templated, verbatim
 from probe.families.layout import TapError
@@ -183,14 +183,15 @@ TEXT_WIDTH = 16
 def tiny_flux2():
     """A small random Flux2Pipeline (FLUX.2 [dev]'s layout: double- and single-stream blocks, a Mistral-style chat LLM
     whose hidden states 10, 20 and 30 are the text, the system message in the template), 32 px, the same weights on
-    every call. The project's CLIP BPE with chat tokens stands in for Mistral's tokenizer."""
+    every call. A byte-level word tokenizer (:func:`probe.families.words.chat`) stands in for Mistral's."""
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
 
-    tok = chat_tokenizer()
+    tok = words.chat([SYSTEM_MESSAGE])
     with parts.seeded():
         pipe = Flux2Pipeline(
             scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(), transformer=_transformer(TEXT_WIDTH),
-            text_encoder=causal_lm("mistral", len(tok), TEXT_WIDTH, DEV_TEXT_LAYERS, tok.pad_token_id), tokenizer=tok,
+            text_encoder=parts.llm("mistral", len(tok), TEXT_WIDTH, DEV_TEXT_LAYERS, tok.pad_token_id), tokenizer=tok,
         )
     pipe.default_sample_size = 16
     return pipe
@@ -201,11 +202,11 @@ def tiny_flux2_klein():
     the text, classifier-free guidance as separate cond / uncond passes), 32 px, the same weights on every call."""
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 
-    tok = chat_tokenizer()
+    tok = words.chat()
     with parts.seeded():
         pipe = Flux2KleinPipeline(
             scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(), transformer=_transformer(TEXT_WIDTH),
-            text_encoder=causal_lm("qwen3", len(tok), TEXT_WIDTH, KLEIN_TEXT_LAYERS + 1, tok.pad_token_id),
+            text_encoder=parts.llm("qwen3", len(tok), TEXT_WIDTH, KLEIN_TEXT_LAYERS + 1, tok.pad_token_id),
             tokenizer=tok,
         )
     pipe.default_sample_size = 16

@@ -26,7 +26,6 @@ from probe.families.keys import TextKeys, templated
 from probe.families.layout import TEXT_QUERIES, Split, TapError, attention_modules, unknown_modules
 
 PACK = 2  # Qwen-Image packs 2×2 latent pixels into one token
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 class QwenImage(Family):
@@ -178,8 +177,7 @@ def tiny_qwen_image():
             shift_terminal=0.02, time_shift_type="exponential", use_dynamic_shifting=True)
         pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None,
                                  transformer=transformer)
-        tokenizer = words.byte_level(SPECIALS, "<|endoftext|>", texts=[pipe.prompt_template_encode.format("")],
-                                     pad_token="<|endoftext|>", eos_token="<|im_end|>")
+        tokenizer = words.chat([pipe.prompt_template_encode.format("")])
         config = Qwen2_5_VLConfig(
             text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
                          "num_key_value_heads": 2, "vocab_size": len(tokenizer),

@@ -157,7 +157,6 @@ def tiny_sana():
     weights on every call; a flow-matching Euler scheduler as diffusers' own tests give it. Its tokenizer splits at
     spaces like Gemma's, one token per word."""
     from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
-    from transformers import Gemma2Config, Gemma2Model
 
     tokenizer = words.pieces(SPECIALS, "<bos>", "<unk>", texts=["\n".join(_instruction(SanaPipeline))],
                              pad_token="<pad>", eos_token="<eos>")
@@ -176,10 +175,8 @@ def tiny_sana():
             decoder_layers_per_block=(1, 1), downsample_block_type="conv", upsample_block_type="interpolate",
             decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407,
         )
-        encoder = Gemma2Model(Gemma2Config(
-            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=2, head_dim=8, max_position_embeddings=1024, attn_implementation="eager",
-            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id)).eval()
+        encoder = parts.llm("gemma2", len(tokenizer), 16, 2, tokenizer.pad_token_id, num_key_value_heads=2,
+                            attn_implementation="eager", bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id)
     return SanaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, transformer=transformer,
                         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))

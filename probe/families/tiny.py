@@ -1,5 +1,6 @@
 """Parts of the small random pipelines each family builds for tests and benchmarks (offline, the same weights on every
-call and machine): the project's tokenizer, small CLIP / T5 text encoders, a small autoencoder and a DDIM scheduler."""
+call and machine): the project's tokenizer, small CLIP / T5 / LLM text encoders, a small autoencoder and a DDIM
+scheduler. (Tokenizers in other models' spellings: :mod:`probe.families.words`.)"""
 
 from __future__ import annotations
 
@@ -43,6 +44,28 @@ def t5_encoder(vocab: int, width: int):
 
     return T5EncoderModel(T5Config(vocab_size=vocab, d_model=width, d_ff=2 * width, d_kv=8, num_layers=2, num_heads=4,
                                    decoder_start_token_id=0, pad_token_id=vocab - 1, eos_token_id=vocab - 1)).eval()
+
+
+def llm(kind: str, vocab: int, width: int, layers: int, pad: int, **config):
+    """A small random LLM text encoder in eval mode: ``mistral`` or ``qwen3`` causal LMs, the ``qwen3-model`` or
+    ``gemma2`` bodies; ``config``: what a family's encoder sets otherwise."""
+    from transformers import (
+        Gemma2Config,
+        Gemma2Model,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+        Qwen3Model,
+    )
+
+    models = {"mistral": (MistralConfig, MistralForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+              "qwen3-model": (Qwen3Config, Qwen3Model), "gemma2": (Gemma2Config, Gemma2Model)}
+    shape = {"vocab_size": vocab, "hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": layers,
+             "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": width // 2,
+             "max_position_embeddings": 1024, "pad_token_id": pad}
+    settings, model = models[kind]
+    return model(settings(**{**shape, **config})).eval()
 
 
 def vae(flow: bool = False) -> AutoencoderKL:

@@ -1,9 +1,9 @@
 """Small word-level tokenizers for the tiny random pipelines of families whose real tokenizers are byte-level BPE
-(Qwen2: "Ġcat") or SentencePiece-style (Gemma: "▁cat"): one token per word of the project's vocabulary (the words of
-its CLIP BPE, :func:`probe._assets.tokenizer_files`) in the real tokenizer's spelling, built from a sorted list, so
-the ids are the same in every process and on every machine (nothing is trained). A word outside the vocabulary is one
-unknown token, so a text has as many tokens as the real tokenizer gives it where the real one keeps each word whole
-(Qwen-Image's template prefix: 34)."""
+(Qwen2 / Qwen3 / Mistral: "Ġcat"; :func:`chat` adds Qwen's chat template) or SentencePiece-style (Gemma: "▁cat"):
+one token per word of the project's vocabulary (the words of its CLIP BPE, :func:`probe._assets.tokenizer_files`) in
+the real tokenizer's spelling, built from sorted lists, so the ids are the same in every process and on every machine
+(nothing is trained). A word outside the vocabulary is one unknown token, so a text has as many tokens as the real
+tokenizer gives it where the real one keeps each word whole (Qwen-Image's template prefix: 34)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,14 @@ from probe._assets import tokenizer_files
 
 BYTE_SPACE = "Ġ"  # byte-level BPE's mark of a leading space
 PIECE_SPACE = "▁"  # SentencePiece's
+CHAT_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # Qwen's special tokens (the first pads)
+CHAT_TEMPLATE = (  # a Qwen-style chat template
+    "{%- for m in messages -%}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}{{ c['text'] }}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor -%}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif -%}"
+)
+CHAT_ROLES = "system\nuser\nassistant\n"  # the words CHAT_TEMPLATE adds around the messages
 
 
 @cache
@@ -65,3 +73,12 @@ def pieces(specials: list[str], bos: str, unknown: str, texts: Sequence[str] = (
     model.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                                          special_tokens=[(bos, ids[bos])])
     return _fast(model, specials, bos_token=bos, unk_token=unknown, **tokens)
+
+
+def chat(texts: Sequence[str] = ()) -> PreTrainedTokenizerFast:
+    """A Qwen-style chat tokenizer: :func:`byte_level` with Qwen's special tokens and :data:`CHAT_TEMPLATE`, the
+    template's roles and the pieces of ``texts`` (a pipeline's own template or system message) as tokens."""
+    tok = byte_level(CHAT_TOKENS, CHAT_TOKENS[0], texts=[CHAT_ROLES, *texts], pad_token=CHAT_TOKENS[0],
+                     eos_token=CHAT_TOKENS[2])
+    tok.chat_template = CHAT_TEMPLATE
+    return tok

@@ -23,8 +23,8 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from probe.families import tiny as parts
+from probe.families import words
 from probe.families.base import Family, Velocity
-from probe.families.chat import causal_lm, chat_tokenizer
 from probe.families.keys import TextKeys, templated, verbatim
 from probe.families.layout import TEXT_QUERIES, Split, TapError, attention_modules, unknown_modules
 
@@ -138,11 +138,12 @@ class ZImage(Family):
 
 def tiny_zimage():
     """A small random ZImagePipeline (noise and context refiners, single-stream layers, a Qwen3-style chat LLM whose
-    second-to-last hidden states are the caption), the same weights on every call. The project's CLIP BPE with chat
-    tokens stands in for Qwen's tokenizer. Its pipeline's own default size is 1024 px: give height and width."""
+    second-to-last hidden states are the caption), the same weights on every call. A byte-level word tokenizer
+    (:func:`probe.families.words.chat`) stands in for Qwen's. Its pipeline's own default size is 1024 px: give height
+    and width."""
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
 
-    tok = chat_tokenizer()
+    tok = words.chat()
     width = 16
     with parts.seeded():
         transformer = ZImageTransformer2DModel(
@@ -152,7 +153,7 @@ def tiny_zimage():
         _perturb_pad_tokens(transformer)
         return ZImagePipeline(
             scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(), transformer=transformer,
-            text_encoder=causal_lm("qwen3-model", len(tok), width, 2, tok.pad_token_id), tokenizer=tok,
+            text_encoder=parts.llm("qwen3-model", len(tok), width, 2, tok.pad_token_id), tokenizer=tok,
         )
 
 
