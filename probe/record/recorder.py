@@ -14,6 +14,8 @@ from probe.tap.layers import TEXT_QUERIES
 class Recorder(Consumer):
     """Tap consumer that keeps the requested maps of one batch in device buffers."""
 
+    conditional_only = True  # the conditional rows are all it keeps: the tap scores no unconditional half
+
     def __init__(self, plan: Plan, batch: slice, device: torch.device, steps: int):
         self.plan, self.device, self.steps = plan, device, steps
         self.mean_heads = plan.heads == "mean"
@@ -35,6 +37,7 @@ class Recorder(Consumer):
         n_real = [len(t) for t in plan.tokens[batch]]
         slots = torch.arange(plan.n_tokens, device=device)
         self.padding = slots[None, :] >= torch.tensor(n_real, device=device)[:, None]
+        self.padded = min(n_real) < plan.n_tokens  # some sample has padding slots
         self.positions = torch.tensor([p + [0] * (plan.n_tokens - len(p)) for p in plan.positions[batch]],
                                       device=device)  # (n, n_tokens): encoder positions of the recorded tokens
 
@@ -55,16 +58,16 @@ class Recorder(Consumer):
         if x.shape[0] != self.n:
             raise TapError(f"{call.layer.name}: a {call.pass_} pass with {x.shape[0]} conditional rows at step "
                            f"{call.step}, but this recording's batch has {self.n} samples")
-        if self.plan.heads == "mean":
-            x = x.float().mean(1)
+        if self.plan.heads == "mean":  # a head mean the tap made already is taken as it is
+            x = x[:, 0].float() if x.shape[1] == 1 else x.float().mean(1)
         elif self.plan.heads != "all":
             x = x[:, self.plan.heads]
         h, w = call.layer.grid
         kind = call.layer.kind
         if kind in TEXT_QUERIES:  # the recorded tokens' rows, padding rows NaN
             x = self._tokens(x.transpose(-1, -2)).transpose(-1, -2)
-        if kind in ("cross", "text_text"):
-            x = self._tokens(x)
+        if kind in ("cross", "text_text"):  # the tap may have scored the recorded tokens' columns alone
+            x = self._pad(x) if call.only_columns else self._tokens(x)
         if kind == "cross":
             x = x.reshape(*x.shape[:-2], h, w, x.shape[-1])
         elif kind == "text_image":
@@ -77,8 +80,12 @@ class Recorder(Consumer):
             if (kh, kw) != (h, w):  # each pooled key cell holds the attention mass of the keys inside it
                 keys = keys.reshape(*keys.shape[:-2], kh, h // kh, kw, w // kw).sum((-3, -1))
             x = keys if self.plan.self_queries is not None else keys.reshape(*x.shape[:-2], h, w, kh, kw)
-        self.buffers[group][:, self.step_pos[call.step], i] = x.to(torch.float16)
+        self.buffers[group][:, self.step_pos[call.step], i] = x  # to float16 in the copy
         return None
+
+    def columns(self, call: Call) -> torch.Tensor | None:
+        """The recorded tokens' key columns of a text-key block (each sample's own positions)."""
+        return self.positions if call.layer.kind in ("cross", "text_text") else None
 
     def reads_qk(self, call: Call) -> bool:
         return self.plan.is_qk(call.layer.group)
@@ -95,8 +102,13 @@ class Recorder(Consumer):
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         """The recorded tokens' columns of (n, …, text slots): each sample's own positions, padding NaN."""
         index = self.positions.view(self.n, *([1] * (x.ndim - 2)), -1).expand(*x.shape[:-1], -1)
-        pad = self.padding.view(self.n, *([1] * (x.ndim - 2)), -1)
-        return x.gather(-1, index).masked_fill(pad, float("nan"))
+        return self._pad(x.gather(-1, index))
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        """NaN in the padding slots of (n, …, text slots); ``x`` itself where no sample has any."""
+        if not self.padded:
+            return x
+        return x.masked_fill(self.padding.view(self.n, *([1] * (x.ndim - 2)), -1), float("nan"))
 
     def to_host(self) -> dict[str, np.ndarray]:
         return {g: b.cpu().numpy() for g, b in self.buffers.items()}

@@ -48,6 +48,8 @@ class Call:
     pass_: str  # one of PASSES
     batch: int  # batch size of this call (both CFG halves in a "cfg" pass)
     conditional_first: bool = False  # a "cfg" batch is [conditional; unconditional] (the family says so)
+    only_conditional: bool = False  # the tensors handed with this call hold the conditional rows alone
+    only_columns: bool = False  # their keys are the consumer's own columns (Consumer.columns), in its order
 
     @property
     def cfg(self) -> bool:
@@ -55,7 +57,9 @@ class Call:
 
     def conditional_rows(self, n: int) -> slice:
         """The conditional rows of a batch of ``n``: one half of a ``cfg`` pass (the second unless the family puts
-        the conditional half first), all of a conditional one."""
+        the conditional half first), all of a conditional one, all of a tensor that holds them alone."""
+        if self.only_conditional:
+            return slice(0, n)
         if self.pass_ == "cfg":
             return slice(0, n // 2) if self.conditional_first else slice(n // 2, n)
         if self.pass_ == "uncond":
@@ -73,6 +77,15 @@ class Consumer:
 
     replaces = False
     mean_heads = False  # True: it reads only the mean over heads; the tap may hand it (batch, 1, queries, keys)
+    conditional_only = False  # True: it reads only Call.conditional rows; the tap may hand those alone
+
+    def columns(self, call: Call) -> torch.Tensor | None:
+        """The key columns of the call's block that this read-only consumer reads: a (rows, columns) index tensor,
+        one row per batch row it reads (the conditional ones where ``conditional_only``), or None for every key.
+        Where all of a call's consumers give the same one, the tap may score only those keys and hand
+        (rows, heads, queries, columns) with ``Call.only_columns`` set: a softmax row's cost then follows the
+        columns kept, not the keys it normalises over."""
+        return None
 
     def wants(self, call: Call) -> bool:
         return False
@@ -169,19 +182,22 @@ class _Intercept:
             rows, keys = self.split.block(call.layer.kind)
             if rows is None or keys is None:
                 continue
-            # in place and with the scale and log₂e on q (queries × dim, not queries × keys): the block is as large
-            # as the attention itself, so every extra pass over it costs as much as a kernel
-            q, k = query[..., rows, :].float() * (scale * LOG2E), key[..., keys, :].float()
-            m = None if mask is None else mask.float().expand(*query.shape[:2], -1, -1)[..., rows, keys]
-            floor = lse[..., rows, None].float()
-            if all(c.mean_heads for c in consumers):  # one head at a time, summed: the block stays in cache
-                total = None
-                for h in range(q.shape[1]):
-                    head = _exp_scores(q[:, h], k[:, h], None if m is None else m[:, h], floor[:, h])
-                    total = head if total is None else total.add_(head)
-                block = (total / q.shape[1])[:, None].to(query.dtype)
+            only_conditional = all(c.conditional_only for c in consumers)  # a CFG pass: half the rows to score
+            batch = call.conditional_rows(query.shape[0]) if only_conditional else slice(None)
+            q, k = query[batch][..., rows, :].float(), key[batch][..., keys, :].float()
+            m = None if mask is None else mask.float().expand(*query.shape[:2], -1, -1)[batch][..., rows, keys]
+            floor = lse[batch][..., rows, None].float()
+            columns = _agreed_columns(call, consumers, k.shape[0], only_conditional)
+            if columns is not None:  # only the keys that are read: a text block of 77 keys may be read at 8
+                k = k.gather(-2, columns[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1]))
+                m = None if m is None else m.gather(-1, columns[:, None, None, :].expand(*m.shape[:-1], -1))
+            if only_conditional or columns is not None:
+                call = Call(call.layer, call.step, call.timestep, call.pass_, call.batch, call.conditional_first,
+                            only_conditional, columns is not None)
+            if all(c.mean_heads for c in consumers):
+                block = _head_mean(q, k, m, floor, scale).to(query.dtype)
             else:
-                block = _exp_scores(q, k, m, floor).to(query.dtype)
+                block = _exp_scores(q, k, m, floor, scale).to(query.dtype)
             for consumer in consumers:
                 if consumer.on_probs(call, block) is not None:
                     raise TapError(f"{type(consumer).__name__} returned replaced probabilities without declaring "
@@ -224,14 +240,48 @@ _REAL_SDPA = torch.nn.functional.scaled_dot_product_attention
 LOG2E = 1.4426950408889634
 
 
-def _exp_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, floor: torch.Tensor) -> torch.Tensor:
-    """exp(q·kᵀ·scale + mask − logsumexp) as 2^(…·log₂e), ``q`` already multiplied by scale·log₂e: the bias added
-    inside the matmul and exp2 in place (about 2.5× faster than exp on a CPU)."""
+CACHED_BLOCK = 1 << 16  # queries × keys of one head from which scoring a head at a time is faster (it stays in cache)
+
+
+def _head_mean(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, floor: torch.Tensor,
+               scale: float) -> torch.Tensor:
+    """Mean over heads of :func:`_exp_scores`, (batch, 1, queries, keys): a large block one head at a time, summed
+    in place, so that it stays in cache; a small one all heads at once, in fewer kernels."""
+    heads = q.shape[1]
+    if q.shape[-2] * k.shape[-2] < CACHED_BLOCK:
+        return _exp_scores(q, k, mask, floor, scale).mean(1, keepdim=True)
+    total = None
+    for h in range(heads):
+        head = _exp_scores(q[:, h], k[:, h], None if mask is None else mask[:, h], floor[:, h], scale)
+        total = head if total is None else total.add_(head)
+    return (total / heads)[:, None]
+
+
+def _agreed_columns(call: Call, consumers: list[Consumer], rows: int, only_conditional: bool) -> torch.Tensor | None:
+    """The key columns (:meth:`Consumer.columns`) that every consumer of a call reads, one row per scored batch row;
+    None where one reads every key or they differ."""
+    if only_conditional:
+        call = Call(call.layer, call.step, call.timestep, call.pass_, call.batch, call.conditional_first, True)
+    first = consumers[0].columns(call)
+    if first is None or first.ndim != 2 or first.shape[0] != rows:
+        return None
+    for consumer in consumers[1:]:
+        other = consumer.columns(call)
+        if other is not first and (other is None or other.shape != first.shape or not torch.equal(other, first)):
+            return None
+    return first
+
+
+def _exp_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, floor: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """exp(q·kᵀ·scale + mask − logsumexp) as 2^(…·log₂e), all of it but exp2 inside one matmul (baddbmm: the
+    log-sum-exp and mask as its added term, scale·log₂e as its alpha) and exp2 in place (about 2.5× faster than exp
+    on a CPU): the block is as large as the attention itself, so every extra pass over it costs as much as a kernel."""
     lead, n_q, n_k = q.shape[:-2], q.shape[-2], k.shape[-2]
-    bias = (-floor if mask is None else mask - floor) * LOG2E  # (…, queries, 1 | keys)
+    bias, beta = (floor, -LOG2E) if mask is None else (mask - floor, LOG2E)  # (…, queries, 1 | keys)
     bias = bias.expand(*lead, *bias.shape[-2:]).reshape(-1, *bias.shape[-2:])
-    scores = torch.baddbmm(bias, q.reshape(-1, n_q, q.shape[-1]),
-                           k.reshape(-1, n_k, k.shape[-1]).transpose(-1, -2))
+    scores = torch.baddbmm(bias, q.reshape(-1, n_q, q.shape[-1]), k.reshape(-1, n_k, k.shape[-1]).transpose(-1, -2),
+                           beta=beta, alpha=scale * LOG2E)
     return torch.exp2_(scores).view(*lead, n_q, n_k)
 
 
