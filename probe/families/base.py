@@ -133,6 +133,18 @@ class Family:
         return float(guidance_scale)
 
 
+def set_shifted_sigmas(pipe, sigmas, image_tokens: int) -> None:
+    """Set a flow-matching scheduler's ``sigmas`` as FLUX-style pipelines do (FLUX.1, Qwen-Image, Z-Image): shifted
+    by ``calculate_shift`` of the image token count, with the scheduler's own settings (diffusers' defaults where it
+    has none)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    c = pipe.scheduler.config
+    mu = calculate_shift(image_tokens, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                         c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+    pipe.scheduler.set_timesteps(sigmas=sigmas, device=pipe._execution_device, mu=mu)
+
+
 def _scaling(vae) -> float:
     """An autoencoder's latent scaling factor (1 where its config has none)."""
     return getattr(vae.config, "scaling_factor", None) or 1.0

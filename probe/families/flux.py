@@ -14,7 +14,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from probe.families import tiny as parts
-from probe.families.base import Family, Velocity
+from probe.families.base import Family, Velocity, set_shifted_sigmas
 from probe.families.layout import TEXT_QUERIES, Split, TapError, attention_modules, unknown_modules
 
 PACK = 2  # FLUX packs 2×2 latent pixels into one token
@@ -35,7 +35,8 @@ class Flux(Family):
         found = {name: ("cross", "self", *TEXT_QUERIES) for name in attention_modules(net)
                  if name.startswith(("transformer_blocks.", "single_transformer_blocks.")) and name.endswith(".attn")}
         if len(found) != len(attention_modules(net)):
-            raise TypeError(f"attention modules the FLUX family does not know: {unknown_modules(net, set(found))}")
+            raise TypeError(f"attention modules the {self.title} family does not know: "
+                            f"{unknown_modules(net, set(found))}")
         return found
 
     def latent(self, pipe) -> tuple[int, int]:
@@ -91,13 +92,8 @@ class Flux(Family):
 
     def set_timesteps(self, pipe, steps: int, height: int, width: int) -> None:
         """FluxPipeline's sigmas and its resolution-dependent shift."""
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        scale, c = pipe.vae_scale_factor, pipe.scheduler.config
-        tokens = (height // scale // PACK) * (width // scale // PACK)
-        mu = calculate_shift(tokens, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                             c.get("base_shift", 0.5), c.get("max_shift", 1.15))
-        pipe.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=pipe._execution_device, mu=mu)
+        step = pipe.vae_scale_factor * PACK
+        set_shifted_sigmas(pipe, np.linspace(1.0, 1 / steps, steps), (height // step) * (width // step))
 
     def initial_noise(self, pipe, generator: torch.Generator, latent_hw: tuple[int, int]) -> torch.Tensor:
         net = pipe.transformer

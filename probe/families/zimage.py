@@ -24,7 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from probe.families import tiny as parts
 from probe.families import words
-from probe.families.base import Family, Velocity
+from probe.families.base import Family, Velocity, set_shifted_sigmas
 from probe.families.keys import TextKeys, templated, verbatim
 from probe.families.layout import TEXT_QUERIES, Split, TapError, attention_modules, unknown_modules
 
@@ -117,12 +117,10 @@ class ZImage(Family):
 
     def set_timesteps(self, pipe, steps: int, height: int, width: int) -> None:
         """ZImagePipeline's sigmas linspace(1, 1/T) and FLUX's resolution-dependent shift."""
-        from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
+        from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sigmas
 
-        step, c = pipe.vae_scale_factor * PATCH, pipe.scheduler.config
-        mu = calculate_shift((height // step) * (width // step), c.get("base_image_seq_len", 256),
-                             c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5), c.get("max_shift", 1.15))
-        pipe.scheduler.set_timesteps(sigmas=get_default_z_image_sigmas(steps), device=pipe._execution_device, mu=mu)
+        step = pipe.vae_scale_factor * PATCH
+        set_shifted_sigmas(pipe, get_default_z_image_sigmas(steps), (height // step) * (width // step))
 
     def initial_noise(self, pipe, generator: torch.Generator, latent_hw: tuple[int, int]) -> torch.Tensor:
         return randn_tensor((1, pipe.transformer.in_channels, *latent_hw), generator=generator,
