@@ -1,5 +1,6 @@
-"""The FLUX family: FLUX.1 (``FluxTransformer2DModel``); FLUX.2 (``Flux2Transformer2DModel``) shares its attention
-layout and subclasses it (:mod:`probe.families.flux2`). Attention modules are ``FluxAttention`` / ``Flux2Attention``
+"""The FLUX family: FLUX.1 (``FluxTransformer2DModel``); FLUX.2 (``Flux2Transformer2DModel``) and Qwen-Image (its
+double-stream blocks alone) share its attention layout and subclass it (:mod:`probe.families.flux2`,
+:mod:`probe.families.qwen`). Attention modules are ``FluxAttention`` / ``Flux2Attention``
 and, in FLUX.2's single-stream blocks, ``Flux2ParallelSelfAttention`` (``AttentionModuleMixin``); text tokens come
 first (``cat([text, image])``), q and k get RMS norms and rotary embeddings before the scores, and attention goes
 through ``dispatch_attention_fn`` in (batch, tokens, heads, dim). Double-stream blocks project text and image

@@ -15,47 +15,31 @@ one (``guidance_embeds``) and ignored otherwise."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
 from probe.families import tiny as parts
 from probe.families import words
-from probe.families.base import Family, Velocity
+from probe.families.base import Velocity
+from probe.families.flux import PACK, Flux
 from probe.families.keys import TextKeys, templated
-from probe.families.layout import TEXT_QUERIES, Split, TapError, attention_modules, unknown_modules
-
-PACK = 2  # Qwen-Image packs 2×2 latent pixels into one token
+from probe.families.layout import TapError
 
 
-class QwenImage(Family):
+class QwenImage(Flux):
+    """Laid out as FLUX.1's double-stream blocks ([text; image], 2×2 latent pixels a token) and scheduled as FLUX.1 is
+    (linspace sigmas, resolution-dependent shift); its noise is FLUX's draw with a frame axis of one (the same
+    numbers). What differs: the grid from ``img_shapes``, its text keys, its one-frame autoencoder and the call of
+    its transformer. An edit's scale is the pipeline's ``true_cfg_scale`` (:func:`probe.models.generation`), which
+    acts only with a ``negative_prompt``: an edit without one runs the conditional branch alone, as the inversion
+    does, so the inversion is made at the edit's own scale."""
+
     name = "qwen-image"
     title = "Qwen-Image"
-    flow = True
-    max_sequence = 512  # the pipeline's own max_sequence_length default
 
     def matches(self, net) -> bool:
         from diffusers import QwenImageTransformer2DModel
 
         return isinstance(net, QwenImageTransformer2DModel)
-
-    def modules(self, net) -> dict[str, tuple[str, ...]]:
-        found = {name: ("cross", "self", *TEXT_QUERIES) for name in attention_modules(net)
-                 if name.startswith("transformer_blocks.") and name.endswith(".attn")}
-        if len(found) != len(attention_modules(net)):
-            raise TypeError("attention modules the Qwen-Image family does not know: "
-                            f"{unknown_modules(net, set(found))}")
-        return found
-
-    def latent(self, pipe) -> tuple[int, int]:
-        size = pipe.default_sample_size
-        return size, size
-
-    def pixel_multiple(self, pipe) -> int:
-        return pipe.vae_scale_factor * PACK
-
-    def grid(self, net, name: str, latent_hw: tuple[int, int]) -> tuple[int, int]:
-        return latent_hw[0] // PACK, latent_hw[1] // PACK
 
     def observe(self, net, args: tuple, kwargs: dict, state) -> None:
         shapes = kwargs.get("img_shapes")
@@ -66,13 +50,6 @@ class QwenImage(Family):
                            "tokens follow the generated image's in each softmax, a layout the tap does not split yet")
         _, h, w = shapes[0][0]
         state.image_grid = (int(h), int(w))
-
-    def split(self, attn, hidden_states, encoder_hidden_states, state) -> Split:
-        n_text = encoder_hidden_states.shape[1]  # [text; image] in every block
-        return Split(slice(n_text, None), slice(n_text, None), slice(0, n_text), slice(0, n_text))
-
-    def runtime_grid(self, layer, hidden_states, state) -> tuple[int, int]:
-        return state.image_grid or layer.grid
 
     def text_parts(self, pipe, max_sequence_length: int | None) -> list:
         length = max_sequence_length or self.max_sequence
@@ -97,24 +74,6 @@ class QwenImage(Family):
                        encoder_hidden_states=embeds.expand(n, -1, -1), img_shapes=shapes * n, return_dict=False)[0]
         return call
 
-    def set_timesteps(self, pipe, steps: int, height: int, width: int) -> None:
-        """QwenImagePipeline's sigmas and its resolution-dependent shift."""
-        from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
-
-        scale, c = pipe.vae_scale_factor, pipe.scheduler.config
-        tokens = (height // scale // PACK) * (width // scale // PACK)
-        mu = calculate_shift(tokens, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                             c.get("base_shift", 0.5), c.get("max_shift", 1.15))
-        pipe.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=pipe._execution_device, mu=mu)
-
-    def initial_noise(self, pipe, generator: torch.Generator, latent_hw: tuple[int, int]) -> torch.Tensor:
-        """The pipeline's draw: (1, 1 frame, channels, h, w), packed into tokens."""
-        net = pipe.transformer
-        channels = net.config.in_channels // PACK**2
-        noise = randn_tensor((1, 1, channels, *latent_hw), generator=generator, device=pipe._execution_device,
-                             dtype=net.dtype)
-        return pipe._pack_latents(noise, 1, channels, *latent_hw)
-
     def to_latent(self, pipe, pixels: torch.Tensor) -> torch.Tensor:
         """AutoencoderKLQwenImage encodes one-frame videos; the pipeline normalises by its per-channel mean and SD."""
         vae = pipe.vae
@@ -126,24 +85,11 @@ class QwenImage(Family):
         mean, std = _latent_stats(vae, latent)
         return vae.decode((latent[:, :, None] * std + mean).to(vae.dtype), return_dict=False)[0][:, :, 0]
 
-    def pack(self, pipe, latent: torch.Tensor) -> torch.Tensor:
-        return pipe._pack_latents(latent, 1, *latent.shape[1:])
-
     def unpack(self, pipe, latent: torch.Tensor, height: int | None, width: int | None) -> torch.Tensor:
-        scale = pipe.vae_scale_factor
-        side = round((latent.shape[1] * PACK**2) ** 0.5) * scale  # tokens = (h/2)·(w/2) latent pixels
-        return pipe._unpack_latents(latent, height or side, width or side, scale)[:, :, 0]
+        return super().unpack(pipe, latent, height, width)[:, :, 0]  # the one frame
 
     def tiny(self) -> dict:
         return {"tiny-qwen-image": tiny_qwen_image}
-
-    def embeds_guidance(self, net) -> bool:
-        return bool(net.config.guidance_embeds)
-
-    def inversion_guidance(self, pipe, guidance_scale: float) -> float:
-        """An edit's scale is the pipeline's ``true_cfg_scale`` (:func:`probe.models.generation`), which acts only
-        with a ``negative_prompt``: an edit without one runs the conditional branch alone, as the inversion does."""
-        return float(guidance_scale)
 
 
 def _latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
