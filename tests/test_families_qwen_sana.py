@@ -203,6 +203,22 @@ def test_a_sweeps_subject_placement_reads_the_text_keys_view(dit):
     assert [[layout.texts[layout.positions.index(p)] for p in at] for at in found] == [["cat"], ["dog"]]
 
 
+def test_an_attention_module_the_family_does_not_know_is_named_not_left_untapped(dit):
+    """A denoiser with one more attention module than its family maps is refused, the module named."""
+    import copy
+
+    name, pipe = dit
+    net = pipe.transformer
+    block = net.transformer_blocks[0]
+    net.add_module("extra", copy.deepcopy(block.attn if name == QWEN else block.attn2))
+    try:
+        with pytest.raises(TypeError, match=r"the (Qwen-Image|Sana) family does not know: extra \("):
+            family(pipe).modules(net)
+    finally:
+        del net.extra
+    assert "extra" not in "".join(family(pipe).modules(net))
+
+
 def test_the_tiny_byte_level_tokenizer_has_the_same_ids_in_every_process(monkeypatch):
     """The tiny Qwen-Image tokenizer is built, not trained or stored: its ids must not follow the order in which the
     tokenizers library lists the byte alphabet (another in each process), or the same weights would read other

@@ -16,7 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from probe.families import tiny as parts
 from probe.families.base import Family, Velocity, set_shifted_sigmas
-from probe.families.layout import TEXT_QUERIES, Split, TapError, attention_modules, unknown_modules
+from probe.families.layout import TEXT_QUERIES, Split, TapError, attention_modules, every_module
 
 PACK = 2  # FLUX packs 2×2 latent pixels into one token
 
@@ -35,10 +35,7 @@ class Flux(Family):
     def modules(self, net) -> dict[str, tuple[str, ...]]:
         found = {name: ("cross", "self", *TEXT_QUERIES) for name in attention_modules(net)
                  if name.startswith(("transformer_blocks.", "single_transformer_blocks.")) and name.endswith(".attn")}
-        if len(found) != len(attention_modules(net)):
-            raise TypeError(f"attention modules the {self.title} family does not know: "
-                            f"{unknown_modules(net, set(found))}")
-        return found
+        return every_module(net, found, self.title)
 
     def latent(self, pipe) -> tuple[int, int]:
         size = getattr(pipe, "default_sample_size", 128)

@@ -98,3 +98,15 @@ def unknown_modules(net, known: set[str]) -> str:
     """A report of attention modules outside ``known``: name and processor class, for an error message."""
     rest = [f"{n} ({type(m.processor).__name__})" for n, m in attention_modules(net).items() if n not in known]
     return ", ".join(rest[:8]) + (f" and {len(rest) - 8} more" if len(rest) > 8 else "")
+
+
+Kinds = dict[str, tuple[str, ...]]  # attention module name → the kinds it holds
+
+
+def every_module(net, found: Kinds, family: str, hint: str = "") -> Kinds:
+    """A family's map of ``net``'s attention modules (name → kinds), checked to hold every one: a module it does not
+    know would be left untapped, so a recording would silently lack it (``hint``: a likely cause, for the error)."""
+    if len(found) != len(attention_modules(net)):
+        raise TypeError(f"attention modules the {family} family does not know{hint}: "
+                        f"{unknown_modules(net, set(found))}")
+    return found

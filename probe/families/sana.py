@@ -25,7 +25,7 @@ from probe.families import tiny as parts
 from probe.families import words
 from probe.families.base import Family, Velocity
 from probe.families.keys import TextKeys, prompt_span
-from probe.families.layout import Split, TapError, attention_modules, unknown_modules
+from probe.families.layout import Split, TapError, attention_modules, every_module
 
 SIDE_MULTIPLE = 32  # SanaPipeline.check_inputs: height and width multiples of 32 px
 LINEAR = ("self-attention is linear attention (ReLU feature maps, no softmax over the keys), so it has no "
@@ -54,9 +54,7 @@ class Sana(Family):
                 found[name] = ("cross",)
             elif name.startswith("transformer_blocks.") and name.endswith(".attn1"):
                 found[name] = ()  # linear attention: no probabilities to tap
-        if len(found) != len(attention_modules(net)):
-            raise TypeError(f"attention modules the Sana family does not know: {unknown_modules(net, set(found))}")
-        return found
+        return every_module(net, found, self.title)
 
     def latent(self, pipe) -> tuple[int, int]:
         size = pipe.transformer.config.sample_size

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from probe.families import tiny as parts
 from probe.families.base import Family, Velocity
-from probe.families.layout import TEXT_QUERIES, Split, attention_modules, unknown_modules
+from probe.families.layout import TEXT_QUERIES, Split, attention_modules, every_module
 
 
 class SD3(Family):
@@ -28,9 +28,7 @@ class SD3(Family):
                 found[name] = ("cross", "self", *TEXT_QUERIES) if module.add_k_proj is not None else ("self",)
             elif name.endswith(".attn2"):
                 found[name] = ("self",)
-        if len(found) != len(attention_modules(net)):
-            raise TypeError(f"attention modules the SD3 family does not know: {unknown_modules(net, set(found))}")
-        return found
+        return every_module(net, found, self.title)
 
     def latent(self, pipe) -> tuple[int, int]:
         size = pipe.transformer.config.sample_size

@@ -26,7 +26,7 @@ from probe.families import tiny as parts
 from probe.families import words
 from probe.families.base import Family, Velocity, set_shifted_sigmas
 from probe.families.keys import TextKeys, templated, verbatim
-from probe.families.layout import TEXT_QUERIES, Split, TapError, attention_modules, unknown_modules
+from probe.families.layout import TEXT_QUERIES, Split, TapError, attention_modules, every_module
 
 PATCH = 2  # ZImagePipeline calls the transformer with patch_size=2: one token per 2×2 latent pixels
 SEQ_MULTIPLE = 32  # each part of a sample's sequence is padded to a multiple of this (the transformer's SEQ_MULTI_OF)
@@ -49,10 +49,7 @@ class ZImage(Family):
     def modules(self, net) -> dict[str, tuple[str, ...]]:
         found = {name: ROLES[name.split(".")[0]] for name in attention_modules(net)
                  if name.split(".")[0] in ROLES and name.endswith(".attention")}
-        if len(found) != len(attention_modules(net)):
-            raise TypeError(f"attention modules the Z-Image family does not know (the omni model's SigLIP refiner?): "
-                            f"{unknown_modules(net, set(found))}")
-        return found
+        return every_module(net, found, self.title, " (the omni model's SigLIP refiner?)")
 
     def latent(self, pipe) -> tuple[int, int]:
         side = DEFAULT_SIDE // pipe.vae_scale_factor
