@@ -180,34 +180,33 @@ def _vae():
 TEXT_WIDTH = 16
 
 
+def _tiny(pipeline, tok, llm: str, text_layers: int):
+    """A small random FLUX.2 pipeline of class ``pipeline`` around a chat LLM of kind ``llm`` (:func:`tiny.llm`),
+    32 px."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    with parts.seeded():
+        vae, transformer = _vae(), _transformer(TEXT_WIDTH)
+        encoder = parts.llm(llm, len(tok), TEXT_WIDTH, text_layers, tok.pad_token_id)
+        pipe = pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, transformer=transformer,
+                        text_encoder=encoder, tokenizer=tok)
+    pipe.default_sample_size = 16
+    return pipe
+
+
 def tiny_flux2():
     """A small random Flux2Pipeline (FLUX.2 [dev]'s layout: double- and single-stream blocks, a Mistral-style chat LLM
     whose hidden states 10, 20 and 30 are the text, the system message in the template), 32 px, the same weights on
     every call. A byte-level word tokenizer (:func:`probe.families.words.chat`) stands in for Mistral's."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+    from diffusers import Flux2Pipeline
     from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
 
-    tok = words.chat([SYSTEM_MESSAGE])
-    with parts.seeded():
-        pipe = Flux2Pipeline(
-            scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(), transformer=_transformer(TEXT_WIDTH),
-            text_encoder=parts.llm("mistral", len(tok), TEXT_WIDTH, DEV_TEXT_LAYERS, tok.pad_token_id), tokenizer=tok,
-        )
-    pipe.default_sample_size = 16
-    return pipe
+    return _tiny(Flux2Pipeline, words.chat([SYSTEM_MESSAGE]), "mistral", DEV_TEXT_LAYERS)
 
 
 def tiny_flux2_klein():
     """A small random Flux2KleinPipeline (FLUX.2 [klein]: a Qwen3-style chat LLM whose hidden states 9, 18 and 27 are
     the text, classifier-free guidance as separate cond / uncond passes), 32 px, the same weights on every call."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+    from diffusers import Flux2KleinPipeline
 
-    tok = words.chat()
-    with parts.seeded():
-        pipe = Flux2KleinPipeline(
-            scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(), transformer=_transformer(TEXT_WIDTH),
-            text_encoder=parts.llm("qwen3", len(tok), TEXT_WIDTH, KLEIN_TEXT_LAYERS + 1, tok.pad_token_id),
-            tokenizer=tok,
-        )
-    pipe.default_sample_size = 16
-    return pipe
+    return _tiny(Flux2KleinPipeline, words.chat(), "qwen3", KLEIN_TEXT_LAYERS + 1)
