@@ -19,7 +19,7 @@ TextPart = tuple[str, object, int]  # (encoder name, tokenizer, positions it tak
 
 
 class Family:
-    """How one kind of denoiser lays out its attention and is driven. Subclasses: UNet, SD3 (joint), FLUX."""
+    """How one kind of denoiser lays out its attention and is driven (one subclass a file: UNet, SD3, FLUX …)."""
 
     name = ""
     title = ""  # for messages: "SD3 / SD3.5"
@@ -131,6 +131,29 @@ class Family:
     def inversion_guidance(self, pipe, guidance_scale: float) -> float:
         """The guidance an inversion of this pipeline can be consistent with, for an edit at ``guidance_scale``."""
         return float(guidance_scale)
+
+
+class Patched(Family):
+    """A transformer that cuts its latent into square patches of ``config.patch_size`` latent pixels, one image token
+    each (SD3, Sana): the grid is the latent size over the patch, read from the latent of each call."""
+
+    def latent(self, pipe) -> tuple[int, int]:
+        size = pipe.transformer.config.sample_size
+        return size, size
+
+    def pixel_multiple(self, pipe) -> int:
+        return pipe.vae_scale_factor * pipe.transformer.config.patch_size
+
+    def grid(self, net, name: str, latent_hw: tuple[int, int]) -> tuple[int, int]:
+        p = net.config.patch_size
+        return latent_hw[0] // p, latent_hw[1] // p
+
+    def observe(self, net, args: tuple, kwargs: dict, state) -> None:
+        sample = args[0] if args else kwargs["hidden_states"]
+        state.latent_hw = tuple(sample.shape[-2:])
+
+    def runtime_grid(self, layer: Layer, hidden_states: torch.Tensor, state) -> tuple[int, int]:
+        return self.grid(state.net, layer.name, state.latent_hw)
 
 
 def set_shifted_sigmas(pipe, sigmas, image_tokens: int) -> None:

@@ -23,7 +23,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from probe.families import tiny as parts
 from probe.families import words
-from probe.families.base import Family, Velocity
+from probe.families.base import Patched, Velocity
 from probe.families.keys import TextKeys, prompt_span
 from probe.families.layout import Split, TapError, attention_modules, every_module
 
@@ -33,7 +33,7 @@ LINEAR = ("self-attention is linear attention (ReLU feature maps, no softmax ove
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
 
 
-class Sana(Family):
+class Sana(Patched):
     name = "sana"
     title = "Sana"
     flow = True
@@ -56,20 +56,8 @@ class Sana(Family):
                 found[name] = ()  # linear attention: no probabilities to tap
         return every_module(net, found, self.title)
 
-    def latent(self, pipe) -> tuple[int, int]:
-        size = pipe.transformer.config.sample_size
-        return size, size
-
     def pixel_multiple(self, pipe) -> int:
-        return math.lcm(pipe.vae_scale_factor * pipe.transformer.config.patch_size, SIDE_MULTIPLE)
-
-    def grid(self, net, name: str, latent_hw: tuple[int, int]) -> tuple[int, int]:
-        p = net.config.patch_size
-        return latent_hw[0] // p, latent_hw[1] // p
-
-    def observe(self, net, args: tuple, kwargs: dict, state) -> None:
-        sample = args[0] if args else kwargs["hidden_states"]
-        state.latent_hw = tuple(sample.shape[-2:])
+        return math.lcm(super().pixel_multiple(pipe), SIDE_MULTIPLE)
 
     def split(self, attn, hidden_states, encoder_hidden_states, state) -> Split:
         return Split(slice(None), None, slice(None))  # cross-attention: image queries, text keys only
@@ -78,8 +66,7 @@ class Sana(Family):
         """The grid being generated, which must be the one the tap was set up for: SanaPipeline generates at another
         size than it was asked for where it bins sizes (its default), and maps at a grid no consumer expects would
         fail far from the cause."""
-        p = state.net.config.patch_size
-        grid = state.latent_hw[0] // p, state.latent_hw[1] // p
+        grid = super().runtime_grid(layer, hidden_states, state)
         if grid != layer.grid:
             raise TapError(f"{layer.name}: the transformer runs on a {grid[0]}×{grid[1]} token grid, the tap was set "
                            f"up for {layer.grid[0]}×{layer.grid[1]}. SanaPipeline generates at the nearest size of its "

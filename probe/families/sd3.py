@@ -6,11 +6,11 @@ instance with ``attn``, so nothing per layer is kept on a processor)."""
 from __future__ import annotations
 
 from probe.families import tiny as parts
-from probe.families.base import Family, Velocity
+from probe.families.base import Patched, Velocity
 from probe.families.layout import TEXT_QUERIES, Split, attention_modules, every_module
 
 
-class SD3(Family):
+class SD3(Patched):
     name = "sd3"
     title = "SD3 / SD3.5"
     flow = True
@@ -30,30 +30,11 @@ class SD3(Family):
                 found[name] = ("self",)
         return every_module(net, found, self.title)
 
-    def latent(self, pipe) -> tuple[int, int]:
-        size = pipe.transformer.config.sample_size
-        return size, size
-
-    def pixel_multiple(self, pipe) -> int:
-        return pipe.vae_scale_factor * pipe.transformer.config.patch_size
-
-    def grid(self, net, name: str, latent_hw: tuple[int, int]) -> tuple[int, int]:
-        p = net.config.patch_size
-        return latent_hw[0] // p, latent_hw[1] // p
-
-    def observe(self, net, args: tuple, kwargs: dict, state) -> None:
-        sample = args[0] if args else kwargs["hidden_states"]
-        state.latent_hw = tuple(sample.shape[-2:])
-
     def split(self, attn, hidden_states, encoder_hidden_states, state) -> Split:
         n_image = hidden_states.shape[1]
         if encoder_hidden_states is None:
             return Split(slice(None), slice(None), None)
         return Split(slice(0, n_image), slice(0, n_image), slice(n_image, None), slice(n_image, None))
-
-    def runtime_grid(self, layer, hidden_states, state) -> tuple[int, int]:
-        p = state.net.config.patch_size
-        return state.latent_hw[0] // p, state.latent_hw[1] // p
 
     def text_parts(self, pipe, max_sequence_length: int | None) -> list:
         parts = [("clip", pipe.tokenizer, pipe.tokenizer.model_max_length)]  # CLIP's 77 positions, then T5's
