@@ -176,7 +176,8 @@ def test_a_qk_store_makes_the_recorded_maps_on_read(tiny, tmp_path):
         assert made.chunks is not None and made.dims == maps[f"self/{group}"]["attn"].dims
         np.testing.assert_allclose(made.values, maps[f"self/{group}"]["attn"].values.astype(np.float32), atol=2e-3)
         ds = qk[f"self/{group}"].ds
-        stored += (ds["q"].size + ds["k"].size) * 2
+        assert ds["q"].dtype == ds["k"].dtype == np.float32  # as the model scored them
+        stored += ds["q"].nbytes + ds["k"].nbytes
         heads = lazy.self_from_qk(ds, heads="all").isel(sample=0, step=1, layer=0).values
         np.testing.assert_allclose(heads.sum((-2, -1)), 1, atol=1e-5)  # every head's rows are probabilities
         np.testing.assert_allclose(heads.mean(0), made.isel(sample=0, step=1, layer=0).values, atol=1e-6)
@@ -244,3 +245,19 @@ def test_bad_input_is_refused_before_anything_is_written(tiny, tmp_path):
     assert not out.exists() and not (tmp_path / "r.zarr.partial").exists()
     with pytest.raises(ValueError, match=r"tokens are \['<\|startoftext\|>', 'a', 'cat'"):
         token_indices(["<|startoftext|>", "a", "cat", "<|endoftext|>"], "dog")
+
+
+def test_plan_estimate_and_the_commands_take_the_pipelines_own_steps():
+    """SD3's pipeline runs 28 steps by default: a plan, an estimate and the record and sweep commands left without
+    steps mean those, as record itself does."""
+    from probe.cli import parser
+    from probe.record import plan
+
+    kw = {"seeds": [0], "kinds": ("cross",), "max_sequence_length": 16}
+    assert plan("tiny-sd3", "a cat", **kw).steps == list(range(28))
+    own = probe.estimate("tiny-sd3", "a cat", **kw)
+    assert own == probe.estimate("tiny-sd3", "a cat", steps=28, **kw) != probe.estimate("tiny-sd3", "a cat", steps=50,
+                                                                                        **kw)
+    for command in (["record", "--prompt", "a cat", "--out", "x.zarr"], ["sweep", "--prompt", "a cat", "--out", "x"]):
+        args = parser().parse_args(command)
+        assert args.steps is None and args.guidance is None

@@ -345,9 +345,15 @@ def overlap_table(source, subjects: Subjects = None, *, group: str | None = None
     return frame
 
 
+def _qk_tensor(block: np.ndarray) -> torch.Tensor:
+    """A stored q or k chunk as float32: bfloat16 is stored as its 16 bits (int16), the rest as the model scored it."""
+    x = torch.from_numpy(np.ascontiguousarray(block))
+    return (x.view(torch.bfloat16) if x.dtype == torch.int16 else x).float()
+
+
 def _maps_from_qk(q: np.ndarray, k: np.ndarray, scale: np.ndarray, *, mean: bool) -> np.ndarray:
     """softmax(q·kᵀ·scale) of blocks (…, head, y, x, dim) and (…, head, ky, kx, dim) → (…, [head], y, x, ky, kx)."""
-    qt, kt = torch.from_numpy(np.asarray(q, np.float32)), torch.from_numpy(np.asarray(k, np.float32))
+    qt, kt = _qk_tensor(q), _qk_tensor(k)
     *lead, heads, h, w, dim = qt.shape
     s = torch.from_numpy(np.broadcast_to(np.asarray(scale, np.float32), lead).copy()).reshape(*lead, 1, 1, 1)
     probs = ((qt.reshape(*lead, heads, h * w, dim) * s) @ kt.reshape(*lead, heads, -1, dim).transpose(-1, -2))
@@ -356,24 +362,121 @@ def _maps_from_qk(q: np.ndarray, k: np.ndarray, scale: np.ndarray, *, mean: bool
     return probs.reshape(*probs.shape[:-2], h, w, *kt.shape[-3:-1]).numpy()
 
 
-def self_from_qk(group, heads: str = "mean") -> xr.DataArray:
-    """The self-attention maps of a group recorded with ``self_store="qk"``: softmax(q·kᵀ·scale) made on read,
-    lazily (one dask task per chunk of samples and steps), as a ``self`` group's ``attn`` (sample, step, layer,
-    [head], y, x, ky, kx) in float32. ``heads``: "mean" (the default) or "all"."""
+QK_KINDS = ("cross", "self", "text_image", "text_text")  # the relations a joint q/k store makes maps of
+
+
+def _joint_block(q: np.ndarray, k: np.ndarray, keys: np.ndarray, scale: np.ndarray, positions: np.ndarray, *,
+                 kind: str, n_image: int, heads) -> np.ndarray:
+    """One chunk of a joint q/k store → one relation's maps: (…, head, query, dim), (…, head, key, dim), (…, key)
+    used keys, (…) scale, (…, token) recorded tokens' text positions → (…, [head], queries, keys), the softmax over
+    every key the model used, its rows and columns those of ``kind`` (image tokens, or the recorded tokens with NaN at
+    padding slots). Row by row of the leading dims and head by head, so a chunk's scores are one head's at a time."""
+    qt, kt = _qk_tensor(q), _qk_tensor(k)
+    lead = qt.shape[:-3]
+    used = torch.from_numpy(np.broadcast_to(keys, (*lead, keys.shape[-1])).copy())
+    s = np.broadcast_to(np.asarray(scale, np.float32), lead)
+    pos = torch.from_numpy(np.broadcast_to(positions, (*lead, positions.shape[-1])).copy())
+    text_rows, text_cols = kind in ("text_image", "text_text"), kind in ("cross", "text_text")
+    chosen = range(qt.shape[-3]) if heads in ("mean", "all") else list(heads)
+    out = []
+    for j in np.ndindex(*lead):
+        tokens = n_image + pos[j].clamp(min=0)  # padding slots read token 0, then become NaN
+        rows = tokens if text_rows else torch.arange(n_image)
+        cols = tokens if text_cols else torch.arange(n_image)
+        per_head = []
+        for h in chosen:
+            scores = (qt[j][h, rows] * float(s[j])) @ kt[j][h].T
+            probs = scores.masked_fill(~used[j], float("-inf")).softmax(-1)[:, cols]
+            per_head.append(probs)
+        maps = torch.stack(per_head).mean(0) if heads == "mean" else torch.stack(per_head)
+        pad = pos[j] < 0
+        if text_rows:
+            maps[..., pad, :] = float("nan")
+        if text_cols:
+            maps[..., pad] = float("nan")
+        out.append(maps)
+    return torch.stack(out).reshape(*lead, *out[0].shape).numpy()
+
+
+def maps_from_qk(group, kind: str = "self", heads="mean") -> xr.DataArray:
+    """One relation's maps of a group recorded with ``self_store="qk"``, made on read, lazily (one dask task per
+    sample, step and layer), as the ``attn`` a group of that kind holds when recorded as maps, in float32.
+
+    A UNet's store makes its self-attention: softmax(q·kᵀ·scale). A joint softmax's store (SD3, FLUX, FLUX.2,
+    Qwen-Image …) keeps every token's q and every key the model scored, so any relation of it is made with the model's
+    own normalisation over all keys: ``kind`` ``"self"`` (image → image: (…, y, x, ky, kx)), ``"cross"`` (image → text:
+    (…, y, x, token)), ``"text_image"`` (…, token, y, x) and ``"text_text"`` (…, token, key_token) of the recorded
+    tokens (NaN at a shorter prompt's padding slots, as recorded); the text relations of the layers whose softmax holds
+    text (``joint``). ``heads``: "mean" (the default), "all" or a list of head indices."""
     ds = _dataset(group)
     if "q" not in ds.data_vars:
         raise ValueError("this group holds maps, not q and k (it was recorded with self_store='maps')")
+    if not (heads in ("mean", "all") or (isinstance(heads, (list, tuple)) and heads
+                                          and all(isinstance(h, int) and 0 <= h < ds.sizes["head"] for h in heads))):
+        raise ValueError(f"heads must be 'mean', 'all' or head indices below {ds.sizes['head']}, got {heads!r}")
+    if "key" not in ds.dims:
+        if kind != "self":
+            raise ValueError(f"a UNet's q/k store holds its self-attention alone (its own softmax), not {kind!r}")
+        return _unet_from_qk(ds, heads)
+    if kind not in QK_KINDS:
+        raise ValueError(f"kind must be one of {QK_KINDS}, got {kind!r}")
+    if kind != "self":
+        ds = ds.isel(layer=np.flatnonzero(ds["joint"].values))
+        if not ds.sizes["layer"]:
+            raise ValueError(f"no layer of this group has text in its softmax, so it has no {kind!r} maps")
+    h, w = ds.sizes["y"], ds.sizes["x"]
+    n = ds.sizes["token"]
+    cores = {"cross": ["y", "x", "token"], "self": ["y", "x", "ky", "kx"], "text_image": ["token", "y", "x"],
+             "text_text": ["token", "key_token"]}[kind]
+    flat = {"cross": (h * w, n), "self": (h * w, h * w), "text_image": (n, h * w), "text_text": (n, n)}[kind]
+    out_core = (["head"] if heads != "mean" else []) + ["query_out", "key_out"]
+    chunks = {"sample": 1, "step": 1, "layer": 1}
+    q = ds["q"].chunk({**chunks, "head": -1, "query": -1, "dim": -1})
+    k = ds["k"].chunk({**chunks, "head": -1, "key": -1, "dim": -1})
+    used = ds["keys"].chunk({**chunks, "key": -1})
+    sizes = {"query_out": flat[0], "key_out": flat[1]}
+    if heads != "mean":
+        sizes["head"] = ds.sizes["head"] if heads == "all" else len(heads)
+    made = xr.apply_ufunc(
+        _joint_block, q, k, used, ds["scale"], ds["token_position"].drop_vars(["token_text", "encoder"],
+                                                                              errors="ignore"),
+        input_core_dims=[["head", "query", "dim"], ["head", "key", "dim"], ["key"], [], ["token"]],
+        output_core_dims=[out_core], exclude_dims={"head"},
+        kwargs={"kind": kind, "n_image": h * w, "heads": heads}, dask="parallelized", output_dtypes=[np.float32],
+        dask_gufunc_kwargs={"output_sizes": sizes, "allow_rechunk": True},
+    )
+    size = {"y": h, "x": w, "ky": h, "kx": w, "token": n, "key_token": n}
+    made = made.transpose("sample", "step", "layer", *out_core)
+    data = made.data.reshape(*made.shape[:-2], *[size[d] for d in cores])
+    dims = ("sample", "step", "layer", *out_core[:-2], *cores)
+    store_only = ("query", "key", "dim", "scale", "joint", "token_position")
+    coords = {c: v for c, v in ds.coords.items() if set(v.dims) <= set(dims) and c not in store_only}
+    coords.update({"ky": np.arange(h), "kx": np.arange(w)} if kind == "self" else {})
+    coords.update({"key_token": np.arange(n)} if kind == "text_text" else {})
     if heads not in ("mean", "all"):
-        raise ValueError(f"heads must be 'mean' or 'all', got {heads!r}")
+        coords["head"] = list(heads)
+    elif heads == "mean":
+        coords.pop("head", None)
+    return xr.DataArray(data, dims=dims, coords=coords, name="attn")
+
+
+def _unet_from_qk(ds: xr.Dataset, heads) -> xr.DataArray:
+    if heads not in ("mean", "all"):
+        ds = ds.isel(head=list(heads))
     core = ["head", "y", "x", "dim"]
     q = ds["q"].chunk({d: -1 for d in core}) if ds["q"].chunks else ds["q"]
     k = ds["k"].chunk({d: -1 for d in ("head", "ky", "kx", "dim")}) if ds["k"].chunks else ds["k"]
-    out_core = (["head"] if heads == "all" else []) + ["y", "x", "ky", "kx"]
+    out_core = (["head"] if heads != "mean" else []) + ["y", "x", "ky", "kx"]
     return xr.apply_ufunc(
         _maps_from_qk, q, k, ds["scale"], input_core_dims=[core, ["head", "ky", "kx", "dim"], []],
         output_core_dims=[out_core], kwargs={"mean": heads == "mean"}, dask="parallelized",
         output_dtypes=[np.float32], dask_gufunc_kwargs={"allow_rechunk": False},
     ).transpose("sample", "step", "layer", *out_core).rename("attn")
+
+
+def self_from_qk(group, heads="mean") -> xr.DataArray:
+    """The self-attention maps of a group recorded with ``self_store="qk"`` (:func:`maps_from_qk`'s ``"self"``)."""
+    return maps_from_qk(group, "self", heads)
 
 
 def synthetic_store(path: str | Path, samples: int, like: xr.DataTree, seed: int = 0) -> int:

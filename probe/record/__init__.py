@@ -10,7 +10,18 @@ the number of samples.
 
 
 from probe.record.config import RecordSettings
-from probe.record.plan import BYTES_PER_VALUE, PIXEL_BYTES, Plan, estimate, plan
+from probe.record.plan import (
+    BYTES_PER_VALUE,
+    KNOWN_SIZES,
+    PIXEL_BYTES,
+    Plan,
+    estimate,
+    map_layer_bytes,
+    plan,
+    qk_layer_bytes,
+    qk_size_markdown,
+    qk_size_table,
+)
 from probe.record.recorder import Recorder
 from probe.record.run import record
 from probe.record.schema import COMPLETE, contradictions, recording_schema_problems
@@ -24,6 +35,7 @@ from probe.record.store import (
     zarr_encoding,
 )
 
-__all__ = ["BYTES_PER_VALUE", "COMPLETE", "MAP_VARIABLES", "PIXEL_BYTES", "Plan", "RecordSettings", "Recorder",
-           "contradictions", "damaged_chunks", "estimate", "full_self", "open_recording", "plan", "record",
-           "recording_schema_problems", "save", "stored_chunks", "zarr_encoding"]
+__all__ = ["BYTES_PER_VALUE", "COMPLETE", "KNOWN_SIZES", "MAP_VARIABLES", "PIXEL_BYTES", "Plan", "RecordSettings",
+           "Recorder", "contradictions", "damaged_chunks", "estimate", "full_self", "map_layer_bytes", "open_recording",
+           "plan", "qk_layer_bytes", "qk_size_markdown", "qk_size_table", "record", "recording_schema_problems", "save",
+           "stored_chunks", "zarr_encoding"]

@@ -50,13 +50,10 @@ class RecordSettings:
     @classmethod
     def only(cls, keywords: Mapping, settings: RecordSettings | None, caller: str) -> RecordSettings:
         """:meth:`split` for a caller that takes nothing but settings (:func:`~probe.record.plan`, sweeps): any other
-        keyword is an error. Steps or guidance still left to the model (None) are :data:`UNRESOLVED`'s, as these
-        callers ran before the model chose them; :func:`probe.record.record` resolves them against its pipeline first
-        (:func:`probe.models.generation`)."""
+        keyword is an error. Steps or guidance left None stay None: each caller takes the model's own once it has
+        the pipeline (:func:`probe.models.generation`), as :func:`probe.record.record` does."""
         chosen, unknown = cls.split(keywords, settings)
         if unknown:
             raise TypeError(f"{caller} got unknown keywords {sorted(unknown)}; its recording settings are "
                             f"{cls.names()}")
-        return replace(chosen, **{k: v for k, v in UNRESOLVED.items() if getattr(chosen, k) is None})
-
-UNRESOLVED = {"steps": 50, "guidance_scale": 7.5}  # plan's and a sweep's steps and guidance where none was chosen
+        return chosen

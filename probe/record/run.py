@@ -44,9 +44,10 @@ def record(pipe, prompts, *, seeds, settings: RecordSettings | None = None, out:
     ``self_keys=16`` sums each query's attention onto a 16×16 grid of key cells (rows still sum to their mass),
     ``self_queries=[(0.5, 0.25), …]`` keeps only those query points ((y, x) fractions of the image; dims
     ``point``, ``ky``, ``kx`` with the cell of each point in ``query_y``, ``query_x``). Both reduce on the device.
-    ``self_store="qk"`` (UNets) keeps a self layer's q and k as the model scores them instead of its maps
-    (h·w·2·dim values per head instead of (h·w)²: 50× smaller per head at Stable Diffusion's 64², and no extra
-    arithmetic while generating); :func:`probe.analysis.lazy.self_from_qk` makes the maps on read, lazily.
+    ``self_store="qk"`` keeps a self layer's q and k as the model scores them instead of its maps (h·w·2·dim values
+    per head instead of (h·w)², and no extra arithmetic while generating); on a joint softmax (SD3, FLUX …) every
+    token's q and every key, so that :func:`probe.analysis.lazy.maps_from_qk` makes any relation's maps on read,
+    lazily.
     Other keywords (height, width, negative_prompt …) go to the pipeline call.
     """
 

@@ -33,7 +33,7 @@ def batch_datasets(plan: Plan, batch: slice, arrays: dict[str, np.ndarray], imag
     for group, layers in plan.groups.items():
         h, w = layers[0].grid
         if plan.is_qk(group):
-            out[group] = _qk_dataset(plan, group, arrays, sample, timesteps)
+            out[group] = _qk_dataset(plan, group, batch, arrays, sample, timesteps)
             continue
         heads = plan.head_count(layers[0])
         kind = layers[0].kind
@@ -48,12 +48,7 @@ def batch_datasets(plan: Plan, batch: slice, arrays: dict[str, np.ndarray], imag
         if heads:
             coords["head"] = np.arange(layers[0].heads) if plan.heads == "all" else plan.heads
         if kind != "self":
-            texts = [t + [""] * (plan.n_tokens - len(t)) for t in plan.tokens[batch]]
-            coords["token"] = np.arange(plan.n_tokens)
-            coords["token_text"] = (("sample", "token"), np.array(texts, dtype=object))
-            if len({e for es in plan.encoders for e in es}) > 1:
-                encoders = [e + [""] * (plan.n_tokens - len(e)) for e in plan.encoders[batch]]
-                coords["encoder"] = (("sample", "token"), np.array(encoders, dtype=object))
+            coords.update(_token_coords(plan, batch))
             if kind == "text_text":
                 coords["key_token"] = np.arange(plan.n_tokens)
             attrs = {}
@@ -66,21 +61,45 @@ def batch_datasets(plan: Plan, batch: slice, arrays: dict[str, np.ndarray], imag
     return out
 
 
-def _qk_dataset(plan: Plan, group: str, arrays: dict[str, np.ndarray], sample: dict, timesteps) -> xr.Dataset:
-    """A self group stored as the q and k its scores are made of (:func:`probe.analysis.lazy.self_from_qk` makes the
-    maps)."""
+def _token_coords(plan: Plan, batch: slice) -> dict:
+    """The recorded tokens of each sample: ``token``, ``token_text`` and, where the text has several encoders,
+    ``encoder`` (padding slots of a shorter prompt are empty)."""
+    texts = [t + [""] * (plan.n_tokens - len(t)) for t in plan.tokens[batch]]
+    coords = {"token": np.arange(plan.n_tokens), "token_text": (("sample", "token"), np.array(texts, dtype=object))}
+    if len({e for es in plan.encoders for e in es}) > 1:
+        encoders = [e + [""] * (plan.n_tokens - len(e)) for e in plan.encoders[batch]]
+        coords["encoder"] = (("sample", "token"), np.array(encoders, dtype=object))
+    return coords
+
+
+def _qk_dataset(plan: Plan, group: str, batch: slice, arrays: dict[str, np.ndarray], sample: dict, timesteps
+                ) -> xr.Dataset:
+    """A self group stored as the q and k its scores are made of (:func:`probe.analysis.lazy.maps_from_qk` makes the
+    maps). A UNet's on the image grid; a joint softmax's for every token (image tokens row by row, then the text
+    keys in the model's order), with ``keys`` (which keys each softmax used), ``token_position`` (each recorded
+    token's place among the text keys, −1 for padding slots) and ``joint`` (layer: its softmax holds text keys)."""
     layers = plan.groups[group]
     h, w = layers[0].grid
     heads, dim = plan.qk[group]
     coords = {**_step_and_layer_coords(plan, layers, sample, timesteps),
               "scale": ("layer", [plan.qk_scale[layer.name] for layer in layers]),
-              "head": np.arange(heads), "y": np.arange(h), "x": np.arange(w), "ky": np.arange(h), "kx": np.arange(w),
-              "dim": np.arange(dim)}
+              "head": np.arange(heads), "y": np.arange(h), "x": np.arange(w), "dim": np.arange(dim)}
+    attrs = {"self_store": "qk", "heads": plan.heads if isinstance(plan.heads, str) else ",".join(map(str, plan.heads)),
+             "qk_dtype": "bfloat16" if plan.qk_dtype == "int16" else plan.qk_dtype}
     lead = ("sample", "step", "layer", "head")
-    return xr.Dataset({"q": ((*lead, "y", "x", "dim"), arrays[f"{group}/q"]),
-                       "k": ((*lead, "ky", "kx", "dim"), arrays[f"{group}/k"])}, coords=coords,
-                      attrs={"self_store": "qk", "heads": plan.heads if isinstance(plan.heads, str)
-                             else ",".join(map(str, plan.heads))})
+    q, k = arrays[f"{group}/q"], arrays[f"{group}/k"]
+    if not plan.qk_joint:
+        coords.update(ky=np.arange(h), kx=np.arange(w))
+        return xr.Dataset({"q": ((*lead, "y", "x", "dim"), q), "k": ((*lead, "ky", "kx", "dim"), k)}, coords=coords,
+                          attrs=attrs)
+    positions = [p + [-1] * (plan.n_tokens - len(p)) for p in plan.positions[batch]]
+    keys = arrays[f"{group}/keys"]
+    coords.update(_token_coords(plan, batch), query=np.arange(q.shape[-2]), key=np.arange(k.shape[-2]),
+                  token_position=(("sample", "token"), np.array(positions, dtype=np.int64)),
+                  joint=("layer", [layer.name in plan.qk_text_layers for layer in layers]))
+    attrs.update(image_tokens=h * w, text_tokens=plan.qk_text)
+    return xr.Dataset({"q": ((*lead, "query", "dim"), q), "k": ((*lead, "key", "dim"), k),
+                       "keys": (("sample", "step", "layer", "key"), keys)}, coords=coords, attrs=attrs)
 
 
 def recording_attrs(pipe, steps: int, guidance_scale: float, plan: Plan, kwargs: dict) -> dict:

@@ -11,7 +11,7 @@ import xarray as xr
 from probe.record.schema import COMPLETE, contradictions, recording_schema_problems
 from probe.writes import recover, replacing
 
-MAP_VARIABLES = ("attn", "q", "k", "image")
+MAP_VARIABLES = ("attn", "q", "k", "keys", "image")
 
 
 def stored_chunks(dims, shape) -> tuple[int, ...]:
@@ -71,7 +71,7 @@ def full_self(ds: xr.Dataset, reader: str) -> xr.Dataset:
     (a recording made with ``self_keys`` or ``self_queries`` keeps less)."""
     if "q" in ds.data_vars:
         raise ValueError(f"{reader} needs self-attention maps, and this group holds the q and k they are made of "
-                         "(self_store='qk'): make them with probe.analysis.lazy.self_from_qk(group) first")
+                         "(self_store='qk'): make them with probe.analysis.lazy.maps_from_qk(group, kind) first")
     kept = [what for what, flag in (("pooled keys", ds.attrs.get("keys_pooled")),
                                     ("chosen query points", ds.attrs.get("query_points") or "point" in ds.dims))
             if flag]

@@ -71,7 +71,7 @@ from tqdm.auto import tqdm
 
 from probe.checks import room_for
 from probe.images import to_uint8
-from probe.models import load
+from probe.models import generation, load
 from probe.record import Plan, Recorder, RecordSettings, plan, zarr_encoding
 from probe.record.schema import batch_datasets
 from probe.tap import Tap
@@ -487,8 +487,8 @@ def _run(ctx: _Context, item: Item) -> tuple[dict[str, np.ndarray], np.ndarray, 
         return recorder.to_host(), to_uint8(np.asarray(result.images)), extra
     with Tap(pipe, [recorder], **size):
         result = pipe(prompt=[item.prompt], generator=[torch.Generator(device).manual_seed(item.seed)],
-                      num_inference_steps=ctx.steps, guidance_scale=ctx.guidance_scale, output_type="np",
-                      **{k: v for k, v in size.items() if v is not None})
+                      output_type="np", **generation(pipe, ctx.steps, ctx.guidance_scale, caller="sweep")
+                      .pipeline_kwargs(), **{k: v for k, v in size.items() if v is not None})
     return recorder.to_host(), to_uint8(result.images), {}
 
 
@@ -687,6 +687,9 @@ def _sweep(model, prompts, *, out: Path, rank: int, world: int, state, seeds, me
     if device is None and state is not None and state.device.type != "cpu":
         device = state.device
     pipe = load(model, device=device)
+    run = generation(pipe, steps, guidance_scale, caller="sweep")  # the model's own where not chosen, as record
+    steps, guidance_scale = run.steps, run.guidance_scale
+    settings = replace(settings, steps=steps, guidance_scale=guidance_scale)
     _check_items(pipe, todo)
     texts = list(dict.fromkeys(p for it in todo for p in (it.recorded_prompt, it.prompt)))
     sweep_plan = plan(pipe, texts, seeds=[0], settings=settings, height=height, width=width)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from probe.families import Family, family_of
-from probe.families.layout import Layer, TapError, attention_modules, denoiser
+from probe.families.layout import Layer, Split, TapError, attention_modules, denoiser
 from probe.tap.layers import attention_layers
 
 PASSES = ("cfg", "cond", "uncond", "guidance", "inversion", "correction", "user")
@@ -98,8 +98,11 @@ class Consumer:
         """True where this consumer wants the scores' inputs (:meth:`on_qk`) instead of the probabilities."""
         return False
 
-    def on_qk(self, call: Call, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
-        """q of the call's query rows and all keys, (batch, heads, tokens, dim), as the model scores them."""
+    def on_qk(self, call: Call, query: torch.Tensor, key: torch.Tensor, scale: float, mask: torch.Tensor | None,
+              split: Split) -> None:
+        """Every query and every key of the call's softmax, (batch, heads, tokens, dim), as the model scores them,
+        with its scale, its mask as handed to the softmax (None, a boolean keep-mask or an additive bias) and where
+        the image and text tokens sit (``split``)."""
 
     def on_step(self, step: int, timestep: float) -> None:
         """Called when the pipeline's loop reaches a new step."""
@@ -143,13 +146,10 @@ class _Intercept:
         self.fired = False
 
     def hand_qk(self, query: torch.Tensor, key: torch.Tensor, scale: float, mask) -> None:
-        """q of the call's query rows and every key, (batch, heads, tokens, dim), to consumers that read q and k."""
-        if self.qk_calls and mask is not None:
-            raise TapError(f"{self.qk_calls[0][0].layer.name}: a masked softmax cannot be rebuilt from q and k alone")
+        """Every query and key, (batch, heads, tokens, dim), the mask and the split, to consumers that read q and k."""
         for call, consumers in self.qk_calls:
-            rows, _ = self.split.block(call.layer.kind)
             for consumer in consumers:
-                consumer.on_qk(call, query[..., rows, :], key, scale)
+                consumer.on_qk(call, query, key, scale, mask, self.split)
 
     def sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         if self.fired:
@@ -161,7 +161,7 @@ class _Intercept:
         self.hand_qk(query, key, query.shape[-1] ** -0.5 if scale is None else scale, attn_mask)
         if not self.calls:  # q and k were all that was wanted: the kernel runs as it would have
             self.fired = True
-            return _REAL_SDPA(query, key, value, scale=scale)
+            return _REAL_SDPA(query, key, value, attn_mask=attn_mask, scale=scale)
         read_only = not any(c.replaces for _, consumers in self.calls for c in consumers)
         if read_only and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)):
             fused = _fused_with_lse(query, key, value, attn_mask, scale)
@@ -209,8 +209,11 @@ class _Intercept:
             return type(self.attn).get_attention_scores(self.attn, query, key, attention_mask)
         heads = self.attn.heads
         if self.qk_calls:
+            mask = attention_mask  # (batch·heads or 1, queries or 1, keys) → (batch or 1, heads or 1, …)
+            if mask is not None:
+                mask = mask.unflatten(0, (-1, heads)) if mask.shape[0] % heads == 0 else mask[:, None]
             self.hand_qk(query.view(-1, heads, *query.shape[1:]), key.view(-1, heads, *key.shape[1:]),
-                         self.attn.scale, attention_mask)
+                         self.attn.scale, mask)
         probs = type(self.attn).get_attention_scores(self.attn, query, key, attention_mask)
         if not self.calls:
             self.fired = True
