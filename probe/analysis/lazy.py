@@ -398,7 +398,7 @@ def _joint_block(q: np.ndarray, k: np.ndarray, keys: np.ndarray, scale: np.ndarr
     return torch.stack(out).reshape(*lead, *out[0].shape).numpy()
 
 
-def maps_from_qk(group, kind: str = "self", heads="mean") -> xr.DataArray:
+def maps_from_qk(group, kind: str = "self", heads: str | Sequence[int] = "mean") -> xr.DataArray:
     """One relation's maps of a group recorded with ``self_store="qk"``, made on read, lazily (one dask task per
     sample, step and layer), as the ``attn`` a group of that kind holds when recorded as maps, in float32.
 
@@ -474,7 +474,7 @@ def _unet_from_qk(ds: xr.Dataset, heads) -> xr.DataArray:
     ).transpose("sample", "step", "layer", *out_core).rename("attn")
 
 
-def self_from_qk(group, heads="mean") -> xr.DataArray:
+def self_from_qk(group, heads: str | Sequence[int] = "mean") -> xr.DataArray:
     """The self-attention maps of a group recorded with ``self_store="qk"`` (:func:`maps_from_qk`'s ``"self"``)."""
     return maps_from_qk(group, "self", heads)
 
