@@ -446,6 +446,29 @@ def test_real_image_editing_pins_the_source_row_to_the_flow_trajectory(model):
     assert not torch.equal(inputs[-1][1], inversion.latents[-2])
 
 
+def test_a_prompt_that_fits_alone_but_not_inside_flux2s_template_is_refused():
+    """FLUX.2 [dev] puts a system message before the prompt: a prompt shorter than max_sequence_length that its
+    pipeline would cut inside the template is refused with both counts, by text_layout and by record before a
+    step runs; one that fits with the template is laid out whole."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+    pipe = probe.load("tiny-flux2")
+
+    def templated_tokens(prompt: str) -> int:  # as Flux2Pipeline tokenises it, untruncated
+        text = pipe.tokenizer.apply_chat_template(format_input([prompt], pipe.system_message)[0], tokenize=False)
+        return len(pipe.tokenizer(text, add_special_tokens=False).input_ids)
+
+    length, template = 64, templated_tokens("")
+    fits, cut = " ".join(["cat"] * (length - template)), " ".join(["cat"] * (length - 1))
+    assert template > 16 and len(pipe.tokenizer(cut).input_ids) < length < templated_tokens(cut)
+    assert probe.prompts.text_layout(pipe, fits, max_sequence_length=length).texts == fits.split()
+    expected = rf"is {templated_tokens(cut)} tokens inside the pipeline's template.*reads at most {length}"
+    with pytest.raises(ValueError, match=expected):
+        probe.prompts.text_layout(pipe, cut, max_sequence_length=length)
+    with pytest.raises(ValueError, match=expected):
+        probe.record(pipe, cut, seeds=[0], steps=1, progress=False, **_kw("tiny-flux2", max_sequence_length=length))
+
+
 def test_a_byte_level_chat_tokenizer_gives_the_prompts_words_at_their_positions():
     """Qwen's and Mistral's tokenizers are byte-level BPEs ("Ġcat"): the prompt's tokens read as its words, at the
     positions the templated sequence gives them, the template and the padding left out."""

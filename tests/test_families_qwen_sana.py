@@ -203,6 +203,19 @@ def test_a_sweeps_subject_placement_reads_the_text_keys_view(dit):
     assert [[layout.texts[layout.positions.index(p)] for p in at] for at in found] == [["cat"], ["dog"]]
 
 
+def test_a_prompt_the_text_keys_would_cut_is_refused_not_shortened(dit):
+    """Qwen-Image keeps max_sequence_length keys after its template's prefix, Sana the last max_sequence_length − 1
+    of its instruction and prompt: a prompt longer than that is refused by name (its last words would be cut); the
+    longest that fits is laid out whole (the template's closing tokens may be cut: the model still reads every word)."""
+    name, pipe = dit
+    room = MAX_SEQ if name == QWEN else MAX_SEQ - 1  # Sana: its first key is the instruction's start token
+    fits, cut = " ".join(["cat"] * room), " ".join(["cat"] * (room + 1))
+    texts = text_layout(pipe, fits, max_sequence_length=MAX_SEQ).texts
+    assert texts == (["<bos>"] if name == SANA else []) + fits.split()
+    with pytest.raises(ValueError, match=r"tokens inside the pipeline's template.*prompt's last words would be cut"):
+        text_layout(pipe, cut, max_sequence_length=MAX_SEQ)
+
+
 def test_an_attention_module_the_family_does_not_know_is_named_not_left_untapped(dit):
     """A denoiser with one more attention module than its family maps is refused, the module named."""
     import copy

@@ -48,18 +48,37 @@ def prompt_span(offsets: list[tuple[int, int]], start: int, end: int) -> list[in
     return [int(b > a and b > start and a < end) for a, b in offsets]
 
 
+def check_fits(encoded, text: str, prompt: str, end: int, limit: int, count) -> None:
+    """Refuse a prompt that its pipeline's cut (the templated ``text`` encoded up to ``limit`` tokens: ``encoded``,
+    with offsets) would shorten: the prompt ends at character ``end`` of the text, so characters of it after the
+    last kept token are words the model would never read. ``count()``: the whole text's token count, for the
+    message."""
+    if sum(encoded["attention_mask"]) < limit:  # nothing was cut
+        return
+    last = max((b for a, b in encoded["offset_mapping"] if b > a), default=0)
+    if text[last:end].strip():
+        shown = prompt if len(prompt) <= 80 else prompt[:77] + "..."
+        raise ValueError(f"prompt {shown!r} is {count()} tokens inside the pipeline's template (the template's own "
+                         f"tokens included); its text encoder reads at most {limit}, so the prompt's last words would "
+                         "be cut. Shorten the prompt, or give a larger max_sequence_length where the pipeline takes "
+                         "one.")
+
+
 def templated(tokenizer, render: Render, length: int, drop: int = 0, pad: bool = False, pad_multiple: int = 1,
               add_special_tokens: bool = True) -> Keys:
     """The keys of a prompt inside a template (``render``): the templated text's tokens with the first ``drop``
     dropped (Qwen-Image), cut to ``length``; padded to ``length`` by the tokenizer where the pipeline pads them
     (``pad``: FLUX.2), or with pad tokens up to a multiple of ``pad_multiple`` where the denoiser pads them itself
-    (Z-Image). The prompt's own tokens are those whose characters lie in the prompt's span of the text."""
+    (Z-Image). The prompt's own tokens are those whose characters lie in the prompt's span of the text. A prompt
+    that the cut would shorten is refused (:func:`check_fits`): the template's tokens count against the length."""
     base = getattr(tokenizer, "tokenizer", tokenizer)
 
     def keys(prompt: str) -> tuple[list[int], list[int]]:
         text, start = render(prompt)
         enc = base(text, padding="max_length" if pad else False, max_length=length + drop, truncation=True,
                    add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        check_fits(enc, text, prompt, start + len(prompt), length + drop,
+                   lambda: len(base(text, add_special_tokens=add_special_tokens)["input_ids"]))
         span = prompt_span(enc["offset_mapping"], start, start + len(prompt))
         own = [int(bool(m)) & s for m, s in zip(enc["attention_mask"], span)][drop:]
         ids = list(enc["input_ids"])[drop:]

@@ -24,7 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from probe.families import tiny as parts
 from probe.families import words
 from probe.families.base import Patched, Velocity
-from probe.families.keys import TextKeys, prompt_span
+from probe.families.keys import TextKeys, check_fits, prompt_span
 from probe.families.layout import Split, TapError, attention_modules, every_module
 
 SIDE_MULTIPLE = 32  # SanaPipeline.check_inputs: height and width multiples of 32 px
@@ -124,13 +124,16 @@ def _instruction(pipe) -> list[str] | None:
 
 def _keys(pipe, prompt: str, length: int) -> tuple[list[int], list[int]]:
     """The text keys of ``prompt`` as SanaPipeline encodes it (lower-cased, after its instruction, padded; the first
-    key and the last ``length − 1`` kept) and which are the prompt's own (its start token and words)."""
+    key and the last ``length − 1`` kept) and which are the prompt's own (its start token and words); a prompt that
+    the instruction leaves too little room for is refused."""
     text = pipe._text_preprocessing(prompt, clean_caption=False)[0]
     instruction = _instruction(pipe)
     head = "\n".join(instruction) if instruction else ""
     total = len(pipe.tokenizer.encode(head)) + length - 2 if instruction else length
     encoded = pipe.tokenizer(head + text, padding="max_length", max_length=total, truncation=True,
                              add_special_tokens=True, return_offsets_mapping=True)
+    check_fits(encoded, head + text, prompt, len(head) + len(text), total,
+               lambda: len(pipe.tokenizer.encode(head + text)))
     own = prompt_span(encoded.offset_mapping, len(head), len(head) + len(text))
     keep = [0, *range(total - length + 1, total)]
     return [encoded.input_ids[i] for i in keep], [1, *(own[i] for i in keep[1:])]
