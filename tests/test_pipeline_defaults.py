@@ -194,13 +194,6 @@ def test_bad_values_are_refused_before_defaults_are_read(steps, scale):
         generation(_QwenLike(), steps, scale, caller="record")
 
 
-def test_plan_and_sweeps_keep_their_fixed_steps_where_none_is_given():
-    """plan / estimate / sweep have no pipeline's defaults to read: they run 50 steps at 7.5, as they always did."""
-    pipe = probe.load("tiny-sd3")
-    assert probe.estimate(pipe, PROMPT, seeds=[0], kinds=("cross",)) == \
-        probe.estimate(pipe, PROMPT, seeds=[0], kinds=("cross",), steps=50)
-
-
 def test_record_generate_and_edit_pass_the_scale_by_the_pipelines_own_keyword(monkeypatch):
     """Qwen-Image's classifier-free guidance is ``true_cfg_scale``: the scale given (or its default) goes there."""
     pipe = probe.load("tiny-qwen-image")

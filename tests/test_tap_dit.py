@@ -140,11 +140,6 @@ def test_text_query_relations_are_recorded_per_token(dit):
         assert np.isnan(text_text["attn"].values[0, 0, :, len(positions):]).all()
 
 
-def test_a_qk_store_is_refused_where_the_softmax_spans_text_keys_too(dit):
-    with pytest.raises(ValueError, match="normalises over the text keys"):
-        probe.record(dit[1], PROMPT, seeds=[0], steps=1, self_store="qk", progress=False, max_sequence_length=MAX_SEQ)
-
-
 def test_text_query_kinds_are_refused_where_text_never_queries(tiny):
     with pytest.raises(ValueError, match="no attention layers of kinds"):
         probe.record(tiny, PROMPT, seeds=[0], steps=1, kinds=("text_image",), progress=False)
