@@ -446,6 +446,15 @@ def test_real_image_editing_pins_the_source_row_to_the_flow_trajectory(model):
     assert not torch.equal(inputs[-1][1], inversion.latents[-2])
 
 
+def test_a_prompt_that_is_a_word_of_the_template_is_placed_where_the_prompt_is(model):
+    """"assistant" is also the template's generation prompt after the prompt: its key is the prompt's own place,
+    where the first word of any prompt sits."""
+    name, pipe = model
+    first = probe.prompts.text_layout(pipe, PROMPT, max_sequence_length=SEQ[name]).positions[0]
+    layout = probe.prompts.text_layout(pipe, "assistant", max_sequence_length=SEQ[name])
+    assert layout.texts == ["assistant"] and layout.positions == [first]
+
+
 def test_a_prompt_that_fits_alone_but_not_inside_flux2s_template_is_refused():
     """FLUX.2 [dev] puts a system message before the prompt: a prompt shorter than max_sequence_length that its
     pipeline would cut inside the template is refused with both counts, by text_layout and by record before a

@@ -13,6 +13,7 @@ from transformers import BatchEncoding
 
 Keys = Callable[[str], tuple[list[int], list[int]]]  # prompt → (ids of every text key, 1 where a key is the prompt's)
 Render = Callable[[str], tuple[str, int]]  # prompt → (the text the text encoder reads, where the prompt starts in it)
+MARK = "\ue000"  # a private-use character: in no template, so where it lands in one is the prompt's place
 
 
 class TextKeys:
@@ -88,10 +89,17 @@ def templated(tokenizer, render: Render, length: int, drop: int = 0, pad: bool =
 
 
 def verbatim(render: Callable[[str], str]) -> Render:
-    """A chat template's rendering with the prompt's place in it: its last occurrence (after any system message)."""
+    """A chat template's rendering with the prompt's place in it: after the template's own text before the prompt
+    (found once, by rendering a mark in the prompt's place), so a prompt that is also a word of the template
+    ("assistant") is not placed there; where the template changes with the prompt, its last occurrence."""
+    before: list[str] = []
+
     def placed(prompt: str) -> tuple[str, int]:
+        if not before:
+            marked = render(MARK)
+            before.append(marked[:marked.find(MARK)] if MARK in marked else "")
         text = render(prompt)
-        start = text.rfind(prompt)
+        start = len(before[0]) if text.startswith(before[0] + prompt) else text.rfind(prompt)
         if start < 0:
             raise ValueError(f"the chat template does not hold the prompt {prompt!r} verbatim: {text!r}")
         return text, start
