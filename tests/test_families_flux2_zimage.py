@@ -5,6 +5,7 @@ the inversion of a real image, on small random pipelines."""
 import numpy as np
 import pytest
 import torch
+from spied import attention_inputs, softmax
 from tensors import assert_a_small_step_descends
 
 import probe
@@ -55,34 +56,9 @@ class Views(Consumer):
 
 def _spied_run(name, pipe, **kw):
     """The plain pipeline's own q, k, scale and key mask at every attention call of the transformer, in order."""
-    spied, inside = [], []
-    real = torch.nn.functional.scaled_dot_product_attention
-
-    def spy(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if inside:  # the transformer's calls, not the text encoder's
-            spied.append((query.detach().clone(), key.detach().clone(), scale, attn_mask))
-        return real(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                    enable_gqa=enable_gqa)
-
-    net = pipe.transformer
-    hooks = [net.register_forward_pre_hook(lambda *a: inside.append(1)),
-             net.register_forward_hook(lambda *a: inside.clear())]
-    torch.nn.functional.scaled_dot_product_attention = spy
-    try:
-        with torch.no_grad():
-            images = _run(name, pipe, output_type="np", **kw).images
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = real
-        for hook in hooks:
-            hook.remove()
-    return spied, images
-
-
-def _softmax(q, k, scale, mask):
-    scores = (q @ k.transpose(-1, -2)) * (scale or q.shape[-1] ** -0.5)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    return scores.softmax(-1)
+    with attention_inputs(pipe.transformer) as calls:
+        images = _run(name, pipe, output_type="np", **kw).images
+    return [spied for call in calls for spied in call], images
 
 
 def _blocks(name, module, n_image, n_keys):
@@ -128,7 +104,7 @@ def test_views_equal_an_independent_softmax_of_what_the_model_scores(model, size
     passes = {"tiny-flux2": ["cond"], "tiny-flux2-klein": ["cond", "uncond"], "tiny-zimage": ["cfg"]}[name]
     assert [p for _, p, _ in calls] == [p for p in passes for _ in modules]
     for (module, _, got), (q, k, scale, mask) in zip(calls, spied, strict=False):
-        probs = _softmax(q, k, scale, mask)
+        probs = softmax(q, k, scale, mask)
         blocks = _blocks(name, module, n_image, probs.shape[-1])
         assert set(got) == set(blocks), module
         for kind, (rows, keys) in blocks.items():
@@ -209,7 +185,7 @@ def test_a_recording_is_the_plain_generation_and_holds_the_independent_softmax(m
         recording = tree[f"{kind}/{group}"]
         for layer in recording.layer.values:
             q, k, scale, mask = spied[modules.index(str(layer))]  # step 0, the first pass
-            probs = _softmax(q, k, scale, mask)[cond]
+            probs = softmax(q, k, scale, mask)[cond]
             expected = _expected(kind, probs, _blocks(name, str(layer), h * w, probs.shape[-1]), positions)
             recorded = torch.from_numpy(recording["attn"].sel(layer=layer).values[0, 0].astype(np.float32))
             torch.testing.assert_close(recorded.reshape(expected.shape), expected, atol=5e-4, rtol=1e-2)
@@ -232,7 +208,7 @@ def test_kept_padding_is_every_caption_key_the_denoiser_has():
     modules = list(probe.tap.layers.attention_modules(pipe.transformer))
     for layer in cross.layer.values:
         q, k, scale, mask = spied[modules.index(str(layer))]
-        probs = _softmax(q, k, scale, mask)[0]  # the conditional row
+        probs = softmax(q, k, scale, mask)[0]  # the conditional row
         expected = _expected("cross", probs, _blocks(name, str(layer), 80, probs.shape[-1]), layout.positions)
         recorded = torch.from_numpy(cross["attn"].sel(layer=layer).values[0, 0].astype(np.float32))
         torch.testing.assert_close(recorded.reshape(expected.shape), expected, atol=5e-4, rtol=1e-2)

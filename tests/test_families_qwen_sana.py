@@ -8,6 +8,7 @@ import inspect
 import numpy as np
 import pytest
 import torch
+from spied import attention_inputs, softmax
 from tensors import assert_a_small_step_descends
 
 import probe
@@ -61,40 +62,11 @@ class Views(Consumer):
 
 
 def _spied_run(pipe, name: str, **kw):
-    """The plain pipeline's images and (q, k, mask, scale) of every attention call of the transformer at step 0, as
+    """The plain pipeline's images and (q, k, scale, mask) of every attention call of the transformer at step 0, as
     handed to F.scaled_dot_product_attention (Qwen: through dispatch_attention_fn's native backend)."""
-    spied, inside, calls = [], [], []
-    real = torch.nn.functional.scaled_dot_product_attention
-
-    def spy(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if inside and len(calls) == 1:  # the transformer's first call (step 0), not the text encoder's
-            spied.append((query.detach().clone(), key.detach().clone(),
-                          None if attn_mask is None else attn_mask.detach().clone(), scale))
-        return real(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
-
-    def enter(*_):
-        inside.append(1)
-        calls.append(1)
-
-    net = probe.tap.denoiser(pipe)
-    hooks = [net.register_forward_pre_hook(enter), net.register_forward_hook(lambda *a: inside.clear())]
-    torch.nn.functional.scaled_dot_product_attention = spy
-    try:
-        with torch.no_grad():
-            images = _plain(pipe, name, **kw)
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = real
-        for hook in hooks:
-            hook.remove()
-    return images, spied
-
-
-def _softmax(q, k, mask, scale):
-    """The independent softmax(q·kᵀ·scale + mask) in float64."""
-    scores = (q.double() @ k.double().transpose(-1, -2)) * (scale or q.shape[-1] ** -0.5)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.double()
-    return scores.softmax(-1)
+    with attention_inputs(probe.tap.denoiser(pipe)) as calls:
+        images = _plain(pipe, name, **kw)
+    return images, calls[0]
 
 
 @pytest.mark.parametrize("square", [True, False], ids=["square", "non-square"])
@@ -116,8 +88,8 @@ def test_views_equal_an_independent_softmax_of_what_the_model_scores(dit, square
         assert seen_grid == grid and pass_ == ("cond" if name == QWEN else "cfg")
         by_module.setdefault(module, []).append((kind, probs))
     assert len(spied) == len(by_module) == 2  # one softmax per block: Qwen's joint attn, Sana's attn2 (attn1 linear)
-    for (q, k, mask, scale), (module, got) in zip(spied, by_module.items()):
-        probs = _softmax(q, k, mask, scale)
+    for (q, k, scale, mask), (module, got) in zip(spied, by_module.items()):
+        probs = softmax(q, k, scale, mask)
         if name == QWEN:
             assert module.endswith(".attn")
             n_text = probs.shape[-1] - n_image
