@@ -675,6 +675,19 @@ def _shard_lock(out: Path, shard: tuple[int, int] | None):
         yield
 
 
+def _still_finished(out: Path, mine: list) -> set[int]:
+    """The items of ``mine`` finished in ``out`` whose chunks and rows are as written; the others' markers are
+    removed (with a warning naming them), so they are computed again."""
+    finished = set(done(out))
+    lost = [it.index for it in mine if it.index in finished and not _intact(out, it.index)]
+    if lost:
+        warnings.warn(f"{out}: the chunks or rows of finished items {lost} changed or were lost since they were "
+                      "written; they are computed again", stacklevel=3)
+        for index in lost:
+            (out / DONE / f"{_name(index)}.json").unlink(missing_ok=True)
+    return finished - set(lost)
+
+
 def _sweep(model, prompts, *, out: Path, rank: int, world: int, state, seeds, methods, targets, subjects,
            settings: RecordSettings, height, width, edit_steps, schedule, device, durable, progress) -> SweepRun:
     from probe.steer.guide import Schedule
@@ -724,14 +737,7 @@ def _sweep(model, prompts, *, out: Path, rank: int, world: int, state, seeds, me
 
     ranks = deal(todo, world)
     mine = [it for it in todo if ranks[it.index] == rank]
-    finished = set(done(out))
-    lost = [it.index for it in mine if it.index in finished and not _intact(out, it.index)]
-    if lost:
-        warnings.warn(f"{out}: the chunks or rows of finished items {lost} changed or were lost since they were "
-                      "written; they are computed again", stacklevel=2)
-        for index in lost:
-            (out / DONE / f"{_name(index)}.json").unlink(missing_ok=True)
-        finished -= set(lost)
+    finished = _still_finished(out, mine)
     computed, skipped = [], [it.index for it in mine if it.index in finished]
     bar = tqdm(total=len(mine), initial=len(skipped), desc=f"sweep {rank}/{world}", unit="item",
                disable=not progress, position=rank if world > 1 else None)
