@@ -118,8 +118,9 @@ def _generate(pipe, p: Plan, run: Generation, batch_size: int, progress: bool, a
             bar.update(batch.stop - batch.start)
     if zarr_path is not None:
         return None
-    return xr.DataTree.from_dict(
-        {"/": xr.Dataset(attrs=attrs), **{g: xr.concat([b[g] for b in batches], "sample") for g in batches[0]}}
-    )
+    # one batch is taken as it is: concatenating it alone copies every map (160 ms of a 0.7 s generation on the
+    # built-in model with self maps)
+    joined = batches[0] if len(batches) == 1 else {g: xr.concat([b[g] for b in batches], "sample") for g in batches[0]}
+    return xr.DataTree.from_dict({"/": xr.Dataset(attrs=attrs), **joined})
 
 
