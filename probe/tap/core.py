@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -184,9 +185,10 @@ class _Intercept:
                 continue
             only_conditional = all(c.conditional_only for c in consumers)  # a CFG pass: half the rows to score
             batch = call.conditional_rows(query.shape[0]) if only_conditional else slice(None)
-            q, k = query[batch][..., rows, :].float(), key[batch][..., keys, :].float()
-            m = None if mask is None else mask.float().expand(*query.shape[:2], -1, -1)[batch][..., rows, keys]
-            floor = lse[batch][..., rows, None].float()
+            # (batch, heads, tokens, dim): the fused kernel took nothing else
+            q, k = query[batch, :, rows].float(), key[batch, :, keys].float()
+            m = None if mask is None else mask.float().expand(*query.shape[:2], -1, -1)[batch, :, rows, keys]
+            floor = lse[batch, :, rows, None].float()
             columns = _agreed_columns(call, consumers, k.shape[0], only_conditional)
             if columns is not None:  # only the keys that are read: a text block of 77 keys may be read at 8
                 k = k.gather(-2, columns[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1]))
@@ -248,16 +250,30 @@ CACHED_BLOCK = 1 << 16  # queries × keys of one head from which scoring a head 
 
 def _head_mean(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, floor: torch.Tensor,
                scale: float) -> torch.Tensor:
-    """Mean over heads of :func:`_exp_scores`, (batch, 1, queries, keys): a large block one head at a time, summed
-    in place, so that it stays in cache; a small one all heads at once, in fewer kernels."""
+    """Mean over heads of :func:`_exp_scores`, (batch, 1, queries, keys), the 1/heads inside the exponent (the
+    log-sum-exp raised by ln heads) and the heads summed by adds: a large block one head at a time, so that it stays
+    in cache; a small one all heads at once, in fewer kernels."""
     heads = q.shape[1]
+    floor = floor + math.log(heads) if heads > 1 else floor
     if q.shape[-2] * k.shape[-2] < CACHED_BLOCK:
-        return _exp_scores(q, k, mask, floor, scale).mean(1, keepdim=True)
+        return _head_sum(_exp_scores(q, k, mask, floor, scale))[:, None]
     total = None
     for h in range(heads):
         head = _exp_scores(q[:, h], k[:, h], None if mask is None else mask[:, h], floor[:, h], scale)
         total = head if total is None else total.add_(head)
-    return (total / heads)[:, None]
+    return total[:, None]
+
+
+def _head_sum(x: torch.Tensor) -> torch.Tensor:
+    """(batch, heads, …) summed over heads: a few heads by element-wise adds (a strided reduction over a short
+    axis is several times slower on a CPU), many by ``sum``."""
+    heads = x.shape[1]
+    if heads > 4:
+        return x.sum(1)
+    total = x[:, 0] + x[:, 1] if heads > 1 else x[:, 0]
+    for h in range(2, heads):
+        total.add_(x[:, h])
+    return total
 
 
 def _agreed_columns(call: Call, consumers: list[Consumer], rows: int, only_conditional: bool) -> torch.Tensor | None:
@@ -282,7 +298,9 @@ def _exp_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, flo
     on a CPU): the block is as large as the attention itself, so every extra pass over it costs as much as a kernel."""
     lead, n_q, n_k = q.shape[:-2], q.shape[-2], k.shape[-2]
     bias, beta = (floor, -LOG2E) if mask is None else (mask - floor, LOG2E)  # (…, queries, 1 | keys)
-    bias = bias.expand(*lead, *bias.shape[-2:]).reshape(-1, *bias.shape[-2:])
+    if bias.shape[:-2] != lead:
+        bias = bias.expand(*lead, *bias.shape[-2:])
+    bias = bias.reshape(-1, *bias.shape[-2:])
     scores = torch.baddbmm(bias, q.reshape(-1, n_q, q.shape[-1]), k.reshape(-1, n_k, k.shape[-1]).transpose(-1, -2),
                            beta=beta, alpha=scale * LOG2E)
     return torch.exp2_(scores).view(*lead, n_q, n_k)
