@@ -198,14 +198,21 @@ class ImageRows:
         self.unsaved, self.saved_at = False, time.monotonic()
 
 
+def as_written(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` as a study writes it and reads it back (six significant digits): what a headline is computed from,
+    so that ``probe figures --check`` recomputes the same numbers from the stored table (a bootstrap's percentile can
+    move with the last digits of tied values)."""
+    import io
+
+    return pd.read_csv(io.StringIO(table.to_csv(index=False, float_format=TABLE_FLOAT_FORMAT)))
+
+
 def cell_differences(label: str, kept: pd.DataFrame, fresh: pd.DataFrame, rtol: float = 1e-4, atol: float = 1e-6
                      ) -> list[str]:
     """Where a committed table disagrees with the same table recomputed (``probe figures --check``): ``fresh`` is
     written and read back as the study writes it (six significant digits, hence the tolerances); one line per
     differing cell."""
-    import io
-
-    fresh = pd.read_csv(io.StringIO(fresh.to_csv(index=False, float_format=TABLE_FLOAT_FORMAT)))
+    fresh = as_written(fresh)
     if list(kept.columns) != list(fresh.columns) or len(kept) != len(fresh):
         return [f"{label}: columns or rows differ ({len(kept)} rows kept, {len(fresh)} recomputed)"]
     problems = []

@@ -65,6 +65,7 @@ from probe.studies.common import (
     QUICK_BOOTSTRAPS,
     Judge,
     Subject,
+    as_written,
     nearest_grid,
     recorded_samples,
     sample_chunks,
@@ -254,7 +255,7 @@ def overlap_study(pipe, n_images: int = 400, steps: int = STEPS, quick: bool = F
         chunk_rows, chunk_examples = overlap_chunk(tree, grid, subject, judge)
         rows += chunk_rows
         examples = _keep_examples(examples, chunk_examples)
-    metrics = pd.DataFrame(rows)
+    metrics = as_written(pd.DataFrame(rows))  # the headline from the numbers the table keeps
     association = failure_association(metrics, n_boot=QUICK_BOOTSTRAPS if quick else BOOTSTRAPS)
     figures = {"overlap_auc": plots.overlap_auc(association), "overlap_examples": plots.overlap_examples(examples)}
     return OverlapStudy(metrics, association, examples, figures, save_figures(figures, out))
