@@ -140,7 +140,11 @@ def prompt_text(prompt, name: str = "prompt") -> str:
 
 
 def prompt_fits(pipe, prompt: str) -> str:
-    """A prompt the text encoder takes whole: a longer one would be cut silently and its last words not drawn."""
+    """A prompt the text encoder takes whole: a longer one would be cut silently and its last words not drawn. The
+    family's own text keys are laid out too, so a prompt that fits alone but not inside the pipeline's template (a
+    chat LLM's system message) is refused as well."""
+    from probe.prompts import text_layout
+
     tok = pipe.tokenizer
     ids = tok(prompt, truncation=False).input_ids
     if len(ids) > tok.model_max_length:
@@ -148,6 +152,7 @@ def prompt_fits(pipe, prompt: str) -> str:
             f"prompt {prompt!r} has {len(ids)} tokens; the text encoder takes at most {tok.model_max_length} "
             "(start and end tokens included). Shorten the prompt."
         )
+    text_layout(pipe, prompt)  # the family's view of its keys refuses a prompt its template would cut
     return prompt
 
 

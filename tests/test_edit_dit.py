@@ -141,3 +141,12 @@ def test_real_image_editing_pins_the_source_row_to_the_flow_trajectory(dit):
         assert torch.equal(batch[0], inversion.latents[i])
     assert torch.equal(inputs[0][1], inversion.noise)  # both rows start from the inverted noise
     assert torch.equal(result.source, inversion.clean) and not torch.equal(result.edited, inversion.clean)
+
+
+def test_edit_refuses_a_prompt_its_template_would_cut():
+    """FLUX.2's chat template takes keys too: a prompt that the pipeline would cut inside it is refused by edit as by
+    record, not edited without its last words."""
+    pipe = probe.load("tiny-flux2")
+    long = " ".join(["a red circle and a blue square"] * 70)
+    with pytest.raises(ValueError, match="tokens inside the pipeline's template"):
+        edit(pipe, long, long.replace("red", "green"), seed=0, steps=2, height=32, width=32)
