@@ -121,6 +121,7 @@ class _State:
     cache_name: str | None = None
     told: list[tuple[str, int]] = field(default_factory=list)  # (pass, step) set by the code running the pass
     announced: int | None = None  # the last step whose start consumers were told of
+    placed: tuple[str, int, float] | None = None  # (pass, step, timestep) of the denoiser call running now
 
 
 def attention_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None = None,
@@ -345,6 +346,7 @@ class _Wrapped:
 
 
 _WRAPPERS: dict[type, type] = {}
+_MISSING = object()
 
 
 class Tap:
@@ -377,7 +379,9 @@ class Tap:
         for name, module in modules.items():
             module.processor = _wrapper_class(module.processor)(self, name, module.processor)
         hook = self.net.register_forward_pre_hook(self._before_forward, with_kwargs=True)
-        self._undo = [hook.remove, self._patch(self.pipe.scheduler, "set_timesteps", self._on_set_timesteps),
+        after = self.net.register_forward_hook(self._after_forward, always_call=True)
+        self._undo = [hook.remove, after.remove,
+                      self._patch(self.pipe.scheduler, "set_timesteps", self._on_set_timesteps),
                       self._patch(self.pipe.scheduler, "step", self._on_scheduler_step)]
         if hasattr(self.net, "cache_context"):
             self._undo.append(self._patch(self.net, "cache_context", self._on_cache_context))
@@ -485,11 +489,14 @@ class Tap:
 
     def _before_forward(self, module, args, kwargs):
         self.family.observe(self.net, args, kwargs, self.state)
-        kind, step, t = self._place()
+        kind, step, t = self.state.placed = self._place()  # its attention calls are placed once, here
         if kind in ("cfg", "cond") and self.state.announced != step:
             self.state.announced = step
             for consumer in self.consumers:
                 consumer.on_step(step, t)
+
+    def _after_forward(self, module, args, output):
+        self.state.placed = None
 
     # -- one attention call ----------------------------------------------------------------------------------------
     def _run(self, wrapped: _Wrapped, attn, args: tuple, kwargs: dict):
@@ -497,7 +504,7 @@ class Tap:
         if not self.consumers:
             return original(attn, *args, **kwargs)
         hidden = args[0] if args else kwargs.get("hidden_states")
-        kind, step, t = self._place()
+        kind, step, t = self.state.placed or self._place()
         calls = []
         for layer in self.by_module.get(wrapped.name, ()):
             grid = self.family.runtime_grid(layer, hidden, self.state)
@@ -513,15 +520,21 @@ class Tap:
         intercept = _Intercept(attn, calls, self.family.split(attn, hidden, encoder, self.state))
         previous = torch.nn.functional.scaled_dot_product_attention
         torch.nn.functional.scaled_dot_product_attention = intercept.sdpa
-        had_scores = "get_attention_scores" in vars(attn)
-        if hasattr(attn, "get_attention_scores"):
-            attn.get_attention_scores = intercept.scores
+        # the instance's own dict, not nn.Module's __setattr__ / __delattr__ (their checks cost more than the call)
+        own = vars(attn)
+        saved = own.get("get_attention_scores", _MISSING)
+        patch_scores = saved is not _MISSING or hasattr(type(attn), "get_attention_scores")
+        if patch_scores:
+            own["get_attention_scores"] = intercept.scores
         try:
             out = original(attn, *args, **kwargs)
         finally:
             torch.nn.functional.scaled_dot_product_attention = previous
-            if hasattr(attn, "get_attention_scores") and not had_scores:
-                del attn.get_attention_scores
+            if patch_scores:
+                if saved is _MISSING:
+                    del own["get_attention_scores"]
+                else:
+                    own["get_attention_scores"] = saved
         if not intercept.fired:
             raise TapError(
                 f"{wrapped.name}: its processor {type(original).__name__} computes attention without "
