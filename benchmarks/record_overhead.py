@@ -6,6 +6,16 @@ Time: median ratio of wall times recorded / plain generation, same prompt and se
   (a) cross-attention maps of every layer and step, head mean (``kinds=("cross",)``);
   (b) cross- plus self-attention maps of every layer with at most 32² queries.
 
+The built-in model (``probe.load("shapes")``, what the notebooks and the lab run) the same way at 50 steps, with 1
+and 2 torch threads (``--only builtin``).
+
+attention-map-diffusers (``--only amd``, when the package is installed; it is no dependency of probe): the same
+SD1.5-architecture pipeline and generation with every cross-attention map of every layer and step, head mean, under
+its ``AttentionCapture`` in ``exact`` mode (maps made during the call) and ``fast`` mode (q and k kept, maps made
+by ``compute()`` after it, which is timed with it), against ``probe.record`` of the same maps (every text key:
+``keep_padding=True``, as attention-map-diffusers keeps every key) and the plain call, alternated; the maps are
+compared (the conditional half of each of its records against probe's, every layer and step).
+
 Memory: peak RSS of streaming 32 vs 8 samples to zarr (``out=….zarr``, ``batch_size=1``), each in a fresh
 subprocess, as the peak ratio and as the extra growth above the RSS just before recording per extra MB of
 maps; the same in memory (``out=None``) as a contrast that shows the test would catch maps being held.
@@ -13,11 +23,14 @@ maps; the same in memory (``out=None``) as a contrast that shows the test would 
     python benchmarks/record_overhead.py                      # CPU: 32×32 latents, 3 steps, float32
     python benchmarks/record_overhead.py --device cuda        # GPU: 64×64 latents, 20 steps, float16
     python benchmarks/record_overhead.py --only memory --out benchmarks/results.json
+    python benchmarks/record_overhead.py --only builtin       # built-in model: 50 steps, 1 and 2 threads
+    python benchmarks/record_overhead.py --only amd --latent 16 --pairs 3 --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import statistics
@@ -30,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import xarray as xr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -47,6 +61,11 @@ DEFAULTS = {  # device → (latent side, steps, dtype)
     "cuda": (64, 20, "float16"),
 }
 TIME_TARGETS = {"cpu": {"a": 1.10, "b": 1.25}, "cuda": {"a": 1.05, "b": 1.15}}
+BUILTIN = "shapes"  # the built-in model
+BUILTIN_STEPS = 50
+BUILTIN_THREADS = (1, 2)
+AMD_MODES = ("exact", "fast")  # attention-map-diffusers' two capture modes
+AMD_TARGET = 0.95  # probe's time ≤ this × attention-map-diffusers' best mode
 MEMORY_TARGET = 1.10
 MEMORY_SAMPLES = (8, 32)  # the first few samples still grow allocator caches; 8 is past that
 MEMORY_LATENT, MEMORY_STEPS = 32, 2
@@ -69,6 +88,8 @@ class Settings:
     threads: int
     memory_samples: tuple[int, int] = MEMORY_SAMPLES
     memory_model: str = "sd15"
+    model: str = "sd15"  # what the timing runs on: sd15 (the architecture, random weights) or the built-in model
+    scale: int = 8  # pixels per latent cell
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -76,13 +97,14 @@ class Settings:
 
     @property
     def pixels(self) -> int:
-        return self.latent * 8
+        return self.latent * self.scale
 
     def describe(self, latent: int | None = None, steps: int | None = None) -> str:
         latent, steps = latent or self.latent, steps or self.steps
         threads = f", {self.threads} thread{'s' * (self.threads > 1)}" if self.device == "cpu" else ""
-        size = f"{latent}×{latent} latents ({latent * 8} px)"
-        return f"SD1.5 arch, {self.device} {self.dtype}, {size}, {steps} steps{threads}"
+        size = f"{latent}×{latent} latents ({latent * self.scale} px)"
+        model = "SD1.5 arch" if self.model == "sd15" else f"built-in {self.model} model"
+        return f"{model}, {self.device} {self.dtype}, {size}, {steps} steps{threads}"
 
 
 # -- time ------------------------------------------------------------------------------------------------------------
@@ -146,11 +168,102 @@ def time_case(pipe, s: Settings, case: str) -> dict:
     median = statistics.median(ratios)
     target = TIME_TARGETS["cuda" if s.device.startswith("cuda") else "cpu"][case]
     return {
-        "case": case, "what": CASES[case], "layers": n_layers, "groups": sorted(plan.groups),
+        "case": case, "what": CASES[case], "setting": s.describe(), "layers": n_layers, "groups": sorted(plan.groups),
         "recording_mb": plan.nbytes / 1e6, "plain_s": plain, "recorded_s": recorded, "ratios": ratios,
         "cpu_ratios": cpu_ratios, "median_cpu_ratio": statistics.median(cpu_ratios), "median_ratio": median,
         "target": target, "met": median <= target, "max_pixel_diff": diff,
     }
+
+
+def builtin_rows(s: Settings, steps: int, threads: tuple[int, ...]) -> list[dict]:
+    """Both timing cases on the built-in model at ``steps`` steps, for each torch thread count."""
+    pipe = probe.load(BUILTIN)
+    rows = []
+    for n in threads:
+        torch.set_num_threads(n)
+        b = dataclasses.replace(s, model=BUILTIN, latent=pipe.unet.config.sample_size, scale=pipe.vae_scale_factor,
+                                steps=steps, threads=n)
+        for case in CASES:
+            print(f"time ({case}), {b.describe()}: {CASES[case]}", flush=True)
+            rows.append(time_case(pipe, b, case))
+    torch.set_num_threads(s.threads)
+    return rows
+
+
+# -- attention-map-diffusers -----------------------------------------------------------------------------------------
+
+
+def amd_installed() -> bool:
+    """Whether attention-map-diffusers can be imported (a benchmark-only package: ``pip install
+    attention-map-diffusers``)."""
+    try:
+        import attention_map_diffusers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def amd_run(pipe, s: Settings, mode: str):
+    """The plain generation under attention-map-diffusers' capture of every cross-attention map (``image->text``)
+    of every layer and step, head mean; its maps made (``compute()``: fast mode makes them here)."""
+    from attention_map_diffusers import AttentionCapture
+
+    with AttentionCapture(pipe, relations="image->text", layers="all", timesteps="all", heads="mean",
+                          mode=mode) as capture:
+        plain_run(pipe, s)
+    return capture.compute()
+
+
+def probe_maps_run(pipe, s: Settings) -> xr.DataTree:
+    """``probe.record`` of the same maps: every cross layer and step, head mean, every text key."""
+    return probe.record(pipe, PROMPT, seeds=[SEED], steps=s.steps, guidance_scale=GUIDANCE, progress=False,
+                        height=s.pixels, width=s.pixels, kinds=("cross",), keep_padding=True)
+
+
+def amd_max_difference(tree: xr.DataTree, maps) -> tuple[float, int]:
+    """Largest |probe − attention-map-diffusers| over every map both hold (its records' conditional half, the
+    second of the pipeline's [unconditional; conditional] batch), and how many maps were compared."""
+    where = {}
+    for group in tree["cross"].children:
+        attn = tree[f"cross/{group}"]["attn"]
+        for name in attn.layer.values:
+            where[f"unet.{name}"] = attn
+    worst, compared = 0.0, 0
+    for record in maps.records:
+        attn = where[record.layer_id]
+        ours = attn.sel(sample=0, step=record.step_index, layer=record.layer_id.removeprefix("unet.")).values
+        theirs = record.data[-1, 0].float().numpy()  # (queries, keys) of the conditional row
+        ours = ours.reshape(theirs.shape).astype(np.float32)
+        worst = max(worst, float(np.abs(ours - theirs).max()))
+        compared += 1
+    return worst, compared
+
+
+def amd_rows(s: Settings) -> list[dict]:
+    """Plain, probe and attention-map-diffusers' two modes on the SD1.5 architecture, alternated (the order
+    rotated each round) after one warm-up of each."""
+    print(f"attention-map-diffusers vs probe: building the pipeline ({s.describe()}) …", flush=True)
+    pipe = sd15_pipeline(s.device, s.torch_dtype)
+    arms = {"plain": lambda: plain_run(pipe, s), "probe": lambda: probe_maps_run(pipe, s),
+            **{mode: (lambda mode=mode: amd_run(pipe, s, mode)) for mode in AMD_MODES}}
+    results = {name: fn() for name, fn in arms.items()}  # warm-up
+    difference, compared = amd_max_difference(results["probe"], results["exact"])
+    fast_difference, _ = amd_max_difference(results["probe"], results["fast"])
+    del results
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    names = list(arms)
+    for i in range(s.pairs):
+        order = names[i % len(names):] + names[: i % len(names)]
+        for name in order:
+            t, _, _ = timed(s.device, arms[name])
+            times[name].append(t)
+        print(f"  round {i + 1}/{s.pairs}: " + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in names), flush=True)
+    med = {name: statistics.median(v) for name, v in times.items()}
+    best = min(AMD_MODES, key=lambda m: med[m])
+    ratio = med["probe"] / med[best]
+    return [{"setting": s.describe(), "times_s": times, "median_s": med, "best_mode": best, "ratio": ratio,
+             "target": AMD_TARGET, "met": ratio <= AMD_TARGET, "max_map_diff": difference,
+             "max_map_diff_fast": fast_difference, "maps_compared": compared}]
 
 
 # -- memory ----------------------------------------------------------------------------------------------------------
@@ -227,7 +340,7 @@ def memory_rows(s: Settings) -> list[dict]:
 # -- report ----------------------------------------------------------------------------------------------------------
 
 
-def table(s: Settings, timing: list[dict], memory: list[dict]) -> str:
+def table(s: Settings, timing: list[dict], memory: list[dict], amd: list[dict] = ()) -> str:
     """The results as a Markdown table."""
     lines = ["| benchmark | setting | measured | target | met |", "|---|---|---|---|---|"]
     for r in timing:
@@ -237,9 +350,19 @@ def table(s: Settings, timing: list[dict], memory: list[dict]) -> str:
             detail += f"; process-CPU-time ratio {r['median_cpu_ratio']:.3f}"
         lines.append(
             f"| time ({r['case']}) {r['what']} ({r['layers']} layers, {r['recording_mb']:.1f} MB/sample) "
-            f"| {s.describe()} | **{r['median_ratio']:.3f}** ({detail}) | ≤ {r['target']:.2f} "
+            f"| {r['setting']} | **{r['median_ratio']:.3f}** ({detail}) | ≤ {r['target']:.2f} "
             f"| {'yes' if r['met'] else 'NO'} |"
         )
+    for r in amd:
+        med, times = r["median_s"], r["times_s"]
+        spread = "; ".join(f"{n} {med[n]:.2f} s ({min(v):.2f}–{max(v):.2f})" for n, v in times.items())
+        lines.append(
+            f"| probe / attention-map-diffusers' best mode ({r['best_mode']}), every cross map of every layer and "
+            f"step, head mean | {r['setting']} | **{r['ratio']:.3f}** (medians of {len(times['plain'])} rounds: "
+            f"{spread}; probe / plain {med['probe'] / med['plain']:.3f}, exact / plain "
+            f"{med['exact'] / med['plain']:.3f}, fast / plain {med['fast'] / med['plain']:.3f}; max map difference "
+            f"{r['max_map_diff']:.1e} vs exact, {r['max_map_diff_fast']:.1e} vs fast, over {r['maps_compared']} "
+            f"maps) | ≤ {r['target']:.2f} | {'yes' if r['met'] else 'NO'} |")
     for r in memory:
         a, b = r["small"], r["big"]
         n0, n1 = a["samples"], b["samples"]
@@ -276,7 +399,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"samples streamed by the two memory runs (default {MEMORY_SAMPLES[0]} {MEMORY_SAMPLES[1]})")
     p.add_argument("--memory-model", default="sd15",
                    help="sd15 (default: SD1.5 architecture at 32×32 latents) or shapes (the built-in model, 64 px)")
-    p.add_argument("--only", choices=["time", "memory"], help="run one benchmark (default both)")
+    p.add_argument("--only", choices=["time", "builtin", "amd", "memory"],
+                   help="run one benchmark (default all: amd only where attention-map-diffusers is installed)")
+    p.add_argument("--builtin-steps", type=int, default=BUILTIN_STEPS, help="steps on the built-in model (50)")
+    p.add_argument("--builtin-threads", type=int, nargs="+", default=BUILTIN_THREADS,
+                   help="torch thread counts on the built-in model (default 1 2)")
     p.add_argument("--out", type=Path, help="also write the results: .json (everything) or .md (the table)")
     p.add_argument("--worker", nargs=2, metavar=("MODE", "N"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -297,7 +424,15 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(memory_worker(args.worker[0], int(args.worker[1]), s)))
         return
     started = time.strftime("%Y-%m-%d %H:%M")
-    timing, memory = [], []
+    timing, memory, amd = [], [], []
+    if args.only in (None, "builtin"):
+        timing += builtin_rows(s, args.builtin_steps, tuple(args.builtin_threads))
+    if args.only in (None, "amd"):
+        if amd_installed():
+            amd = amd_rows(s)
+        else:
+            print("attention-map-diffusers is not installed: its comparison is skipped (pip install "
+                  "attention-map-diffusers; a benchmark-only package, no dependency of probe)", flush=True)
     if args.only in (None, "time"):
         print(f"building the pipeline ({s.describe()}) …", flush=True)
         pipe = sd15_pipeline(s.device, s.torch_dtype)
@@ -309,7 +444,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.only in (None, "memory"):
         print("memory: streaming vs in memory, each in a fresh process …", flush=True)
         memory = memory_rows(s)
-    md = table(s, timing, memory)
+    md = table(s, timing, memory, amd)
     header = (f"record overhead — {started}, torch {torch.__version__}, diffusers "
               f"{__import__('diffusers').__version__}" + (f", {s.describe()}" if timing else ""))
     print(f"\n{header}\n\n{md}")
@@ -317,7 +452,8 @@ def main(argv: list[str] | None = None) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         if args.out.suffix == ".json":
             args.out.write_text(json.dumps({"started": started, "settings": asdict(s), "torch": torch.__version__,
-                                            "timing": timing, "memory": memory, "table": md}, indent=2))
+                                            "timing": timing, "memory": memory, "amd": amd, "table": md},
+                                           indent=2))
         else:
             args.out.write_text(f"{header}\n\n{md}\n")
         print(f"\nwrote {args.out}")
