@@ -155,3 +155,29 @@ def test_prompts_are_drawn_without_replacement():
 
 def test_the_docstring_names_the_multiplicity():
     assert "Holm" in overlap.__doc__ and "p-value" in overlap.__doc__
+
+
+def test_the_family_interval_is_bonferroni_over_one_outcomes_statistics_at_one_step():
+    """The registered family: each outcome's AUCs at the primary step; its interval is the 1 − 0.05/k percentile
+    interval of the same resamples (k: the statistics and the joint score), wider than the 95% one, and an AUC
+    stands apart from chance only when it excludes 0.5."""
+    rng = np.random.default_rng(0)
+    n = 80
+    missing = np.arange(n) < 40
+    frame = pd.DataFrame({"prompt": np.arange(n) // 2, "seed": np.arange(n) % 2, "step": 10, "timestep": 799.0,
+                          "missing": missing, "mixed": False,
+                          "strong": missing + rng.normal(0, 0.3, n), "none": rng.normal(0, 1, n)})
+    table = failure_association(frame, outcomes=("missing",), names=["strong", "none"], n_boot=300, fold_seeds=2)
+    for row in table.itertuples():
+        scores = frame[row.metric].to_numpy() if row.metric != "all (logistic)" else None
+        if scores is None:
+            continue
+        expected = overlap.auc_interval(missing, scores, frame.prompt.to_numpy(), 300, (0.95, 0.95, 1 - 0.05 / 3))
+        assert (row.auc, row.ci_low, row.ci_high, row.ci_low_family, row.ci_high_family) == pytest.approx(
+            (expected[0], expected[1], expected[2], expected[5], expected[6]))
+        assert row.ci_low_family <= row.ci_low and row.ci_high_family >= row.ci_high
+    headline = overlap.overlap_headline(table)
+    apart = dict(zip(headline.metric, headline.apart_from_chance))
+    assert apart["strong"] and not apart["none"]
+    text = overlap.family_text(headline)
+    assert "Missing against all present: " in text and "strong " in text and "none " not in text.split("Missing")[1]

@@ -13,9 +13,11 @@ so a missing subject's map ends flat by construction and any statistic of it the
 All statistics together: a standardised logistic regression's out-of-fold AUC (folds grouped by prompt), averaged
 over :data:`FOLD_SEEDS` fold seeds and reported with its SD and min–max over them, since one seed's split moves it.
 
-Multiplicity: the study prints no p-value, so it has no Holm family (should one be added, print it with
-:func:`probe.analysis.stats.format_p`). Its 95% intervals are per comparison (outcome × statistic × step), not
-adjusted together; the association table's ``ci_low_adj`` / ``ci_high_adj`` are Bonferroni over the steps, for a
+Multiplicity: the study prints no p-value. Its family is each outcome's AUCs at one step (the statistics and all of
+them together): ``ci_low_family`` / ``ci_high_family`` are Bonferroni intervals over it (Holm, the family's test in
+its registration, has no interval form; its power calculation used this bound), and an AUC whose family
+interval excludes 0.5 stands apart from chance (``apart_from_chance``, :func:`family_text`); the 95% intervals beside
+are per comparison, and ``ci_low_adj`` / ``ci_high_adj`` (association table) are Bonferroni over the steps, for a
 step chosen after looking at all of them. The headline's two steps are fixed in advance.
 """
 
@@ -58,6 +60,7 @@ from probe.shapes.judge import judge as exact_judge
 from probe.shapes.judge import parse_prompt, require_shapes_world
 from probe.shapes.settings import HELD_OUT_SEED, STEPS
 from probe.shapes.world import COLOURS, SHAPES
+from probe.studies.answers import add_section_text
 from probe.studies.common import (
     BOOTSTRAPS,
     CHUNK,
@@ -88,10 +91,11 @@ FOLD_SEEDS = 20  # fold seeds the logistic regression's cross-validated AUC is a
 EARLY_STEP, REFERENCE_STEPS = 10, 50  # cause is read at step 10 of 50, as the guidance studies read overlap
 CAUSE_READ, OUTCOME_READ = "cause (early step)", "outcome read-out, not cause"
 ASSOCIATION_COLUMNS = ["outcome", "metric", "step", "timestep", "n", "n_prompts", "n_cases", "auc", "ci_low",
-                       "ci_high", "ci_low_adj", "ci_high_adj", "control", "n_controls", "fold_seeds", "auc_sd",
-                       "auc_min", "auc_max"]
+                       "ci_high", "ci_low_adj", "ci_high_adj", "ci_low_family", "ci_high_family", "control",
+                       "n_controls", "fold_seeds", "auc_sd", "auc_min", "auc_max"]
 HEADLINE_COLUMNS = ["outcome", "control", "metric", "read", "primary", "step", "timestep", "auc", "ci_low", "ci_high",
-                    "fold_seeds", "auc_sd", "auc_min", "auc_max", "n", "n_prompts", "n_cases", "n_controls"]
+                    "ci_low_family", "ci_high_family", "apart_from_chance", "fold_seeds", "auc_sd", "auc_min",
+                    "auc_max", "n", "n_prompts", "n_cases", "n_controls"]
 
 
 @dataclass
@@ -357,11 +361,11 @@ def _association_rows(frame: pd.DataFrame, outcome: str, at: tuple[int, float], 
     rows = []
     for name, scores in scored:
         known = scores is not None and not np.isnan(scores).all()
-        auc, low, high, low_adj, high_adj = (auc_interval(y, scores, prompts, n_boot, levels, seed=seed) if known
-                                             else (np.nan,) * 5)
+        auc, low, high, low_adj, high_adj, low_family, high_family = (
+            auc_interval(y, scores, prompts, n_boot, levels, seed=seed) if known else (np.nan,) * 7)
         spread = _seed_spread(y, scores) if name == ALL_METRICS else {}
         rows.append({"metric": name, **base, "auc": auc, "ci_low": low, "ci_high": high, "ci_low_adj": low_adj,
-                     "ci_high_adj": high_adj, **spread})
+                     "ci_high_adj": high_adj, "ci_low_family": low_family, "ci_high_family": high_family, **spread})
     return rows
 
 
@@ -377,13 +381,15 @@ def failure_association(metrics: pd.DataFrame, outcomes: Sequence[str] = OVERLAP
     the cross-validated AUC (folds grouped by prompt) of a logistic regression on every metric, the mean over
     ``fold_seeds`` fold seeds (``auc_sd``, ``auc_min``, ``auc_max``: its spread over them; its interval resamples
     the mean). ``ci_low`` / ``ci_high``: 95%; ``ci_low_adj`` / ``ci_high_adj``: Bonferroni over the steps (95%
-    family-wise for a step chosen after looking at all of them). ``n``: images compared, ``n_cases`` of them with
+    family-wise for a step chosen after looking at all of them); ``ci_low_family`` / ``ci_high_family``: Bonferroni
+    over the statistics of one outcome at one step (the registered family; Holm has no interval form, and Bonferroni
+    is the bound its power calculation used). ``n``: images compared, ``n_cases`` of them with
     the outcome, ``n_controls`` all present; where either is 0 the AUC is NaN. Copies of an image count once.
     """
     metrics = distinct_images(metrics)
     metrics = metrics.assign(_control=all_present(metrics, outcomes))
     steps = metrics.groupby(["step", "timestep"], sort=True)
-    levels = (CONFIDENCE, 1 - (1 - CONFIDENCE) / max(1, steps.ngroups))
+    levels = (CONFIDENCE, 1 - (1 - CONFIDENCE) / max(1, steps.ngroups), 1 - (1 - CONFIDENCE) / (len(names) + 1))
     rows = []
     for outcome, (at, frame) in itertools.product(outcomes, steps):
         compared = frame[frame[outcome].astype(bool) | frame._control]
@@ -415,7 +421,28 @@ def overlap_headline(association: pd.DataFrame) -> pd.DataFrame:
     reads = [(early, CAUSE_READ, True)] + ([(last, OUTCOME_READ, False)] if last != early else [])
     parts = [association[association.step == step].assign(read=read, primary=primary)
              for step, read, primary in reads]
-    return pd.concat(parts, ignore_index=True)[HEADLINE_COLUMNS]
+    headline = pd.concat(parts, ignore_index=True)
+    headline["apart_from_chance"] = (headline.ci_low_family > 0.5) | (headline.ci_high_family < 0.5)
+    return headline[HEADLINE_COLUMNS]
+
+
+def family_text(headline: pd.DataFrame | None = None) -> str:
+    """The overlap study's family in one paragraph for its section: which statistics' AUCs stand apart from chance
+    at the primary step, each outcome on its own, with the family-wise interval."""
+    count = len(METRICS) + 1
+    text = (f"**Family.** Per outcome, the {count} AUCs at the primary step (the {count - 1} statistics and all of "
+            f"them together); an AUC stands apart from chance when its family-wise interval (Bonferroni, "
+            f"{1 - (1 - CONFIDENCE) / count:.2%} per AUC: the interval form of the registered Holm family, whose "
+            "power calculation used this bound) excludes 0.5. No p-value is printed.")
+    if headline is None or "apart_from_chance" not in headline:
+        return text
+    primary = headline[headline.primary.astype(str).str.lower() == "true"]
+    for outcome, rows in primary.groupby("outcome", sort=False):
+        apart = rows[rows.apart_from_chance.astype(str).str.lower() == "true"]
+        listed = ", ".join(f"{r.metric} {r.auc:.2f} [{r.ci_low_family:.2f}, {r.ci_high_family:.2f}]"
+                           for r in apart.itertuples())
+        text += f" {outcome.capitalize()} against all present: {len(apart)} of {len(rows)} apart ({listed})."
+    return text
 
 
 def _joint_text(rows: pd.DataFrame) -> str:
@@ -464,3 +491,4 @@ register(Study(
     source="overlap_metrics",
     recompute=lambda table, n_boot: overlap_headline(failure_association(headline_rows(table), n_boot=n_boot)),
     answer=overlap_answer, figures=("overlap_auc", "overlap_examples")))
+add_section_text("overlap", family_text)
