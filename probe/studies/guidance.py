@@ -490,9 +490,8 @@ def guidance_study(pipe, n_images: int | None = None, steps: int = STEPS, quick:
     and at the last step, the quality proxies of :func:`judged`, seconds. An image is missing when any subject is.
     ``schedule`` replaces A&E's schedule (given for 50 steps); ``initno_settings`` the default :class:`InitNO`.
     ``step_sizes``: each method's ``scale_factor``; by default chosen before the study on pilot prompts it does not
-    use (:func:`probe.studies.guided.calibrate_steps`: A&E takes the step that lowers missing most against no
-    guidance, every other objective the step that lowers soft IoU at step 10 most), the table in ``step_sizes``
-    (``guidance_step_sizes.csv``).
+    use (:func:`probe.studies.guided.calibrate_steps`: A&E's lowers missing most against no guidance, every other
+    objective's soft IoU at step 10), the table in ``step_sizes`` (``guidance_step_sizes.csv``).
 
     ``quick``: at most 4 images (two prompts per set, one seed), methods none / ae / iou when ``methods`` is the
     default, at most 20 steps, a short INITNO and refinement (:data:`QUICK_INITNO`, :data:`QUICK_SCHEDULE`).
@@ -517,7 +516,8 @@ def guidance_study(pipe, n_images: int | None = None, steps: int = STEPS, quick:
         seed_offset, min_effects = fixed["seed_offset"], fixed["min_effects"]
     pipe = load(pipe)
     if n_images is not None:
-        n_images = whole_number(n_images, "n_images", "(prompt, seed) pairs per method (None: what power needs)")
+        n_images = whole_number(n_images, "n_images", "the number of (prompt, seed) pairs per arm (None: what power "
+                                "needs)")
     seeds_per_prompt = whole_number(seeds_per_prompt, "seeds_per_prompt", "the number of seeds of each prompt")
     seed_offset = whole_number(seed_offset, "seed_offset", "added to every seed of the study", minimum=0)
     steps = step_count(steps)
