@@ -222,3 +222,16 @@ def test_a_class_seen_in_one_group_is_left_out_not_an_error():
     for table in (probe_features(features, {"y": y}, groups=groups),
                   nested_probe_features(features, {"y": y}, groups=groups)):
         assert len(table) == 3 and set(table.n) == {22} and set(table.n_classes) == {2}
+
+
+def test_the_editing_answer_gives_no_injections_success_and_the_pairs_each_row_pools():
+    rows = [{"edit": "colour", "origin": "rendered", "inject": "none", "layer_set": "none", "fraction": math.nan,
+             "success_rate": 0.625, "iou_vs_none": math.nan, "iou_vs_none_ci_low": math.nan,
+             "iou_vs_none_ci_high": math.nan, "n_pairs": 40, "unit": "pair", "iou_vs_none_p": math.nan},
+            {"edit": "colour", "origin": "rendered", "inject": "cross", "layer_set": "coarser than latent",
+             "fraction": 0.8, "success_rate": 0.575, "iou_vs_none": 0.204, "iou_vs_none_ci_low": 0.112,
+             "iou_vs_none_ci_high": 0.306, "n_pairs": 40, "unit": "pair", "iou_vs_none_p": 0.0001}]
+    answer = editing_answer(edit_headline(pd.DataFrame(rows)))
+    assert ("colour edits of rendered images: cross +0.204 [+0.112, +0.306] (Holm p < 0.001), success 57%, "
+            "none: success 62%") in answer  # the harm to success is read against no injection's
+    assert "Each row pools 40 prompt pairs" in answer

@@ -215,12 +215,16 @@ def _row_text(row) -> str:
 
 def editing_answer(headline: pd.DataFrame) -> str:
     """Per edit and image origin, how much of the source object's mask self- and cross-attention injection kept
-    beyond no injection (IoU difference, paired interval), and the self edit's success rate. A difference is clear
-    only where its Holm-adjusted sign-flip p is below :data:`ALPHA` (a table without p-values calls none clear)."""
+    beyond no injection (IoU difference, paired interval), and each arm's success rate, no injection's beside. A
+    difference is clear only where its Holm-adjusted sign-flip p is below :data:`ALPHA` (a table without p-values
+    calls none clear)."""
     parts = []
     for (edit, origin), rows in headline.groupby(["edit", "origin"], sort=False):
         said = [_row_text(row) for row in rows[rows.inject.isin(INJECTED)].itertuples(index=False)
                 if not math.isnan(row.iou_vs_none)]
+        plain = rows[rows.inject == "none"]
+        if said and len(plain):  # the success an injection's own is read against
+            said.append(f"none: success {plain.success_rate.iloc[0]:.0%}")
         if said:
             parts.append(f"{edit} edits of {origin} images: " + ", ".join(said))
     if not parts:
@@ -231,7 +235,9 @@ def editing_answer(headline: pd.DataFrame) -> str:
         answer += (" These rows had one prompt pair per edit, so their intervals and tests resample that pair's seeds"
                    " and say nothing about other prompts.")
     elif "n_pairs" in injected and injected.n_pairs.notna().any():
-        answer += f" Each row pools {int(injected.n_pairs.min())}+ prompt pairs; intervals and tests resample pairs."
+        low, high = int(injected.n_pairs.min()), int(injected.n_pairs.max())
+        pairs = f"{low}" if low == high else f"{low}–{high}"
+        answer += f" Each row pools {pairs} prompt pairs; intervals and tests resample pairs."
     return answer
 
 
