@@ -59,7 +59,10 @@ def test_a_folder_that_is_not_a_recording_is_not_replaced(tmp_path, tiny):
 
 def test_a_bad_out_is_refused_before_anything_is_generated(tmp_path, tiny, monkeypatch):
     calls = []
-    monkeypatch.setattr(type(tiny), "__call__", lambda *a, **k: calls.append(1))
+    def no_generation(self, *a, num_inference_steps: int = 50, guidance_scale: float = 7.5, **k):  # its defaults kept
+        calls.append(1)
+
+    monkeypatch.setattr(type(tiny), "__call__", no_generation)
     (tmp_path / "file.zarr").write_text("a file")
     with pytest.raises(ValueError, match="is a file, and a .zarr recording is a folder"):
         _record(tiny, tmp_path / "file.zarr")
