@@ -56,12 +56,22 @@ def test_two_shards_merged_equal_one_process(one_process, tmp_path, capsys):
         _same_table(pd.read_csv(merged / f"{table}.csv"), pd.read_csv(one_process / f"{table}.csv"))
 
 
-def test_two_processes_equal_one_process(one_process, tmp_path):
-    assert main([*STUDY, "--out", str(tmp_path), "--processes", "2"]) == 0
-    assert sorted(p.name for p in tmp_path.glob("guidance_images_shard*")) == [
+def test_two_processes_equal_one_process(tmp_path):
+    """Both runs in fresh processes, as a user starts them (the launching process is one of the shards' peers)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out, extra in ((one, []), (two, ["--processes", "2"])):
+        done = subprocess.run([sys.executable, "-m", "probe.cli", *STUDY, "--out", str(out), *extra], env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in two.glob("guidance_images_shard*")) == [
         "guidance_images_shard0of2.csv", "guidance_images_shard1of2.csv"]
     for table in ("guidance_images", "headline_guidance"):
-        _same_table(pd.read_csv(tmp_path / f"{table}.csv"), pd.read_csv(one_process / f"{table}.csv"))
+        _same_table(pd.read_csv(two / f"{table}.csv"), pd.read_csv(one / f"{table}.csv"))
 
 
 def test_a_killed_shard_resumes_without_making_a_row_again(one_process, tmp_path, monkeypatch):
