@@ -377,7 +377,7 @@ def _split_study(study, settings: dict, options, model: str) -> bool:
         print(f"calibration of the {study.name} study: {len(part.rows)} rows; its pilot images in {part.path}")
         if options.calibrate:
             return False
-        argv = _without(options.argv, "--processes")
+        argv = shards.without_option(options.argv, "--processes")
         if shards.run_processes(["-m", "probe.cli", *argv], options.processes):
             raise SystemExit(f"some shards of the {study.name} study failed; run the same command again to resume")
         shards.merge_study(study.name, [options.out], options.out)
@@ -387,19 +387,6 @@ def _split_study(study, settings: dict, options, model: str) -> bool:
     print(f"shard {shard[0]}/{shard[1]} of the {study.name} study: {len(part.rows)} rows in {part.path} (merge the "
           f"shards with probe study {study.name} --merge DIR…)")
     return False
-
-
-def _without(argv: list[str], option: str) -> list[str]:
-    """``argv`` without ``option`` and its value (``--processes 2`` or ``--processes=2``)."""
-    kept, skip = [], False
-    for item in argv:
-        if skip:
-            skip = False
-        elif item == option:
-            skip = True
-        elif not item.startswith(option + "="):
-            kept.append(item)
-    return kept
 
 
 def cmd_evaluate_shapes(args) -> None:

@@ -83,6 +83,19 @@ def merge_rows(paths: Sequence[Path], key: Sequence[str]) -> pd.DataFrame:
     return frame
 
 
+def without_option(argv: Sequence[str], option: str) -> list[str]:
+    """``argv`` without ``option`` and its value (``--opt V`` or ``--opt=V``): a command line its shards rerun."""
+    kept, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == option:
+            skip = True
+        elif not token.startswith(f"{option}="):
+            kept.append(token)
+    return kept
+
+
 def run_processes(command: Sequence[str], processes: int) -> int:
     """Run ``python command… --shard I/N`` for I = 0 … N−1 at once, the CPU's threads shared between them and, where
     there are GPUs, one GPU each in turn; wait for all. Returns 0, or 1 (naming the failed shards) if any failed."""

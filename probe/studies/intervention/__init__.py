@@ -83,7 +83,7 @@ from probe.studies.intervention.design import (  # noqa: F401
     units_for_power,
 )
 from probe.studies.registry import Study, register
-from probe.studies.shards import in_shard, run_processes, shard_of, shard_path
+from probe.studies.shards import in_shard, run_processes, shard_of, shard_path, without_option
 from probe.tap import Tap
 
 
@@ -316,22 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.processes > 1:
         if shard is not None:
             parser.error("give --processes or --shard, not both")
-        return run_processes(["-m", "probe.studies.intervention", *_without(argv, "--processes")], args.processes)
+        return run_processes(["-m", "probe.studies.intervention", *without_option(argv, "--processes")], args.processes)
     _run_registered(args.experiment, args.model, Path(args.out), shard, registered)
     return 0
-
-
-def _without(argv: Sequence[str], option: str) -> list[str]:
-    """``argv`` without ``option`` and its value (``--opt V`` or ``--opt=V``)."""
-    out, skip = [], False
-    for token in argv:
-        if skip:
-            skip = False
-        elif token == option:
-            skip = True
-        elif not token.startswith(f"{option}="):
-            out.append(token)
-    return out
 
 
 def _run_registered(experiment: str, model, out: Path, shard: tuple[int, int] | None,
