@@ -143,3 +143,15 @@ def shards_plan(registration: str):
     from probe.studies.guidance import guidance_study, study_plan_of
 
     return study_plan_of(guidance_study, {"registration": registration}, 1.0)
+
+
+def test_a_shard_reads_the_calibration_without_writing_it(tmp_path):
+    """Shards started together read the pilot's table at once: none may rewrite it (one would find it locked)."""
+    from probe.writes import locked
+
+    assert main([*STUDY, "--out", str(tmp_path), "--calibrate"]) == 0
+    pilot = tmp_path / "guidance_pilot_images.csv"
+    before = pilot.read_bytes()
+    with locked(pilot):  # a peer shard holds it now
+        assert main([*STUDY, "--out", str(tmp_path), "--shard", "0/2"]) == 0
+    assert pilot.read_bytes() == before

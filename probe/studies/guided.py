@@ -253,7 +253,8 @@ def guided_images(pipe, prompts: Sequence[dict], seeds: Sequence[int], configs: 
                **judged(image, item["prompt"], judge), "seconds": seconds, "step_size": step_of[method],
                "loss_start": loss_start, "loss_end": loss_end}
         rows.add({**row, **_overlap_columns(maps, read_at, (height, width), indices, words_at)})
-    rows.save()
+    if make:  # a shard only reads the calibration's table: its peers read it at the same time
+        rows.save()
     frame = pd.DataFrame([rows.get(key) for key in keys])
     frame.attrs.update({"steps": steps, "t10_step": read_at["t10"], "end_step": read_at["end"], "grid": grid,
                         "reused_seconds": reused_seconds})
