@@ -480,3 +480,26 @@ def test_a_byte_level_chat_tokenizer_gives_the_prompts_words_at_their_positions(
     assert [raw[i] for i in positions] == ["a", "Ġcat", "Ġand", "Ġa", "Ġdog"] and positions[0] == 3  # after "user\n"
     assert chat.convert_ids_to_tokens([padded["input_ids"][i] for i in positions]) == PROMPT.split()
     assert chat.convert_ids_to_tokens(chat(PROMPT)["input_ids"]) == PROMPT.split()
+
+
+def test_zimage_past_its_cfg_truncation_records_the_conditional_call():
+    """Past ``cfg_truncation`` Z-Image runs the conditional branch alone: that call is the conditional pass, and its
+    maps equal the spied softmax of that call (its one sample), not half of a batch it does not have."""
+    name, pipe = "tiny-zimage", probe.load("tiny-zimage")
+    kw = _kw(name, cfg_truncation=0.3)
+    with attention_inputs(pipe.transformer) as calls:
+        _run(name, pipe, steps=3, output_type="np", **kw)
+    assert [c[0][0].shape[0] for c in calls] == [2, 1, 1]  # CFG at step 0 only
+    tree = probe.record(pipe, PROMPT, seeds=[0], steps=3, progress=False, guidance_scale=GUIDANCE[name],
+                        kinds=("cross",), **kw)
+    positions = probe.prompts.text_layout(pipe, PROMPT, max_sequence_length=SEQ[name]).positions
+    modules = list(probe.tap.layers.attention_modules(pipe.transformer))
+    recording = tree["cross/res8"]
+    for step in (0, 2):
+        for layer in recording.layer.values:
+            q, k, scale, mask = calls[step][modules.index(str(layer))]
+            expected = _expected("cross", softmax(q, k, scale, mask)[0], _blocks(name, str(layer), 64, k.shape[-2]),
+                                 positions)
+            recorded = recording["attn"].sel(layer=layer).values[0, step].astype(np.float32)
+            torch.testing.assert_close(torch.from_numpy(recorded).reshape(expected.shape), expected, atol=5e-4,
+                                       rtol=1e-2)

@@ -58,6 +58,11 @@ class Family:
     def observe(self, net, args: tuple, kwargs: dict, state) -> None:
         """Read what a call of the denoiser tells about token counts and grids (before it runs)."""
 
+    def cfg_call(self, pipe, state) -> bool:
+        """Whether the pipeline's own denoiser call now running (after :meth:`observe`) holds both classifier-free
+        guidance halves: where the pipeline guides, every call does unless the family knows otherwise."""
+        return bool(getattr(pipe, "do_classifier_free_guidance", False))
+
     def split(self, attn, hidden_states: torch.Tensor, encoder_hidden_states, state) -> Split:
         """Where the image and text tokens of this call's softmax sit."""
         raise NotImplementedError

@@ -66,10 +66,19 @@ class ZImage(Family):
         if isinstance(x[0], list):
             raise TapError("Z-Image in omni mode (several images per sample, SigLIP features): its token layout "
                            "(caption, images, SigLIP tokens) is not one the tap splits; record text-to-image runs")
+        t = args[1] if len(args) > 1 else kwargs["t"]  # the pipeline hands (1000 − timestep) / 1000
+        state.zimage_t = float(t.flatten()[0])
         p = kwargs.get("patch_size", PATCH)
         state.image_grid = (x[0].shape[-2] // p, x[0].shape[-1] // p)
         if getattr(state, "zimage_roles", None) is None:  # module → its place, read once per tap
             state.zimage_roles = {id(m): name.split(".")[0] for name, m in attention_modules(net).items()}
+
+    def cfg_call(self, pipe, state) -> bool:
+        """The pipeline's own rule: past ``cfg_truncation`` (a fraction of the schedule) it runs the conditional
+        branch alone."""
+        truncation = getattr(pipe, "_cfg_truncation", None)
+        late = truncation is not None and float(truncation) <= 1 and getattr(state, "zimage_t", 0.0) > truncation
+        return super().cfg_call(pipe, state) and not late
 
     def split(self, attn, hidden_states, encoder_hidden_states, state) -> Split:
         h, w = state.image_grid

@@ -477,7 +477,7 @@ class Tap:
             elif s.cache_name in ("cond", "uncond"):
                 kind = s.cache_name
             else:
-                kind = "cfg" if getattr(self.pipe, "do_classifier_free_guidance", False) else "cond"
+                kind = "cfg" if self.family.cfg_call(self.pipe, s) else "cond"
         return kind, step, self.timestep_of(step)
 
     def timestep_of(self, step: int) -> float:
