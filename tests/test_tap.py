@@ -301,3 +301,45 @@ def test_the_read_only_path_equals_an_explicit_softmax_with_masks(mean_heads, ma
         torch.testing.assert_close(reader.seen.mean(1), block.mean(1))
     else:
         torch.testing.assert_close(reader.seen, block)
+
+
+class Means(Consumer):
+    """Head-mean conditional blocks of every call, in the order they reach it; ``batched`` as asked."""
+
+    mean_heads = conditional_only = True
+
+    def __init__(self, batched: bool):
+        self.batched, self.seen = batched, []
+
+    def wants(self, call: Call) -> bool:
+        return call.pass_ == "cfg"
+
+    def on_probs(self, call, probs):
+        self.seen.append((call.layer.key, call.step, call.conditional(probs)[:, 0].clone()))
+
+
+def test_small_blocks_are_scored_together_at_the_end_of_the_denoiser_call(monkeypatch):
+    """Batched, the built-in model's blocks of one shape are scored in one go after the denoiser call (one scoring
+    per shape instead of one per layer), and each equals the block scored at once."""
+    from probe.tap import core
+
+    pipe = probe.load("shapes")
+    scorings = []
+    real = core._score
+    monkeypatch.setattr(core, "_score", lambda blocks: scorings.append(len(blocks)) or real(blocks))
+    seen = {}
+    for batched in (False, True):
+        scorings.clear()
+        consumer = Means(batched)
+        with Tap(pipe, [consumer]), torch.no_grad():
+            pipe("a red circle and a blue square", num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+        seen[batched] = consumer.seen
+        layers = attention_layers(pipe)
+        shapes = {(layer.kind, layer.grid) for layer in layers}
+        per_call = len(layers) if not batched else len(shapes)
+        assert len(scorings) == 2 * per_call  # two denoiser calls
+    by_key = {(key, step): block for key, step, block in seen[False]}
+    assert len(by_key) == len(seen[True]) == 2 * len(attention_layers(pipe))
+    for key, step, block in seen[True]:
+        torch.testing.assert_close(block, by_key[key, step], atol=1e-6, rtol=1e-5)
+    assert [k for k, s, _ in seen[True]] != [k for k, s, _ in seen[False]]  # they came late, by shape

@@ -29,7 +29,7 @@ class MapCollector(Consumer):
 
     def __init__(self, layers: Iterable[Layer], *, passes: Collection[str] = REAL_PASSES,
                  steps: Collection[int] | None = None, detach: bool = True, image: int | None = None):
-        self.keys = {layer.key for layer in layers}
+        self.layer_keys = frozenset(layer.key for layer in layers)
         self.passes = frozenset(passes)
         self.steps = None if steps is None else frozenset(int(s) for s in steps)
         self.detach = detach
@@ -41,7 +41,7 @@ class MapCollector(Consumer):
         self._found = {}
 
     def wants(self, call: Call) -> bool:
-        return (call.pass_ in self.passes and call.layer.key in self.keys
+        return (call.pass_ in self.passes and call.layer.key in self.layer_keys
                 and (self.steps is None or call.step in self.steps))
 
     def on_probs(self, call: Call, probs: torch.Tensor) -> None:
@@ -67,8 +67,8 @@ class MapCollector(Consumer):
     def mean(self, step: int) -> dict[str, torch.Tensor]:
         """The means of one step, every kind of the chosen layers present (else an error that says what ran)."""
         found = self.maps.get(step, {})
-        wanted = {kind for _, kind in self.keys}
+        wanted = {kind for _, kind in self.layer_keys}
         if set(found) != wanted:
-            raise RuntimeError(f"expected {sorted(wanted)} attention from {sorted(self.keys)} at step {step} but the "
-                               f"denoiser produced {sorted(found)}; do these layers run at this image size?")
+            raise RuntimeError(f"expected {sorted(wanted)} attention from {sorted(self.layer_keys)} at step {step} "
+                               f"but the denoiser produced {sorted(found)}; do these layers run at this image size?")
         return found

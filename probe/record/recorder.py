@@ -15,6 +15,7 @@ class Recorder(Consumer):
     """Tap consumer that keeps the requested maps of one batch in device buffers."""
 
     conditional_only = True  # the conditional rows are all it keeps: the tap scores no unconditional half
+    batched = True  # it reads its buffers after the run: small blocks may be scored a denoiser call at a time
 
     def __init__(self, plan: Plan, batch: slice, device: torch.device, steps: int):
         self.plan, self.device, self.steps = plan, device, steps
@@ -39,6 +40,7 @@ class Recorder(Consumer):
             self.buffers[group] = torch.full(
                 (self.n, *plan.group_shape(group)), float("nan"), dtype=torch.float16, device=device
             )
+        self.layer_keys = frozenset(self.where)
         n_real = [len(t) for t in plan.tokens[batch]]
         slots = torch.arange(plan.n_tokens, device=device)
         self.padding = slots[None, :] >= torch.tensor(n_real, device=device)[:, None]

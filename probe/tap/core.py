@@ -79,6 +79,8 @@ class Consumer:
     replaces = False
     mean_heads = False  # True: it reads only the mean over heads; the tap may hand it (batch, 1, queries, keys)
     conditional_only = False  # True: it reads only Call.conditional rows; the tap may hand those alone
+    batched = False  # True: a small read-only block may reach it at the end of the denoiser call (see BATCHED_BLOCK)
+    layer_keys: frozenset | None = None  # the layer keys it may ever want (None: any): other calls pass it by unasked
 
     def columns(self, call: Call) -> torch.Tensor | None:
         """The key columns of the call's block that this read-only consumer reads: a (rows, columns) index tensor,
@@ -141,8 +143,8 @@ class _Intercept:
     """Stands in for the one softmax of a wanted call; later attention calls of the processor (IP-Adapter's image
     branch) go to the real functions."""
 
-    def __init__(self, attn, calls: list[tuple[Call, list[Consumer]]], split):
-        self.attn, self.split = attn, split
+    def __init__(self, attn, calls: list[tuple[Call, list[Consumer]]], split, pending: list | None = None):
+        self.attn, self.split, self.pending = attn, split, pending  # pending: where small blocks wait (or None)
         self.calls = [(call, probs) for call, cs in calls if (probs := [c for c in cs if not c.reads_qk(call)])]
         self.qk_calls = [(call, qk) for call, cs in calls if (qk := [c for c in cs if c.reads_qk(call)])]
         self.fired = False
@@ -176,7 +178,8 @@ class _Intercept:
         return probs.to(value.dtype) @ value
 
     def read(self, query, key, mask, scale, lse) -> None:
-        """Hand read-only consumers the blocks they want: exp(q·kᵀ·scale + mask − logsumexp) for those keys."""
+        """Hand read-only consumers the blocks they want: exp(q·kᵀ·scale + mask − logsumexp) for those keys. A small
+        block whose consumers all take it late waits in ``pending`` to be scored with other layers' of its shape."""
         scale = query.shape[-1] ** -0.5 if scale is None else scale
         if mask is not None and mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, float("-inf"))
@@ -189,22 +192,17 @@ class _Intercept:
             # (batch, heads, tokens, dim): the fused kernel took nothing else
             q, k = query[batch, :, rows].float(), key[batch, :, keys].float()
             m = None if mask is None else mask.float().expand(*query.shape[:2], -1, -1)[batch, :, rows, keys]
-            floor = lse[batch, :, rows, None].float()
             columns = _agreed_columns(call, consumers, k.shape[0], only_conditional)
-            if columns is not None:  # only the keys that are read: a text block of 77 keys may be read at 8
-                k = k.gather(-2, columns[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1]))
-                m = None if m is None else m.gather(-1, columns[:, None, None, :].expand(*m.shape[:-1], -1))
             if only_conditional or columns is not None:
                 call = Call(call.layer, call.step, call.timestep, call.pass_, call.batch, call.conditional_first,
                             only_conditional, columns is not None)
-            if all(c.mean_heads for c in consumers):
-                block = _head_mean(q, k, m, floor, scale).to(query.dtype)
+            block = _Block(call, consumers, q, k, m, lse[batch, :, rows, None].float(), scale, columns,
+                           all(c.mean_heads for c in consumers), query.dtype)
+            if (self.pending is not None and m is None and all(c.batched for c in consumers)
+                    and q.shape[-2] * k.shape[-2] < BATCHED_BLOCK):
+                self.pending.append(block)
             else:
-                block = _exp_scores(q, k, m, floor, scale).to(query.dtype)
-            for consumer in consumers:
-                if consumer.on_probs(call, block) is not None:
-                    raise TapError(f"{type(consumer).__name__} returned replaced probabilities without declaring "
-                                   "replaces = True")
+                block.hand(_score([block]))
 
     def scores(self, query, key, attention_mask=None):
         """``Attention.get_attention_scores``: (batch·heads, queries, keys) probabilities."""
@@ -247,6 +245,66 @@ LOG2E = 1.4426950408889634
 
 
 CACHED_BLOCK = 1 << 16  # queries × keys of one head from which scoring a head at a time is faster (it stays in cache)
+# queries × keys of one head below which a block waits for the end of the denoiser call and is scored together with
+# the other layers' blocks of its shape: there the cost is per call (kernel launches, Python), not per score
+BATCHED_BLOCK = 1 << 18
+
+
+@dataclass
+class _Block:
+    """One call's block as the fused kernel left it, ready to score: q and k (all of the block's keys; ``columns``
+    chooses among them), the additive mask, the log-sum-exp ``floor``; then handed to ``consumers`` as ``call``."""
+
+    call: Call
+    consumers: list[Consumer]
+    q: torch.Tensor
+    k: torch.Tensor
+    mask: torch.Tensor | None
+    floor: torch.Tensor
+    scale: float
+    columns: torch.Tensor | None
+    mean: bool  # every consumer reads the mean over heads
+    dtype: torch.dtype
+
+    def shape(self) -> tuple:
+        """What blocks scored together share."""
+        return (self.q.shape, self.k.shape, self.q.device, self.scale, self.mean, self.dtype,
+                None if self.columns is None else id(self.columns), tuple(map(id, self.consumers)))
+
+    def hand(self, probs: torch.Tensor) -> None:
+        for consumer in self.consumers:
+            if consumer.on_probs(self.call, probs) is not None:
+                raise TapError(f"{type(consumer).__name__} returned replaced probabilities without declaring "
+                               "replaces = True")
+
+
+def _score(blocks: list[_Block]) -> torch.Tensor:
+    """The blocks of one shape scored in one go: (blocks × batch, heads or 1, queries, keys or columns)."""
+    first = blocks[0]
+
+    def joined(part: str) -> torch.Tensor:
+        return getattr(first, part) if len(blocks) == 1 else torch.cat([getattr(b, part) for b in blocks])
+
+    q, k, floor = joined("q"), joined("k"), joined("floor")
+    m = None if first.mask is None else joined("mask")
+    if first.columns is not None:  # only the keys that are read: a text block of 77 keys may be read at 8
+        columns = first.columns if len(blocks) == 1 else first.columns.repeat(len(blocks), 1)
+        k = k.gather(-2, columns[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1]))
+        m = None if m is None else m.gather(-1, columns[:, None, None, :].expand(*m.shape[:-1], -1))
+    if first.mean:
+        return _head_mean(q, k, m, floor, first.scale).to(first.dtype)
+    return _exp_scores(q, k, m, floor, first.scale).to(first.dtype)
+
+
+def _score_pending(pending: list[_Block]) -> None:
+    """Score the waiting blocks, those of one shape together, and hand each its rows."""
+    groups: dict[tuple, list[_Block]] = {}
+    for block in pending:
+        groups.setdefault(block.shape(), []).append(block)
+    for blocks in groups.values():
+        scored, n = _score(blocks), blocks[0].q.shape[0]
+        for i, block in enumerate(blocks):
+            block.hand(scored[i * n : (i + 1) * n])
 
 
 def _head_mean(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, floor: torch.Tensor,
@@ -366,6 +424,7 @@ class Tap:
         for layer in self.layers.values():
             self.by_module.setdefault(layer.name, []).append(layer)
         self.state = _State(net=self.net)
+        self._pending: list[_Block] = []  # small blocks of the denoiser call now running, scored at its end
         self._saved: dict | None = None
         self._undo: list = []
 
@@ -393,7 +452,7 @@ class Tap:
             self.net.get_submodule(name).processor = processor
         for undo in reversed(self._undo):
             undo()
-        self._saved, self._undo = None, []
+        self._saved, self._undo, self._pending = None, [], []
         self.state = _State(net=self.net)
 
     @staticmethod
@@ -497,6 +556,9 @@ class Tap:
 
     def _after_forward(self, module, args, output):
         self.state.placed = None
+        pending, self._pending = self._pending, []
+        if pending and output is not None:  # none are handed from a call that raised
+            _score_pending(pending)
 
     # -- one attention call ----------------------------------------------------------------------------------------
     def _run(self, wrapped: _Wrapped, attn, args: tuple, kwargs: dict):
@@ -507,17 +569,21 @@ class Tap:
         kind, step, t = self.state.placed or self._place()
         calls = []
         for layer in self.by_module.get(wrapped.name, ()):
+            asked = [c for c in self.consumers if c.layer_keys is None or layer.key in c.layer_keys]
+            if not asked:
+                continue
             grid = self.family.runtime_grid(layer, hidden, self.state)
             if grid != layer.grid:
                 layer = Layer(layer.name, layer.kind, grid, layer.heads)
             call = Call(layer, step, t, kind, hidden.shape[0], self.family.conditional_first)
-            wanting = [c for c in self.consumers if c.wants(call)]
+            wanting = [c for c in asked if c.wants(call)]
             if wanting:
                 calls.append((call, wanting))
         if not calls:
             return original(attn, *args, **kwargs)
         encoder = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
-        intercept = _Intercept(attn, calls, self.family.split(attn, hidden, encoder, self.state))
+        intercept = _Intercept(attn, calls, self.family.split(attn, hidden, encoder, self.state),
+                               self._pending if self.state.placed is not None else None)
         previous = torch.nn.functional.scaled_dot_product_attention
         torch.nn.functional.scaled_dot_product_attention = intercept.sdpa
         # the instance's own dict, not nn.Module's __setattr__ / __delattr__ (their checks cost more than the call)
