@@ -11,6 +11,9 @@ Recording (``probe.record``, in memory) against ``pipe(...)`` on the same prompt
   (``self_store="qk"``: every self layer's q and k, where the family has it).
 A&E: ``probe.steer.guide.generate(objective="ae")`` against ``StableDiffusionAttendAndExcitePipeline`` on SD1.5 at 512²
   (``guidance_speed``'s runs: the same schedule, refinement and token indices).
+attention-map-diffusers (``amd``, where it is installed: ``gpu_wheels.sh`` carries it): ``probe.record`` of every cross
+  map (head mean, every text key) against its ``AttentionCapture`` of the same maps in ``exact`` and ``fast`` mode and
+  the plain call, SD1.5 at 512²; the ratio is against its faster mode, and the maps are compared.
 
 Each arm runs once to warm up, then the arms run in turn, round by round (the order rotated each round); an arm's
 time is the median of its rounds, and its ratio is median(arm) / median(baseline). Peak GPU memory is
@@ -42,9 +45,11 @@ sys.path.insert(1, str(HERE.parent))
 
 PROMPT = "a red circle and a blue square"
 SEED = 0
-STAGES = ("sd15", "ae", "sdxl", "sd3", "flux")  # cheapest first, so a short budget still gives most rows
-EXPECTED_S = {"sd15": 40, "ae": 60, "sdxl": 70, "sd3": 60, "flux": 150}  # a stage's build and runs on an H100 at
-# the defaults, guessed from the models' sizes until a run measures them: a stage starts if it should end in budget
+STAGES = ("sd15", "ae", "amd", "sdxl", "sd3", "flux")  # cheapest first, so a short budget still gives most rows
+# a stage's build and runs on an H100 at the defaults, guessed from the models' sizes until a run measures them: a
+# stage starts if it should end in budget
+EXPECTED_S = {"sd15": 40, "ae": 60, "amd": 45, "sdxl": 70, "sd3": 60, "flux": 150}
+LABELS = {"ae": " A&E", "amd": " vs attention-map-diffusers"}  # a stage's row label after its model
 PIXELS = {"sd15": 512, "sdxl": 1024}  # the transformers run at their builders' own size (4,096 image tokens)
 SELF_KEYS = 16  # transformers' self maps: each query's attention summed onto 16 × 16 key cells
 DRY_PIXELS = 32
@@ -271,6 +276,58 @@ def ae_stage(cfg: Config) -> dict:
             "max_latent_diff": difference, "not_run": {}}
 
 
+def amd_stage(cfg: Config) -> dict:
+    """probe's cross maps against attention-map-diffusers' capture of the same maps, both modes, on SD1.5."""
+    import torch
+    from _common import sd15_pipeline
+    from record_overhead import AMD_MODES, amd_installed, amd_max_difference
+
+    import probe
+    from probe.models import generation
+
+    if not amd_installed():
+        return {"stage": "amd", "model": "sd15", "skipped": "not run: attention-map-diffusers is not installed "
+                "(pip install attention-map-diffusers, or carry it with bash benchmarks/gpu_wheels.sh)"}
+    from attention_map_diffusers import AttentionCapture
+
+    started = time.perf_counter()
+    pipe = sd15_pipeline(cfg.device, getattr(torch, cfg.dtype), tiny=cfg.dry)
+    build_s = time.perf_counter() - started
+    pixels = DRY_PIXELS if cfg.dry else PIXELS["sd15"]
+    run = generation(pipe, cfg.steps, None, caller="benchmark")
+
+    def plain():
+        return pipe(PROMPT, generator=torch.Generator(cfg.device).manual_seed(SEED), output_type="np",
+                    height=pixels, width=pixels, **run.pipeline_kwargs()).images[0]
+
+    def ours():
+        return probe.record(pipe, PROMPT, seeds=[SEED], steps=run.steps, guidance_scale=run.guidance_scale,
+                            progress=False, height=pixels, width=pixels, kinds=("cross",), keep_padding=True)
+
+    def theirs(mode: str):
+        def capture():
+            with AttentionCapture(pipe, relations="image->text", layers="all", timesteps="all", heads="mean",
+                                  mode=mode) as held:
+                plain()
+            return held.compute()
+        return capture
+
+    arms, outputs = side_by_side({"plain": plain, "probe": ours, **{m: theirs(m) for m in AMD_MODES}}, cfg)
+    best = min(AMD_MODES, key=lambda m: arms[m]["median_s"])
+    arms["plain"]["what"] = "pipe(prompt, generator=…)"
+    arms["probe"]["what"] = 'probe.record(kinds=("cross",), keep_padding=True)'
+    for mode in AMD_MODES:
+        arms[mode]["what"] = f"attention-map-diffusers AttentionCapture(image->text, all, heads=mean, mode={mode})"
+    differences = {m: amd_max_difference(outputs["probe"], outputs[m]) for m in AMD_MODES}
+    note = ("the same maps: " + ", ".join(f"probe vs {m} at most {d:.1e} over {n} maps"
+                                          for m, (d, n) in differences.items()) + f"; {pixels}² px")
+    return {"stage": "amd", "model": "sd15", "notes": [note], "pixels": pixels,
+            "image_tokens": (pixels // pipe.vae_scale_factor) ** 2, "steps": run.steps, "dtype": cfg.dtype,
+            "build_s": build_s, "baseline": best, "arms": arms,
+            "ratios": {arm: median_ratio(arms, arm, best) for arm in arms if arm != best},
+            "max_map_diff": {m: d for m, (d, _) in differences.items()}, "not_run": {}}
+
+
 def _free(device: str) -> None:
     import gc
 
@@ -297,18 +354,19 @@ def run_stages(cfg: Config, write: Callable[[list[dict]], None]) -> list[dict]:
     started, stages = time.perf_counter(), []
     for stage in cfg.stages:
         spent = time.perf_counter() - started
+        kind, model = (stage, "sd15") if stage in ("ae", "amd") else ("record", stage)
         if spent + (0 if cfg.dry else EXPECTED_S[stage]) > cfg.budget_s:
-            stages.append({"stage": "ae" if stage == "ae" else "record", "model": "sd15" if stage == "ae" else stage,
+            stages.append({"stage": kind, "model": model,
                            "skipped": f"not run: {spent:.0f} s of the {cfg.budget_s:.0f} s budget were spent, and "
                                       f"it takes about {EXPECTED_S[stage]} s"})
         else:
             print(f"{stage} ({spent:.0f} s in)", flush=True)
             try:
-                stages.append(ae_stage(cfg) if stage == "ae" else record_stage(stage, cfg))
+                runner = {"ae": ae_stage, "amd": amd_stage}.get(stage)
+                stages.append(runner(cfg) if runner else record_stage(stage, cfg))
             except Exception as err:  # one stage's failure (out of memory, say) leaves the others' rows
                 traceback.print_exc()
-                stages.append({"stage": "ae" if stage == "ae" else "record",
-                               "model": "sd15" if stage == "ae" else stage, "error": f"{type(err).__name__}: {err}"})
+                stages.append({"stage": kind, "model": model, "error": f"{type(err).__name__}: {err}"})
             _free(cfg.device)  # the stage's models went with its frame
         write(stages)
     return stages
@@ -319,7 +377,7 @@ def table(stages: list[dict]) -> str:
     rows = ["| model | arm | setting | median s (arm · baseline) | ratio | peak GiB (arm · baseline) |",
             "|---|---|---|---|---|---|"]
     for st in stages:
-        label = f"{st['model']}{' A&E' if st['stage'] == 'ae' else ''}"
+        label = st["model"] + LABELS.get(st["stage"], "")
         size = f"{st['pixels']}² px, {st['image_tokens']:,} image tokens; " if "image_tokens" in st else ""
         if "arms" not in st:
             rows.append(f"| {label} | — | {st.get('skipped') or st.get('error')} | — | — | — |")

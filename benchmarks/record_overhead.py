@@ -232,7 +232,7 @@ def amd_max_difference(tree: xr.DataTree, maps) -> tuple[float, int]:
     for record in maps.records:
         attn = where[record.layer_id]
         ours = attn.sel(sample=0, step=record.step_index, layer=record.layer_id.removeprefix("unet.")).values
-        theirs = record.data[-1, 0].float().numpy()  # (queries, keys) of the conditional row
+        theirs = record.data[-1, 0].float().cpu().numpy()  # (queries, keys) of the conditional row
         ours = ours.reshape(theirs.shape).astype(np.float32)
         worst = max(worst, float(np.abs(ours - theirs).max()))
         compared += 1
