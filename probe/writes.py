@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import gzip
 import json
 import os
 import shutil
@@ -288,10 +289,16 @@ def write_text(path: str | Path, text: str) -> Path:
 
 
 def write_csv(table, path: str | Path, **kwargs) -> Path:
-    """A pandas table as CSV, replaced whole or not at all (``kwargs`` go to ``to_csv``)."""
+    """A pandas table as CSV, replaced whole or not at all (``kwargs`` go to ``to_csv``); gzip-compressed where
+    ``path`` ends in ``.gz`` (with no time stamp inside, so the same table is the same bytes)."""
+    path = Path(path)
+    kwargs = {"index": False, **kwargs}
     with replacing(path) as tmp:
-        table.to_csv(tmp, **{"index": False, **kwargs})
-    return Path(path)
+        if path.suffix == ".gz":  # gzip.compress names no file in its header (the temporary's name would differ)
+            Path(tmp).write_bytes(gzip.compress(table.to_csv(**kwargs).encode(), mtime=0))
+        else:
+            table.to_csv(tmp, **kwargs)
+    return path
 
 
 def save_figure(fig, path: str | Path, **kwargs) -> Path:

@@ -58,7 +58,7 @@ def test_study_runs_one_study(tmp_path, capsys):
                  "--set", "n_images=4", "--set", "steps=3"]) == 0
     assert (tmp_path / "headline_overlap.csv").exists() and not (tmp_path / "headline_probe.csv").exists()
     assert "== overlap ==" in capsys.readouterr().out
-    assert len(pd.read_csv(tmp_path / "overlap_metrics.csv").groupby(["prompt", "seed"])) == 4
+    assert len(pd.read_csv(tmp_path / "overlap_metrics.csv.gz").groupby(["prompt", "seed"])) == 4
     assert main(["study", "probe", "--model", "tiny", "--quick", "--out", str(tmp_path), "--set", "steps=2"]) == 0
     timing = pd.read_csv(tmp_path / "timing.csv")
     assert list(timing.study) == ["probe", "overlap"]  # earlier rows kept

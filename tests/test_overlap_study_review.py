@@ -26,7 +26,7 @@ from probe.studies.overlap import (
     overlap_prompts,
 )
 
-COMMITTED = Path(__file__).parents[1] / "figures" / "overlap_metrics.csv"
+COMMITTED = Path(__file__).parents[1] / "figures" / "overlap_metrics.csv.gz"
 
 
 def _images(table: pd.DataFrame) -> pd.DataFrame:

@@ -497,13 +497,14 @@ def test_run_all_quick_writes_every_figure_and_table(tiny, tmp_path):
     assert all(len(headlines[name]) for name in STUDIES)
     figures = ("probe_accuracy", "overlap_auc", "overlap_examples", "edit_success", "guidance_missing",
                "guidance_overlap_vs_missing", "self_cross_mixing")
-    tables = ("probe_labels", "probe_accuracy", "overlap_metrics", "overlap_association", "edit_results",
+    tables = ("probe_labels", "probe_accuracy", "overlap_metrics.csv.gz", "overlap_association", "edit_results",
               "edit_summary", "guidance_images", "guidance_summary", "guidance_comparisons", "self_cross_images",
               "self_cross_summary", "self_cross_comparisons", "timing", *(f"headline_{name}" for name in STUDIES))
     for name in figures:
         assert (tmp_path / f"{name}.png").stat().st_size > 0
     for name in tables:
-        assert (tmp_path / f"{name}.csv").stat().st_size > 0
+        assert (tmp_path / (name if name.endswith(".gz") else f"{name}.csv")).stat().st_size > 0
+    assert not (tmp_path / "overlap_metrics.csv").exists()  # per-step rows: compressed
     assert len(pd.read_csv(tmp_path / "guidance_images.csv")) == 2 * 2
     index = (tmp_path / "README.md").read_text()
     for name in STUDIES:  # each study's section: its rerun command, figures and headline numbers

@@ -142,3 +142,18 @@ def test_a_study_whose_settings_changed_keeps_the_old_rows(tmp_path):
     assert sorted(k[1] for k in back.rows) == [0, 1, 2]
     back.save()
     assert sorted(pd.read_csv(path)["seed"]) == [0, 1, 2]
+
+
+def test_a_gz_table_is_compressed_the_same_bytes_each_time(tmp_path):
+    import gzip
+
+    import pandas as pd
+
+    from probe.writes import write_csv
+
+    table = pd.DataFrame({"prompt": ["a red circle"] * 50, "value": np.arange(50) / 7})
+    first = write_csv(table, tmp_path / "t.csv.gz").read_bytes()
+    assert first[:2] == b"\x1f\x8b"  # gzip
+    assert gzip.decompress(first).decode() == table.to_csv(index=False)
+    assert write_csv(table, tmp_path / "t.csv.gz").read_bytes() == first  # no time stamp inside
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "t.csv.gz"), table)

@@ -490,5 +490,5 @@ register(Study(
     tables=lambda study: {"overlap_metrics": study.metrics, "overlap_association": study.association},
     source="overlap_metrics",
     recompute=lambda table, n_boot: overlap_headline(failure_association(headline_rows(table), n_boot=n_boot)),
-    answer=overlap_answer, figures=("overlap_auc", "overlap_examples")))
+    answer=overlap_answer, figures=("overlap_auc", "overlap_examples"), compressed=("overlap_metrics",)))
 add_section_text("overlap", family_text)

@@ -31,7 +31,8 @@ class Study:
     its own commands instead (a pre-registered experiment) gives ``main(argv)``, reached as
     ``probe study NAME ARGS…``, and ``differences(out, rtol, atol)``, the lines where its committed tables disagree
     with their recomputation, and ``section(out)``, its part of ``figures/README.md`` read from its files in
-    ``out`` (None before it has any). ``aliases``: other spellings the command line accepts.
+    ``out`` (None before it has any). ``aliases``: other spellings the command line accepts; ``compressed``: its
+    tables written gzip-compressed (:meth:`table_path`).
     """
 
     name: str
@@ -49,6 +50,11 @@ class Study:
     main: Callable[[Sequence[str] | None], int] | None = None
     section: Callable[[Path], str | None] | None = None
     aliases: tuple[str, ...] = ()
+    compressed: tuple[str, ...] = ()  # tables written as <name>.csv.gz: per-step rows, over 5 MB as plain text
+
+    def table_path(self, out: str | Path, name: str) -> Path:
+        """Where this study's table ``name`` lives in ``out``."""
+        return Path(out) / f"{name}.csv{'.gz' if name in self.compressed else ''}"
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():

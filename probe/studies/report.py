@@ -54,7 +54,7 @@ def recompute_headlines(out: str | Path = "figures") -> dict[str, pd.DataFrame]:
         study = get_study(row.study)
         if study.source is None:
             continue  # a study whose headline is not recomputed from rows (its own differences check it)
-        path = out / f"{study.source}.csv"
+        path = study.table_path(out, study.source)
         if not path.exists():
             raise FileNotFoundError(f"{path}: the {row.study} study's rows, which its headline is computed from")
         table = pd.read_csv(path, dtype={"settings_id": str})
@@ -172,9 +172,10 @@ def write_index(out: str | Path) -> Path:
     return write_text(path, "\n".join(parts) + "\n")
 
 
-def _write_tables(tables: dict[str, pd.DataFrame], out: Path) -> None:
+def _write_tables(tables: dict[str, pd.DataFrame], out: Path, study: Study | None = None) -> None:
     for name, table in tables.items():
-        write_csv(table, out / f"{name}.csv", float_format=TABLE_FLOAT_FORMAT)
+        path = study.table_path(out, name) if study is not None else out / f"{name}.csv"
+        write_csv(table, path, float_format=TABLE_FLOAT_FORMAT)
 
 
 RUN_ALL_KEYWORDS = ("quick", "out", "progress")  # what run_all (and the command line's own options) set itself
@@ -278,7 +279,7 @@ def run_all(pipe, quick: bool = False, out: str | Path = "figures", sizes: dict[
         start = time.perf_counter()
         result = study.run(pipe, **kwargs(name))
         headlines[name] = study.headline(result)
-        _write_tables({**study.tables(result), f"headline_{name}": headlines[name]}, out)
+        _write_tables({**study.tables(result), f"headline_{name}": headlines[name]}, out, study)
         plt.close("all")
         reused = getattr(result, "images", pd.DataFrame()).attrs.get("reused_seconds", 0.0)  # earlier runs' images
         timing.append({"study": name, "seconds": time.perf_counter() - start + reused, "quick": quick,
