@@ -155,3 +155,26 @@ def test_a_shard_reads_the_calibration_without_writing_it(tmp_path):
     with locked(pilot):  # a peer shard holds it now
         assert main([*STUDY, "--out", str(tmp_path), "--shard", "0/2"]) == 0
     assert pilot.read_bytes() == before
+
+
+def test_the_images_table_keeps_its_own_runs_rows_and_a_later_run_takes_the_others_back(tmp_path, capsys):
+    """Two runs of one study in one folder with other seeds: the table holds the last run's rows alone (its headline
+    is recomputed from them as written), the first run's wait beside it, and running the first again makes no image."""
+    from probe.studies.common import cell_differences
+    from probe.studies.report import recompute_headlines
+
+    first, second = [*STUDY, "--out", str(tmp_path)], [*STUDY, "--out", str(tmp_path), "--set", "seed_offset=500"]
+    assert main(first) == 0
+    rows_first = pd.read_csv(tmp_path / "guidance_images.csv")
+    assert main(second) == 0
+    table = pd.read_csv(tmp_path / "guidance_images.csv")
+    assert set(table.seed) == {s + 500 for s in rows_first.seed} and len(table) == len(rows_first)
+    aside = list(tmp_path.glob("guidance_images.settings-*.csv"))
+    assert len(aside) == 1
+    _same_table(pd.read_csv(aside[0]), rows_first)
+    kept = pd.read_csv(tmp_path / "headline_guidance.csv")
+    assert not cell_differences("guidance", kept, recompute_headlines(tmp_path)["guidance"])  # as --check does
+    capsys.readouterr()
+    assert main(first) == 0
+    assert f"{len(rows_first)} of {len(rows_first)} images already in" in capsys.readouterr().out
+    _same_table(pd.read_csv(tmp_path / "guidance_images.csv"), rows_first)

@@ -197,6 +197,20 @@ class ImageRows:
         write_csv(pd.DataFrame([self.rows[k] for k in self._ordered()]), self.path, float_format=TABLE_FLOAT_FORMAT)
         self.unsaved, self.saved_at = False, time.monotonic()
 
+    def keep_this_run(self) -> None:
+        """Leave this run's rows alone in the table, as its headline is computed from them (and ``probe figures
+        --check`` recomputes it from the table); rows of the same settings from other runs (other seeds, other
+        methods) move beside it to ``<name>.settings-<id>.csv``, from where a later run with these settings takes
+        them back. Written beside first, so a kill in between loses no row."""
+        self.save()
+        ours = set(self.order)
+        others = [self.rows[k] for k in self._ordered() if k not in ours]
+        if self.path is None or not others:
+            return
+        write_csv(pd.DataFrame(others), self._aside(self.settings), float_format=TABLE_FLOAT_FORMAT)
+        write_csv(pd.DataFrame([self.rows[k] for k in self.order if k in self.rows]), self.path,
+                  float_format=TABLE_FLOAT_FORMAT)
+
 
 def as_written(table: pd.DataFrame) -> pd.DataFrame:
     """``table`` as a study writes it and reads it back (six significant digits): what a headline is computed from,

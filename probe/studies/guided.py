@@ -253,8 +253,10 @@ def guided_images(pipe, prompts: Sequence[dict], seeds: Sequence[int], configs: 
                **judged(image, item["prompt"], judge), "seconds": seconds, "step_size": step_of[method],
                "loss_start": loss_start, "loss_end": loss_end}
         rows.add({**row, **_overlap_columns(maps, read_at, (height, width), indices, words_at)})
-    if make:  # a shard only reads the calibration's table: its peers read it at the same time
+    if make and (by_step or shard is not None):  # a shard only reads the calibration's table: its peers read it too
         rows.save()
+    elif make:  # the study's own table: the rows its headline is computed from
+        rows.keep_this_run()
     frame = pd.DataFrame([rows.get(key) for key in keys])
     frame.attrs.update({"steps": steps, "t10_step": read_at["t10"], "end_step": read_at["end"], "grid": grid,
                         "reused_seconds": reused_seconds})
