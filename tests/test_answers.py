@@ -88,6 +88,14 @@ def test_self_cross_answer_names_both_sides_and_says_a_failed_check_tells_nothin
     assert ": passed" in self_cross_answer(pd.DataFrame([passed]))
     both = self_cross_answer(pd.DataFrame([{**passed, "initno": False}, {**passed, "initno": True}]))
     assert both.startswith("Without INITNO: Self-Cross vs A&E") and " With INITNO: Self-Cross vs A&E" in both
+    # the paper's claim (lower mixing than A&E) read from the Holm verdicts: mixing -4.4 vs A&E at p 0.2 is no fall
+    assert both.endswith("here it lowers mixing below A&E's in 0 of 2 INITNO settings and raises it above no "
+                         "guidance's in 2 of 2 (Holm α = 0.05), so the claim is not confirmed on this model.")
+    lowered = {**passed, "mixed_vs_ae_p_holm": 0.01}
+    mixed = self_cross_answer(pd.DataFrame([{**lowered, "initno": False}, {**passed, "initno": True}]))
+    assert "below A&E's in 1 of 2" in mixed and "partly confirmed" in mixed
+    overlap = {**passed, "iou_t10_vs_ae": 0.007, "iou_t10_vs_ae_ci_low": 0.002, "iou_t10_vs_ae_ci_high": 0.013}
+    assert "and +0.007 [+0.002, +0.013] from A&E's (above A&E's own)" in self_cross_answer(pd.DataFrame([overlap]))
 
 
 def test_probe_answer_needs_disjoint_intervals_for_better():

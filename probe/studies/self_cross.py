@@ -24,6 +24,7 @@ from probe.steer.guide import InitNO, Schedule
 from probe.studies.answers import add_section_text, initno_groups, row_where, signed_text, truthy
 from probe.studies.common import BOOTSTRAPS, QUICK_BOOTSTRAPS, QUICK_STEPS, Judge, Subject, save_figures
 from probe.studies.guidance import (
+    ALPHA,
     CATEGORIES,
     GUIDANCE_SEEDS_PER_PROMPT,
     QUICK_INITNO,
@@ -138,12 +139,16 @@ def self_cross_headline(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def _check_text(row: pd.Series) -> str:
-    """Self-Cross's manipulation check: soft IoU at step 10 against no guidance (interval over object sets) and how
-    often its loss fell; a failed check says the comparison tells nothing about the method."""
+    """Self-Cross's manipulation check: soft IoU at step 10 against no guidance and against A&E (intervals over object
+    sets) and how often its loss fell; a failed check says the comparison tells nothing about the method."""
     moved, low, high = (float(row.get(c, float("nan"))) for c in
                         ("iou_t10_vs_none", "iou_t10_vs_none_ci_low", "iou_t10_vs_none_ci_high"))
     text = f"Self-Cross's manipulation check: soft IoU at step 10 {signed_text(moved)} [{low:+.3f}, {high:+.3f}] " \
            "from unguided generation"
+    vs_ae = [float(row.get(f"iou_t10_vs_ae{part}", float("nan"))) for part in ("", "_ci_low", "_ci_high")]
+    if not math.isnan(vs_ae[0]):  # A&E's own term separates the subjects' maps too
+        where = "below A&E's own" if vs_ae[2] < 0 else "above A&E's own" if vs_ae[1] > 0 else "no clear difference"
+        text += f" and {signed_text(vs_ae[0])} [{vs_ae[1]:+.3f}, {vs_ae[2]:+.3f}] from A&E's ({where})"
     fell = float(row.get("loss_fell", float("nan")))
     if not math.isnan(fell):
         text += f", its loss fell in {fell:.0%} of images (median {row.loss_start_median:.3f} → " \
@@ -165,7 +170,23 @@ def self_cross_answer(headline: pd.DataFrame) -> str:
         if row is None or not clauses:
             continue
         parts.append(prefix + ". ".join([*clauses, _check_text(row), harms_text(table)]) + ".")
-    return " ".join(parts) if parts else "Self-Cross was not compared with Attend-and-Excite or no guidance."
+    if not parts:
+        return "Self-Cross was not compared with Attend-and-Excite or no guidance."
+    return " ".join([*parts, _paper_text(headline)]).strip()
+
+
+def _paper_text(headline: pd.DataFrame) -> str:
+    """Whether the table confirms Self-Cross's claim that it lowers subject mixing: a Holm-significant fall in mixing
+    against A&E, in how many INITNO settings."""
+    rows = headline[headline.method == "self_cross"]
+    if rows.empty or "mixed_vs_ae_p_holm" not in rows:
+        return ""
+    lower = int(((rows.mixed_vs_ae < 0) & (rows.mixed_vs_ae_p_holm < ALPHA)).sum())
+    higher = int(((rows.mixed_vs_none > 0) & (rows.mixed_vs_none_p_holm < ALPHA)).sum())
+    verdict = "confirmed" if lower == len(rows) else "partly confirmed" if lower else "not confirmed"
+    return (f"Self-Cross's paper claims it lowers subject mixing: here it lowers mixing below A&E's in {lower} of "
+            f"{len(rows)} INITNO settings and raises it above no guidance's in {higher} of {len(rows)} (Holm α = "
+            f"{ALPHA:g}), so the claim is {verdict} on this model.")
 
 
 def holm_family_text(headline: pd.DataFrame | None = None) -> str:
