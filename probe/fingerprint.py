@@ -11,7 +11,12 @@ import torch
 def weights_id(pipe) -> str:
     """A short hash of every weight of the pipeline's modules (sums taken on their device): two pipelines with the
     same id make the same images, whatever folder or step count they were loaded from."""
-    sums = [torch.stack([p.detach().double().sum(), p.detach().double().square().sum()]).cpu()
-            for _, module in sorted(pipe.components.items()) if isinstance(module, torch.nn.Module)
-            for p in module.parameters()]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a CPU sum's last bits follow the thread count; a resumed run may use another
+    try:
+        sums = [torch.stack([p.detach().double().sum(), p.detach().double().square().sum()]).cpu()
+                for _, module in sorted(pipe.components.items()) if isinstance(module, torch.nn.Module)
+                for p in module.parameters()]
+    finally:
+        torch.set_num_threads(threads)
     return hashlib.sha1(torch.cat(sums).numpy().tobytes()).hexdigest()[:12]

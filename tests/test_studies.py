@@ -541,3 +541,21 @@ def test_study_command_settings_read_back_as_given():
     assert dict(_setting(item) for item in args.set) == settings
     assert (args.name, args.out, args.quick, args.model) == ("guidance", "figures", False, "./my-sd")
     assert (args.prompts, args.judge) == (["animals", "mine.txt"], "clip:./clip@0.2")
+
+
+def test_weights_id_is_the_same_at_any_thread_count():
+    """A resumed or sharded study may run with another number of threads: its rows must still be found. (A CPU
+    sum's rounding follows the thread count; the built-in model's id differed at 1, 2 and 4 threads.)"""
+    from probe.models import load
+
+    pipe = load("shapes")
+    threads = torch.get_num_threads()
+    try:
+        ids = set()
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            ids.add(weights_id(pipe))
+            assert torch.get_num_threads() == n  # left as the caller set it
+    finally:
+        torch.set_num_threads(threads)
+    assert len(ids) == 1
