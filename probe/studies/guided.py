@@ -247,12 +247,10 @@ def guided_images(pipe, prompts: Sequence[dict], seeds: Sequence[int], configs: 
         seconds = time.perf_counter() - start
         image = to_uint8(result.images[0])
         indices, words_at = subject_keys(pipe, item["prompt"], words)  # the tokens guidance itself reads
-        maps = capture.maps
-        loss_start, loss_end = result.objective_span
         row = {"method": method, "initno": initno, "set": item["set"], "prompt": item["prompt"], "seed": seed,
                **judged(image, item["prompt"], judge), "seconds": seconds, "step_size": step_of[method],
-               "loss_start": loss_start, "loss_end": loss_end}
-        rows.add({**row, **_overlap_columns(maps, read_at, (height, width), indices, words_at)})
+               **dict(zip(("loss_start", "loss_end"), result.objective_span, strict=True))}
+        rows.add({**row, **_overlap_columns(capture.maps, read_at, (height, width), indices, words_at)})
     if make and (by_step or shard is not None):  # a shard only reads the calibration's table: its peers read it too
         rows.save()
     elif make:  # the study's own table: the rows its headline is computed from
