@@ -410,14 +410,17 @@ def test_guided_images_resume_from_their_store(tiny, tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(both.iloc[:2][numeric].reset_index(drop=True), first[numeric], rtol=1e-5)
     assert list(both.method) == ["none", "ae"] * 2 and both.settings_id.nunique() == 1
     assert both.attrs["reused_seconds"] == pytest.approx(first.seconds.sum(), rel=1e-5)
-    again = guided_images(tiny, prompts[:1], [0], configs, **settings)  # a smaller run keeps the larger run's rows
-    assert len(made) == 4 and len(again) == 2 and len(pd.read_csv(store)) == 4
+    # a smaller run: the table keeps its rows alone (its headline's), the larger run's others wait beside it
+    again = guided_images(tiny, prompts[:1], [0], configs, **settings)
+    aside = store.with_name(f"images.settings-{both.settings_id.iloc[0]}.csv")
+    assert len(made) == 4 and len(again) == 2 and len(pd.read_csv(store)) == 2 and len(pd.read_csv(aside)) == 2
     guided_images(tiny, prompts[:1], [0], configs, **{**settings, "step_sizes": {"ae": 0.5}})  # another step:
     assert len(made) == 5 and made[-1] == (prompts[0]["prompt"], 0)  # only the guided image is made again
-    assert sorted(pd.read_csv(store).step_size.dropna()) == [0.5, CHEAP.scale_factor]  # the other prompt's kept
-    with pytest.warns(UserWarning, match="4 of 4 stored rows were made with other settings"):  # made anew
+    assert sorted(pd.read_csv(store).step_size.dropna()) == [0.5]
+    assert sorted(pd.read_csv(aside).step_size.dropna()) == [CHEAP.scale_factor]  # the other prompt's kept
+    with pytest.warns(UserWarning, match="2 of 2 stored rows were made with other settings"):  # made anew
         guided_images(tiny, prompts[:1], [0], configs, **{**settings, "steps": STEPS + 1})
-    assert len(made) == 7 and len(pd.read_csv(store)) == 2
+    assert len(made) == 7 and len(pd.read_csv(store)) == 2 and len(pd.read_csv(aside)) == 4  # none lost
 
 
 def test_weights_id_changes_with_any_weight(tiny):
