@@ -251,7 +251,8 @@ def guided_images(pipe, prompts: Sequence[dict], seeds: Sequence[int], configs: 
                **judged(image, item["prompt"], judge), "seconds": seconds, "step_size": step_of[method],
                **dict(zip(("loss_start", "loss_end"), result.objective_span, strict=True))}
         rows.add({**row, **_overlap_columns(capture.maps, read_at, (height, width), indices, words_at)})
-    if make and (by_step or shard is not None):  # a shard only reads the calibration's table: its peers read it too
+    # make=False: a shard reading the calibration's table, which its peers read at the same time, writes nothing
+    if make and (by_step or shard is not None):  # a pilot's or a shard's table: every row it holds is kept
         rows.save()
     elif make:  # the study's own table: the rows its headline is computed from
         rows.keep_this_run()
