@@ -13,7 +13,17 @@ import pandas as pd
 import pytest
 
 from probe.analysis.stats import cluster_sign_flip, clustered_bootstrap, holm, mcnemar
-from probe.studies.guidance import POOLED, guidance_answer, guidance_headline, guidance_tables
+from probe.studies.answers import OUTCOME_WORDS, method_label
+from probe.studies.guidance import (
+    HARM_SIGN,
+    LEFT_OUT_AE,
+    LEFT_OUT_CHECK,
+    POOLED,
+    guidance_answer,
+    guidance_headline,
+    guidance_tables,
+    registered_size_problem,
+)
 from probe.studies.self_cross import self_cross_answer, self_cross_headline, self_cross_summary
 
 FIGURES = Path(__file__).resolve().parents[1] / "figures"
@@ -171,21 +181,38 @@ def _by_hand(outcome: str, method: str, reference: str) -> float:
     return 100 * float((wide[method] - wide[reference]).mean())
 
 
+def _registered_for(headline: pd.DataFrame, tmp_path: Path, **changes) -> Path:
+    """A registration of the committed table's own size (what makes an answer readable)."""
+    pairs = int(headline[headline.method != POOLED].n.max())
+    return _registration(tmp_path, **{"n_images": pairs, **changes})
+
+
 def test_the_guidance_answer_states_every_harm_of_the_committed_tables(tmp_path):
-    answer = guidance_answer(_committed("guidance"), registration=_registration(tmp_path))
-    for method, label in (("self_cross", "Self-Cross"), ("ai_t2i", "AI-T2I")):  # mixing harms against A&E
-        assert f"{label} mixing {_by_hand('mixed', method, 'ae'):+.1f} points vs A&E" in answer
-    for method, label in (("iou", "IoU"), ("kl", "KL")):  # missing harms against A&E
-        assert f"{label} missing {_by_hand('missing', method, 'ae'):+.1f} points vs A&E" in answer
-    assert "0.0008" not in answer and "Holm p < 0.001" in answer
-    assert "left out" in answer and "Self-Cross and AI-T2I" in answer and "A&E's own term" in answer
-    lower = answer.split("Soft IoU at step 10 against A&E's own: lower for ")[1].split(";")[0]
+    headline = _committed("guidance")
+    answer = guidance_answer(headline, registration=_registered_for(headline, tmp_path))
+    harms = answer.split("Harms at Holm α = 0.05: ")[1] if "Harms at Holm" in answer else ""
+    _, comparisons = guidance_tables(pd.read_csv(FIGURES / "guidance_images.csv"), N_BOOT)
+    named = 0
+    for _, row in comparisons[comparisons.method != POOLED].iterrows():  # each verdict from a difference by hand
+        diff = _by_hand(row.outcome, row.method, row.reference)
+        harm = row.p_holm < 0.05 and diff * HARM_SIGN[row.outcome] > 0
+        text = (f"{method_label(row.method)} {OUTCOME_WORDS[row.outcome]} {diff:+.1f} points vs "
+                f"{method_label(row.reference)}")
+        assert (text in harms) == harm, text
+        named += harm
+    assert ("No comparison shows a harm" in answer) == (named == 0) and "0.0008" not in answer
     images = pd.read_csv(FIGURES / "guidance_images.csv")
     iou = images.pivot_table(index=["prompt", "seed"], columns="method", values="soft_iou_t10")
-    for method, label in (("ai_t2i", "AI-T2I"), ("self_cross", "Self-Cross"), ("com", "CoM")):  # below A&E's own
-        assert f"{label} {(iou[method] - iou.ae).mean():+.3f} [" in lower
-    assert "IoU" not in lower.replace("soft IoU", "") and "KL" not in lower  # these raised it
-    assert answer.count("vs A&E:") >= 6 and answer.count("vs no guidance:") >= 6  # both sides of every method
+    single = headline[~headline.method.isin(["none", "ae", POOLED])]
+    overlap = answer.split("Soft IoU at step 10 against A&E's own: ")[1].split(". ")[0]
+    groups = dict(part.split(" for ", 1) for part in overlap.split("; "))
+    for _, row in single.iterrows():  # each method's mean by hand, in the group its interval puts it
+        group = ("lower" if row.iou_t10_vs_ae_ci_high < 0 else "higher" if row.iou_t10_vs_ae_ci_low > 0
+                 else "not clearly different")
+        assert f"{method_label(row.method)} {(iou[row.method] - iou.ae).mean():+.3f} [" in groups[group]
+    for reason, words in ((LEFT_OUT_AE, "A&E's own term"), (LEFT_OUT_CHECK, "failed the pre-declared")):
+        assert (words in answer) == (headline["pool"] == reason).any()
+    assert answer.count("vs A&E:") >= len(single) and answer.count("vs no guidance:") >= len(single)
 
 
 def test_the_self_cross_answer_names_both_sides():
@@ -201,9 +228,10 @@ def test_no_answer_without_a_registration_of_the_tables_size(tmp_path):
     headline = _committed("guidance")
     missing = guidance_answer(headline, registration=tmp_path / "nothing_registered.md")
     assert missing.startswith("Not answered") and "vs A&E" not in missing
-    other = guidance_answer(headline, registration=_registration(tmp_path, n_images=600))
-    assert other.startswith("Not answered") and "540" in other and "600" in other
-    assert guidance_answer(headline, registration=_registration(tmp_path)).startswith("Positive control")
+    size = int(headline[headline.method != POOLED].n.max())
+    other = guidance_answer(headline, registration=_registration(tmp_path, n_images=size + 60))
+    assert other.startswith("Not answered") and str(size) in other and str(size + 60) in other
+    assert guidance_answer(headline, registration=_registered_for(headline, tmp_path)).startswith("Positive control")
 
 
 def test_a_registration_whose_size_its_power_calculation_does_not_reach_is_refused(tmp_path):
@@ -239,4 +267,8 @@ def test_the_report_writes_the_size_history_and_each_studys_holm_family(tmp_path
     text = write_index(tmp_path).read_text()
     guidance = text.split("## Guidance")[1].split("## Self-Cross")[0]
     assert "120 → 360 → 540" in guidance and "Holm famil" in guidance
+    assert "probe study guidance --registered" in guidance
+    registered = registered_size_problem(_committed("guidance")) is None  # the table is of the registered size
+    assert ("**Size.** Fixed before the run" in guidance) == registered
+    assert ("**Size.** Not fixed before this table" in guidance) == (not registered)
     assert "Holm famil" in text.split("## Self-Cross")[1]

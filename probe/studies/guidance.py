@@ -834,16 +834,23 @@ def outcome_text(headline: pd.DataFrame | None = None) -> str:
     return OUTCOME_TEXT
 
 
-SIZE_HISTORY = ("**Size.** This study's size was not fixed before it ran: it grew 120 → 360 → 540 pairs per method "
-                "after the answers of the smaller runs had been read, so tables of those runs are exploratory (their "
-                "intervals and p-values assume a size chosen in advance). An answer is written only for a table of the "
-                "size a registration fixed before the run (`figures/guidance_registration.md`, run with "
-                "`probe study guidance --set registration=figures/guidance_registration.md`).")
+EARLIER_RUN = ("an earlier run of this study (540 pairs per method, seeds 0–2) grew 120 → 360 → 540 pairs per method "
+               "after the answers of its smaller runs had been read, so its tables are exploratory (their intervals "
+               "and p-values assume a size chosen in advance)")
 
 
 def size_history_text(headline: pd.DataFrame | None = None) -> str:
-    """How the study's size was chosen, as it was (a fixed sentence the report writes into its section)."""
-    return SIZE_HISTORY
+    """How the size of the table answered was fixed: by the registration, with the earlier grown run as its pilot
+    only, or (a table of another size) not at all, so no answer is read from it."""
+    if headline is not None and len(headline) and registered_size_problem(headline) is None:
+        spec = read_registration(REGISTRATION)
+        return (f"**Size.** Fixed before the run by `figures/guidance_registration.md`: {spec['n_images']} (prompt, "
+                f"seed) pairs per arm from a power calculation whose pilot was {EARLIER_RUN}; that run is not reused "
+                f"(this one draws seeds from {spec.get('seed_offset', 0)}). Rerun with `probe study guidance "
+                "--registered`.")
+    return (f"**Size.** Not fixed before this table was made: {EARLIER_RUN}. An answer is written only for a table of "
+            "the size the registration fixed before its run (`figures/guidance_registration.md`, run with "
+            "`probe study guidance --registered`).")
 
 
 add_section_text("guidance", outcome_text)
