@@ -48,10 +48,17 @@ def test_the_built_in_model_ships_its_calibrated_a_and_e_step():
     assert defaults["guidance"]["ae"]["scale_factor"] == 1.0
     assert model_defaults("shapes") == defaults
     # every value is the calibration table's choice for that objective, and names it as its source
-    table = pd.read_csv(ROOT / "figures" / "guidance_step_sizes.csv")
+    table = pd.read_csv(ROOT / "data" / "models" / "shapes" / "guidance_step_sizes.csv")
     chosen = table[table.chosen.astype(str) == "True"].set_index("method").scale_factor
     for name, entry in defaults["guidance"].items():
         assert entry["scale_factor"] == chosen[name] and "guidance_step_sizes.csv" in entry["source"]
+    # the registered study's wider pilot, by hand: A&E's shipped step leaves the most images with every subject present
+    pilot = pd.read_csv(ROOT / "figures" / "guidance_pilot_images.csv")
+    pilot = pilot[pilot.method == "ae"]
+    all_present = (~pilot.missing.astype(bool) & ~pilot.mixed.astype(bool)).groupby(pilot.step_size).mean()
+    assert all_present.idxmax() == 1.0 and len(pilot[pilot.step_size == 1.0]) == 306
+    assert f"step 1 gave the most images with every subject present ({all_present[1.0]:.1%}" in \
+        defaults["guidance"]["ae"]["source"]
     schedule, note = model_schedule("shapes", "ae")
     assert schedule == Schedule(scale_factor=1.0)
     assert note.startswith("guidance: ae at scale_factor 1.0 from ") and "probe.json" in note

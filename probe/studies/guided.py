@@ -272,8 +272,8 @@ QUICK_STEP_CANDIDATES = (20.0, 0.2)
 CRITERIA = {BASELINE: "missing_vs_none"}
 OVERLAP_CRITERION = "iou_t10_vs_none"
 # The smallest paired change against unguided images a pilot must find (at PILOT_POWER, two-sided PILOT_ALPHA).
-# Soft IoU at step 10: the committed calibration (figures/guidance_step_sizes.csv, 8 pilot images) chose steps whose
-# changes run from -0.0045 (kl) to -0.020 (self_cross), and neighbouring candidates differ by about 0.005; a pilot
+# Soft IoU at step 10: the first calibration (data/models/shapes/guidance_step_sizes.csv, 8 pilot images) chose steps
+# whose changes run from -0.0045 (kl) to -0.020 (self_cross), and neighbouring candidates differ by about 0.005; a pilot
 # blind to 0.005 cannot say whether the weakest chosen step lowers overlap at all. Missing: 5 points (one image in
 # 20 regains a subject), the gap between A&E's neighbouring candidates in that table (5 to 8 points).
 MIN_EFFECTS = {"missing_vs_none": 0.05, OVERLAP_CRITERION: 0.005}

@@ -30,7 +30,7 @@ CATEGORIES = ("all_present", "missing", "mixed")
 
 
 FACTORS = (2.0,)  # E2b: each window's own overlap doubled (a push apart widened late maps in the pilot)
-COMMON_STEP = 1.0  # E3: A&E's step on this model (chosen on 60 pilot prompts, figures/guidance_step_sizes.csv)
+COMMON_STEP = 1.0  # E3: A&E's step on this model (60 pilot prompts: data/models/shapes/guidance_step_sizes.csv)
 
 
 @dataclass(frozen=True)
