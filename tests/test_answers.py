@@ -63,7 +63,12 @@ def test_guidance_findings_read_the_control_every_method_and_the_pool_with_its_e
     assert "Harms at Holm α = 0.05: IoU mixing +4.0 points vs A&E (Holm p = 0.02); Self-Cross mixing +9.0 points " \
            "vs A&E (Holm p = 0.004)" in answer
     table.loc[0, "all_present_vs_none_p_holm"] = 0.2
-    assert "the positive control is not met at this size" in guidance_findings(table)
+    assert "the positive control is not met (no clear rise at this size), so where a comparison below shows no " \
+           "clear difference" in guidance_findings(table)
+    table.loc[0, ["all_present_vs_none", "all_present_vs_none_p_holm"]] = [-0.08, 0.001]
+    assert "the positive control is not met (A&E lowered the share with every subject present)" in \
+        guidance_findings(table)
+    table.loc[0, ["all_present_vs_none", "all_present_vs_none_p_holm"]] = [0.08, 0.2]
     table.loc[6, "iou_t10_vs_ae_ci_high"] = 0.01  # no lower than A&E's own overlap
     assert "cannot tell whether lower overlap helps beyond A&E" in guidance_findings(table)
     table.loc[6, "manipulated"] = False  # the pool did not lower overlap at all

@@ -769,9 +769,13 @@ def _control_text(table: pd.DataFrame) -> str | None:
     if text is None:
         return None
     diff, _, _, p = effect(ae, PRIMARY, NO_GUIDANCE)
-    held = judgement(PRIMARY, diff, p) == "gain"
-    return (f"Positive control, {text} ({int(ae.n)} pairs): the positive control "
-            f"{'holds' if held else 'is not met at this size'}")
+    verdict = judgement(PRIMARY, diff, p)
+    if verdict == "gain":
+        return f"Positive control, {text} ({int(ae.n)} pairs): the positive control holds"
+    why = "A&E lowered the share with every subject present" if verdict == "harm" else "no clear rise at this size"
+    return (f"Positive control, {text} ({int(ae.n)} pairs): the positive control is not met ({why}), so where a "
+            "comparison below shows no clear difference this study cannot tell a method without effect from one it "
+            "could not detect")
 
 
 def guidance_findings(headline: pd.DataFrame) -> str:
