@@ -55,8 +55,9 @@ def test_guidance_findings_read_the_control_every_method_and_the_pool_with_its_e
                              "no clear difference) (300 pairs): the positive control holds")
     assert "IoU vs A&E: all present +1.0 points [-2.0, +4.0] (Holm p = 0.6, no clear difference), missing -5.0 " \
            "(Holm p = 0.01, gain), mixing +4.0 (Holm p = 0.02, harm); IoU vs no guidance: all present" in answer
-    assert "Pooled test of the overlap arms: IoU and CoM; left out before pooling: Self-Cross (contain A&E's own " \
-           "term" in answer and "KL (failed the pre-declared manipulation check" in answer
+    assert "Pooled test of the overlap arms that passed the manipulation check (soft IoU at step 10 below " \
+           "unguided generation's, interval below 0): IoU and CoM; left out before pooling: Self-Cross (contain " \
+           "A&E's own term" in answer and "KL (failed the pre-declared manipulation check" in answer
     assert "Soft IoU at step 10 against A&E's own: lower for IoU -0.010 [-0.020, -0.005]" in answer
     assert "moved -0.080 from unguided generation (50% of it left at the end) and -0.030 [-0.050, -0.010]" in answer
     assert "so guidance that lowers overlap below A&E's did not clearly change the share" in answer

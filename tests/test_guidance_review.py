@@ -23,6 +23,7 @@ from probe.studies.guidance import (
     guidance_headline,
     guidance_tables,
     registered_size_problem,
+    size_history_text,
 )
 from probe.studies.self_cross import self_cross_answer, self_cross_headline, self_cross_summary
 
@@ -270,5 +271,8 @@ def test_the_report_writes_the_size_history_and_each_studys_holm_family(tmp_path
     assert "probe study guidance --registered" in guidance
     registered = registered_size_problem(_committed("guidance")) is None  # the table is of the registered size
     assert ("**Size.** Fixed before the run" in guidance) == registered
-    assert ("**Size.** Not fixed before this table" in guidance) == (not registered)
+    assert ("**Size.** This table is not of the size the registration fixed" in guidance) == (not registered)
+    other = size_history_text(_committed("guidance").assign(n=540))  # a table of another size than registered
+    assert other.startswith("**Size.** This table is not of the size") and "120 → 360 → 540" in other
+    assert "Fixed before the run" not in other
     assert "Holm famil" in text.split("## Self-Cross")[1]

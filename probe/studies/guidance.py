@@ -722,7 +722,8 @@ def _pool_text(table: pd.DataFrame) -> str | None:
             f"({'contain ' if reason == LEFT_OUT_AE else ''}{text})"
             for reason, text in why.items() if (arms.pool == reason).any()]
     kept = join_names([method_label(m) for m in arms[arms.pool == IN_POOL].method]) or "no arm"
-    head = f"Pooled test of the overlap arms: {kept}"
+    head = ("Pooled test of the overlap arms that passed the manipulation check (soft IoU at step 10 below unguided "
+            f"generation's, interval below 0): {kept}")
     head += f"; left out before pooling: {'; '.join(left)}" if left else ""
     pooled = row_where(table, method=POOLED)
     if pooled is None:
@@ -838,9 +839,9 @@ def outcome_text(headline: pd.DataFrame | None = None) -> str:
     return OUTCOME_TEXT
 
 
-EARLIER_RUN = ("an earlier run of this study (540 pairs per method, seeds 0–2) grew 120 → 360 → 540 pairs per method "
-               "after the answers of its smaller runs had been read, so its tables are exploratory (their intervals "
-               "and p-values assume a size chosen in advance)")
+EARLIER_RUN = ("an earlier run of this study (540 pairs per method, seeds 0–2), whose size grew 120 → 360 → 540 pairs "
+               "per method after the answers of its smaller runs had been read, so that its tables are exploratory "
+               "(their intervals and p-values assume a size chosen in advance)")
 
 
 def size_history_text(headline: pd.DataFrame | None = None) -> str:
@@ -849,12 +850,12 @@ def size_history_text(headline: pd.DataFrame | None = None) -> str:
     if headline is not None and len(headline) and registered_size_problem(headline) is None:
         spec = read_registration(REGISTRATION)
         return (f"**Size.** Fixed before the run by `figures/guidance_registration.md`: {spec['n_images']} (prompt, "
-                f"seed) pairs per arm from a power calculation whose pilot was {EARLIER_RUN}; that run is not reused "
+                f"seed) pairs per arm from a power calculation whose pilot was {EARLIER_RUN}. That run is not reused "
                 f"(this one draws seeds from {spec.get('seed_offset', 0)}). Rerun with `probe study guidance "
                 "--registered`.")
-    return (f"**Size.** Not fixed before this table was made: {EARLIER_RUN}. An answer is written only for a table of "
-            "the size the registration fixed before its run (`figures/guidance_registration.md`, run with "
-            "`probe study guidance --registered`).")
+    return ("**Size.** This table is not of the size the registration fixed before its run "
+            "(`figures/guidance_registration.md`, run with `probe study guidance --registered`), so no answer is "
+            f"written for it. The registration's pilot was {EARLIER_RUN}.")
 
 
 add_section_text("guidance", outcome_text)

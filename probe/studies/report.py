@@ -148,7 +148,7 @@ def write_index(out: str | Path) -> Path:
         parts += ["", f"## {study.title}", "",
                   f"Model: {model}. Sizes: the {'quick' if row.quick else 'full'} defaults"
                   + (", with " + ", ".join(f"{k}={v!r}" for k, v in settings.items()) if settings else "")
-                  + f". {row.seconds / 60:.1f} min on this machine.", "",
+                  + f". {row.seconds / 60:.1f} min of computation on this machine (summed over its processes).", "",
                   f"```\n{command}\n```", ""]
         parts += [f"![{name}]({name}.png)" for name in study.figures if (out / f"{name}.png").exists()]
         registered = registration_path(row.study, out)
