@@ -192,7 +192,8 @@ def test_the_guidance_answer_states_every_harm_of_the_committed_tables(tmp_path)
     headline = _committed("guidance")
     answer = guidance_answer(headline, registration=_registered_for(headline, tmp_path))
     harms = answer.split("Harms at Holm α = 0.05: ")[1] if "Harms at Holm" in answer else ""
-    _, comparisons = guidance_tables(pd.read_csv(FIGURES / "guidance_images.csv"), N_BOOT)
+    images = pd.read_csv(FIGURES / "guidance_images.csv")
+    _, comparisons = guidance_tables(images, N_BOOT)
     named = 0
     for _, row in comparisons[comparisons.method != POOLED].iterrows():  # each verdict from a difference by hand
         diff = _by_hand(row.outcome, row.method, row.reference)
@@ -202,7 +203,6 @@ def test_the_guidance_answer_states_every_harm_of_the_committed_tables(tmp_path)
         assert (text in harms) == harm, text
         named += harm
     assert ("No comparison shows a harm" in answer) == (named == 0) and "0.0008" not in answer
-    images = pd.read_csv(FIGURES / "guidance_images.csv")
     iou = images.pivot_table(index=["prompt", "seed"], columns="method", values="soft_iou_t10")
     single = headline[~headline.method.isin(["none", "ae", POOLED])]
     overlap = answer.split("Soft IoU at step 10 against A&E's own: ")[1].split(". ")[0]
