@@ -771,12 +771,12 @@ def _control_text(table: pd.DataFrame) -> str | None:
         return None
     diff, _, _, p = effect(ae, PRIMARY, NO_GUIDANCE)
     verdict = judgement(PRIMARY, diff, p)
+    head = f"Positive control, {text} ({int(ae.n)} pairs): the positive control"
     if verdict == "gain":
-        return f"Positive control, {text} ({int(ae.n)} pairs): the positive control holds"
+        return f"{head} holds"
     why = "A&E lowered the share with every subject present" if verdict == "harm" else "no clear rise at this size"
-    return (f"Positive control, {text} ({int(ae.n)} pairs): the positive control is not met ({why}), so where a "
-            "comparison below shows no clear difference this study cannot tell a method without effect from one it "
-            "could not detect")
+    return (f"{head} is not met ({why}), so where a comparison below shows no clear difference this study cannot "
+            "tell a method without effect from one it could not detect")
 
 
 def guidance_findings(headline: pd.DataFrame) -> str:
